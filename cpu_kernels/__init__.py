@@ -1,0 +1,1 @@
+"""Numba attention kernels for layers whose KV cache lives in CPU RAM."""

@@ -1,0 +1,1 @@
+"""The runtime: model code per family, checkpoint loading, offloaded execution, generation."""

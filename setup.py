@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="offload",
+    version="0.1.0",
+    description="Run large language models on a GPU too small for them: planned placement, "
+    "weights streamed over PCIe with prefetch, attention where the KV cache lives.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["offload", "offload.*", "placement", "placement.*",
+                                    "cpu_kernels", "cpu_kernels.*"]),
+    package_data={"placement": ["presets/*.json"]},
+    install_requires=[
+        "torch>=2.1",
+        "safetensors>=0.4",
+        "psutil>=5.9",
+        "numba>=0.59",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "transformers>=4.45", "tokenizers>=0.15", "jinja2>=3.1"],
+        "chat": ["tokenizers>=0.15", "jinja2>=3.1"],
+        "bench": ["transformers>=4.45", "accelerate>=0.30"],
+    },
+    entry_points={"console_scripts": ["offload-plan=placement.cli:main"]},
+)
