@@ -1,0 +1,10 @@
+"""Chat pieces shared by examples/chat.py and the tests: a model folder's tokenizer and chat template,
+incremental detokenisation for streaming, and the multi-turn state that feeds a session only the new
+tokens. Needs the `chat` extra (`tokenizers`, `jinja2`), imported only when used."""
+from .conversation import Conversation, TurnInput
+from .detokenizer import IncrementalDetokenizer
+from .template import ChatTemplate, ChatTemplateError, find_chat_template
+from .tokenizer import ChatSetupError, ChatTokenizer
+
+__all__ = ["ChatSetupError", "ChatTemplate", "ChatTemplateError", "ChatTokenizer", "Conversation",
+           "IncrementalDetokenizer", "TurnInput", "find_chat_template"]
