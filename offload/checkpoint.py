@@ -1,0 +1,153 @@
+"""Lazy reading of a Hugging Face checkpoint folder: config.json, generation_config.json, safetensors.
+
+`Checkpoint(path)` checks everything it can from the headers alone (every tensor the architecture needs is
+present with its exact shape, every shard opens) and reads tensor data only when asked, one tensor at a
+time, so nothing beyond what the caller keeps is ever materialised.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from placement.architecture import Architecture, ConfigError, normalize_dtype
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder this library cannot load; the message names the file and the problem."""
+
+
+def torch_dtype(dtype) -> torch.dtype:
+    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16 (float32, bfloat16, float16 only)."""
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype)
+    return TORCH_DTYPES[normalize_dtype(dtype)]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _as_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+class Checkpoint:
+    """A checkpoint folder opened lazily. `arch` describes it; `read` returns one validated tensor."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a directory (expected a Hugging Face model folder)")
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{config_path}: missing; a model folder needs config.json")
+        self.config = _read_json(config_path)
+        try:
+            self.arch = Architecture.from_config(self.config)
+        except ConfigError as e:
+            raise CheckpointError(f"{config_path}: {e}") from e
+        gen_path = self.path / "generation_config.json"
+        self.generation_config = _read_json(gen_path) if gen_path.is_file() else {}
+        self._handles: dict[Path, object] = {}             # shard path -> open safe_open handle
+        self._files = self._locate_files()                 # tensor name -> shard path
+        self._expected = self.arch.all_tensors()           # name -> shape
+        self._check_tensors()
+
+    # ---- generation defaults ----------------------------------------------------------------------
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """EOS ids as transformers' generate uses them: generation_config.json's, else config.json's."""
+        if "eos_token_id" in self.generation_config:
+            return _as_ids(self.generation_config["eos_token_id"])
+        return self.arch.eos_token_ids
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """temperature/top_k/top_p from generation_config.json; greedy unless it says do_sample."""
+        g = self.generation_config
+        if not g.get("do_sample", False):
+            return {"temperature": 0.0, "top_k": None, "top_p": None}
+        return {"temperature": float(g.get("temperature", 1.0)), "top_k": g.get("top_k"),
+                "top_p": g.get("top_p")}
+
+    # ---- files ------------------------------------------------------------------------------------
+    def _locate_files(self) -> dict[str, Path]:
+        index_path, single = self.path / INDEX_FILE, self.path / SINGLE_FILE
+        if index_path.is_file():
+            weight_map = _read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index_path}: no 'weight_map' object")
+            files = {name: self.path / shard for name, shard in weight_map.items()}
+            for shard in sorted(set(files.values())):
+                if not shard.is_file():
+                    raise CheckpointError(f"{index_path}: names shard {shard.name!r}, which is missing "
+                                          f"from {self.path}")
+            return files
+        if single.is_file():
+            return {name: single for name in self._open(single).keys()}
+        raise CheckpointError(f"{self.path}: no {SINGLE_FILE} and no {INDEX_FILE} (only safetensors "
+                              "checkpoints are supported)")
+
+    def _open(self, file: Path):
+        handle = self._handles.get(file)
+        if handle is None:
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as e:  # SafetensorError is not importable by a stable name
+                raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({e})") from e
+            self._handles[file] = handle
+        return handle
+
+    def _check_tensors(self) -> None:
+        missing = [name for name in self._expected if name not in self._files]
+        if missing:
+            shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+            raise CheckpointError(f"{self.path}: checkpoint is missing tensors: {shown}")
+        for name, shape in self._expected.items():
+            file = self._files[name]
+            handle = self._open(file)
+            if name not in handle.keys():
+                raise CheckpointError(f"{file}: index says it holds {name!r}, but it does not")
+            found = tuple(handle.get_slice(name).get_shape())
+            if found != tuple(shape):
+                raise CheckpointError(f"{file}: tensor {name!r} has shape {list(found)}, expected "
+                                      f"{list(shape)} from config.json")
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(set(self._files.values()))
+
+    # ---- reading ----------------------------------------------------------------------------------
+    def read(self, name: str, dtype=None) -> torch.Tensor:
+        """One tensor on the CPU, converted to `dtype` (default: as stored), shape checked."""
+        if name not in self._expected:
+            raise KeyError(f"{name!r} is not a tensor of this {self.arch.model_type} architecture")
+        file = self._files[name]
+        try:
+            tensor = self._open(file).get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from e
+        assert tuple(tensor.shape) == tuple(self._expected[name]), (name, tensor.shape)
+        return tensor if dtype is None else tensor.to(torch_dtype(dtype))
+
+    def read_many(self, names, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
+        """Several tensors, each converted and moved to `device` before the next is read."""
+        return {name: self.read(name, dtype).to(device) for name in names}
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {self.arch.model_type}, {len(self.files)} file(s))"

@@ -1,0 +1,109 @@
+"""The layer loop: embedding, every decoder layer (weights from a weight source, attention by that layer's
+backend), final norm and LM head, over chunks of tokens; logits only where they are needed.
+
+Ragged batches are exact per row: a chunk is right-padded, padded slots sit after every valid token of their
+row (so causal masking hides them from valid queries) and are overwritten by the row's next tokens before
+anything attends to them.
+"""
+from __future__ import annotations
+
+import torch
+
+from offload.weight_source import WeightSource
+from placement.architecture import Architecture
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+class Engine:
+    """Runs a family's math over a weight source and per-layer attention backends (see kv_cache.py)."""
+
+    def __init__(self, *, arch: Architecture, model, weights: WeightSource, backends: list, device,
+                 dtype: torch.dtype, max_seq_len: int, prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK):
+        if len(backends) != arch.num_layers:
+            raise ValueError(f"{len(backends)} attention backends for {arch.num_layers} layers")
+        if prefill_chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
+        self.arch, self.model, self.weights, self.backends = arch, model, weights, backends
+        self.device, self.dtype = torch.device(device), dtype
+        self.max_seq_len, self.prefill_chunk_size = max_seq_len, prefill_chunk_size
+
+    # ---- one chunk through the decoder stack ----------------------------------------------------------
+    def run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions [B, T] int64 (CPU), start [B] (CPU) -> hidden states [B, T, H] on device.
+
+        Row b's tokens go to cache slots start[b] .. start[b]+T-1; `positions` are what RoPE / learned
+        positions see (equal to the slot for valid tokens; padded tokens may carry any valid position).
+        """
+        B, T = input_ids.shape
+        assert positions.shape == (B, T) and start.shape == (B,), (input_ids.shape, positions.shape, start.shape)
+        if int(start.max()) + T > self.max_seq_len:
+            raise ValueError(f"chunk of {T} tokens at position {int(start.max())} exceeds max_seq_len "
+                             f"{self.max_seq_len}")
+        lengths = start + T
+        w = self.weights.acquire("embedding")
+        table_device = next(iter(w.values())).device      # the lookup runs where the table lives
+        h = self.model.embed(w, input_ids.to(table_device), positions.to(table_device))
+        self.weights.release("embedding")
+        h = h.to(self.device)                             # h: [B, T, H]
+        ctx = self.model.prepare(positions.to(self.device), self.dtype)
+        for i, backend in enumerate(self.backends):
+            lw = self.weights.acquire(i)
+            q, k, v = self.model.attention_inputs(lw, h, ctx)          # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]
+            attn = backend.attend(q, k, v, start, lengths)             # [B, Hq, T, D]
+            h = self.model.attention_output(lw, h, attn)
+            self.weights.release(i)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head on hidden states [B, K, H] -> float32 logits [B, K, V] on the device."""
+        w_norm, w_head = self.weights.acquire("final_norm"), self.weights.acquire("lm_head")
+        head_device = w_head["lm_head.weight"].device
+        out = self.model.head(w_norm, w_head, h.to(head_device)).to(self.device)
+        self.weights.release("final_norm")
+        self.weights.release("lm_head")
+        return out
+
+    # ---- prefill and decode ---------------------------------------------------------------------------
+    def prefill(self, rows: list[list[int]], starts: list[int], all_logits: bool = False) -> torch.Tensor:
+        """Feed each row's tokens (row b written from cache slot starts[b]) in chunks.
+
+        Returns the float32 logits of each row's last token [B, V], or with `all_logits` those of every
+        token [B, T_max, V] (zeros past a row's end).
+        """
+        B, C = len(rows), self.prefill_chunk_size
+        num_tokens = [len(r) for r in rows]
+        assert B == len(starts) and min(num_tokens) >= 1, (B, len(starts), num_tokens)
+        T_max = max(num_tokens)
+        last_h: list[torch.Tensor | None] = [None] * B
+        chunks = []
+        for c0 in range(0, T_max, C):
+            T = min(C, T_max - c0)
+            ids = torch.zeros(B, T, dtype=torch.long)
+            positions = torch.zeros(B, T, dtype=torch.long)
+            start = torch.zeros(B, dtype=torch.long)
+            for b, row in enumerate(rows):
+                valid = max(0, min(T, num_tokens[b] - c0))
+                row_start = starts[b] + min(c0, num_tokens[b])      # finished rows: write past their end
+                ids[b, :valid] = torch.tensor(row[c0:c0 + valid], dtype=torch.long)
+                last_pos = starts[b] + num_tokens[b] - 1
+                positions[b] = torch.clamp(row_start + torch.arange(T), max=last_pos)
+                start[b] = row_start
+            h = self.run_layers(ids, positions, start)             # [B, T, H]
+            if all_logits:
+                logits = self.logits(h)                             # [B, T, V]
+                for b in range(B):
+                    logits[b, max(0, num_tokens[b] - c0):] = 0.0
+                chunks.append(logits)
+            for b in range(B):
+                if c0 <= num_tokens[b] - 1 < c0 + T:
+                    last_h[b] = h[b, num_tokens[b] - 1 - c0]
+        if all_logits:
+            return torch.cat(chunks, dim=1)
+        return self.logits(torch.stack(last_h)[:, None])[:, 0]      # [B, V]
+
+    def decode(self, tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """One new token per row (tokens [B]) at slot lengths[b] -> float32 logits [B, V]."""
+        start = torch.tensor(lengths, dtype=torch.long)
+        h = self.run_layers(tokens.reshape(-1, 1).cpu(), start[:, None], start)
+        return self.logits(h)[:, 0]

@@ -1,0 +1,56 @@
+"""The generation loop shared by `Model.generate`, `Model.stream` and `Session`: prefill, then decode
+steps until every row has produced a stop token or max_new_tokens."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+
+from offload.engine import Engine
+from offload.sampling import Sampler
+from offload.stats import GenerationStats
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":   # timings must include the queued GPU work
+        torch.cuda.synchronize(device)
+
+
+def generate_steps(engine: Engine, rows: list[list[int]], *, starts: list[int], max_new_tokens: int,
+                   sampler: Sampler, stop_ids: frozenset[int], stats: GenerationStats,
+                   cache_lengths: list[int]) -> Iterator[list[int | None]]:
+    """Yield, per step, each row's new token (None once the row has stopped).
+
+    `cache_lengths` is updated in place: after prefill and after each decode step it holds how many tokens
+    of each row have their KV in the cache (callers that keep the cache, like sessions, read it).
+    Timings exclude the time the consumer spends between steps.
+    """
+    B = len(rows)
+    t0 = time.perf_counter()
+    logits = engine.prefill(rows, starts)                                     # [B, V]
+    _sync(engine.device)
+    stats.prefill_seconds += time.perf_counter() - t0
+    stats.num_prompt_tokens += sum(len(r) for r in rows)
+    cache_lengths[:] = [s + len(r) for s, r in zip(starts, rows)]
+    is_stopped = [False] * B
+    for step in range(max_new_tokens):
+        t0 = time.perf_counter()
+        if step > 0:
+            logits = engine.decode(tokens, cache_lengths)                     # [B, V]
+            cache_lengths[:] = [n + 1 for n in cache_lengths]
+        tokens = sampler.sample(logits)                                       # [B]
+        ids = tokens.tolist()
+        if step > 0:
+            stats.decode_seconds += time.perf_counter() - t0
+            stats.num_decode_tokens += is_stopped.count(False)
+        out: list[int | None] = []
+        for b in range(B):
+            if is_stopped[b]:
+                out.append(None)
+                continue
+            out.append(ids[b])
+            is_stopped[b] = ids[b] in stop_ids
+        yield out
+        if all(is_stopped):
+            return

@@ -1,0 +1,155 @@
+"""`Model`: a loaded checkpoint ready to run: forward, generate, stream, sessions, stats."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from offload.engine import Engine
+from offload.generate import generate_steps
+from offload.sampling import Sampler, SamplingParams
+from offload.stats import GenerationStats
+from placement.architecture import Architecture
+
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def as_rows(input_ids, vocab_size: int) -> list[list[int]]:
+    """A LongTensor [B, T] or [T], a list of token ids, or a list of lists (ragged) -> list of rows."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() not in (1, 2) or input_ids.dtype.is_floating_point:
+            raise ValueError(f"input_ids must be an integer tensor [B, T] or [T], got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
+        input_ids = input_ids.tolist()
+    if not isinstance(input_ids, (list, tuple)) or not input_ids:
+        raise ValueError("input_ids must be a non-empty list of token ids, a list of such lists, or a tensor")
+    rows = [list(input_ids)] if all(isinstance(t, int) for t in input_ids) else [list(r) for r in input_ids]
+    for b, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"row {b} of input_ids is empty; every prompt needs at least one token")
+        bad = [t for t in row if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"row {b} of input_ids has invalid token ids {bad[:5]}; ids must be ints in "
+                             f"[0, {vocab_size})")
+    return rows
+
+
+class Model:
+    """A model on its device(s). Build it with `offload.load(...)`."""
+
+    def __init__(self, *, arch: Architecture, engine: Engine, max_batch_size: int, max_seq_len: int,
+                 eos_token_ids: tuple[int, ...] = (), sampling_defaults: dict | None = None, plan=None,
+                 checkpoint=None):
+        self.arch, self.engine, self.plan, self.checkpoint = arch, engine, plan, checkpoint
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.sampling_defaults = dict(sampling_defaults or {"temperature": 0.0})
+        self.stats = GenerationStats()
+        self._cache_owner = None          # the Session whose conversation the KV cache holds, if any
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.engine.dtype
+
+    # ---- validation shared with sessions ----------------------------------------------------------
+    def _sampling(self, temperature, top_k, top_p, seed) -> SamplingParams:
+        d = self.sampling_defaults
+        return SamplingParams(temperature=d.get("temperature", 0.0) if temperature is None else float(temperature),
+                              top_k=d.get("top_k") if top_k is None else top_k,
+                              top_p=d.get("top_p") if top_p is None else top_p, seed=seed)
+
+    def _stop_ids(self, stop_token_ids) -> frozenset[int]:
+        extra = [stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids or ())
+        return frozenset(self.eos_token_ids) | frozenset(int(t) for t in extra)
+
+    def check_request(self, num_rows: int, num_tokens: int, max_new_tokens: int, what: str = "request") -> None:
+        """Raise ValueError (touching nothing) unless the cache can hold the request."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        if num_rows > self.max_batch_size:
+            raise ValueError(f"batch of {num_rows} rows exceeds max_batch_size={self.max_batch_size}; "
+                             "load the model with a larger max_batch_size")
+        if num_tokens + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"{what} needs {num_tokens} tokens + max_new_tokens={max_new_tokens} = "
+                             f"{num_tokens + max_new_tokens} positions, more than max_seq_len="
+                             f"{self.max_seq_len}; shorten it or load with a larger max_seq_len")
+
+    # ---- public API ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids) -> torch.Tensor:
+        """float32 logits [B, T, V] for every position (rows of a ragged list: zeros past their end)."""
+        rows = as_rows(input_ids, self.arch.vocab_size)
+        self.check_request(len(rows), max(map(len, rows)), 0)
+        self._cache_owner = None
+        return self.engine.prefill(rows, [0] * len(rows), all_logits=True)
+
+    __call__ = forward
+
+    def generate(self, input_ids, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop_token_ids=None) -> list[list[int]]:
+        """New token ids of each row: exactly max_new_tokens, or fewer ending with the stop token produced.
+
+        input_ids: LongTensor [B, T], or a list of token-id lists of any lengths (each row gets what it would
+        get alone). temperature None/top_k/top_p default to generation_config.json (greedy without it);
+        stop tokens are the checkpoint's eos ids plus `stop_token_ids`.
+        """
+        rows = as_rows(input_ids, self.arch.vocab_size)
+        out: list[list[int]] = [[] for _ in rows]
+        for step in self._steps(rows, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids):
+            for b, token in enumerate(step):
+                if token is not None:
+                    out[b].append(token)
+        return out
+
+    def stream(self, input_ids, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float | None = None,
+               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+               stop_token_ids=None) -> Iterator[int]:
+        """Like `generate` for ONE prompt, yielding each new token id as soon as it is chosen."""
+        rows = as_rows(input_ids, self.arch.vocab_size)
+        if len(rows) != 1:
+            raise ValueError(f"stream takes one prompt, got {len(rows)} rows; use generate for batches")
+        steps = self._steps(rows, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids)
+        return (step[0] for step in steps)
+
+    def session(self):
+        """A conversation (batch 1) that keeps its KV cache between turns."""
+        from offload.session import Session
+        return Session(self)
+
+    # ---- internals ----------------------------------------------------------------------------------
+    def _steps(self, rows, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids):
+        """Validate everything now (not at the first next()), then return the step iterator."""
+        self.check_request(len(rows), max(map(len, rows)), max_new_tokens)
+        params = self._sampling(temperature, top_k, top_p, seed)
+        stop_ids = self._stop_ids(stop_token_ids)
+        return self._run(rows, [0] * len(rows), max_new_tokens, params, stop_ids, [0] * len(rows), owner=None)
+
+    def _run(self, rows, starts, max_new_tokens, params, stop_ids, cache_lengths, owner):
+        self.stats = GenerationStats()
+        if max_new_tokens == 0 and owner is None:
+            return iter(())
+        self._cache_owner = owner
+        steps = generate_steps(self.engine, rows, starts=starts, max_new_tokens=max_new_tokens,
+                               sampler=Sampler(params, self.device), stop_ids=stop_ids, stats=self.stats,
+                               cache_lengths=cache_lengths)
+        return _inference(steps)
+
+    def __repr__(self) -> str:
+        return (f"Model({self.arch.model_type}, {self.arch.num_layers} layers, {self.dtype}, {self.device}, "
+                f"max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len})")
+
+
+def _inference(steps):
+    """Run a generator under inference_mode across its resumptions."""
+    while True:
+        with torch.inference_mode():
+            try:
+                item = next(steps)
+            except StopIteration:
+                return
+        yield item

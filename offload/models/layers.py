@@ -1,0 +1,61 @@
+"""Building blocks shared by every family: norms, linear layers, activations, MLPs.
+
+Each one reproduces the numerics of the corresponding transformers module (same order of operations and
+the same float32 upcasts), so that float32 logits match to rounding and bf16 behaves the same way.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
+               "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [..., in], weight: [out, in] -> [..., out]
+    return F.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama RMSNorm: normalise in float32, cast back, then scale (in that order, as transformers)."""
+    dtype = x.dtype
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float = 1e-5) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def gated_mlp(x: torch.Tensor, w: dict, prefix: str, act) -> torch.Tensor:
+    """SwiGLU: down(act(gate(x)) * up(x)); biases when the checkpoint has them (llama mlp_bias)."""
+    gate = linear(x, w[f"{prefix}gate_proj.weight"], w.get(f"{prefix}gate_proj.bias"))
+    up = linear(x, w[f"{prefix}up_proj.weight"], w.get(f"{prefix}up_proj.bias"))
+    return linear(act(gate) * up, w[f"{prefix}down_proj.weight"], w.get(f"{prefix}down_proj.bias"))
+
+
+def plain_mlp(x: torch.Tensor, w: dict, act) -> torch.Tensor:
+    """OPT: fc2(act(fc1(x)))."""
+    return linear(act(linear(x, w["fc1.weight"], w.get("fc1.bias"))), w["fc2.weight"], w.get("fc2.bias"))
+
+
+def split_heads(x: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    # x: [B, T, H*D] -> [B, H, T, D]
+    B, T, _ = x.shape
+    return x.view(B, T, num_heads, head_dim).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, D] -> [B, T, H*D]
+    B, H, T, D = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * D)

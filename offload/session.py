@@ -1,0 +1,78 @@
+"""`Session`: one conversation (batch 1) that keeps its KV cache between turns.
+
+A turn prefills only what the cache does not hold yet (the new prompt, plus the last token generated in the
+previous turn, which was never fed back), so each turn produces exactly what one call over the whole
+conversation so far would. If anything else used the model's cache in between (another session,
+`model.generate`), the next turn re-prefills the whole conversation: slower, never wrong.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from offload.model import DEFAULT_MAX_NEW_TOKENS, Model, as_rows
+
+
+class Session:
+    """Multi-turn generation over a persistent KV cache. Create it with `model.session()`."""
+
+    def __init__(self, model: Model):
+        self._model = model
+        self._tokens: list[int] = []     # the conversation: prompts and generated tokens
+        self._num_cached = 0             # leading tokens of the conversation whose KV is in the cache
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the conversation so far (prompts and generated)."""
+        return len(self._tokens)
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self._tokens)
+
+    def reset(self) -> None:
+        """Forget the conversation (the cache slots are simply overwritten by the next turn)."""
+        self._tokens, self._num_cached = [], 0
+
+    def generate(self, token_ids: list[int], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, stop_token_ids=None) -> list[int]:
+        """Append `token_ids` to the conversation and return the new ids (as model.generate for one row)."""
+        return list(self.stream(token_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids))
+
+    def stream(self, token_ids: list[int], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+               temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+               seed: int | None = None, stop_token_ids=None) -> Iterator[int]:
+        """`generate` as an iterator. Everything is validated here, before the cache is touched."""
+        model = self._model
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.reshape(-1).tolist()
+        token_ids = list(token_ids)
+        if not all(isinstance(t, int) for t in token_ids):
+            raise ValueError("a session turn takes one flat list of token ids")
+        new = as_rows(token_ids, model.arch.vocab_size)[0] if token_ids else []
+        if not new and not self._tokens:
+            raise ValueError("the first turn of a session needs at least one token")
+        model.check_request(1, len(self._tokens) + len(new), max_new_tokens, what="this conversation")
+        params = model._sampling(temperature, top_k, top_p, seed)
+        stop_ids = model._stop_ids(stop_token_ids)
+        if model._cache_owner is not self:
+            self._num_cached = 0         # someone else wrote the cache: rebuild from the conversation
+        conversation = self._tokens + new
+        pending = conversation[self._num_cached:]
+        if not pending:
+            raise ValueError("nothing to condition on: the conversation is fully cached and the turn is empty")
+        start = self._num_cached         # slots before `start` stay valid whatever happens next
+        self._tokens = conversation
+        cache_lengths = [start]
+        steps = model._run([pending], [start], max_new_tokens, params, stop_ids, cache_lengths, owner=self)
+        return self._follow(steps, cache_lengths)
+
+    def _follow(self, steps, cache_lengths: list[int]) -> Iterator[int]:
+        try:
+            for step in steps:
+                self._tokens.append(step[0])
+                yield step[0]
+        finally:                          # also when the caller stops early: record what the cache holds
+            self._num_cached = cache_lengths[0]

@@ -1,0 +1,53 @@
+"""The weight-source contract: how the engine gets weights, whatever memory they live in.
+
+A weight source has two methods, called by the engine in a fixed order for every chunk it runs:
+
+    acquire(item) -> dict[str, Tensor]   # blocks until the tensors are usable on the compute device
+    release(item) -> None                # every compute reading them has been launched
+
+`item` is an int decoder-layer index or one of "embedding", "final_norm", "lm_head". Layer dicts are keyed by
+the tensor name relative to `arch.layer_prefix(i)` ("self_attn.q_proj.weight"); the other items by the full
+checkpoint name. With tied embeddings, acquire("lm_head") returns {"lm_head.weight": <embedding table>}.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Union
+
+import torch
+
+from placement.architecture import Architecture
+
+Item = Union[int, str]
+NAMED_ITEMS = ("embedding", "final_norm", "lm_head")
+LM_HEAD = "lm_head.weight"
+
+
+class WeightSource(Protocol):
+    def acquire(self, item: Item) -> dict[str, torch.Tensor]: ...
+
+    def release(self, item: Item) -> None: ...
+
+
+def weight_items(arch: Architecture) -> list[Item]:
+    """Every item in the order the engine uses them: embedding, layers 0..N-1, final_norm, lm_head."""
+    return ["embedding", *range(arch.num_layers), "final_norm", "lm_head"]
+
+
+def item_tensors(arch: Architecture, item: Item) -> dict[str, str]:
+    """Key in the acquired dict -> checkpoint tensor name, for one item."""
+    if isinstance(item, int):
+        if not 0 <= item < arch.num_layers:
+            raise ValueError(f"layer {item} out of range (model has {arch.num_layers} layers)")
+        prefix = arch.layer_prefix(item)
+        return {name[len(prefix):]: name for name in arch.layer_tensors(item)}
+    if item == "embedding":
+        names = arch.embedding_tensors()
+    elif item == "final_norm":
+        names = arch.final_norm_tensors()
+    elif item == "lm_head":
+        if arch.tie_word_embeddings:   # the head IS the token embedding table
+            return {LM_HEAD: next(iter(arch.embedding_tensors()))}
+        names = arch.lm_head_tensors()
+    else:
+        raise ValueError(f"unknown weight item {item!r}; expected a layer index or one of {NAMED_ITEMS}")
+    return {name: name for name in names}
