@@ -1,0 +1,198 @@
+"""The prefetcher: streamed items copied ahead of use into a ring of device buffers.
+
+The engine uses the streamed items in one fixed cyclic order (embedding, layers, final norm, head, then
+again next step), so the k-th streamed acquisition since the start is item `order[k % n]` in ring slot
+`k % depth`. Copy k may start as soon as slot `k % depth` is free, i.e. once acquisition `k - depth` has
+been released: the copies run ahead as far as free slots allow, across the end of a step into the next.
+
+Slot life cycle:  free --submit--> copying/ready --acquire--> held --release--> free.
+A slot is only ever submitted to when free, so a held slot is never overwritten; on CUDA the copy
+stream additionally waits for the compute-done event recorded at release (see copy_engine.py).
+
+Not thread-safe: one compute thread calls acquire/release (the copy engine has its own thread or stream).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Sequence
+
+import torch
+
+from offload.copy_engine import make_copy_engine
+from offload.host_memory import DEFAULT_ALIGNMENT, PackedItem, align_up
+
+
+class PrefetchOrderError(RuntimeError):
+    """A streamed item was acquired or released out of the fixed cyclic order."""
+
+
+@dataclass
+class TransferStats:
+    """Counters since the last reset: host->device copies issued, bytes, host seconds blocked in acquire."""
+
+    num_copies: int = 0
+    bytes_copied: int = 0
+    wait_seconds: float = 0.0
+    num_acquires: int = 0
+
+    def __post_init__(self):
+        if self.num_copies < 0 or self.bytes_copied < 0 or self.wait_seconds < 0 or self.num_acquires < 0:
+            raise ValueError(f"transfer counters must be >= 0, got {self}")
+
+
+class Prefetcher:
+    """A ring of `depth` device buffers of `slot_bytes` each, filled ahead of use from packed host items.
+
+    `items[i]` is the packed host copy of `order[i]`; `order` is the cyclic order of acquisition.
+    """
+
+    def __init__(self, order: Sequence[Hashable], items: Sequence[PackedItem], *, device, depth: int,
+                 alignment: int = DEFAULT_ALIGNMENT):
+        if len(order) != len(items) or not order:
+            raise ValueError(f"need one packed item per streamed item, got {len(items)} for {len(order)}")
+        if len(set(order)) != len(order):
+            raise ValueError(f"streamed items repeat in the order {list(order)}")
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"prefetch depth must be an integer >= 1, got {depth!r}")
+        self.order = tuple(order)
+        self.items = tuple(items)
+        self._position = {item: i for i, item in enumerate(self.order)}
+        self.device = torch.device(device)
+        # more slots than items would only hold a second copy of an item already in flight
+        self.depth = min(depth, len(self.order))
+        self.slot_bytes = self.ring_bytes_for(self.items, depth=1, alignment=alignment)
+        self.ring = torch.empty(self.depth * self.slot_bytes, dtype=torch.uint8, device=self.device)
+        self._slots = [self.ring[s * self.slot_bytes:(s + 1) * self.slot_bytes] for s in range(self.depth)]
+        self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}   # (slot, position) -> views
+        self._engine = make_copy_engine(self.device, self.depth)
+        self.stats = TransferStats()
+        self._is_closed = False
+        self._start(0)
+
+    # -- scheduling ------------------------------------------------------------------------------------
+    def _start(self, first: int) -> None:
+        """Empty ring; the next acquisition and the next copy are both `order[first]`."""
+        self._slot_seq: list[int | None] = [None] * self.depth   # acquisition number occupying the slot
+        self._held: dict[int, int] = {}                           # acquisition number -> slot, held now
+        self._num_acquired = first                                # next acquisition number
+        self._num_issued = first                                  # next copy's acquisition number
+        self._fill()
+
+    def _fill(self) -> None:
+        """Submit copies into free slots, in order, as far as they go."""
+        while self._slot_seq[self._num_issued % self.depth] is None:
+            seq, slot = self._num_issued, self._num_issued % self.depth
+            packed = self.items[seq % len(self.order)]
+            assert slot not in self._held.values(), f"slot {slot} is held and would be overwritten"
+            assert packed.buffer.device.type == "cpu" and packed.buffer.dtype == torch.uint8
+            self._engine.submit(slot, self._slots[slot][:packed.num_bytes], packed.buffer)
+            self._slot_seq[slot] = seq
+            self._num_issued += 1
+            self.stats.num_copies += 1
+            self.stats.bytes_copied += packed.num_bytes
+
+    def acquire(self, item: Hashable) -> dict[str, torch.Tensor]:
+        """The item's tensors as views into its ring slot, usable by compute on the current stream."""
+        self._check_open()
+        seq = self._num_acquired
+        position = seq % len(self.order)
+        if self._position.get(item) != position:
+            raise PrefetchOrderError(
+                f"acquire({item!r}) out of order: the next streamed item is {self.order[position]!r} "
+                f"(streamed items are acquired in the fixed cyclic order {list(self.order)}); "
+                "call reset() after an interrupted step")
+        slot = seq % self.depth
+        if self._slot_seq[slot] != seq:
+            held = [self.order[s % len(self.order)] for s in sorted(self._held)]
+            raise RuntimeError(f"cannot acquire {item!r}: all {self.depth} ring buffers are held by {held}; "
+                               "release one first or use a deeper prefetch ring")
+        self.stats.wait_seconds += self._engine.wait_copy(slot)
+        self.stats.num_acquires += 1
+        self._num_acquired += 1
+        self._held[seq] = slot
+        key = (slot, position)
+        if key not in self._views:
+            self._views[key] = self.items[position].views_of(self._slots[slot])
+        return dict(self._views[key])
+
+    def release(self, item: Hashable) -> None:
+        """Every compute reading `item` has been launched: its slot may be refilled after that compute."""
+        self._check_open()
+        held = [seq for seq in sorted(self._held) if self.order[seq % len(self.order)] == item]
+        if not held:
+            raise PrefetchOrderError(f"release({item!r}): the item is not acquired")
+        slot = self._held.pop(held[0])
+        self._engine.record_release(slot)
+        self._slot_seq[slot] = None
+        self._fill()
+
+    def reset(self, next_item: Hashable | None = None) -> None:
+        """Bring the ring back to a consistent state after an interrupted step (e.g. an exception in compute).
+
+        Waits for copies in flight, drops every held buffer and restarts prefetching at `next_item`
+        (default: the first item of the cycle).
+        """
+        self._check_open()
+        first = 0 if next_item is None else self._position.get(next_item)
+        if first is None:
+            raise ValueError(f"reset({next_item!r}): not a streamed item; streamed: {list(self.order)}")
+        for slot in self._held.values():
+            self._engine.record_release(slot)
+        self._engine.synchronize()
+        self._engine.clear_errors()
+        self._start(first)
+
+    def synchronize(self) -> None:
+        """Wait (host) for every copy submitted so far."""
+        self._engine.synchronize()
+
+    def close(self) -> None:
+        """Wait for copies in flight, stop the copy thread and free the ring; idempotent."""
+        if not self._is_closed:
+            self._is_closed = True
+            self._engine.close()
+            self.ring, self._slots, self._views = None, [], {}
+
+    def _check_open(self) -> None:
+        if self._is_closed:
+            raise RuntimeError("the prefetcher is closed")
+
+    # -- introspection (tests, stats) ------------------------------------------------------------------
+    def issued_items(self) -> list[Hashable]:
+        """Items copied or being copied into a slot and not yet acquired, in acquisition order."""
+        return [self.order[seq % len(self.order)] for seq in range(self._num_acquired, self._num_issued)]
+
+    def held_items(self) -> list[Hashable]:
+        return [self.order[seq % len(self.order)] for seq in sorted(self._held)]
+
+    def is_ready(self, item: Hashable) -> bool:
+        """True when the next acquisition of `item` is already issued and its copy has completed."""
+        for seq in range(self._num_acquired, self._num_issued):
+            if self.order[seq % len(self.order)] == item:
+                return self._engine.is_copy_done(seq % self.depth)
+        return False
+
+    def slot_of(self, item: Hashable) -> int | None:
+        """The ring slot holding (or receiving) the next or current copy of `item`, None if none does."""
+        for seq, slot in sorted(self._held.items()):
+            if self.order[seq % len(self.order)] == item:
+                return slot
+        for seq in range(self._num_acquired, self._num_issued):
+            if self.order[seq % len(self.order)] == item:
+                return seq % self.depth
+        return None
+
+    @property
+    def copy_engine(self):
+        return self._engine
+
+    @property
+    def ring_bytes(self) -> int:
+        """Device bytes held by the ring (0 once closed)."""
+        return 0 if self.ring is None else self.ring.numel()
+
+    @staticmethod
+    def ring_bytes_for(items: Sequence[PackedItem], *, depth: int, alignment: int = DEFAULT_ALIGNMENT) -> int:
+        """Device bytes of the ring a Prefetcher over `items` allocates (before allocating it)."""
+        slot_bytes = align_up(max(item.num_bytes for item in items), alignment) or alignment
+        return min(depth, len(items)) * slot_bytes

@@ -1,0 +1,206 @@
+"""PlacedWeights: the weight source for a placement (resident, streamed or host-kept items).
+
+Implements the engine's weight-source contract (see offload/weight_source.py):
+`acquire(item) -> {name: tensor}` and `release(item)`, items being decoder-layer indices or
+"embedding", "final_norm", "lm_head", acquired in one fixed cyclic order every step.
+
+Each item is placed on one tier:
+  "resident"  loaded once onto the compute device; acquire returns the tensors, release does nothing
+  "streamed"  packed into one flat pinned host buffer; copied ahead of use into a ring of `depth` device
+              buffers by the Prefetcher (CUDA copy stream, or a background thread without CUDA)
+  "host"      kept in host memory, returned as CPU tensors (e.g. the embedding table: gathering B rows
+              on the CPU beats holding the table on the GPU)
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Hashable, Iterable, Mapping
+
+import torch
+
+from offload.host_memory import DEFAULT_ALIGNMENT, PackedItem, cast_for_storage
+from offload.memory import MemoryLedger
+from offload.prefetch import Prefetcher, TransferStats
+
+RESIDENT, STREAMED, HOST = "resident", "streamed", "host"
+TIERS = (RESIDENT, STREAMED, HOST)
+
+
+class PlacedWeights:
+    """Weights placed per item; the engine's weight source.
+
+    items      item -> {name: CPU tensor}, as a mapping or an iterable of (item, tensors) pairs in the
+               engine's acquisition order. Consumed one item at a time: an iterable (e.g. a generator
+               reading the checkpoint) never has more than one item materialised beyond where it goes.
+               A tensor object passed for two items (tied embedding/head) is stored once per tier.
+    placement  item -> "resident" | "streamed" | "host", for every item.
+    dtype      target dtype for floating tensors (None: keep the checkpoint's).
+    device     the compute device ("gpu" tier); the CPU on a machine without CUDA.
+    depth      prefetch ring depth: device buffers, each the size of the largest streamed item.
+    pin_memory pin the host copies of streamed items (default: when `device` is CUDA).
+    ledger     optional MemoryLedger charged with "weights" (resident) and "buffers" (the ring).
+    """
+
+    def __init__(self, items: Mapping[Hashable, Mapping[str, torch.Tensor]] | Iterable,
+                 *, placement: Mapping[Hashable, str], dtype: torch.dtype | None, device, depth: int = 2,
+                 pin_memory: bool | None = None, ledger: MemoryLedger | None = None,
+                 alignment: int = DEFAULT_ALIGNMENT):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.placement = dict(placement)
+        bad = {item: tier for item, tier in self.placement.items() if tier not in TIERS}
+        if bad:
+            raise ValueError(f"unknown placement tier(s) {bad}; use one of {TIERS}")
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"prefetch depth must be an integer >= 1, got {depth!r}")
+        if pin_memory is None:
+            pin_memory = self.device.type == "cuda"
+        self.ledger = ledger
+        self._is_closed = False
+        self.order: list[Hashable] = []
+        self._tensors: dict[Hashable, dict[str, torch.Tensor]] = {}   # resident and host items
+        streamed: list[Hashable] = []
+        packed: list[PackedItem] = []
+        stored: dict[tuple[str, int], tuple[weakref.ref, torch.Tensor]] = {}   # (tier, id(src)) -> copy
+        pairs = items.items() if isinstance(items, Mapping) else items
+        for item, tensors in pairs:
+            if item in self._tensors or item in streamed:
+                raise ValueError(f"weight item {item!r} given twice")
+            if item not in self.placement:
+                raise ValueError(f"weight item {item!r} has no placement; placed items: {list(self.placement)}")
+            self.order.append(item)
+            tier = self.placement[item]
+            if tier == STREAMED:
+                streamed.append(item)
+                packed.append(PackedItem.pack(tensors, dtype=dtype, pin=pin_memory, alignment=alignment))
+            else:
+                target = self.device if tier == RESIDENT else torch.device("cpu")
+                self._tensors[item] = {name: self._store(tier, tensor, target, stored)
+                                       for name, tensor in tensors.items()}
+            del tensors                                   # drop the source before reading the next item
+        missing = [item for item in self.placement if item not in set(self.order)]
+        if missing:
+            raise ValueError(f"placement names item(s) {missing} that were not given")
+        self.streamed_items = tuple(streamed)
+        self.prefetcher: Prefetcher | None = None
+        if streamed:
+            ring_bytes = Prefetcher.ring_bytes_for(packed, depth=depth, alignment=alignment)
+            if ledger is not None:
+                ledger.allocate("buffers", ring_bytes)    # checked against the budget before allocating
+            self.prefetcher = Prefetcher(streamed, packed, device=self.device, depth=depth, alignment=alignment)
+            assert self.prefetcher.ring_bytes == ring_bytes
+
+    def _store(self, tier: str, tensor: torch.Tensor, target: torch.device,
+               stored: dict[tuple[str, int], tuple[weakref.ref, torch.Tensor]]) -> torch.Tensor:
+        """The tier's copy of `tensor` (cast, contiguous, on `target`), shared if this object was stored."""
+        key = (tier, id(tensor))
+        if key in stored and stored[key][0]() is tensor:
+            return stored[key][1]
+        out_dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype
+        num_bytes = tensor.numel() * torch.empty((), dtype=out_dtype).element_size()
+        if tier == RESIDENT and self.ledger is not None:
+            self.ledger.allocate("weights", num_bytes)    # checked against the budget before allocating
+        copy = cast_for_storage(tensor.detach(), self.dtype).to(target).contiguous()
+        stored[key] = (weakref.ref(tensor), copy)
+        return copy
+
+    # -- the weight-source contract --------------------------------------------------------------------
+    def acquire(self, item: Hashable) -> dict[str, torch.Tensor]:
+        """The item's tensors, usable on the compute device (streamed: waits for its copy)."""
+        tier = self._tier(item)
+        if tier == STREAMED:
+            return self.prefetcher.acquire(item)
+        return dict(self._tensors[item])
+
+    def release(self, item: Hashable) -> None:
+        """Every compute reading the item has been launched; a streamed item's buffer may be refilled."""
+        if self._tier(item) == STREAMED:
+            self.prefetcher.release(item)
+
+    def _tier(self, item: Hashable) -> str:
+        if self._is_closed:
+            raise RuntimeError("the weight source is closed")
+        tier = self.placement.get(item)
+        if tier is None:
+            raise KeyError(f"unknown weight item {item!r}; items: {self.order}")
+        return tier
+
+    # -- control ---------------------------------------------------------------------------------------
+    def reset(self, next_item: Hashable | None = None) -> None:
+        """After an interrupted step: wait for copies in flight, drop held buffers, restart the cycle at
+        `next_item` (default: the first streamed item). Safe to call at any time."""
+        if self.prefetcher is not None:
+            if next_item is not None and self.placement.get(next_item) != STREAMED:
+                later = self.order[self.order.index(next_item):] + self.order[:self.order.index(next_item)]
+                next_item = next((item for item in later if self.placement[item] == STREAMED), None)
+            self.prefetcher.reset(next_item)
+
+    def synchronize(self) -> None:
+        """Wait (host) for every prefetch copy submitted so far."""
+        if self.prefetcher is not None:
+            self.prefetcher.synchronize()
+
+    def close(self) -> None:
+        """Wait for copies in flight, stop the copy thread and free the device memory (ring, resident
+        weights; the ledger is credited). Idempotent; acquire afterwards raises."""
+        if self._is_closed:
+            return
+        self._is_closed = True
+        if self.ledger is not None:
+            self.ledger.free("weights", self.resident_bytes)
+            self.ledger.free("buffers", self.ring_bytes)
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        self._tensors = {item: t for item, t in self._tensors.items() if self.placement[item] == HOST}
+
+    def __enter__(self) -> "PlacedWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- accounting ------------------------------------------------------------------------------------
+    @property
+    def stats(self) -> TransferStats:
+        """A snapshot of the transfer counters since the last reset_stats()."""
+        if self.prefetcher is None:
+            return TransferStats()
+        return TransferStats(**vars(self.prefetcher.stats))
+
+    def reset_stats(self) -> TransferStats:
+        """Zero the counters; returns their values before the reset."""
+        before = self.stats
+        if self.prefetcher is not None:
+            self.prefetcher.stats = TransferStats()
+        return before
+
+    def _unique_bytes(self, tier: str) -> int:
+        seen = {id(t): t for item, tensors in self._tensors.items() if self.placement[item] == tier
+                for t in tensors.values()}
+        return sum(t.numel() * t.element_size() for t in seen.values())
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of resident weights on the compute device."""
+        return self._unique_bytes(RESIDENT)
+
+    @property
+    def ring_bytes(self) -> int:
+        """Bytes of the prefetch ring on the compute device (depth x slot_bytes)."""
+        return 0 if self.prefetcher is None else self.prefetcher.ring_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        """Everything this weight source holds on the compute device."""
+        return self.resident_bytes + self.ring_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory held: packed streamed items plus host-kept tensors."""
+        streamed = 0 if self.prefetcher is None else sum(p.num_bytes for p in self.prefetcher.items)
+        return streamed + self._unique_bytes(HOST)
+
+    @property
+    def streamed_bytes_per_cycle(self) -> int:
+        """Bytes copied host->device per full cycle (one step)."""
+        return 0 if self.prefetcher is None else sum(p.num_bytes for p in self.prefetcher.items)
