@@ -126,6 +126,13 @@ class Prefetcher:
         self._slot_seq[slot] = None
         self._fill()
 
+    def skip(self, item: Hashable) -> None:
+        """Pass over the next streamed item without using it (e.g. the head during a prefill chunk that
+        needs no logits): its slot is freed once its copy has landed. Same order rule as acquire."""
+        self.acquire(item)
+        self.release(item)
+        self.stats.num_acquires -= 1
+
     def reset(self, next_item: Hashable | None = None) -> None:
         """Bring the ring back to a consistent state after an interrupted step (e.g. an exception in compute).
 

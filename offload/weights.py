@@ -117,6 +117,12 @@ class PlacedWeights:
         if self._tier(item) == STREAMED:
             self.prefetcher.release(item)
 
+    def skip(self, item: Hashable) -> None:
+        """The engine passes over `item` this step (e.g. final_norm/lm_head in a prefill chunk without
+        logits): keeps the streamed cycle in step. A no-op for resident and host items."""
+        if self._tier(item) == STREAMED:
+            self.prefetcher.skip(item)
+
     def _tier(self, item: Hashable) -> str:
         if self._is_closed:
             raise RuntimeError("the weight source is closed")
