@@ -29,7 +29,8 @@ class Engine:
         self.max_seq_len, self.prefill_chunk_size = max_seq_len, prefill_chunk_size
 
     # ---- one chunk through the decoder stack ----------------------------------------------------------
-    def run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    def run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, start: torch.Tensor,
+                   seq_lens: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions [B, T] int64 (CPU), start [B] (CPU) -> hidden states [B, T, H] on device.
 
         Row b's tokens go to cache slots start[b] .. start[b]+T-1; `positions` are what RoPE / learned
@@ -46,7 +47,7 @@ class Engine:
         h = self.model.embed(w, input_ids.to(table_device), positions.to(table_device))
         self.weights.release("embedding")
         h = h.to(self.device)                             # h: [B, T, H]
-        ctx = self.model.prepare(positions.to(self.device), self.dtype)
+        ctx = self.model.prepare(positions.to(self.device), self.dtype, seq_lens)
         for i, backend in enumerate(self.backends):
             lw = self.weights.acquire(i)
             q, k, v = self.model.attention_inputs(lw, h, ctx)          # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]
@@ -76,6 +77,7 @@ class Engine:
         assert B == len(starts) and min(num_tokens) >= 1, (B, len(starts), num_tokens)
         T_max = max(num_tokens)
         last_h: list[torch.Tensor | None] = [None] * B
+        seq_lens = torch.tensor([s + n for s, n in zip(starts, num_tokens)], dtype=torch.long)
         chunks = []
         for c0 in range(0, T_max, C):
             T = min(C, T_max - c0)
@@ -89,7 +91,7 @@ class Engine:
                 last_pos = starts[b] + num_tokens[b] - 1
                 positions[b] = torch.clamp(row_start + torch.arange(T), max=last_pos)
                 start[b] = row_start
-            h = self.run_layers(ids, positions, start)             # [B, T, H]
+            h = self.run_layers(ids, positions, start, seq_lens)   # [B, T, H]
             if all_logits:
                 logits = self.logits(h)                             # [B, T, V]
                 for b in range(B):

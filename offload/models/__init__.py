@@ -1,7 +1,7 @@
 """The math of each supported family, as plain functions over weight dicts (no placement, no caches).
 
 Every family object offers the same steps, so the engine can run the attention itself in between:
-`embed(w, input_ids, positions) -> h`, `prepare(positions, dtype) -> ctx`,
+`embed(w, input_ids, positions) -> h`, `prepare(positions, dtype, seq_lens=None) -> ctx`,
 `attention_inputs(lw, h, ctx) -> q, k, v`, `attention_output(lw, h, attn) -> h`,
 `head(w_norm, w_head, h) -> float32 logits`, and `attention_scale` (None: 1/sqrt(head_dim)).
 """

@@ -27,9 +27,11 @@ class DecoderModel:
         # input_ids: [B, T] -> h: [B, T, H]
         return F.embedding(input_ids, w["model.embed_tokens.weight"])
 
-    def prepare(self, positions: torch.Tensor, dtype: torch.dtype):
-        """Per-chunk context shared by all layers: the RoPE cos/sin for `positions` [B, T]."""
-        return self.rope.cos_sin(positions, dtype)
+    def prepare(self, positions: torch.Tensor, dtype: torch.dtype, seq_lens: torch.Tensor | None = None):
+        """Per-chunk context shared by all layers: the RoPE cos/sin for `positions` [B, T].
+
+        seq_lens [B]: each row's length once the current call is done (only dynamic RoPE reads it)."""
+        return self.rope.cos_sin(positions, dtype, seq_lens)
 
     def attention_inputs(self, lw: dict, h: torch.Tensor, ctx) -> tuple[torch.Tensor, ...]:
         """Norm, projections, RoPE. h: [B, T, H] -> q [B, Hq, T, D], k, v [B, Hkv, T, D]."""

@@ -28,7 +28,7 @@ class OPTModel:
             x = linear(x, w["model.decoder.project_in.weight"])                  # [B, T, H]
         return x + F.embedding(positions + POSITION_OFFSET, w["model.decoder.embed_positions.weight"])
 
-    def prepare(self, positions: torch.Tensor, dtype: torch.dtype):
+    def prepare(self, positions: torch.Tensor, dtype: torch.dtype, seq_lens: torch.Tensor | None = None):
         return None
 
     def _norm(self, lw: dict, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Rotary position embedding with the scaling types of published configs: none, linear, dynamic, llama3.
 
 Inverse frequencies follow transformers' `modeling_rope_utils` (`_compute_*_parameters`) formula for formula.
-Dynamic NTK depends on the sequence length seen so far: as in transformers at batch size 1, a row whose
-positions reach past `max_position_embeddings` uses the base stretched for (its last position + 1).
+Dynamic NTK depends on the sequence length: as in transformers at batch size 1, a row longer than
+`max_position_embeddings` uses the base stretched for its length in the current call (`seq_lens`: the row's
+length after the whole call, so a chunked prefill equals one forward; default: its last position + 1).
 """
 from __future__ import annotations
 
@@ -49,19 +50,20 @@ class Rope:
             raise ValueError(f"unsupported rope type {self.rope_type!r}")
         self.inv_freq = inv_freq                                # [D/2] float32
 
-    def _dynamic_inv_freq(self, positions: torch.Tensor) -> torch.Tensor:
+    def _dynamic_inv_freq(self, positions: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
         # positions: [B, T] -> inv_freq per row [B, 1, D/2]; the base grows once a row passes max_positions
-        seq_len = positions.max(dim=1).values + 1               # [B] int64
+        seq_len = positions.max(dim=1).values + 1 if seq_lens is None else seq_lens.to(positions.device)
         seq_len = torch.clamp(seq_len, min=self.max_positions)
         factor, dim = self.scaling["factor"], self.dim
         base = self.theta * ((factor * seq_len / self.max_positions) - (factor - 1)) ** (dim / (dim - 2))
         exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim
         return (1.0 / (base[:, None] ** exponent[None, :]))[:, None, :]
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype,
+                seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] int64 -> cos, sin [B, 1, T, D] in `dtype` (computed in float32)."""
         if self.rope_type == "dynamic":
-            inv_freq = self._dynamic_inv_freq(positions)
+            inv_freq = self._dynamic_inv_freq(positions, seq_lens)
         else:
             inv_freq = self.inv_freq.to(positions.device)
         freqs = positions[..., None].float() * inv_freq          # [B, T, D/2]

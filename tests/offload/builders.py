@@ -1,0 +1,101 @@
+"""Tiny random Hugging Face checkpoints of every supported family and variant, for parity tests.
+
+Built with transformers' own config and model classes and written with `save_pretrained` (single file or
+sharded), so the files are exactly what a published checkpoint looks like. Reused by the runtime's tests.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB = 128
+_COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.1)
+_LLAMA = dict(_COMMON, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+_OPT = dict(_COMMON, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, word_embed_proj_dim=64)
+
+# variant -> (transformers config class name, config kwargs). Sequences in the tests run to ~32 tokens:
+# longer than the sliding windows (4) and the dynamic-RoPE variant's max_position_embeddings (16).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", _LLAMA),
+    "llama_bias": ("LlamaConfig", dict(_LLAMA, attention_bias=True, mlp_bias=True)),
+    "llama_tied": ("LlamaConfig", dict(_LLAMA, tie_word_embeddings=True)),
+    "llama_head_dim": ("LlamaConfig", dict(_LLAMA, head_dim=24)),
+    "llama_rope_linear": ("LlamaConfig", dict(_LLAMA, rope_parameters={"rope_type": "linear", "factor": 4.0,
+                                                                       "rope_theta": 10000.0})),
+    "llama_rope_dynamic": ("LlamaConfig", dict(_LLAMA, max_position_embeddings=16, rope_parameters={
+        "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})),
+    "llama_rope_llama3": ("LlamaConfig", dict(_LLAMA, rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16, "rope_theta": 500000.0})),
+    "mistral_window": ("MistralConfig", dict(_LLAMA, sliding_window=4, head_dim=32)),
+    "qwen2_tied": ("Qwen2Config", dict(_LLAMA, tie_word_embeddings=True)),
+    "qwen2_window": ("Qwen2Config", dict(_LLAMA, num_hidden_layers=3, use_sliding_window=True, sliding_window=4,
+                                         max_window_layers=1)),
+    "opt": ("OPTConfig", _OPT),
+    "opt_post_ln": ("OPTConfig", dict(_OPT, do_layer_norm_before=False)),
+    "opt_proj": ("OPTConfig", dict(_OPT, word_embed_proj_dim=32)),
+}
+
+
+def hf_config(variant: str):
+    import transformers
+    class_name, kwargs = VARIANTS[variant]
+    return getattr(transformers, class_name)(**kwargs)
+
+
+def build_checkpoint(path: Path, variant: str, *, sharded: bool = False, dtype: torch.dtype = torch.float32,
+                     seed: int = 0):
+    """Write a random `variant` checkpoint to `path`; returns the transformers model (eval, float32)."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(variant), attn_implementation="sdpa").eval()
+    path.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": "40KB"} if sharded else {}
+    model.to(dtype).save_pretrained(str(path), safe_serialization=True, **kwargs)
+    return model.float()
+
+
+def load_hf(path: Path, dtype: torch.dtype = torch.float32):
+    """The reference: transformers' own loading of the same folder."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa").eval()
+
+
+def edit_config(path: Path, **changes) -> None:
+    """Rewrite keys of config.json (None deletes a key)."""
+    config_path = path / "config.json"
+    config = json.loads(config_path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def reset_dynamic_rope(hf_model) -> None:
+    """transformers' dynamic RoPE keeps the longest length it has seen across calls; start each call fresh."""
+    for module in hf_model.modules():
+        if hasattr(module, "original_inv_freq") and hasattr(module, "original_max_seq_len"):
+            module.inv_freq = module.original_inv_freq.clone()
+            module.max_seq_len_cached = module.original_max_seq_len
+
+
+def hf_logits(hf_model, prompt: list[int]) -> torch.Tensor:
+    """transformers' float32 logits [T, V] for ONE row."""
+    reset_dynamic_rope(hf_model)
+    with torch.no_grad():
+        return hf_model(torch.tensor([prompt])).logits[0].float()
+
+
+def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+    """transformers' greedy generate for ONE row (no padding): the new ids, ending at eos if produced."""
+    reset_dynamic_rope(hf_model)
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens,
+                                pad_token_id=0, **{"do_sample": False, **kwargs})
+    return out[0, len(prompt):].tolist()
