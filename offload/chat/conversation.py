@@ -1,23 +1,26 @@
-"""Multi-turn chat state: which tokens to feed a session so that each turn prefills only what is new.
+"""Multi-turn chat state: which tokens to give a session so that each turn prefills only what is new.
 
 Each turn the whole conversation is rendered with the chat template (that is the only text the template
-defines), and compared, as TEXT, with the text of the tokens the session has already processed: the
-rendered prompts it was fed plus the reply tokens it generated, decoded in context. When the rendering
-starts with that text, only the rest is tokenized and fed; the reply keeps the exact tokens the model
-produced (re-tokenizing it would rarely give the same ids). When it does not (templates are not always
-prefix-stable: some strip or rewrite earlier turns), the session is reset and the whole conversation
-prefilled, and the turn says why.
+defines) and compared, as TEXT, with the text of the tokens the session already holds: the rendered
+prompts it was given plus the reply tokens it generated, decoded in context (stop tokens written out).
+When the rendering starts with that text, only the rest is tokenized and given; the replies keep the
+exact tokens the model produced (re-tokenizing a reply would rarely give the same ids). When it does not
+(templates are not always prefix-stable: some strip or rewrite earlier turns, some put a space before
+the end-of-turn token the model produced), the session is reset and the whole conversation prefilled,
+and the turn says why.
 
-Tokens sampled but not yet processed (the last token of a reply, the stop token) are not in the KV
-cache: their text is re-tokenized with the next turn's new text. The session's `num_tokens` says how
-many were processed, which also makes an interrupted reply (Ctrl-C) continue correctly.
+The session's `tokens` are the authority on what it holds (also after Ctrl-C cut a reply short: what
+was generated up to then is the reply), so a turn is `begin_turn(text, session.tokens)`, stream,
+`end_turn(session.tokens)`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .template import ChatTemplate
 from .tokenizer import ChatTokenizer
+
+CONTEXT_WINDOW_TOKENS = 8   # tokens of context decoded with a reply so it decodes as it does mid-text
 
 
 class ContextFullError(ValueError):
@@ -26,44 +29,34 @@ class ContextFullError(ValueError):
 
 @dataclass
 class TurnInput:
-    """What one turn feeds the session."""
+    """What one turn gives the session."""
 
-    token_ids: list[int]            # to pass to session.stream (after session.reset() if is_reset)
-    is_reset: bool                  # the session's cache must be dropped first
-    num_reused_tokens: int          # tokens of the session's cache kept as they are
+    token_ids: list[int]            # for session.stream (after session.reset() when is_reset)
+    is_reset: bool                  # the session's conversation must be dropped first
+    num_reused_tokens: int          # tokens of the session's conversation kept as they are
     max_new_tokens: int             # the reply's budget, capped by the room left in the context
-    context_ids: list[int]          # the tokens just before the reply (to detokenize it in context)
-    reason: str | None = None       # why the cache was not reused (for --stats / debug output)
+    reason: str | None = None       # why the session was reset (for --stats / debug output)
 
     def __post_init__(self):
         if not self.token_ids:
-            raise ValueError("a turn must feed at least one token")
+            raise ValueError("a turn must give at least one token")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
-@dataclass
-class _Segment:
-    """A run of the conversation's tokens and the exact text they stand for."""
-
-    token_ids: list[int]
-    text: str
-    context_ids: list[int] = field(default_factory=list)   # set for generated runs: text is in context
-
-
-def in_context_text(tokenizer: ChatTokenizer, context_ids: list[int], ids: list[int]) -> str:
-    """The text `ids` add after `context_ids` (special tokens written out), e.g. " world" not "world"."""
-    before = tokenizer.decode(context_ids, skip_special_tokens=False)
-    after = tokenizer.decode(list(context_ids) + list(ids), skip_special_tokens=False)
-    return after[len(before):] if after.startswith(before) else tokenizer.decode(ids, skip_special_tokens=False)
+def in_context_text(tokenizer: ChatTokenizer, context_ids: list[int], ids: list[int],
+                    skip_special_tokens: bool = False) -> str:
+    """The text `ids` add after `context_ids`, e.g. " world" where decoding alone gives "world"."""
+    context_ids = list(context_ids)[-CONTEXT_WINDOW_TOKENS:]
+    before = tokenizer.decode(context_ids, skip_special_tokens=skip_special_tokens)
+    after = tokenizer.decode(context_ids + list(ids), skip_special_tokens=skip_special_tokens)
+    if after.startswith(before):
+        return after[len(before):]
+    return tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
 class Conversation:
-    """Messages plus the token history a session holds for them.
-
-    Per turn: `begin_turn(user_text, num_processed)` -> TurnInput; stream the reply; then
-    `end_turn(reply_ids, reply_text, num_processed)` with whatever was received (also after Ctrl-C).
-    `num_processed` is always the session's `num_tokens` at that moment."""
+    """The messages of one chat and the exact text of the token ids its session holds."""
 
     def __init__(self, tokenizer: ChatTokenizer, template: ChatTemplate, max_context: int,
                  system: str | None = None):
@@ -78,75 +71,59 @@ class Conversation:
     def reset(self) -> None:
         """A new conversation (the caller resets its session too)."""
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
-        self.segments: list[_Segment] = []
-        self._pending: TurnInput | None = None
+        self.token_ids: list[int] = []   # what the session holds, as far as this conversation knows
+        self.text = ""                   # the exact text of token_ids
+        self._turn: tuple | None = None  # (messages, token_ids, text) before the open turn
 
-    @property
-    def token_ids(self) -> list[int]:
-        """Every token of the conversation so far: fed prompts and generated replies, in order."""
-        return [t for s in self.segments for t in s.token_ids]
-
-    def _processed_text(self, num_processed: int) -> tuple[list[int], str] | None:
-        """(ids, text) of the first `num_processed` tokens, or None when that text is not known."""
-        ids, text, left = [], "", num_processed
-        for segment in self.segments:
-            take = min(left, len(segment.token_ids))
-            if take < len(segment.token_ids) and not segment.context_ids and take:
-                return None                   # the session stopped inside a fed prompt
-            part = segment.text if take == len(segment.token_ids) else \
-                in_context_text(self.tokenizer, segment.context_ids, segment.token_ids[:take])
-            ids += segment.token_ids[:take]
-            text += part
-            left -= take
-            if left == 0:
-                break
-        return (ids, text) if left == 0 else None
-
-    def begin_turn(self, user_text: str, num_processed: int, max_new_tokens: int) -> TurnInput:
-        """Add the user's message and say what to feed. Raises ContextFullError (the conversation is
-        left as it was) or ChatTemplateError (e.g. a template that insists on role alternation)."""
+    def begin_turn(self, user_text: str, session_ids: list[int], max_new_tokens: int) -> TurnInput:
+        """Add the user's message; say what to give the session. Raises ContextFullError or
+        ChatTemplateError (e.g. a template that insists on alternating roles), changing nothing."""
         messages = self.messages + [{"role": "user", "content": user_text}]
         rendered = self.template.render(messages, add_generation_prompt=True)
-        known = self._processed_text(num_processed) if num_processed else ([], "")
         reason = None
-        if known is None:
-            reason = "the session stopped inside a prompt"
-        elif known[1] and not rendered.startswith(known[1]):
-            reason = "the template re-rendered earlier turns differently"
-        if reason is None:
-            kept_ids, kept_text = known
-            new_text = rendered[len(kept_text):]
-            new_ids = self.tokenizer.encode_continuation(new_text) if kept_ids else self.tokenizer.encode(new_text)
+        if list(session_ids) != self.token_ids:
+            reason = "the session holds other tokens than this conversation"
+        elif not rendered.startswith(self.text):
+            reason = "the chat template renders the earlier turns differently now"
+        if reason is None and self.token_ids:
+            kept_ids, kept_text = self.token_ids, self.text
+            new_ids = self.tokenizer.encode_continuation(rendered[len(kept_text):])
         else:
-            kept_ids, kept_text, new_text = [], "", rendered
+            kept_ids, kept_text = [], ""
             new_ids = self.tokenizer.encode(rendered)
         total = len(kept_ids) + len(new_ids)
         if total >= self.max_context or not new_ids:
-            raise ContextFullError(f"the conversation would take {total} tokens, the context holds "
+            raise ContextFullError(f"the conversation would need {total} tokens and the context holds "
                                    f"{self.max_context}: type /reset to start a new conversation")
-        turn = TurnInput(token_ids=new_ids, is_reset=reason is not None,
-                         num_reused_tokens=len(kept_ids),
-                         max_new_tokens=min(max_new_tokens, self.max_context - total),
-                         context_ids=(kept_ids + new_ids)[-8:], reason=reason)
-        self._undo = (self.messages, self.segments)
-        self.messages = messages
-        self.segments = ([_Segment(list(kept_ids), kept_text)] if kept_ids else []) + [_Segment(new_ids, new_text)]
-        self._pending = turn
+        turn = TurnInput(token_ids=new_ids, is_reset=reason is not None, num_reused_tokens=len(kept_ids),
+                         max_new_tokens=min(max_new_tokens, self.max_context - total), reason=reason)
+        self._turn = (self.messages, self.token_ids, self.text)
+        self.messages, self.token_ids, self.text = messages, kept_ids + new_ids, rendered
         return turn
 
-    def end_turn(self, reply_ids: list[int], reply_text: str) -> None:
-        """Record the reply as received (complete, or cut short by Ctrl-C): its text joins the messages,
-        its tokens the history. Stop tokens are kept in the history (the template writes its own)."""
-        turn, self._pending = self._pending, None
-        if turn is None:
+    def end_turn(self, session_ids: list[int]) -> str:
+        """Record the reply from the session's tokens (complete, or cut short by Ctrl-C); return its text.
+        The reply's stop token, if any, stays in the history: templates write the same token there."""
+        if self._turn is None:
             raise RuntimeError("end_turn without begin_turn")
-        self.messages.append({"role": "assistant", "content": reply_text.strip()})
-        if reply_ids:
-            text = in_context_text(self.tokenizer, turn.context_ids, reply_ids)
-            self.segments.append(_Segment(list(reply_ids), text, context_ids=list(turn.context_ids)))
+        self._turn = None
+        session_ids = list(session_ids)
+        if session_ids[:len(self.token_ids)] != self.token_ids:
+            # Nothing of this turn reached the session (e.g. it failed before prefill): start afresh next
+            # turn, keeping the messages.
+            self.token_ids, self.text = [], ""
+            reply_ids = []
+        else:
+            reply_ids = session_ids[len(self.token_ids):]
+        reply = in_context_text(self.tokenizer, self.token_ids, reply_ids, skip_special_tokens=True)
+        if self.token_ids:
+            self.text += in_context_text(self.tokenizer, self.token_ids, reply_ids)
+            self.token_ids = self.token_ids + reply_ids
+        self.messages = self.messages + [{"role": "assistant", "content": reply.strip()}]
+        return reply
 
     def abort_turn(self) -> None:
-        """Forget the user message of a turn whose prefill never started (e.g. an error before it)."""
-        if self._pending is not None:
-            self._pending = None
-            self.messages, self.segments = self._undo
+        """Forget the open turn (its user message included): for an error before the session ran."""
+        if self._turn is not None:
+            self.messages, self.token_ids, self.text = self._turn
+            self._turn = None

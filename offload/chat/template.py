@@ -93,7 +93,8 @@ class ChatTemplate:
         """The prompt text for `messages`; keys whose value is None are dropped (as transformers does)."""
         messages = [{k: v for k, v in message.items() if v is not None} for message in messages]
         if self.source is None:
-            return render_plain(messages, add_generation_prompt, self.special_tokens.get("bos_token"))
+            return render_plain(messages, add_generation_prompt, self.special_tokens.get("bos_token"),
+                                self.special_tokens.get("eos_token"))
         import jinja2
         try:
             return compile_template(self.source).render(messages=messages,
@@ -106,11 +107,14 @@ class ChatTemplate:
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
-def render_plain(messages: list[dict], add_generation_prompt: bool, bos_token: str | None) -> str:
-    """The format for models without a template: "System: ...", "User: ...", "Assistant: ..." lines,
-    a blank line between turns, starting with the BOS token when the tokenizer has one."""
+def render_plain(messages: list[dict], add_generation_prompt: bool, bos_token: str | None,
+                 eos_token: str | None = None) -> str:
+    """The format for models without a template: "System: ...", "User: ...", "Assistant: ..." turns,
+    a blank line between them, starting with the BOS token when the tokenizer has one. An assistant turn
+    ends with the EOS token (what the model produces to end its reply), so the text of a finished reply
+    stays a prefix of the next rendering."""
     turns = [f"{PLAIN_ROLES.get(m['role'], m['role'].capitalize())}: {m.get('content', '')}"
-             for m in messages]
+             + ((eos_token or "") if m["role"] == "assistant" else "") for m in messages]
     text = (bos_token or "") + "\n\n".join(turns)
     if add_generation_prompt:
         text += ("\n\n" if turns else "") + "Assistant:"

@@ -1,4 +1,5 @@
 """Model folders for the example tests, built with offload.chat.demo (the builder --demo uses)."""
+import functools
 from pathlib import Path
 
 from offload.chat import demo
@@ -24,3 +25,30 @@ def tokenizer_dir(path: Path, style: str, chat_template: str | None) -> Path:
 def transformers_tokenizer(path: Path):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def demo_model_dir(path: Path, **config_overrides) -> Path:
+    """The --demo model folder (byte-level BPE, Llama-3 template, random 2-layer Llama)."""
+    return demo.build_demo_model(path, **config_overrides)
+
+
+def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int, stop_ids) -> list[int]:
+    """Greedy continuation by transformers' own Llama (full forward each step: nothing of ours)."""
+    import torch
+    model = _hf_model(str(model_dir))
+    ids, out = list(prompt_ids), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            next_id = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(next_id)
+            out.append(next_id)
+            if next_id in stop_ids:
+                break
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_model(model_dir: str):
+    import torch
+    from transformers import LlamaForCausalLM
+    return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
