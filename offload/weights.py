@@ -56,9 +56,19 @@ class PlacedWeights:
         if pin_memory is None:
             pin_memory = self.device.type == "cuda"
         self.ledger = ledger
+        self._charged = {"weights": 0, "buffers": 0}     # what this object charged to the ledger
         self._is_closed = False
         self.order: list[Hashable] = []
         self._tensors: dict[Hashable, dict[str, torch.Tensor]] = {}   # resident and host items
+        self.prefetcher: Prefetcher | None = None
+        self.streamed_items: tuple[Hashable, ...] = ()
+        try:
+            self._load(items, depth=depth, pin_memory=pin_memory, alignment=alignment)
+        except BaseException:
+            self._credit_ledger()                         # the ledger stays consistent after an error
+            raise
+
+    def _load(self, items, *, depth: int, pin_memory: bool, alignment: int) -> None:
         streamed: list[Hashable] = []
         packed: list[PackedItem] = []
         stored: dict[tuple[str, int], tuple[weakref.ref, torch.Tensor]] = {}   # (tier, id(src)) -> copy
@@ -72,7 +82,7 @@ class PlacedWeights:
             tier = self.placement[item]
             if tier == STREAMED:
                 streamed.append(item)
-                packed.append(PackedItem.pack(tensors, dtype=dtype, pin=pin_memory, alignment=alignment))
+                packed.append(PackedItem.pack(tensors, dtype=self.dtype, pin=pin_memory, alignment=alignment))
             else:
                 target = self.device if tier == RESIDENT else torch.device("cpu")
                 self._tensors[item] = {name: self._store(tier, tensor, target, stored)
@@ -82,13 +92,22 @@ class PlacedWeights:
         if missing:
             raise ValueError(f"placement names item(s) {missing} that were not given")
         self.streamed_items = tuple(streamed)
-        self.prefetcher: Prefetcher | None = None
         if streamed:
             ring_bytes = Prefetcher.ring_bytes_for(packed, depth=depth, alignment=alignment)
-            if ledger is not None:
-                ledger.allocate("buffers", ring_bytes)    # checked against the budget before allocating
+            self._charge("buffers", ring_bytes)           # checked against the budget before allocating
             self.prefetcher = Prefetcher(streamed, packed, device=self.device, depth=depth, alignment=alignment)
             assert self.prefetcher.ring_bytes == ring_bytes
+
+    def _charge(self, category: str, num_bytes: int) -> None:
+        if self.ledger is not None:
+            self.ledger.allocate(category, num_bytes)
+            self._charged[category] += num_bytes
+
+    def _credit_ledger(self) -> None:
+        if self.ledger is not None:
+            for category, num_bytes in self._charged.items():
+                self.ledger.free(category, num_bytes)
+        self._charged = dict.fromkeys(self._charged, 0)
 
     def _store(self, tier: str, tensor: torch.Tensor, target: torch.device,
                stored: dict[tuple[str, int], tuple[weakref.ref, torch.Tensor]]) -> torch.Tensor:
@@ -98,8 +117,8 @@ class PlacedWeights:
             return stored[key][1]
         out_dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype
         num_bytes = tensor.numel() * torch.empty((), dtype=out_dtype).element_size()
-        if tier == RESIDENT and self.ledger is not None:
-            self.ledger.allocate("weights", num_bytes)    # checked against the budget before allocating
+        if tier == RESIDENT:
+            self._charge("weights", num_bytes)            # checked against the budget before allocating
         copy = cast_for_storage(tensor.detach(), self.dtype).to(target).contiguous()
         stored[key] = (weakref.ref(tensor), copy)
         return copy
@@ -152,9 +171,7 @@ class PlacedWeights:
         if self._is_closed:
             return
         self._is_closed = True
-        if self.ledger is not None:
-            self.ledger.free("weights", self.resident_bytes)
-            self.ledger.free("buffers", self.ring_bytes)
+        self._credit_ledger()
         if self.prefetcher is not None:
             self.prefetcher.close()
         self._tensors = {item: t for item, t in self._tensors.items() if self.placement[item] == HOST}
