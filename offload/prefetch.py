@@ -1,9 +1,9 @@
 """The prefetcher: streamed items copied ahead of use into a ring of device buffers.
 
 The engine uses the streamed items in one fixed cyclic order (embedding, layers, final norm, head, then
-again next step), so the k-th streamed acquisition since the start is item `order[k % n]` in ring slot
-`k % depth`. Copy k may start as soon as slot `k % depth` is free, i.e. once acquisition `k - depth` has
-been released: the copies run ahead as far as free slots allow, across the end of a step into the next.
+again next step), so the k-th streamed acquisition since the start is item `order[k % n]`. Copies are
+issued in that order, each into the slot freed longest ago, as soon as one is free: the copies run ahead
+as far as free slots allow, across the end of a step into the next. Releases may come in any order.
 
 Slot life cycle:  free --submit--> copying/ready --acquire--> held --release--> free.
 A slot is only ever submitted to when free, so a held slot is never overwritten; on CUDA the copy
@@ -13,6 +13,7 @@ Not thread-safe: one compute thread calls acquire/release (the copy engine has i
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
@@ -72,7 +73,8 @@ class Prefetcher:
     # -- scheduling ------------------------------------------------------------------------------------
     def _start(self, first: int) -> None:
         """Empty ring; the next acquisition and the next copy are both `order[first]`."""
-        self._slot_seq: list[int | None] = [None] * self.depth   # acquisition number occupying the slot
+        self._free_slots: deque[int] = deque(range(self.depth))   # free slots, freed longest ago first
+        self._issued: dict[int, int] = {}                         # acquisition number -> slot, not acquired
         self._held: dict[int, int] = {}                           # acquisition number -> slot, held now
         self._num_acquired = first                                # next acquisition number
         self._num_issued = first                                  # next copy's acquisition number
@@ -80,13 +82,13 @@ class Prefetcher:
 
     def _fill(self) -> None:
         """Submit copies into free slots, in order, as far as they go."""
-        while self._slot_seq[self._num_issued % self.depth] is None:
-            seq, slot = self._num_issued, self._num_issued % self.depth
+        while self._free_slots:
+            seq, slot = self._num_issued, self._free_slots.popleft()
             packed = self.items[seq % len(self.order)]
             assert slot not in self._held.values(), f"slot {slot} is held and would be overwritten"
             assert packed.buffer.device.type == "cpu" and packed.buffer.dtype == torch.uint8
             self._engine.submit(slot, self._slots[slot][:packed.num_bytes], packed.buffer)
-            self._slot_seq[slot] = seq
+            self._issued[seq] = slot
             self._num_issued += 1
             self.stats.num_copies += 1
             self.stats.bytes_copied += packed.num_bytes
@@ -101,12 +103,13 @@ class Prefetcher:
                 f"acquire({item!r}) out of order: the next streamed item is {self.order[position]!r} "
                 f"(streamed items are acquired in the fixed cyclic order {list(self.order)}); "
                 "call reset() after an interrupted step")
-        slot = seq % self.depth
-        if self._slot_seq[slot] != seq:
+        if seq not in self._issued:         # every slot is held (copies are issued in acquisition order)
             held = [self.order[s % len(self.order)] for s in sorted(self._held)]
             raise RuntimeError(f"cannot acquire {item!r}: all {self.depth} ring buffers are held by {held}; "
                                "release one first or use a deeper prefetch ring")
+        slot = self._issued[seq]
         self.stats.wait_seconds += self._engine.wait_copy(slot)
+        del self._issued[seq]
         self.stats.num_acquires += 1
         self._num_acquired += 1
         self._held[seq] = slot
@@ -123,7 +126,7 @@ class Prefetcher:
             raise PrefetchOrderError(f"release({item!r}): the item is not acquired")
         slot = self._held.pop(held[0])
         self._engine.record_release(slot)
-        self._slot_seq[slot] = None
+        self._free_slots.append(slot)
         self._fill()
 
     def skip(self, item: Hashable) -> None:
@@ -176,7 +179,7 @@ class Prefetcher:
         """True when the next acquisition of `item` is already issued and its copy has completed."""
         for seq in range(self._num_acquired, self._num_issued):
             if self.order[seq % len(self.order)] == item:
-                return self._engine.is_copy_done(seq % self.depth)
+                return self._engine.is_copy_done(self._issued[seq])
         return False
 
     def slot_of(self, item: Hashable) -> int | None:
@@ -184,9 +187,9 @@ class Prefetcher:
         for seq, slot in sorted(self._held.items()):
             if self.order[seq % len(self.order)] == item:
                 return slot
-        for seq in range(self._num_acquired, self._num_issued):
+        for seq, slot in sorted(self._issued.items()):
             if self.order[seq % len(self.order)] == item:
-                return seq % self.depth
+                return slot
         return None
 
     @property
