@@ -83,9 +83,9 @@ class TorchAttention:
         assert start.device.type == "cpu" and lengths.device.type == "cpu", "start/lengths live on the host"
         assert bool((lengths == start + T).all()), (start, lengths, T)
         num_keys = int(lengths.max())
+        assert num_keys <= self.max_seq_len, (num_keys, self.max_seq_len)
         start = start.to(q.device, non_blocking=True)
         self.append(k_new, v_new, start)
-        assert num_keys <= self.max_seq_len, (num_keys, self.max_seq_len)
         k = self.k_cache[:B, :, :num_keys]                                              # [B, Hkv, S, D]
         v = self.v_cache[:B, :, :num_keys]
         groups = Hq // k.shape[1]
