@@ -1,0 +1,116 @@
+"""Assemble a Plan from a layout (which layers keep weights / KV on the GPU) and predict its cost.
+
+Shared by the planner (`search.plan`) and the llama.cpp-style builder (`manual.manual_plan`), so both
+report the same memory breakdown and the same prediction for the same layout.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from .cost import CostModel, ItemCost, step_time
+from .hardware import Hardware
+from .plan import Budget, ItemPlan, LayerPlan, Plan, PlanError, Prediction
+from .spec import ModelSpec
+from .workload import Workload
+from .workspace import workspace_bytes
+
+MIN_CHUNK_TOKENS = 16
+
+
+def chunk_candidates(prompt_len: int) -> list[int]:
+    """Prefill chunk sizes the planner tries, largest first: the whole prompt, then powers of two."""
+    sizes = [prompt_len]
+    size = 1 << (prompt_len.bit_length() - 1)
+    while size >= MIN_CHUNK_TOKENS:
+        if size < prompt_len:
+            sizes.append(size)
+        size //= 2
+    return sizes
+
+
+def spread(num_selected: int, num_layers: int) -> list[bool]:
+    """`num_selected` of `num_layers` flags set, evenly spaced, the last one set (Bresenham): streamed
+    layers spread between resident ones so their copies overlap resident compute. The number set
+    among the first `a` layers is exactly a * num_selected // num_layers."""
+    return [((i + 1) * num_selected) // num_layers != (i * num_selected) // num_layers
+            for i in range(num_layers)]
+
+
+def layer_plans(spec: ModelSpec, workload: Workload, weights_gpu: list[bool], kv_gpu: list[bool],
+                cpu_attention: bool) -> tuple[LayerPlan, ...]:
+    kv_bytes = spec.layer_kv_bytes(workload.num_cached_tokens)
+    layers = []
+    for i in range(spec.num_layers):
+        kv = "gpu" if kv_gpu[i] else "cpu"
+        layers.append(LayerPlan(index=i, weights="gpu" if weights_gpu[i] else "cpu", kv=kv,
+                                attention="cpu" if kv == "cpu" and cpu_attention else "gpu",
+                                weight_bytes=spec.layer_weight_bytes(i), kv_bytes=kv_bytes))
+    return tuple(layers)
+
+
+def predict(cost: CostModel, layers, embedding: str, lm_head: str, depth: int,
+            chunk: int) -> Prediction:
+    """The cost model's prediction for explicit per-layer placements."""
+    kinds = Counter((l.weights, l.kv, l.attention, l.weight_bytes) for l in layers)
+    decode = [(n, cost.decode_layer(*k)) for k, n in kinds.items()]
+    decode += [(1, cost.embedding(embedding, 1)), (1, cost.final_norm()), (1, cost.lm_head(lm_head))]
+    step = step_time(decode, depth)
+    body = [(n, cost.prefill_layer(*k, chunk)) for k, n in kinds.items()] + [(1, cost.final_norm())]
+    prefill_s = cost.prefill_seconds(body, lm_head=cost.lm_head(lm_head),
+                                     embedding=cost.embedding(embedding, chunk), depth=depth, chunk=chunk)
+    return Prediction(prefill_s=prefill_s, decode_tokens_per_s=cost.wl.batch_size / step.seconds,
+                      bottleneck=step.bottleneck)
+
+
+def assemble(spec: ModelSpec, workload: Workload, hardware: Hardware, *, layers, embedding: str,
+             lm_head: str, prefetch_depth: int, chunk: int, budget: Budget | None = None) -> Plan:
+    """The Plan for a layout. `budget` None: the budget recorded is exactly what the plan needs."""
+    if spec.arch.tie_word_embeddings and embedding != lm_head:
+        raise PlanError("tied embeddings: embedding and lm_head must share one placement")
+    emb = ItemPlan(weights=embedding, weight_bytes=spec.embedding_bytes)
+    norm = ItemPlan(weights="gpu", weight_bytes=spec.final_norm_bytes)
+    head = ItemPlan(weights=lm_head, weight_bytes=spec.lm_head_bytes, read_bytes=spec.lm_head_read_bytes)
+    ring = max([l.ring_bytes for l in layers] + [head.read_bytes if lm_head == "cpu" else 0])
+    depth = prefetch_depth if ring else 0
+    if ring and depth < 1:
+        raise PlanError("streamed items need a prefetch depth of at least 1")
+    workspace = workspace_bytes(spec.arch, workload.batch_size, chunk, workload.max_seq_len, spec.dtype)
+    reserve = hardware.cuda_reserve_bytes
+    prediction = predict(CostModel(spec, hardware, workload), layers, embedding, lm_head, depth, chunk)
+    fields = dict(model=spec.name, model_type=spec.arch.model_type, num_params=spec.num_params,
+                  num_layers=spec.num_layers, dtype=spec.dtype,
+                  tie_word_embeddings=spec.arch.tie_word_embeddings, workload=workload,
+                  layers=layers, embedding=emb, final_norm=norm, lm_head=head, prefetch_depth=depth,
+                  buffer_bytes=ring if depth else 0, prefill_chunk_tokens=chunk,
+                  workspace_bytes=workspace, cuda_reserve_bytes=reserve, predicted=prediction,
+                  hardware=hardware.name)
+    if budget is None:   # record what it needs: build once unchecked-sized, then size the budget
+        probe = Plan(**fields, budget=Budget(gpu_bytes=1 << 62, cpu_bytes=1 << 62))
+        memory = probe.memory
+        budget = Budget(gpu_bytes=memory.gpu.total + reserve, cpu_bytes=memory.cpu.total)
+    return Plan(**fields, budget=budget)
+
+
+def need_message(spec: ModelSpec, workload: Workload, hardware: Hardware, min_gpu: int,
+                 min_total: int) -> str:
+    """One line for PlanError: what the model needs (leanest GPU use; least memory in all) and how
+    short the budgets are."""
+    from .sizes import format_size as fs
+    short = []
+    if min_gpu > hardware.gpu_bytes:
+        short.append(f"the GPU budget by {fs(min_gpu - hardware.gpu_bytes)}")
+    have = hardware.gpu_bytes + hardware.cpu_bytes
+    if min_total > have:
+        short.append(f"GPU + CPU together by {fs(min_total - have)}")
+    if not short:
+        short.append(f"the CPU budget ({fs(hardware.cpu_bytes)}) for what the GPU cannot hold")
+    kv = spec.layer_kv_bytes(workload.num_cached_tokens) * spec.num_layers
+    return (f"{spec.name} does not fit: {fs(spec.total_weight_bytes)} of {spec.dtype} weights + "
+            f"{fs(kv)} of KV cache (batch {workload.batch_size} x {workload.max_seq_len} tokens) need "
+            f"at least {fs(min_gpu)} of GPU memory (CUDA reserve, workspace, one buffer) and "
+            f"{fs(min_total)} of GPU + CPU memory in all; budgets: {fs(hardware.gpu_bytes)} GPU, "
+            f"{fs(hardware.cpu_bytes)} CPU; short: " + ", ".join(short))
+
+
+__all__ = ["chunk_candidates", "spread", "layer_plans", "predict", "assemble", "need_message",
+           "ItemCost"]

@@ -1,0 +1,161 @@
+"""Cost model: predicted seconds of a prefill chunk and of a decode step for a placement.
+
+Every item (decoder layer, embedding, final norm, LM head) costs:
+- `transfer_s` on the host->device copy engine: its streamed weights / PCIe bandwidth, plus, for a
+  layer whose KV lives on the CPU but is attended on the GPU, that KV / PCIe bandwidth;
+- `gpu_s` on the GPU: max(FLOPs / gpu_flops, bytes read / gpu memory bandwidth) for the matmuls and
+  for attention (when it runs on the GPU), plus a per-layer launch overhead;
+- `cpu_s` on the critical path but off the GPU: CPU attention, max(KV bytes / CPU attention bandwidth,
+  FLOPs / CPU FLOP/s) plus a round trip for q, k, v and the output; the CPU embedding lookup's rows.
+The copy engine runs ahead of compute through a ring of `depth` buffers, so a step costs
+- nothing streamed:  T_c                                     (T_c = sum of gpu_s + cpu_s)
+- depth 1:           T_c + max(0, T_x - R)   (a copy overlaps only the compute of resident items, R)
+- depth >= 2:        max(T_x, T_c + max(0, t_max - (depth - 1) * T_c / s))
+  where T_x is the sum of transfers over the s streamed items and t_max the largest one (a big item,
+  e.g. a streamed LM head, stalls compute unless deeper prefetch hides it).
+Prefill runs ceil(prompt_len / chunk) chunks, each streams every streamed item again (the LM head only
+in the last chunk), plus a pipeline fill of one t_max. Every term is non-increasing when an item
+becomes resident, so more GPU memory never predicts less throughput.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .hardware import Hardware
+from .spec import ModelSpec
+from .workload import Workload
+
+LAYER_OVERHEAD_S = 60e-6        # kernel launches of one decoder layer (eager PyTorch)
+ROUND_TRIP_S = 30e-6            # q, k, v to the host, CPU attention dispatch, output back
+MAX_PREFETCH_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class ItemCost:
+    """Seconds one item costs in one step: on the copy engine, the GPU, and the CPU."""
+
+    transfer_s: float
+    gpu_s: float
+    cpu_s: float
+    is_streamed: bool
+
+
+@dataclass(frozen=True)
+class StepTime:
+    seconds: float
+    bottleneck: str
+
+
+def step_time(groups, depth: int) -> StepTime:
+    """Time of one pass over items given as (count, ItemCost) pairs with a ring of `depth` buffers."""
+    t_x = t_gpu = t_cpu = resident = t_max = 0.0
+    num_streamed = 0
+    for count, cost in groups:
+        if not count:
+            continue
+        t_gpu += count * cost.gpu_s
+        t_cpu += count * cost.cpu_s
+        if cost.is_streamed:
+            num_streamed += count
+            t_x += count * cost.transfer_s
+            t_max = max(t_max, cost.transfer_s)
+        else:
+            resident += count * (cost.gpu_s + cost.cpu_s)
+    t_c = t_gpu + t_cpu
+    if num_streamed == 0:
+        seconds = t_c
+    elif depth <= 1:
+        seconds = t_c + max(0.0, t_x - resident)
+    else:
+        window = (depth - 1) * t_c / num_streamed
+        seconds = max(t_x, t_c + max(0.0, t_max - window))
+    if num_streamed and t_x >= t_c:
+        bottleneck = "pcie"
+    else:
+        bottleneck = "cpu" if t_cpu > t_gpu else "gpu"
+    return StepTime(seconds=seconds, bottleneck=bottleneck)
+
+
+class CostModel:
+    """Per-item costs of one model on one hardware for one workload (decode and prefill chunks)."""
+
+    def __init__(self, spec: ModelSpec, hardware: Hardware, workload: Workload):
+        self.spec, self.hw, self.wl = spec, hardware, workload
+        arch = spec.arch
+        self.dtype_bytes = spec.kv_bytes_per_token // (2 * arch.num_kv_heads * arch.head_dim)
+        # decode attends over the average cache length of the generation
+        self.decode_context = workload.prompt_len + workload.gen_len / 2
+
+    # ---- building blocks ----------------------------------------------------------------------
+    def _gpu(self, flops: float, num_bytes: float) -> float:
+        return max(flops / self.hw.gpu_flops, num_bytes / self.hw.gpu_mem_bytes_per_s)
+
+    def layer(self, *, weights: str, kv: str, attention: str, weight_bytes: int, num_rows: int,
+              num_keys: float, num_prior_keys: float) -> ItemCost:
+        """One decoder layer processing `num_rows` tokens per sequence, each attending over
+        `num_keys` keys on average, `num_prior_keys` of them already cached before this pass."""
+        spec, hw, B = self.spec, self.hw, self.wl.batch_size
+        tokens = B * num_rows
+        kv_read = B * num_keys * spec.kv_bytes_per_token
+        attn_flops = tokens * num_keys * spec.attention_flops_per_key
+        gpu_s = LAYER_OVERHEAD_S + self._gpu(2 * tokens * spec.layer_matmul_params, weight_bytes)
+        cpu_s = transfer_s = 0.0
+        if weights == "cpu":
+            transfer_s += weight_bytes / hw.pcie_bytes_per_s
+        if attention == "gpu":
+            gpu_s += self._gpu(attn_flops, kv_read)
+            if kv == "cpu":   # the cached part crosses PCIe through the ring
+                transfer_s += B * num_prior_keys * spec.kv_bytes_per_token / hw.pcie_bytes_per_s
+        else:
+            arch = spec.arch
+            qkvo = tokens * (2 * arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim * self.dtype_bytes
+            cpu_s += (ROUND_TRIP_S + max(kv_read / hw.cpu_attention_bytes_per_s, attn_flops / hw.cpu_flops)
+                      + qkvo / hw.pcie_bytes_per_s)
+        is_streamed = weights == "cpu" or (kv == "cpu" and attention == "gpu")
+        return ItemCost(transfer_s=transfer_s, gpu_s=gpu_s, cpu_s=cpu_s, is_streamed=is_streamed)
+
+    def embedding(self, weights: str, num_rows: int) -> ItemCost:
+        rows_bytes = self.wl.batch_size * num_rows * self.spec.arch.hidden_size * self.dtype_bytes
+        if weights == "gpu":
+            return ItemCost(0.0, LAYER_OVERHEAD_S / 4 + self._gpu(0, 2 * rows_bytes), 0.0, False)
+        # CPU gather, rows sent over PCIe on the critical path
+        cpu_s = rows_bytes / self.hw.cpu_attention_bytes_per_s + rows_bytes / self.hw.pcie_bytes_per_s
+        return ItemCost(0.0, LAYER_OVERHEAD_S / 4, cpu_s, False)
+
+    def final_norm(self) -> ItemCost:
+        return ItemCost(0.0, LAYER_OVERHEAD_S / 4 + self._gpu(0, self.spec.final_norm_bytes), 0.0, False)
+
+    def lm_head(self, weights: str) -> ItemCost:
+        """Logits of the last position of every row (prefill computes them once, in its last chunk)."""
+        spec = self.spec
+        read = spec.lm_head_read_bytes
+        gpu_s = LAYER_OVERHEAD_S / 2 + self._gpu(self.wl.batch_size * spec.lm_head_flops_per_token, read)
+        if weights == "gpu":
+            return ItemCost(0.0, gpu_s, 0.0, False)
+        return ItemCost(read / self.hw.pcie_bytes_per_s, gpu_s, 0.0, True)
+
+    # ---- whole passes -------------------------------------------------------------------------
+    def decode_layer(self, weights: str, kv: str, attention: str, weight_bytes: int) -> ItemCost:
+        return self.layer(weights=weights, kv=kv, attention=attention, weight_bytes=weight_bytes,
+                          num_rows=1, num_keys=self.decode_context, num_prior_keys=self.decode_context)
+
+    def prefill_layer(self, weights: str, kv: str, attention: str, weight_bytes: int,
+                      chunk: int) -> ItemCost:
+        prompt = self.wl.prompt_len
+        chunk = min(chunk, prompt)
+        # averaged over the chunks: keys per query (prompt + chunk) / 2, already cached (prompt - chunk) / 2
+        return self.layer(weights=weights, kv=kv, attention=attention, weight_bytes=weight_bytes,
+                          num_rows=chunk, num_keys=(prompt + chunk) / 2,
+                          num_prior_keys=(prompt - chunk) / 2)
+
+    def prefill_seconds(self, body, *, lm_head: ItemCost, embedding: ItemCost, depth: int,
+                        chunk: int) -> float:
+        """Whole prefill in chunks of `chunk` tokens per row: `body` is (count, ItemCost) of the
+        layers and final norm for one chunk, `embedding` is for one chunk; the LM head runs in the
+        last chunk only."""
+        num_chunks = -(-self.wl.prompt_len // chunk)
+        groups = list(body) + [(1, embedding)]
+        chunk_s = step_time(groups, depth).seconds
+        last_s = step_time(groups + [(1, lm_head)], depth).seconds
+        fill = max([c.transfer_s for n, c in groups + [(1, lm_head)] if n and c.is_streamed], default=0.0)
+        return (num_chunks - 1) * chunk_s + last_s + fill

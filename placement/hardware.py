@@ -1,0 +1,238 @@
+"""Hardware: memory budgets and speeds of the two tiers ("gpu" and "cpu") and the link between them.
+
+Three ways to get one:
+- `Hardware.from_gpu_preset("rtx-4090", cpu_memory="64GiB")`: a card you don't own (GPU_PRESETS);
+- `Hardware.detect(gpu_memory=None, cpu_memory=None)`: this machine. psutil for RAM; torch is imported
+  ONLY when `gpu_memory` is not given, to read the CUDA device. Without CUDA the CPU stands in for the
+  GPU (`is_cpu_only`): the detected RAM budget is split evenly between the "gpu" and "cpu" tiers, the
+  "gpu" speeds are the CPU's, and there is no CUDA reserve. Measured speeds from `--profile`
+  (placement.profile) are used when this machine has them cached;
+- by keyword, for tests and for people who know their numbers.
+Speeds are *effective* (what pinned copies, matmuls and attention kernels reach), not datasheet peaks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+
+from .sizes import parse_size
+
+CUDA_RESERVE_BYTES = 512 << 20          # CUDA context + cuBLAS workspace, outside the plan's GPU total
+PCIE_GBPS_PER_LANE = {3: 0.985e9, 4: 1.969e9, 5: 3.938e9}
+PCIE_EFFICIENCY = 0.80                   # pinned host->device copies reach ~80% of the link rate
+GPU_FLOPS_EFFICIENCY = 0.60              # large 16-bit matmuls reach ~60% of the tensor-core peak
+GPU_MEM_EFFICIENCY = 0.85                # streaming reads reach ~85% of the memory bandwidth
+DEFAULT_CPU_ATTENTION_BYTES_PER_S = 20e9 # a desktop with dual-channel DDR4/DDR5
+DEFAULT_CPU_FLOPS = 200e9                # ~8 cores running vectorised float32 kernels
+CPU_MEMORY_HEADROOM = 0.90               # detected budget: 90% of the RAM available now
+
+
+class HardwareError(ValueError):
+    """An unknown GPU preset or an impossible hardware description."""
+
+
+@dataclass(frozen=True)
+class GpuPreset:
+    """Datasheet numbers of one card: memory, memory bandwidth, dense 16-bit tensor FLOP/s (fp32
+    accumulate), PCIe generation and lanes."""
+
+    name: str
+    memory_bytes: int
+    mem_bytes_per_s: float
+    flops: float
+    pcie_gen: int
+    pcie_lanes: int = 16
+
+    @property
+    def pcie_bytes_per_s(self) -> float:
+        return PCIE_GBPS_PER_LANE[self.pcie_gen] * self.pcie_lanes * PCIE_EFFICIENCY
+
+
+_GiB = 1 << 30
+GPU_PRESETS = {p.name: p for p in (
+    GpuPreset("rtx-4090", 24 * _GiB, 1008e9, 165.2e12, 4),
+    GpuPreset("rtx-4080", 16 * _GiB, 716.8e9, 97.5e12, 4),
+    GpuPreset("rtx-4070-ti", 12 * _GiB, 504e9, 80.2e12, 4),
+    GpuPreset("rtx-4070", 12 * _GiB, 504e9, 58.3e12, 4),
+    GpuPreset("rtx-4060-ti-16gb", 16 * _GiB, 288e9, 44.1e12, 4, 8),
+    GpuPreset("rtx-4060", 8 * _GiB, 272e9, 30.2e12, 4, 8),
+    GpuPreset("rtx-3090", 24 * _GiB, 936e9, 71e12, 4),
+    GpuPreset("rtx-3080", 10 * _GiB, 760e9, 59.5e12, 4),
+    GpuPreset("rtx-3070", 8 * _GiB, 448e9, 40.6e12, 4),
+    GpuPreset("rtx-3060", 12 * _GiB, 360e9, 25.6e12, 4),
+    GpuPreset("rtx-2080-ti", 11 * _GiB, 616e9, 53.8e12, 3),
+    GpuPreset("t4", 15 * _GiB, 320e9, 65e12, 3),
+    GpuPreset("a10", 24 * _GiB, 600e9, 125e12, 4),
+    GpuPreset("l4", 24 * _GiB, 300e9, 121e12, 4),
+    GpuPreset("a100-40gb", 40 * _GiB, 1555e9, 312e12, 4),
+    GpuPreset("a100-80gb", 80 * _GiB, 1935e9, 312e12, 4),
+    GpuPreset("h100-pcie", 80 * _GiB, 2000e9, 756e12, 5),
+)}
+# Speeds assumed for a GPU given only by its memory (--gpu-memory without --gpu or --profile).
+GENERIC_GPU = GpuPreset("generic", 0, 450e9, 50e12, 4)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Budgets (bytes) and effective speeds (bytes/s, FLOP/s) of one machine, by keyword."""
+
+    gpu_bytes: int
+    cpu_bytes: int
+    pcie_bytes_per_s: float
+    gpu_flops: float
+    gpu_mem_bytes_per_s: float
+    cpu_attention_bytes_per_s: float
+    name: str = "custom"
+    cpu_flops: float = DEFAULT_CPU_FLOPS
+    is_cpu_only: bool = False            # no CUDA: the CPU stands in for the "gpu" tier
+    cuda_reserve_bytes: int | None = None  # None: CUDA_RESERVE_BYTES, or 0 when is_cpu_only
+
+    def __post_init__(self):
+        for key in ("gpu_bytes", "cpu_bytes"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise HardwareError(f"Hardware.{key} must be a non-negative int, got {value!r}")
+        for key in ("pcie_bytes_per_s", "gpu_flops", "gpu_mem_bytes_per_s",
+                    "cpu_attention_bytes_per_s", "cpu_flops"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise HardwareError(f"Hardware.{key} must be a positive number, got {value!r}")
+        if self.cuda_reserve_bytes is None:
+            object.__setattr__(self, "cuda_reserve_bytes",
+                               0 if self.is_cpu_only else CUDA_RESERVE_BYTES)
+        elif self.cuda_reserve_bytes < 0:
+            raise HardwareError(f"Hardware.cuda_reserve_bytes must be >= 0, got {self.cuda_reserve_bytes}")
+
+    def with_budgets(self, gpu_bytes: int | None = None, cpu_bytes: int | None = None) -> "Hardware":
+        """The same speeds with other budgets (None keeps a budget)."""
+        return dataclasses.replace(self, gpu_bytes=self.gpu_bytes if gpu_bytes is None else gpu_bytes,
+                                   cpu_bytes=self.cpu_bytes if cpu_bytes is None else cpu_bytes)
+
+    @classmethod
+    def from_gpu_preset(cls, name: str, cpu_memory: str | int | None = None,
+                        gpu_memory: str | int | None = None) -> "Hardware":
+        """A card from GPU_PRESETS; `gpu_memory` overrides its memory as the budget, `cpu_memory`
+        defaults to this machine's available RAM. The CPU side assumes a typical desktop."""
+        preset = gpu_preset(name)
+        gpu_bytes = preset.memory_bytes if gpu_memory is None else parse_size(gpu_memory,
+                                                                              what="gpu memory")
+        cpu_bytes = detect_cpu_bytes() if cpu_memory is None else parse_size(cpu_memory,
+                                                                             what="cpu memory")
+        return cls(gpu_bytes=gpu_bytes, cpu_bytes=cpu_bytes, pcie_bytes_per_s=preset.pcie_bytes_per_s,
+                   gpu_flops=preset.flops * GPU_FLOPS_EFFICIENCY,
+                   gpu_mem_bytes_per_s=preset.mem_bytes_per_s * GPU_MEM_EFFICIENCY,
+                   cpu_attention_bytes_per_s=DEFAULT_CPU_ATTENTION_BYTES_PER_S, name=preset.name)
+
+    @classmethod
+    def detect(cls, gpu_memory: str | int | None = None,
+               cpu_memory: str | int | None = None) -> "Hardware":
+        """This machine. Explicit budgets are taken as given; torch is imported only when
+        `gpu_memory` is None. Uses `--profile` measurements cached for this machine when present."""
+        from .profile import load_profile      # local: profile.py imports this module
+        measured = load_profile()
+        cpu_bytes = None if cpu_memory is None else parse_size(cpu_memory, what="cpu memory")
+        cpu_speeds = dict(cpu_attention_bytes_per_s=_cpu_attention_speed(), cpu_flops=_cpu_flops())
+        if gpu_memory is not None:
+            gpu_bytes = parse_size(gpu_memory, what="gpu memory")
+            base = cls._generic(gpu_bytes, cpu_bytes, cpu_speeds)
+        else:
+            device = _cuda_device()
+            if device is None:
+                total = detect_cpu_bytes() if cpu_bytes is None else cpu_bytes
+                base = cls(gpu_bytes=total // 2, cpu_bytes=total - total // 2,
+                           pcie_bytes_per_s=cpu_speeds["cpu_attention_bytes_per_s"] / 2,
+                           gpu_flops=cpu_speeds["cpu_flops"],
+                           gpu_mem_bytes_per_s=cpu_speeds["cpu_attention_bytes_per_s"],
+                           name="cpu-only (the CPU stands in for the GPU)", is_cpu_only=True,
+                           **cpu_speeds)
+                return measured.apply(base) if measured and measured.is_cpu_only else base
+            name, gpu_bytes = device
+            preset = match_gpu_preset(name)
+            if preset is None:
+                base = dataclasses.replace(cls._generic(gpu_bytes, cpu_bytes, cpu_speeds), name=name)
+            else:
+                base = cls.from_gpu_preset(preset.name, cpu_memory=cpu_bytes, gpu_memory=gpu_bytes)
+                base = dataclasses.replace(base, name=name, **cpu_speeds)
+        return measured.apply(base) if measured and not measured.is_cpu_only else base
+
+    @classmethod
+    def _generic(cls, gpu_bytes: int, cpu_bytes: int | None, cpu_speeds: dict) -> "Hardware":
+        return cls(gpu_bytes=gpu_bytes, cpu_bytes=detect_cpu_bytes() if cpu_bytes is None else cpu_bytes,
+                   pcie_bytes_per_s=GENERIC_GPU.pcie_bytes_per_s,
+                   gpu_flops=GENERIC_GPU.flops * GPU_FLOPS_EFFICIENCY,
+                   gpu_mem_bytes_per_s=GENERIC_GPU.mem_bytes_per_s * GPU_MEM_EFFICIENCY,
+                   name="gpu (generic PCIe 4.0 speeds)", **cpu_speeds)
+
+
+def gpu_preset(name: str) -> GpuPreset:
+    """The GpuPreset called `name` (case-insensitive); HardwareError naming the known ones."""
+    key = str(name).strip().lower().replace("_", "-").replace(" ", "-")
+    if key not in GPU_PRESETS:
+        raise HardwareError(f"unknown GPU {name!r}; known: {', '.join(GPU_PRESETS)}")
+    return GPU_PRESETS[key]
+
+
+def match_gpu_preset(device_name: str) -> GpuPreset | None:
+    """The preset whose name best matches a CUDA device name ('NVIDIA GeForce RTX 4090')."""
+    device = re.sub(r"[^a-z0-9]", "", device_name.lower())
+    best = None
+    for preset in GPU_PRESETS.values():
+        key = re.sub(r"[^a-z0-9]", "", preset.name)
+        if key in device and (best is None or len(key) > len(re.sub(r"[^a-z0-9]", "", best.name))):
+            best = preset
+    return best
+
+
+def detect_cpu_bytes() -> int:
+    """CPU budget for this machine: CPU_MEMORY_HEADROOM of the RAM available now (psutil)."""
+    import psutil
+    return int(psutil.virtual_memory().available * CPU_MEMORY_HEADROOM)
+
+
+def machine_ram_bytes() -> int:
+    import psutil
+    return int(psutil.virtual_memory().total)
+
+
+def _physical_cores() -> int:
+    import psutil
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def _cpu_attention_speed() -> float:
+    # ~5 GB/s per core until the memory channels saturate
+    return min(5e9 * _physical_cores(), 40e9)
+
+
+def _cpu_flops() -> float:
+    return 25e9 * _physical_cores()
+
+
+def _cuda_device() -> tuple[str, int] | None:
+    """(name, usable bytes) of CUDA device 0, or None. Imports torch (the only place that does)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info(0)
+    # `free` is measured after our own context was created: add the reserve back to the budget
+    return torch.cuda.get_device_name(0), min(total, free + CUDA_RESERVE_BYTES)
+
+
+def machine_gpu_bytes() -> int | None:
+    """Memory of this machine's largest NVIDIA GPU via `nvidia-smi` (no torch), None if there is none."""
+    import shutil
+    import subprocess
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        return max(int(float(line)) << 20 for line in out.split() if line.strip())
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None

@@ -1,0 +1,125 @@
+"""The planner: the placement with the least predicted time for the workload within both budgets.
+
+Decoder layers are identical, so the search runs over counts, not subsets: for every prefill chunk
+size, embedding / LM head placement, attention site for CPU-resident KV ("cpu" or "gpu"), number of
+layers whose KV stays on the GPU (the first ones) and prefetch depth, it keeps as many layers' weights
+resident as the GPU budget allows (resident weights never predict slower) and spreads the streamed
+layers evenly between them. The objective is the whole workload: prefill time + gen_len decode steps.
+"""
+from __future__ import annotations
+
+from .build import assemble, chunk_candidates, layer_plans, need_message, spread
+from .cost import MAX_PREFETCH_DEPTH, CostModel, step_time
+from .hardware import Hardware
+from .plan import Budget, Plan, PlanError
+from .spec import ModelSpec
+from .workload import Workload
+from .workspace import workspace_bytes
+
+_KINDS = (("gpu", "gpu"), ("cpu", "gpu"), ("gpu", "cpu"), ("cpu", "cpu"))   # (weights, kv)
+
+
+def plan(spec: ModelSpec, hardware: Hardware, workload: Workload) -> Plan:
+    """The best plan by predicted time for `workload`; PlanError saying what is needed and how short
+    the budgets are when nothing fits."""
+    L = spec.num_layers
+    w = max(spec.layer_weight_bytes(i) for i in range(L))
+    kv = spec.layer_kv_bytes(workload.num_cached_tokens)
+    tied = spec.arch.tie_word_embeddings
+    emb_b, lm_b, lm_read, norm_b = (spec.embedding_bytes, spec.lm_head_bytes, spec.lm_head_read_bytes,
+                                    spec.final_norm_bytes)
+    reserve = hardware.cuda_reserve_bytes
+    cost = CostModel(spec, hardware, workload)
+    decode = {(wp, kp, a): cost.decode_layer(wp, kp, a, w) for wp, kp in _KINDS for a in ("gpu", "cpu")
+              if not (a == "cpu" and kp == "gpu")}
+    norm = cost.final_norm()
+    heads = {p: cost.lm_head(p) for p in ("gpu", "cpu")}
+    item_choices = [("gpu", "gpu"), ("cpu", "cpu")] if tied else \
+        [("gpu", "gpu"), ("cpu", "gpu"), ("gpu", "cpu"), ("cpu", "cpu")]
+    gen, best, best_key = workload.gen_len, None, None
+    decode_memo: dict = {}
+    chunks = chunk_candidates(workload.prompt_len)
+    for chunk in chunks:
+        ws = workspace_bytes(spec.arch, workload.batch_size, chunk, workload.max_seq_len, spec.dtype)
+        gpu_avail = hardware.gpu_bytes - reserve - ws - norm_b
+        if gpu_avail < 0:
+            continue
+        prefill = {k: cost.prefill_layer(*k, w, chunk) for k in decode}
+        prefill_emb = {p: cost.embedding(p, chunk) for p in ("gpu", "cpu")}
+        all_resident = False
+        for emb_p, lm_p in item_choices:
+            fixed_gpu = (emb_b if emb_p == "gpu" else 0) + (lm_b if lm_p == "gpu" else 0)
+            fixed_cpu = emb_b + lm_b - fixed_gpu
+            lm_ring = lm_read if lm_p == "cpu" else 0
+            for mode in ("cpu", "gpu"):
+                for depth in range(1, MAX_PREFETCH_DEPTH + 1):
+                    for n_w, n_kv, d in _layouts(L, w, kv, gpu_avail - fixed_gpu, lm_ring, mode, depth):
+                        if (L - n_w) * w + (L - n_kv) * kv + fixed_cpu > hardware.cpu_bytes:
+                            continue
+                        counts = _counts(L, n_w, n_kv)
+                        key = (n_w, n_kv, mode, emb_p, lm_p, d)
+                        step = decode_memo.get(key)
+                        if step is None:
+                            groups = [(c, decode[(wp, kp, "gpu" if kp == "gpu" else mode)])
+                                      for (wp, kp), c in zip(_KINDS, counts)]
+                            groups += [(1, cost.embedding(emb_p, 1)), (1, norm), (1, heads[lm_p])]
+                            step = decode_memo[key] = step_time(groups, d).seconds
+                        body = [(c, prefill[(wp, kp, "gpu" if kp == "gpu" else mode)])
+                                for (wp, kp), c in zip(_KINDS, counts)] + [(1, norm)]
+                        total = cost.prefill_seconds(body, lm_head=heads[lm_p], embedding=prefill_emb[emb_p],
+                                                     depth=d, chunk=chunk) + gen * step
+                        rank = (total, d, -n_w, -n_kv, mode == "gpu", emb_p == "cpu", -chunk)
+                        if best_key is None or rank < best_key:
+                            best_key, best = rank, (chunk, emb_p, lm_p, mode, n_kv, n_w, d)
+                        if n_w == L and n_kv == L and emb_p == "gpu" and lm_p == "gpu":
+                            all_resident = True
+        if all_resident:
+            break                                 # everything fits: smaller chunks only cost time
+    if best is None:
+        raise PlanError(_no_fit(spec, hardware, workload, chunks[-1]))
+    chunk, emb_p, lm_p, mode, n_kv, n_w, depth = best
+    layers = layer_plans(spec, workload, weights_gpu=[not s for s in spread(L - n_w, L)],
+                         kv_gpu=[i < n_kv for i in range(L)], cpu_attention=mode == "cpu")
+    return assemble(spec, workload, hardware, layers=layers, embedding=emb_p, lm_head=lm_p,
+                    prefetch_depth=max(depth, 1), chunk=chunk,
+                    budget=Budget(gpu_bytes=hardware.gpu_bytes, cpu_bytes=hardware.cpu_bytes))
+
+
+def _layouts(L: int, w: int, kv: int, room: int, lm_ring: int, mode: str, depth: int):
+    """(n_w, n_kv, depth used) candidates, most resident weights first: for each number n_w of layers
+    with resident weights, the most layers' KV on the GPU that fit in `room` bytes (more GPU KV never
+    predicts slower at equal n_w), stopping once all KV fits (fewer resident weights then only lose).
+    With all KV on the GPU the attention site is moot: only mode "cpu" yields that layout."""
+    for n_w in range(L, -1, -1):
+        layer_ring = w if n_w < L else 0
+        streams = n_w < L or lm_ring > 0
+        left = room - n_w * w - (depth * max(layer_ring, lm_ring) if streams else 0)
+        if left >= L * kv:
+            if mode == "cpu":
+                yield n_w, L, depth if streams else 0
+            return
+        kv_ring = kv if mode == "gpu" else 0
+        streams = streams or kv_ring > 0
+        left = room - n_w * w - (depth * max(layer_ring + kv_ring, lm_ring) if streams else 0)
+        n_kv = min(L - 1, left // kv)
+        if n_kv >= 0:
+            yield n_w, n_kv, depth if streams else 0
+
+
+def _counts(L: int, n_w: int, n_kv: int) -> tuple[int, int, int, int]:
+    """Layers per kind in _KINDS order for n_w resident weights (streamed ones spread) and the first
+    n_kv layers' KV on the GPU (see build.spread for the exact count in a prefix)."""
+    streamed = L - n_w
+    front = n_kv * streamed // L
+    return n_kv - front, front, (L - n_kv) - (streamed - front), streamed - front
+
+
+def _no_fit(spec: ModelSpec, hardware: Hardware, workload: Workload, min_chunk: int) -> str:
+    L = spec.num_layers
+    w = max(spec.layer_weight_bytes(i) for i in range(L))
+    ws = workspace_bytes(spec.arch, workload.batch_size, min_chunk, workload.max_seq_len, spec.dtype)
+    base = hardware.cuda_reserve_bytes + ws + spec.final_norm_bytes
+    min_gpu = base + max(w, spec.lm_head_read_bytes)
+    min_total = base + spec.total_weight_bytes - spec.final_norm_bytes + \
+        L * spec.layer_kv_bytes(workload.num_cached_tokens)
+    return need_message(spec, workload, hardware, min_gpu, min_total)

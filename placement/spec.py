@@ -1,0 +1,235 @@
+"""ModelSpec: the exact bytes, FLOPs and KV bytes of a model, per placement item.
+
+Built from a checkpoint directory (config.json plus the safetensors headers: exact per-tensor dtype
+and bytes), from a config.json path, or from a bundled preset name; `load_spec` picks the right one.
+The placement items are the decoder layers, the embedding (token table, plus OPT's positions and
+project_in), the final norm (plus OPT's project_out) and the LM head (no bytes of its own when tied).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .architecture import DTYPE_BYTES, Architecture, ConfigError, normalize_dtype
+from .headers import SAFETENSORS_DTYPES, TensorInfo, read_checkpoint_headers
+from . import presets
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Exact per-tensor bytes of one model in one dtype; derived per-item totals as properties.
+
+    `tensor_bytes` maps every checkpoint tensor the architecture names to its bytes: from the file
+    headers when read from a checkpoint (unless `dtype` overrides it), else shape x dtype size.
+    """
+
+    name: str
+    arch: Architecture
+    dtype: str
+    tensor_bytes: dict = field(repr=False)
+    source: str = "config"            # "checkpoint" | "config" | "preset"
+    path: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        if self.source not in ("checkpoint", "config", "preset"):
+            raise ValueError(f"ModelSpec.source must be checkpoint, config or preset, got {self.source!r}")
+        names = self.arch.all_tensors()
+        missing = [n for n in names if n not in self.tensor_bytes]
+        if missing:
+            raise ConfigError(f"{self.name}: no byte count for tensor {missing[0]!r}")
+        arch = self.arch
+        layers = tuple(sum(self.tensor_bytes[n] for n in arch.layer_tensors(i))
+                       for i in range(arch.num_layers))
+        object.__setattr__(self, "_layer_bytes", layers)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: dict, *, name: str, dtype: str | None = None,
+                    source: str = "config", path: str | None = None) -> "ModelSpec":
+        """Bytes from shapes: numel x the size of `dtype` (default: the config's dtype)."""
+        arch = Architecture.from_config(config)
+        dtype = normalize_dtype(dtype or arch.dtype)
+        size = DTYPE_BYTES[dtype]
+        tensor_bytes = {n: _numel(s) * size for n, s in arch.all_tensors().items()}
+        return cls(name=name, arch=arch, dtype=dtype, tensor_bytes=tensor_bytes, source=source,
+                   path=path)
+
+    @classmethod
+    def from_config_file(cls, path: str | Path, *, dtype: str | None = None) -> "ModelSpec":
+        """From a config.json path (a checkpoint directory's headers are read by `from_checkpoint`)."""
+        path = Path(path)
+        return cls.from_config(_read_config(path), name=_name_of(path.parent, path), dtype=dtype,
+                               path=str(path))
+
+    @classmethod
+    def from_preset(cls, name: str, *, dtype: str | None = None) -> "ModelSpec":
+        """From a bundled preset (`placement.presets.names()`)."""
+        key = presets.resolve(name)
+        return cls.from_config(presets.load(key), name=key, dtype=dtype, source="preset")
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, *, dtype: str | None = None) -> "ModelSpec":
+        """From a Hugging Face checkpoint directory: config.json plus the safetensors headers.
+
+        Tensors are matched to the architecture by name (a missing leading `model.` is tolerated, as
+        some OPT exports have it); shapes must agree. Tensors the architecture does not name (e.g.
+        rotary `inv_freq` buffers, a duplicate tied `lm_head.weight`) are ignored. Without safetensors
+        files the bytes come from the shapes, as `from_config`.
+        """
+        directory = Path(directory)
+        config_path = directory / "config.json"
+        config = _read_config(config_path)
+        headers = read_checkpoint_headers(directory)
+        if not headers:
+            return cls.from_config(config, name=_name_of(directory, config_path), dtype=dtype,
+                                   path=str(directory))
+        arch = Architecture.from_config(config)
+        found = _match_tensors(arch, headers, directory)
+        if dtype is None:
+            by_dtype: Counter = Counter()
+            for info in found.values():
+                by_dtype[info.dtype] += info.num_bytes
+            dtype = SAFETENSORS_DTYPES[by_dtype.most_common(1)[0][0]][0]
+            tensor_bytes = {n: info.num_bytes for n, info in found.items()}
+        else:
+            size = DTYPE_BYTES[normalize_dtype(dtype)]
+            tensor_bytes = {n: _numel(info.shape) * size for n, info in found.items()}
+        return cls(name=_name_of(directory, config_path), arch=arch, dtype=dtype,
+                   tensor_bytes=tensor_bytes, source="checkpoint", path=str(directory))
+
+    # ---- per-item bytes -----------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.arch.num_layers
+
+    @property
+    def num_params(self) -> int:
+        return self.arch.num_params
+
+    def layer_weight_bytes(self, layer: int) -> int:
+        return self._layer_bytes[layer]
+
+    @property
+    def embedding_bytes(self) -> int:
+        """Token table (+ OPT positions and project_in); for tied models the shared table once."""
+        return sum(self.tensor_bytes[n] for n in self.arch.embedding_tensors())
+
+    @property
+    def token_table_bytes(self) -> int:
+        """The token embedding table alone (what a tied LM head reads)."""
+        name = next(iter(self.arch.embedding_tensors()))
+        return self.tensor_bytes[name]
+
+    @property
+    def final_norm_bytes(self) -> int:
+        return sum(self.tensor_bytes[n] for n in self.arch.final_norm_tensors())
+
+    @property
+    def lm_head_bytes(self) -> int:
+        """The LM head's own bytes: 0 when tied (the table is counted under the embedding)."""
+        return sum(self.tensor_bytes[n] for n in self.arch.lm_head_tensors())
+
+    @property
+    def lm_head_read_bytes(self) -> int:
+        """Bytes the LM head reads (and streams, when on the CPU): its table, tied or not."""
+        return self.token_table_bytes if self.arch.tie_word_embeddings else self.lm_head_bytes
+
+    @property
+    def total_weight_bytes(self) -> int:
+        return sum(self.tensor_bytes[n] for n in self.arch.all_tensors())
+
+    # ---- KV and FLOPs -------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V bytes of ONE decoder layer for one token, in the model dtype."""
+        return self.arch.kv_bytes_per_token(self.dtype)
+
+    def layer_kv_bytes(self, num_tokens: int) -> int:
+        """K and V bytes of one decoder layer holding `num_tokens` tokens (batch x length)."""
+        return num_tokens * self.kv_bytes_per_token
+
+    @property
+    def layer_matmul_params(self) -> int:
+        """Parameters of a decoder layer used in matmuls (2 FLOPs each per token)."""
+        return sum(_numel(s) for s in self.arch.layer_tensors(0).values() if len(s) == 2)
+
+    @property
+    def attention_flops_per_key(self) -> int:
+        """FLOPs of one query token against one cached key: QK^T plus PV, all query heads."""
+        return 4 * self.arch.num_heads * self.arch.head_dim
+
+    @property
+    def lm_head_flops_per_token(self) -> int:
+        """Logits of one position (+ OPT's project_out)."""
+        extra = sum(_numel(s) for s in self.arch.final_norm_tensors().values() if len(s) == 2)
+        return 2 * (self.arch.vocab_size * self.arch.embed_dim + extra)
+
+
+def load_spec(name_or_path: str | Path, dtype: str | None = None) -> ModelSpec:
+    """A checkpoint directory, a config.json path, or a preset name -> ModelSpec.
+
+    Raises ConfigError (a ValueError) with one line naming what is wrong and what would work.
+    """
+    if dtype is not None:
+        dtype = normalize_dtype(dtype)
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return ModelSpec.from_checkpoint(path, dtype=dtype)
+    if path.is_file():
+        return ModelSpec.from_config_file(path, dtype=dtype)
+    if isinstance(name_or_path, Path) or "/" in text or "\\" in text or text.endswith(".json") \
+            or text.startswith("."):
+        raise ConfigError(f"{text}: no such file or directory (expected a checkpoint directory, a "
+                          f"config.json, or a preset name: offload-plan --list-presets)")
+    return ModelSpec.from_preset(text, dtype=dtype)
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found (a checkpoint directory needs a config.json)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: malformed JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: must hold a JSON object, found {type(config).__name__}")
+    return config
+
+
+def _match_tensors(arch: Architecture, headers: dict[str, TensorInfo], where: Path) -> dict:
+    found = {}
+    for name, shape in arch.all_tensors().items():
+        info = headers.get(name)
+        if info is None and name.startswith("model."):
+            info = headers.get(name[len("model."):])
+        if info is None:
+            raise ConfigError(f"{where}: checkpoint has no tensor {name!r} that its config.json "
+                              f"implies ({len(headers)} tensors found)")
+        if info.shape != shape:
+            raise ConfigError(f"{where}: tensor {name!r} has shape {list(info.shape)} in "
+                              f"{info.file}, config.json implies {list(shape)}")
+        if SAFETENSORS_DTYPES[info.dtype][0] is None:
+            raise ConfigError(f"{where}: tensor {name!r} is stored as {info.dtype}; supported: "
+                              f"BF16, F16, F32")
+        found[name] = info
+    return found
+
+
+def _name_of(directory: Path, config_path: Path) -> str:
+    name = directory.resolve().name
+    return name or config_path.stem
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
