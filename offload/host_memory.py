@@ -47,6 +47,8 @@ def _register_in_place(buffer: torch.Tensor) -> None:
     cudart = torch.cuda.cudart()
     ptr, num_bytes = buffer.data_ptr(), buffer.numel()
     error = cudart.cudaHostRegister(ptr, num_bytes, 0)
+    if isinstance(error, tuple):                        # some bindings return (error, ...)
+        error = error[0]
     if int(error) != 0:
         raise RuntimeError(f"cudaHostRegister failed with cudaError {int(error)}")
     weakref.finalize(buffer, cudart.cudaHostUnregister, ptr)

@@ -119,7 +119,7 @@ class PlacedWeights:
         num_bytes = tensor.numel() * torch.empty((), dtype=out_dtype).element_size()
         if tier == RESIDENT:
             self._charge("weights", num_bytes)            # checked against the budget before allocating
-        copy = cast_for_storage(tensor.detach(), self.dtype).to(target).contiguous()
+        copy = cast_for_storage(tensor.detach(), self.dtype).contiguous().to(target)   # no device temp
         stored[key] = (weakref.ref(tensor), copy)
         return copy
 
