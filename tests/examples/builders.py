@@ -4,6 +4,7 @@ from pathlib import Path
 
 from offload.chat import demo
 
+REPO = Path(__file__).resolve().parents[2]
 CHATML_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
