@@ -161,6 +161,9 @@ def chat(args, tokenizer, template, model) -> None:
             last = run_turn(session, conversation, line, max_new_tokens=args.max_new_tokens,
                             on_text=lambda text: print(text, end="", flush=True),
                             stop_token_ids=tokenizer.stop_token_ids, **sampling)
+        except KeyboardInterrupt:                  # before the turn began: nothing was said
+            print(" [interrupted]", flush=True)
+            continue
         except ContextFullError as error:
             print(f"\n(context full: {error})" if is_tty else f"(context full: {error})", flush=True)
             continue

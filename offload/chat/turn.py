@@ -37,19 +37,15 @@ def run_turn(session, conversation: Conversation, user_text: str, *, max_new_tok
     while the reply streams ends the turn: the partial reply is kept in the conversation, and the session
     counts exactly the tokens it processed, so the next turn goes on from there. Raises ContextFullError
     or ChatTemplateError before touching the session."""
-    turn = conversation.begin_turn(user_text, session.tokens, max_new_tokens)
+    turn = conversation.begin_turn(user_text, session.tokens, max_new_tokens)   # Ctrl-C here: no change
     num_before = len(conversation.token_ids)
+    detokenizer = IncrementalDetokenizer(conversation.tokenizer, context_ids=conversation.token_ids)
+    stream, stop_reason = None, "length"
     try:
         if turn.is_reset:
             session.reset()
         stream = session.stream(turn.token_ids, max_new_tokens=turn.max_new_tokens,
                                 stop_token_ids=list(stop_token_ids), **sampling)
-    except BaseException:
-        conversation.abort_turn()
-        raise
-    detokenizer = IncrementalDetokenizer(conversation.tokenizer, context_ids=conversation.token_ids)
-    stop_reason = "length"
-    try:
         for token_id in stream:
             on_text(detokenizer.push(token_id))
             if token_id in stop_token_ids:
@@ -57,7 +53,11 @@ def run_turn(session, conversation: Conversation, user_text: str, *, max_new_tok
         on_text(detokenizer.flush())
     except KeyboardInterrupt:
         stop_reason = "interrupted"
-        stream.close()              # the session records what its cache holds
+        if stream is not None:
+            stream.close()          # the session records what its cache holds
+    except BaseException:
+        conversation.abort_turn()   # e.g. the session refused the request: the next turn resyncs
+        raise
     session_ids = session.tokens
     reply = conversation.end_turn(session_ids)
     return TurnResult(reply=reply, num_generated_tokens=max(0, len(session_ids) - num_before), turn=turn,

@@ -118,3 +118,29 @@ def test_context_full_leaves_the_conversation_unchanged(folder):
     session.reset()
     again, _ = turn(session, conversation, tokenizer, "Hello", max_new_tokens=100)
     assert again.reply == first.reply
+
+
+def test_ctrl_c_at_any_moment_keeps_session_and_conversation_consistent(folder, model, chat):
+    """A real SIGINT, landing wherever it lands (prefill, a decode step inside the session, printing)."""
+    import signal
+    import threading
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    tokenizer, conversation, session = chat
+    for i, delay in enumerate((0.0005, 0.01, 0.04)):
+        before = (list(conversation.messages), list(conversation.token_ids))
+        timer = threading.Timer(delay, signal.raise_signal, (signal.SIGINT,))
+        timer.start()
+        try:
+            result, printed = turn(session, conversation, tokenizer, f"message {i}", max_new_tokens=150)
+        except KeyboardInterrupt:   # landed before the turn began: nothing changed
+            assert (conversation.messages, conversation.token_ids) == before
+            continue
+        finally:
+            timer.join()
+        assert result.stop_reason == "interrupted" and printed in result.reply
+        assert conversation.token_ids == session.tokens
+        assert conversation.messages[-1]["content"] == result.reply.strip()
+    last, _ = turn(session, conversation, tokenizer, "and now?")
+    assert last.stop_reason != "interrupted"
+    check_reply_against_transformers(folder, tokenizer, session, last)
