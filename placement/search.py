@@ -46,7 +46,6 @@ def plan(spec: ModelSpec, hardware: Hardware, workload: Workload) -> Plan:
             continue
         prefill = {k: cost.prefill_layer(*k, w, chunk) for k in decode}
         prefill_emb = {p: cost.embedding(p, chunk) for p in ("gpu", "cpu")}
-        all_resident = False
         for emb_p, lm_p in item_choices:
             fixed_gpu = (emb_b if emb_p == "gpu" else 0) + (lm_b if lm_p == "gpu" else 0)
             fixed_cpu = emb_b + lm_b - fixed_gpu
@@ -71,10 +70,6 @@ def plan(spec: ModelSpec, hardware: Hardware, workload: Workload) -> Plan:
                         rank = (total, d, -n_w, -n_kv, mode == "gpu", emb_p == "cpu", -chunk)
                         if best_key is None or rank < best_key:
                             best_key, best = rank, (chunk, emb_p, lm_p, mode, n_kv, n_w, d)
-                        if n_w == L and n_kv == L and emb_p == "gpu" and lm_p == "gpu":
-                            all_resident = True
-        if all_resident:
-            break                                 # everything fits: smaller chunks only cost time
     if best is None:
         raise PlanError(_no_fit(spec, hardware, workload, chunks[-1]))
     chunk, emb_p, lm_p, mode, n_kv, n_w, depth = best

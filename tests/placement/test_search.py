@@ -1,0 +1,162 @@
+"""The planner: budgets respected across a sweep, exact byte accounting, monotone in GPU memory."""
+import pytest
+
+from placement import Hardware, PlanError, Workload, load_spec, plan, workspace_bytes
+from placement.hardware import GPU_PRESETS
+
+GiB = 1 << 30
+MODELS = ["llama-3.1-8b", "llama-2-70b", "qwen2.5-0.5b", "opt-350m", "mistral-nemo-12b"]
+WORKLOADS = [Workload(batch_size=1, prompt_len=512, gen_len=128),
+             Workload(batch_size=4, prompt_len=2048, gen_len=512),
+             Workload(batch_size=32, prompt_len=1024, gen_len=256)]
+
+
+def hardware(gpu_gib: float, cpu_gib: float, gpu="rtx-4090") -> Hardware:
+    return Hardware.from_gpu_preset(gpu, cpu_memory=int(cpu_gib * GiB), gpu_memory=int(gpu_gib * GiB))
+
+
+def total_seconds(p) -> float:
+    """Predicted time of the whole workload: what the planner minimises."""
+    return p.predicted.prefill_s + p.workload.gen_len * p.workload.batch_size / p.predicted.decode_tokens_per_s
+
+
+def check_accounting(p, spec, hw, workload):
+    """Recompute the plan's memory from the spec independently of Plan.memory."""
+    L = spec.num_layers
+    kv = workload.batch_size * (workload.prompt_len + workload.gen_len) * spec.kv_bytes_per_token
+    assert [l.index for l in p.layers] == list(range(L))
+    assert all(l.kv_bytes == kv for l in p.layers)
+    assert all(l.weight_bytes == spec.layer_weight_bytes(l.index) for l in p.layers)
+    assert all(l.attention == "gpu" for l in p.layers if l.kv == "gpu")
+    items = {"embedding": (p.embedding, spec.embedding_bytes), "final_norm": (p.final_norm, spec.final_norm_bytes),
+             "lm_head": (p.lm_head, spec.lm_head_bytes)}
+    for item, size in items.values():
+        assert item.weight_bytes == size
+    gpu_w = sum(l.weight_bytes for l in p.layers if l.weights == "gpu") + \
+        sum(size for item, size in items.values() if item.weights == "gpu")
+    cpu_w = sum(l.weight_bytes for l in p.layers if l.weights == "cpu") + \
+        sum(size for item, size in items.values() if item.weights == "cpu")
+    assert gpu_w + cpu_w == spec.total_weight_bytes
+    assert (p.memory.gpu.weights, p.memory.cpu.weights) == (gpu_w, cpu_w)
+    assert p.memory.gpu.kv_cache == kv * sum(l.kv == "gpu" for l in p.layers)
+    assert p.memory.cpu.kv_cache == kv * sum(l.kv == "cpu" for l in p.layers)
+    ring = [l.weight_bytes * (l.weights == "cpu") + kv * (l.kv == "cpu" and l.attention == "gpu")
+            for l in p.layers]
+    if p.lm_head.weights == "cpu":
+        ring.append(spec.lm_head_read_bytes)
+    assert p.buffer_bytes == max(ring)
+    assert (p.prefetch_depth >= 1) == (max(ring) > 0)
+    assert p.memory.gpu.buffers == p.prefetch_depth * p.buffer_bytes
+    assert p.workspace_bytes == workspace_bytes(spec.arch, workload.batch_size, p.prefill_chunk_tokens,
+                                                workload.max_seq_len, spec.dtype)
+    assert 1 <= p.prefill_chunk_tokens <= workload.prompt_len
+    gpu_total = gpu_w + p.memory.gpu.kv_cache + p.memory.gpu.buffers + p.workspace_bytes
+    assert gpu_total == p.memory.gpu.total
+    assert gpu_total + p.cuda_reserve_bytes <= hw.gpu_bytes
+    assert p.memory.cpu.total <= hw.cpu_bytes
+    if spec.arch.tie_word_embeddings:
+        assert p.lm_head.weights == p.embedding.weights and p.lm_head.weight_bytes == 0
+    assert p.max_seq_len == workload.max_seq_len and p.max_batch_size == workload.batch_size
+    assert p.predicted.bottleneck in ("pcie", "gpu", "cpu")
+    assert p.predicted.prefill_s > 0 and p.predicted.decode_tokens_per_s > 0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_budgets_respected_across_a_sweep(name):
+    spec = load_spec(name)
+    num_plans = 0
+    for workload in WORKLOADS:
+        for gpu_gib in (1, 3, 6, 8, 12, 24, 48, 160):
+            for cpu_gib in (4, 32, 256):
+                hw = hardware(gpu_gib, cpu_gib)
+                try:
+                    p = plan(spec, hw, workload)
+                except PlanError as e:
+                    assert "does not fit" in str(e) and "short" in str(e)
+                    continue
+                num_plans += 1
+                check_accounting(p, spec, hw, workload)
+    assert num_plans > 10
+
+
+@pytest.mark.parametrize("name, workload, gpu", [
+    ("llama-3.1-8b", Workload(batch_size=1, prompt_len=2048, gen_len=512), "rtx-4070"),
+    ("llama-2-70b", Workload(batch_size=1, prompt_len=1024, gen_len=256), "rtx-4090"),
+    ("qwen2.5-0.5b", Workload(batch_size=64, prompt_len=4096, gen_len=1024), "rtx-3060"),
+    ("opt-350m", Workload(batch_size=8, prompt_len=512, gen_len=64), "t4"),
+    ("mistral-7b-v0.1", Workload(batch_size=16, prompt_len=8192, gen_len=512), "rtx-3090"),
+])
+def test_more_gpu_memory_never_predicts_less_throughput(name, workload, gpu):
+    spec = load_spec(name)
+    previous, fitted = None, False
+    for step in range(1, 161):
+        hw = hardware(step * 0.5, 512, gpu)
+        try:
+            p = plan(spec, hw, workload)
+        except PlanError:
+            assert not fitted, f"fitted before but not at {step * 0.5} GiB"
+            continue
+        fitted = True
+        seconds = total_seconds(p)
+        if previous is not None:
+            assert seconds <= previous * (1 + 1e-9), f"slower at {step * 0.5} GiB"
+        previous = seconds
+    assert fitted
+
+
+def test_everything_resident_when_it_fits():
+    spec = load_spec("llama-3.1-8b")
+    p = plan(spec, hardware(80, 64), Workload(batch_size=1, prompt_len=1024, gen_len=128))
+    assert all(l.weights == l.kv == l.attention == "gpu" for l in p.layers)
+    assert (p.embedding.weights, p.final_norm.weights, p.lm_head.weights) == ("gpu", "gpu", "gpu")
+    assert p.prefetch_depth == 0 and p.buffer_bytes == 0
+    assert p.prefill_chunk_tokens == 1024
+    assert p.memory.cpu.total == 0
+    assert p.predicted.bottleneck == "gpu"
+
+
+def test_small_gpu_streams_and_is_pcie_bound():
+    spec = load_spec("llama-2-70b")
+    p = plan(spec, hardware(24, 192), Workload(batch_size=1, prompt_len=512, gen_len=128))
+    assert 0 < p.num_gpu_layers < spec.num_layers
+    assert p.prefetch_depth >= 1
+    assert p.predicted.bottleneck == "pcie"
+    # decode cannot beat streaming the CPU-resident weights once per token over PCIe
+    streamed = p.memory.cpu.weights - (p.embedding.weight_bytes if p.embedding.weights == "cpu" else 0)
+    assert p.predicted.decode_tokens_per_s <= GPU_PRESETS["rtx-4090"].pcie_bytes_per_s / streamed
+
+
+def test_long_contexts_move_kv_to_the_cpu():
+    spec = load_spec("llama-3.1-8b")
+    p = plan(spec, hardware(24, 256), Workload(batch_size=32, prompt_len=8192, gen_len=512))
+    assert any(l.kv == "cpu" for l in p.layers)
+    check_accounting(p, spec, hardware(24, 256), p.workload)
+
+
+def test_cpu_only_hardware_has_no_cuda_reserve():
+    hw = Hardware(gpu_bytes=2 * GiB, cpu_bytes=4 * GiB, pcie_bytes_per_s=10e9, gpu_flops=200e9,
+                  gpu_mem_bytes_per_s=20e9, cpu_attention_bytes_per_s=20e9, cpu_flops=200e9,
+                  is_cpu_only=True, name="cpu")
+    p = plan(load_spec("qwen2.5-0.5b"), hw, Workload(batch_size=1, prompt_len=128, gen_len=16))
+    assert p.cuda_reserve_bytes == 0
+
+
+def test_no_fit_error_says_what_is_needed():
+    spec = load_spec("llama-2-70b")
+    with pytest.raises(PlanError) as info:
+        plan(spec, hardware(8, 16), Workload(batch_size=1, prompt_len=512, gen_len=128))
+    message = str(info.value)
+    assert "llama-2-70b does not fit" in message and "128.48 GiB" in message
+    assert "short" in message and "GPU + CPU together" in message
+    with pytest.raises(PlanError, match="the GPU budget by"):
+        plan(spec, hardware(0.5, 512), Workload(batch_size=1, prompt_len=512, gen_len=128))
+
+
+def test_plans_an_80_layer_model():
+    # speed is for benchmarks/, not a timing assertion: this just exercises the largest search
+    for name in ("llama-2-70b", "qwen2.5-72b", "llama-3.1-70b"):
+        spec = load_spec(name)
+        for gpu_gib in (12, 24, 48):
+            hw = hardware(gpu_gib, 256)
+            p = plan(spec, hw, Workload(batch_size=4, prompt_len=4096, gen_len=1024))
+            check_accounting(p, spec, hw, p.workload)
