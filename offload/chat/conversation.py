@@ -119,7 +119,9 @@ class Conversation:
         if self.token_ids:
             self.text += in_context_text(self.tokenizer, self.token_ids, reply_ids)
             self.token_ids = self.token_ids + reply_ids
-        self.messages = self.messages + [{"role": "assistant", "content": reply.strip()}]
+        # Leading whitespace is the token boundary's (" Hello" after "[/INST]"); trailing whitespace is kept
+        # as generated, so templates that do not trim render exactly what the session holds.
+        self.messages = self.messages + [{"role": "assistant", "content": reply.lstrip()}]
         return reply
 
     def abort_turn(self) -> None:
