@@ -147,7 +147,7 @@ class Hardware:
                            gpu_mem_bytes_per_s=cpu_speeds["cpu_attention_bytes_per_s"],
                            name="cpu-only (the CPU stands in for the GPU)", is_cpu_only=True,
                            **cpu_speeds)
-                return measured.apply(base) if measured and measured.is_cpu_only else base
+                return measured.apply(base) if measured else base
             name, gpu_bytes = device
             preset = match_gpu_preset(name)
             if preset is None:
@@ -155,7 +155,7 @@ class Hardware:
             else:
                 base = cls.from_gpu_preset(preset.name, cpu_memory=cpu_bytes, gpu_memory=gpu_bytes)
                 base = dataclasses.replace(base, name=name, **cpu_speeds)
-        return measured.apply(base) if measured and not measured.is_cpu_only else base
+        return measured.apply(base) if measured else base
 
     @classmethod
     def _generic(cls, gpu_bytes: int, cpu_bytes: int | None, cpu_speeds: dict) -> "Hardware":
@@ -175,12 +175,13 @@ def gpu_preset(name: str) -> GpuPreset:
 
 
 def match_gpu_preset(device_name: str) -> GpuPreset | None:
-    """The preset whose name best matches a CUDA device name ('NVIDIA GeForce RTX 4090')."""
-    device = re.sub(r"[^a-z0-9]", "", device_name.lower())
+    """The preset whose name's words all appear in a CUDA device name, the most specific one
+    ('NVIDIA GeForce RTX 4070 Ti' -> rtx-4070-ti; 'NVIDIA A100-SXM4-80GB' -> a100-80gb), or None."""
+    words = set(re.split(r"[^a-z0-9]+", device_name.lower()))
     best = None
     for preset in GPU_PRESETS.values():
-        key = re.sub(r"[^a-z0-9]", "", preset.name)
-        if key in device and (best is None or len(key) > len(re.sub(r"[^a-z0-9]", "", best.name))):
+        key = preset.name.split("-")
+        if set(key) <= words and (best is None or len(key) > len(best.name.split("-"))):
             best = preset
     return best
 

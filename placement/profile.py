@@ -35,7 +35,12 @@ class MeasuredSpeeds:
     measured_at: float = 0.0
 
     def apply(self, hardware: Hardware) -> Hardware:
+        """`hardware` with these speeds. A CPU-only measurement applied to a Hardware with a real
+        (or assumed) GPU sets only the CPU speeds: it says nothing about that GPU."""
         name = hardware.name if "profiled" in hardware.name else f"{hardware.name}, profiled"
+        if self.is_cpu_only and not hardware.is_cpu_only:
+            return dataclasses.replace(hardware, cpu_attention_bytes_per_s=self.cpu_attention_bytes_per_s,
+                                       cpu_flops=self.cpu_flops, name=f"{hardware.name}, CPU profiled")
         return dataclasses.replace(hardware, pcie_bytes_per_s=self.pcie_bytes_per_s,
                                    gpu_flops=self.gpu_flops, gpu_mem_bytes_per_s=self.gpu_mem_bytes_per_s,
                                    cpu_attention_bytes_per_s=self.cpu_attention_bytes_per_s,

@@ -1,0 +1,142 @@
+"""offload-plan through a real subprocess: output, JSON, every bad input, and no torch on the way."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from placement import Plan, load_spec
+
+GiB = 1 << 30
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "placement", *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_human_output():
+    r = run("llama-3.1-8b", "--gpu", "rtx-4070", "--gpu-memory", "8GiB", "--cpu-memory", "16GiB",
+            "--prompt-len", "1024", "--gen-len", "128")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for expected in ("llama-3.1-8b", "8.00 GiB", "16.00 GiB", "layers", "weights", "kv cache", "buffers",
+                     "workspace", "total", "budget", "predicted prefill", "tokens/s", "bottleneck: pcie"):
+        assert expected in out
+    assert "Traceback" not in r.stderr
+
+
+def test_json_output_round_trips():
+    r = run("opt-350m", "--gpu-memory", "1GiB", "--cpu-memory", "8GiB", "--batch-size", "4",
+            "--prompt-len", "256", "--gen-len", "32", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["budget"] == {"gpu_bytes": GiB, "cpu_bytes": 8 * GiB}
+    assert d["workload"] == {"batch_size": 4, "prompt_len": 256, "gen_len": 32}
+    spec = load_spec("opt-350m")
+    assert d["memory"]["gpu"]["weights"] + d["memory"]["cpu"]["weights"] == spec.total_weight_bytes
+    assert Plan.from_json(r.stdout).to_dict() == d
+
+
+def test_manual_flags_and_dtype():
+    r = run("llama-2-7b", "--gpu-memory", "6GiB", "--cpu-memory", "16GiB", "--gpu-layers", "8",
+            "--kv-gpu-layers", "0", "--dtype", "bf16", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert [l["weights"] for l in d["layers"]].count("gpu") == 8
+    assert all(l["kv"] == "cpu" for l in d["layers"]) and d["model"]["dtype"] == "bfloat16"
+
+
+def test_list_presets():
+    r = run("--list-presets")
+    assert r.returncode == 0
+    for name in ("llama-3.1-8b", "qwen2.5-72b", "opt-350m", "mistral-nemo-12b"):
+        assert name in r.stdout
+
+
+def test_config_path_and_checkpoint_dir(tmp_path):
+    from .helpers import SHARED_CONFIGS
+    r = run(str(SHARED_CONFIGS / "tinyllama-1.1b.json"), "--gpu-memory", "2GiB", "--cpu-memory", "4GiB")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "config.json").write_text((SHARED_CONFIGS / "opt-6.7b.json").read_text())
+    r = run(str(tmp_path), "--gpu-memory", "4GiB", "--cpu-memory", "20GiB", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["model"]["num_params"] == 6_658_473_984
+
+
+def _bad_inputs(tmp_path):
+    (tmp_path / "malformed").mkdir()
+    (tmp_path / "malformed" / "config.json").write_text("{ not json")
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 12}))
+    (tmp_path / "empty").mkdir()
+    budget = ["--gpu-memory", "8GiB", "--cpu-memory", "16GiB"]
+    return {
+        "unknown preset": (["llama-3.1-8bb", *budget], "did you mean llama-3.1-8b"),
+        "missing path": ([str(tmp_path / "nope"), *budget], "no such file or directory"),
+        "missing config.json": ([str(tmp_path / "empty"), *budget], "config.json: not found"),
+        "malformed config.json": ([str(tmp_path / "malformed"), *budget], "malformed JSON"),
+        "unsupported model_type": ([str(tmp_path / "gpt2"), *budget], "unsupported model_type 'gpt2'"),
+        "bad gpu size": (["llama-3.1-8b", "--gpu-memory", "8 gigs", "--cpu-memory", "16GiB"], "--gpu-memory"),
+        "bad cpu size": (["llama-3.1-8b", "--gpu-memory", "8GiB", "--cpu-memory", "lots"], "--cpu-memory"),
+        "zero prompt": (["llama-3.1-8b", *budget, "--prompt-len", "0"], "--prompt-len"),
+        "negative gen": (["llama-3.1-8b", *budget, "--gen-len", "-5"], "--gen-len"),
+        "zero batch": (["llama-3.1-8b", *budget, "--batch-size", "0"], "--batch-size"),
+        "word batch": (["llama-3.1-8b", *budget, "--batch-size", "two"], "--batch-size"),
+        "bad dtype": (["llama-3.1-8b", *budget, "--dtype", "int4"], "unsupported dtype"),
+        "unknown gpu": (["llama-3.1-8b", "--gpu", "rtx-9999", "--cpu-memory", "16GiB"], "unknown GPU"),
+        "does not fit": (["llama-2-70b", "--gpu-memory", "8GiB", "--cpu-memory", "16GiB"], "does not fit"),
+        "manual over budget": (["llama-2-70b", "--gpu-memory", "8GiB", "--cpu-memory", "200GiB",
+                                "--gpu-layers", "40"], "needs"),
+        "no model": (["--gpu-memory", "8GiB"], "MODEL is required"),
+        "unknown flag": (["llama-3.1-8b", "--gpu-memroy", "8GiB"], "unrecognized"),
+        "profile with --gpu": (["llama-3.1-8b", "--gpu", "t4", "--profile"], "--profile"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "unknown preset", "missing path", "missing config.json", "malformed config.json",
+    "unsupported model_type", "bad gpu size", "bad cpu size", "zero prompt", "negative gen",
+    "zero batch", "word batch", "bad dtype", "unknown gpu", "does not fit", "manual over budget",
+    "no model", "unknown flag", "profile with --gpu"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
+    args, message = _bad_inputs(tmp_path)[case]
+    r = run(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    errors = [line for line in r.stderr.splitlines() if not line.startswith("offload-plan: warning:")]
+    assert len(errors) == 1, r.stderr
+    assert errors[0].startswith("offload-plan: error: ")
+    assert message in errors[0]
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_warns_when_budgets_exceed_this_machine():
+    r = run("qwen2.5-0.5b", "--gpu-memory", "4096GiB", "--cpu-memory", "4096GiB", "--prompt-len", "64",
+            "--gen-len", "8")
+    assert r.returncode == 0
+    assert "warning: --cpu-memory 4.00 TiB exceeds this machine" in r.stderr
+    assert "warning: --gpu-memory 4.00 TiB exceeds this machine" in r.stderr
+
+
+def test_planning_imports_no_torch():
+    code = ("import sys, placement, placement.cli\n"
+            "rc = placement.cli.main(['llama-2-70b', '--gpu-memory', '24GiB', '--cpu-memory', '192GiB',"
+            " '--json'])\n"
+            "assert rc == 0, rc\n"
+            "plan = placement.plan(placement.load_spec('qwen2.5-7b'),"
+            " placement.Hardware.detect(gpu_memory='8GiB', cpu_memory='32GiB'), placement.Workload())\n"
+            "assert 'torch' not in sys.modules, 'placement imported torch'\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("ok")
+
+
+def test_console_script_is_installed():
+    import shutil
+    exe = shutil.which("offload-plan")
+    if exe is None:
+        pytest.skip("offload-plan is not on PATH (package not installed with pip install -e .)")
+    r = subprocess.run([exe, "opt-125m", "--gpu-memory", "2GiB", "--cpu-memory", "4GiB"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "opt-125m" in r.stdout
