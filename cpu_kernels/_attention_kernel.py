@@ -1,0 +1,167 @@
+"""Numba attention over a CPU-resident KV cache: decode (T = 1) and chunked-causal prefill (T > 1).
+
+One work item = (batch row b, KV head h, tile of queries). A work item holds every query head of the
+GQA group that reads KV head h, so each K/V row is read from memory once per tile and reused by the
+whole group; for decode (T = 1) there is exactly one tile per (b, h), so the cache is streamed once.
+K/V are processed in blocks of BLOCK positions with an online (flash) softmax: scratch is
+O(rows x (BLOCK + D)) per work item whatever S and T are.
+
+Kernels take numpy arrays only; the torch-facing checks live in `wrappers.py`.
+"""
+import numpy as np
+from numba import njit, prange
+
+from ._bits import fast_exp, widen
+
+BLOCK = 128  # cache positions per online-softmax step
+MAX_TILE_ROWS = 64  # query rows (group heads x queries) per work item for T > 1
+
+# reassoc/contract let LLVM vectorise the dot products and sums; no 'nnan'/'ninf': -inf masks and NaN
+# propagation must keep IEEE semantics.
+FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
+
+
+def tile_queries(num_queries: int, group_size: int) -> int:
+    """Queries per work item: the whole group of heads x as many queries as fit in MAX_TILE_ROWS."""
+    return max(1, min(num_queries, MAX_TILE_ROWS // group_size))
+
+
+@njit(nogil=True, fastmath=FASTMATH, cache=True, inline="always")
+def _scores_of_position(qs, k_row, p, i, rows):
+    # p[r, i] = qs[r] . widen(k_row) for every row; four rows per sweep so that each widened K
+    # element feeds four FMAs held in registers
+    head_dim = k_row.shape[0]
+    r = 0
+    while r + 4 <= rows:
+        d0 = d1 = d2 = d3 = np.float32(0.0)
+        for d in range(head_dim):
+            x = widen(k_row[d])
+            d0 += qs[r, d] * x
+            d1 += qs[r + 1, d] * x
+            d2 += qs[r + 2, d] * x
+            d3 += qs[r + 3, d] * x
+        p[r, i] = d0
+        p[r + 1, i] = d1
+        p[r + 2, i] = d2
+        p[r + 3, i] = d3
+        r += 4
+    while r < rows:
+        d0 = np.float32(0.0)
+        for d in range(head_dim):
+            d0 += qs[r, d] * widen(k_row[d])
+        p[r, i] = d0
+        r += 1
+
+
+@njit(nogil=True, fastmath=FASTMATH, cache=True, inline="always")
+def _accumulate_block(acc, vb, s0, p, nb, rows):
+    # acc[r] += sum_i p[r, i] * widen(vb[s0 + i]); four positions per sweep so that each acc element
+    # is loaded and stored once per four FMAs (the store port, not the FMA units, is the limit)
+    head_dim = acc.shape[1]
+    i = 0
+    while i + 4 <= nb:
+        v0, v1, v2, v3 = vb[s0 + i], vb[s0 + i + 1], vb[s0 + i + 2], vb[s0 + i + 3]
+        for r in range(rows):
+            w0, w1, w2, w3 = p[r, i], p[r, i + 1], p[r, i + 2], p[r, i + 3]
+            for d in range(head_dim):
+                acc[r, d] += (w0 * widen(v0[d]) + w1 * widen(v1[d])) + (w2 * widen(v2[d]) + w3 * widen(v3[d]))
+        i += 4
+    while i < nb:
+        v0 = vb[s0 + i]
+        for r in range(rows):
+            w0 = p[r, i]
+            for d in range(head_dim):
+                acc[r, d] += w0 * widen(v0[d])
+        i += 1
+
+
+@njit(nogil=True, fastmath=FASTMATH, cache=True, inline="always")
+def _online_softmax(p, nb, rows, run_max, run_sum, acc):
+    # p[:, :nb] scores -> weights relative to the new running max; rescales acc and run_sum to it
+    head_dim = acc.shape[1]
+    for r in range(rows):
+        block_max = run_max[r]
+        for i in range(nb):
+            block_max = max(block_max, p[r, i])
+        if block_max == -np.inf:  # nothing visible to this row yet
+            for i in range(nb):
+                p[r, i] = 0.0
+            continue
+        correction = fast_exp(run_max[r] - block_max)
+        run_max[r] = block_max
+        total = np.float32(0.0)
+        for i in range(nb):
+            w = fast_exp(p[r, i] - block_max)
+            p[r, i] = w
+            total += w
+        run_sum[r] = run_sum[r] * correction + total
+        if correction != 1.0:
+            for d in range(head_dim):
+                acc[r, d] *= correction
+
+
+@njit(nogil=True, fastmath=FASTMATH, cache=True)
+def _attend_item(q, k, v, lengths, scale, window, out, item, tile_t):
+    # q, out: [B, Hq, T, D] float32; k, v: [B, Hkv, S_max, D] (float32 or uint16 bits)
+    num_heads, num_queries, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    num_tiles = (num_queries + tile_t - 1) // tile_t
+    b = item // (num_kv_heads * num_tiles)
+    h = (item // num_tiles) % num_kv_heads
+    t0 = (item % num_tiles) * tile_t
+    nt = min(num_queries, t0 + tile_t) - t0
+    rows = group * nt  # row r = j * nt + (t - t0) for group head j, query t
+    first_pos = lengths[b] - num_queries  # cache position of query t = 0
+
+    # scratch: O(rows x (BLOCK + D)), independent of S and T
+    qs = np.empty((rows, head_dim), np.float32)  # scaled queries, contiguous per row
+    acc = np.zeros((rows, head_dim), np.float32)  # unnormalised output
+    p = np.empty((rows, BLOCK), np.float32)  # scores, then softmax weights, of one block
+    run_max = np.full(rows, -np.inf, np.float32)
+    run_sum = np.zeros(rows, np.float32)
+    row_lo = np.empty(rows, np.int64)  # first visible cache position of each row
+    row_hi = np.empty(rows, np.int64)  # last visible cache position (the query's own)
+    for j in range(group):
+        for i in range(nt):
+            r = j * nt + i
+            for d in range(head_dim):
+                qs[r, d] = q[b, h * group + j, t0 + i, d] * scale
+            row_hi[r] = first_pos + t0 + i
+            row_lo[r] = max(0, row_hi[r] - window + 1) if window > 0 else 0
+
+    lo = row_lo[0]  # row_lo grows with t and is the same for every head of the group
+    hi = first_pos + t0 + nt  # exclusive: one past the last query's position
+    kb = k[b, h]  # [S_max, D]
+    vb = v[b, h]
+    is_ragged = num_queries > 1  # T = 1: every position in [lo, hi) is visible to every row
+    for s0 in range(lo, hi, BLOCK):
+        nb = min(BLOCK, hi - s0)
+        for i in range(nb):
+            _scores_of_position(qs, kb[s0 + i], p, i, rows)
+        if is_ragged:
+            for r in range(rows):
+                for i in range(nb):
+                    if s0 + i < row_lo[r] or s0 + i > row_hi[r]:
+                        p[r, i] = -np.inf
+        _online_softmax(p, nb, rows, run_max, run_sum, acc)
+        _accumulate_block(acc, vb, s0, p, nb, rows)
+
+    for j in range(group):
+        for i in range(nt):
+            r = j * nt + i
+            inv = np.float32(1.0) / run_sum[r]
+            for d in range(head_dim):
+                out[b, h * group + j, t0 + i, d] = acc[r, d] * inv
+
+
+@njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
+def attend(q, k, v, lengths, scale, window, out, tile_t):
+    """Attention for every (row, KV head, query tile); see the module docstring.
+
+    q, out: [B, Hq, T, D] float32; k, v: [B, Hkv, S_max, D] as float32, uint16 (bfloat16 bits) or int16
+    (float16 bits); lengths: [B] int64; window <= 0 means no sliding window.
+    """
+    num_items = q.shape[0] * k.shape[1] * ((q.shape[2] + tile_t - 1) // tile_t)
+    for item in prange(num_items):
+        _attend_item(q, k, v, lengths, scale, window, out, item, tile_t)
