@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .cost import CostModel, ItemCost, step_time
+from .cost import CostModel, step_time
 from .hardware import Hardware
 from .plan import Budget, ItemPlan, LayerPlan, Plan, PlanError, Prediction
 from .spec import ModelSpec
@@ -112,5 +112,4 @@ def need_message(spec: ModelSpec, workload: Workload, hardware: Hardware, min_gp
             f"{fs(hardware.cpu_bytes)} CPU; short: " + ", ".join(short))
 
 
-__all__ = ["chunk_candidates", "spread", "layer_plans", "predict", "assemble", "need_message",
-           "ItemCost"]
+__all__ = ["chunk_candidates", "spread", "layer_plans", "predict", "assemble", "need_message"]
