@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from offload.streamed_kv import K_CACHE, V_CACHE
 from offload.weight_source import WeightSource
 from placement.architecture import Architecture
 
@@ -27,6 +28,13 @@ class Engine:
         self.arch, self.model, self.weights, self.backends = arch, model, weights, backends
         self.device, self.dtype = torch.device(device), dtype
         self.max_seq_len, self.prefill_chunk_size = max_seq_len, prefill_chunk_size
+        is_streamed = getattr(weights, "is_streamed", lambda item: False)
+        prefetcher = getattr(weights, "prefetcher", None)
+        if is_streamed("final_norm") and is_streamed("lm_head") and prefetcher is not None \
+                and prefetcher.depth < 2:
+            # logits() holds both at once: with one ring buffer the second acquire could never be served
+            raise ValueError("final_norm and lm_head are both streamed, which needs a prefetch depth >= 2 "
+                             f"(got {prefetcher.depth}); keep final_norm on the gpu or use a deeper ring")
 
     # ---- one chunk through the decoder stack ----------------------------------------------------------
     def run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, start: torch.Tensor,
@@ -51,7 +59,11 @@ class Engine:
         for i, backend in enumerate(self.backends):
             lw = self.weights.acquire(i)
             q, k, v = self.model.attention_inputs(lw, h, ctx)          # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]
-            attn = backend.attend(q, k, v, start, lengths)             # [B, Hq, T, D]
+            if getattr(backend, "uses_streamed_cache", False):                            # host cache copied into the slot
+                cache = (lw[K_CACHE], lw[V_CACHE])
+                attn = backend.attend(q, k, v, start, lengths, cache=cache)
+            else:
+                attn = backend.attend(q, k, v, start, lengths)         # [B, Hq, T, D]
             h = self.model.attention_output(lw, h, attn)
             self.weights.release(i)
         return h
@@ -92,6 +104,10 @@ class Engine:
                 positions[b] = torch.clamp(row_start + torch.arange(T), max=last_pos)
                 start[b] = row_start
             h = self.run_layers(ids, positions, start, seq_lens)   # [B, T, H]
+            if not all_logits and c0 + T < T_max:
+                # no logits for this chunk: pass over the head's items so the streamed cycle stays in step
+                self.weights.skip("final_norm")
+                self.weights.skip("lm_head")
             if all_logits:
                 logits = self.logits(h)                             # [B, T, V]
                 for b in range(B):
@@ -109,3 +125,24 @@ class Engine:
         start = torch.tensor(lengths, dtype=torch.long)
         h = self.run_layers(tokens.reshape(-1, 1).cpu(), start[:, None], start)
         return self.logits(h)[:, 0]
+
+    # ---- control and accounting -------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Bring the weight source back to the start of its cycle after a step was interrupted (an
+        exception, KeyboardInterrupt, or a generator closed mid-step). KV slots written by the
+        interrupted step lie past every row's valid length: harmless."""
+        reset = getattr(self.weights, "reset", None)
+        if reset is not None:
+            reset()
+
+    def transfer_counters(self) -> tuple[int, float]:
+        """(host->device bytes, seconds waited on transfers) since creation: streamed weights and KV
+        through the ring, CPU-attention outputs sent back, and the host waits for their staging copies."""
+        stats = getattr(self.weights, "stats", None)
+        num_bytes = 0 if stats is None else stats.bytes_copied
+        wait = 0.0 if stats is None else stats.wait_seconds
+        stagings = {id(b.staging): b.staging for b in self.backends if getattr(b, "staging", None) is not None}
+        for staging in stagings.values():
+            num_bytes += staging.host_to_device_bytes
+            wait += staging.wait_seconds
+        return num_bytes, wait

@@ -59,42 +59,61 @@ class TorchAttention:
         return cls(num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
                    sliding_window=arch.window_of(layer), scale=scale, **kwargs)
 
+    uses_streamed_cache = False        # the engine passes no ring views (see offload/streamed_kv.py)
+
     @property
     def cache_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor, start: torch.Tensor) -> None:
         """Write k_new/v_new [B, Hkv, T, D] at positions start[b] .. start[b]+T-1 of rows 0..B-1."""
-        B, _, T, _ = k_new.shape
-        assert k_new.shape == v_new.shape and k_new.shape[1:2] + k_new.shape[3:] == \
-            self.k_cache.shape[1:2] + self.k_cache.shape[3:], (k_new.shape, self.k_cache.shape)
-        assert B <= self.max_batch_size and start.shape == (B,), (B, start.shape)
-        pos = start[:, None] + torch.arange(T, device=start.device)[None, :]          # [B, T]
-        rows = torch.arange(B, device=start.device)[:, None].expand(B, T)             # [B, T]
-        # cache[rows, :, pos] is [B, T, Hkv, D]
-        self.k_cache[rows, :, pos] = k_new.transpose(1, 2).to(self.k_cache.dtype)
-        self.v_cache[rows, :, pos] = v_new.transpose(1, 2).to(self.v_cache.dtype)
+        assert k_new.dim() == 4 and k_new.shape[0] <= self.max_batch_size, (k_new.shape, self.max_batch_size)
+        write_kv(self.k_cache, self.v_cache, k_new, v_new, start.to(k_new.device, non_blocking=True))
 
     def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, start: torch.Tensor,
                lengths: torch.Tensor) -> torch.Tensor:
         """Append the new k/v, then attend causally over each row's cache. Returns [B, Hq, T, D]."""
-        B, Hq, T, D = q.shape
         assert q.device == self.k_cache.device, (q.device, self.k_cache.device)
-        assert start.device.type == "cpu" and lengths.device.type == "cpu", "start/lengths live on the host"
-        assert bool((lengths == start + T).all()), (start, lengths, T)
-        num_keys = int(lengths.max())
-        assert num_keys <= self.max_seq_len, (num_keys, self.max_seq_len)
-        start = start.to(q.device, non_blocking=True)
-        self.append(k_new, v_new, start)
-        k = self.k_cache[:B, :, :num_keys]                                              # [B, Hkv, S, D]
-        v = self.v_cache[:B, :, :num_keys]
-        groups = Hq // k.shape[1]
-        if groups > 1:   # GQA: each kv head serves `groups` consecutive q heads
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        if T == 1 and self.sliding_window is None and bool((lengths == num_keys).all()):  # host values
-            mask = None  # one query per row, every cached key visible: no mask needed
-        else:
-            mask = attention_mask(start, T, num_keys, self.sliding_window)
-        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                              scale=self.scale)
+        assert q.shape[0] <= self.max_batch_size, (q.shape, self.max_batch_size)
+        return attend_cache(self.k_cache, self.v_cache, q, k_new, v_new, start, lengths,
+                            sliding_window=self.sliding_window, scale=self.scale)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+             start: torch.Tensor) -> None:
+    """Write k_new/v_new [B, Hkv, T, D] into caches [B_max, Hkv, S_max, D] at start[b] .. start[b]+T-1."""
+    B, _, T, _ = k_new.shape
+    assert k_new.shape == v_new.shape and k_new.shape[1:2] + k_new.shape[3:] == \
+        k_cache.shape[1:2] + k_cache.shape[3:], (k_new.shape, k_cache.shape)
+    assert B <= k_cache.shape[0] and start.shape == (B,) and start.device == k_cache.device, (B, start)
+    pos = start[:, None] + torch.arange(T, device=start.device)[None, :]          # [B, T]
+    rows = torch.arange(B, device=start.device)[:, None].expand(B, T)             # [B, T]
+    # cache[rows, :, pos] is [B, T, Hkv, D]
+    k_cache[rows, :, pos] = k_new.transpose(1, 2).to(k_cache.dtype)
+    v_cache[rows, :, pos] = v_new.transpose(1, 2).to(v_cache.dtype)
+
+
+def attend_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor, k_new: torch.Tensor,
+                 v_new: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, *,
+                 sliding_window: int | None, scale: float | None) -> torch.Tensor:
+    """Append k_new/v_new to caches [B_max, Hkv, S_max, D] on q's device, then SDPA over each row's
+    valid keys (causal, optional sliding window, GQA by head groups). Returns [B, Hq, T, D]."""
+    B, Hq, T, D = q.shape
+    assert q.device == k_cache.device == v_cache.device, (q.device, k_cache.device)
+    assert start.device.type == "cpu" and lengths.device.type == "cpu", "start/lengths live on the host"
+    assert bool((lengths == start + T).all()), (start, lengths, T)
+    num_keys = int(lengths.max())
+    assert num_keys <= k_cache.shape[2], (num_keys, k_cache.shape)
+    start = start.to(q.device, non_blocking=True)
+    write_kv(k_cache, v_cache, k_new, v_new, start)
+    k = k_cache[:B, :, :num_keys]                                                    # [B, Hkv, S, D]
+    v = v_cache[:B, :, :num_keys]
+    groups = Hq // k.shape[1]
+    if groups > 1:   # GQA: each kv head serves `groups` consecutive q heads
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    if T == 1 and sliding_window is None and bool((lengths == num_keys).all()):     # host values
+        mask = None  # one query per row, every cached key visible: no mask needed
+    else:
+        mask = attention_mask(start, T, num_keys, sliding_window)
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)

@@ -39,13 +39,15 @@ class Model:
 
     def __init__(self, *, arch: Architecture, engine: Engine, max_batch_size: int, max_seq_len: int,
                  eos_token_ids: tuple[int, ...] = (), sampling_defaults: dict | None = None, plan=None,
-                 checkpoint=None):
+                 checkpoint=None, ledger=None):
         self.arch, self.engine, self.plan, self.checkpoint = arch, engine, plan, checkpoint
+        self.ledger = ledger              # MemoryLedger of the "gpu" tier (offload.memory), if any
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.eos_token_ids = tuple(eos_token_ids)
         self.sampling_defaults = dict(sampling_defaults or {"temperature": 0.0})
         self.stats = GenerationStats()
         self._cache_owner = None          # the Session whose conversation the KV cache holds, if any
+        self._active_run = None           # token of the call whose steps are running (see _inference)
 
     @property
     def device(self) -> torch.device:
@@ -85,7 +87,12 @@ class Model:
         rows = as_rows(input_ids, self.arch.vocab_size)
         self.check_request(len(rows), max(map(len, rows)), 0)
         self._cache_owner = None
-        return self.engine.prefill(rows, [0] * len(rows), all_logits=True)
+        self._active_run = None
+        try:
+            return self.engine.prefill(rows, [0] * len(rows), all_logits=True)
+        except BaseException:             # KeyboardInterrupt too: the model stays usable
+            self.engine.reset()
+            raise
 
     __call__ = forward
 
@@ -137,19 +144,41 @@ class Model:
         steps = generate_steps(self.engine, rows, starts=starts, max_new_tokens=max_new_tokens,
                                sampler=Sampler(params, self.device), stop_ids=stop_ids, stats=self.stats,
                                cache_lengths=cache_lengths)
-        return _inference(steps)
+        return self._inference(steps, self.stats)
+
+    def _inference(self, steps, stats: GenerationStats):
+        """Run a generator under inference_mode across its resumptions; fill the transfer stats after
+        each step; reset the engine when a step is interrupted (any exception, KeyboardInterrupt) or the
+        caller closes the generator (GeneratorExit), so the model stays usable. The reset is skipped when
+        another call has started since (a late close of an abandoned generator must not disturb it)."""
+        token = object()
+        self._active_run = token
+        bytes_before, wait_before = self.engine.transfer_counters()
+        while True:
+            try:
+                with torch.inference_mode():
+                    try:
+                        item = next(steps)
+                    except StopIteration:
+                        return
+                    finally:
+                        if self._active_run is token:
+                            num_bytes, wait = self.engine.transfer_counters()
+                            stats.host_to_device_bytes = num_bytes - bytes_before
+                            stats.transfer_wait_seconds = wait - wait_before
+                yield item
+            except BaseException:
+                if self._active_run is token:
+                    self.engine.reset()
+                raise
+
+    def memory_report(self) -> str:
+        """Per tier (the "gpu" tier: the compute device; the host): weights, KV cache, buffers, workspace,
+        total and free, planned and (gpu tier) as allocated now, llama.cpp style."""
+        from offload.report import memory_report
+        return memory_report(self)
 
     def __repr__(self) -> str:
         return (f"Model({self.arch.model_type}, {self.arch.num_layers} layers, {self.dtype}, {self.device}, "
                 f"max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len})")
 
-
-def _inference(steps):
-    """Run a generator under inference_mode across its resumptions."""
-    while True:
-        with torch.inference_mode():
-            try:
-                item = next(steps)
-            except StopIteration:
-                return
-        yield item

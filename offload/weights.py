@@ -10,6 +10,14 @@ Each item is placed on one tier:
               buffers by the Prefetcher (CUDA copy stream, or a background thread without CUDA)
   "host"      kept in host memory, returned as CPU tensors (e.g. the embedding table: gathering B rows
               on the CPU beats holding the table on the GPU)
+
+An item may also carry *attached* host tensors (`attached={item: {name: tensor}}`), e.g. the KV cache of
+a layer whose cache lives in host memory but is attended on the GPU: they are packed into the item's
+streamed host buffer (so an item with resident weights and attachments is streamed for the attachments
+only), copied through the ring with it every cycle, and returned by acquire beside its weights.
+`attached_host_tensors(item)` gives their host copies (views into the packed buffer): writes to them are
+seen by the item's next copy, provided they are complete before the item is released (see
+offload/streamed_kv.py for the ordering argument).
 """
 from __future__ import annotations
 
@@ -39,12 +47,14 @@ class PlacedWeights:
     depth      prefetch ring depth: device buffers, each the size of the largest streamed item.
     pin_memory pin the host copies of streamed items (default: when `device` is CUDA).
     ledger     optional MemoryLedger charged with "weights" (resident) and "buffers" (the ring).
+    attached   item -> {name: CPU tensor} streamed with the item every cycle (see the module docstring).
     """
 
     def __init__(self, items: Mapping[Hashable, Mapping[str, torch.Tensor]] | Iterable,
                  *, placement: Mapping[Hashable, str], dtype: torch.dtype | None, device, depth: int = 2,
                  pin_memory: bool | None = None, ledger: MemoryLedger | None = None,
-                 alignment: int = DEFAULT_ALIGNMENT):
+                 alignment: int = DEFAULT_ALIGNMENT,
+                 attached: Mapping[Hashable, Mapping[str, torch.Tensor]] | None = None):
         self.device = torch.device(device)
         self.dtype = dtype
         self.placement = dict(placement)
@@ -61,14 +71,20 @@ class PlacedWeights:
         self.order: list[Hashable] = []
         self._tensors: dict[Hashable, dict[str, torch.Tensor]] = {}   # resident and host items
         self.prefetcher: Prefetcher | None = None
-        self.streamed_items: tuple[Hashable, ...] = ()
+        self.streamed_items: tuple[Hashable, ...] = ()    # items in the ring's cycle (weights or attachments)
+        sources = {item: dict(tensors) for item, tensors in (attached or {}).items()}
+        self.attached = {item: tuple(tensors) for item, tensors in sources.items()}   # item -> names
+        for item in sources:
+            if self.placement.get(item) not in (RESIDENT, STREAMED):
+                raise ValueError(f"attached tensors need a resident or streamed item, got {item!r} "
+                                 f"placed {self.placement.get(item)!r}")
         try:
-            self._load(items, depth=depth, pin_memory=pin_memory, alignment=alignment)
+            self._load(items, sources, depth=depth, pin_memory=pin_memory, alignment=alignment)
         except BaseException:
             self._credit_ledger()                         # the ledger stays consistent after an error
             raise
 
-    def _load(self, items, *, depth: int, pin_memory: bool, alignment: int) -> None:
+    def _load(self, items, sources: dict, *, depth: int, pin_memory: bool, alignment: int) -> None:
         streamed: list[Hashable] = []
         packed: list[PackedItem] = []
         stored: dict[tuple[str, int], tuple[weakref.ref, torch.Tensor]] = {}   # (tier, id(src)) -> copy
@@ -80,14 +96,19 @@ class PlacedWeights:
                 raise ValueError(f"weight item {item!r} has no placement; placed items: {list(self.placement)}")
             self.order.append(item)
             tier = self.placement[item]
-            if tier == STREAMED:
+            extra = sources.pop(item, {})                 # packed now, not held afterwards
+            clash = set(extra) & set(tensors)
+            if clash:
+                raise ValueError(f"attached tensor name(s) {sorted(clash)} of item {item!r} clash with its weights")
+            if tier == STREAMED or extra:
                 streamed.append(item)
-                packed.append(PackedItem.pack(tensors, dtype=self.dtype, pin=pin_memory, alignment=alignment))
-            else:
+                packed.append(PackedItem.pack({**tensors, **extra} if tier == STREAMED else extra,
+                                              dtype=self.dtype, pin=pin_memory, alignment=alignment))
+            if tier != STREAMED:
                 target = self.device if tier == RESIDENT else torch.device("cpu")
                 self._tensors[item] = {name: self._store(tier, tensor, target, stored)
                                        for name, tensor in tensors.items()}
-            del tensors                                   # drop the source before reading the next item
+            del tensors, extra                            # drop the source before reading the next item
         missing = [item for item in self.placement if item not in set(self.order)]
         if missing:
             raise ValueError(f"placement names item(s) {missing} that were not given")
@@ -129,18 +150,32 @@ class PlacedWeights:
         tier = self._tier(item)
         if tier == STREAMED:
             return self.prefetcher.acquire(item)
+        if item in self.attached:                         # resident weights + streamed attachments
+            return {**self._tensors[item], **self.prefetcher.acquire(item)}
         return dict(self._tensors[item])
 
     def release(self, item: Hashable) -> None:
         """Every compute reading the item has been launched; a streamed item's buffer may be refilled."""
-        if self._tier(item) == STREAMED:
+        if self.is_streamed(item):
             self.prefetcher.release(item)
 
     def skip(self, item: Hashable) -> None:
         """The engine passes over `item` this step (e.g. final_norm/lm_head in a prefill chunk without
         logits): keeps the streamed cycle in step. A no-op for resident and host items."""
-        if self._tier(item) == STREAMED:
+        if self.is_streamed(item):
             self.prefetcher.skip(item)
+
+    def is_streamed(self, item: Hashable) -> bool:
+        """True when the item goes through the ring (its weights are streamed, or it has attachments)."""
+        return self._tier(item) == STREAMED or item in self.attached
+
+    def attached_host_tensors(self, item: Hashable) -> dict[str, torch.Tensor]:
+        """The host copies of the item's attached tensors: views into its packed (pinned) host buffer."""
+        if item not in self.attached:
+            raise KeyError(f"weight item {item!r} has no attached tensors")
+        self._tier(item)
+        packed = self.prefetcher.items[self.streamed_items.index(item)]
+        return {name: view for name, view in packed.tensors().items() if name in self.attached[item]}
 
     def _tier(self, item: Hashable) -> str:
         if self._is_closed:
@@ -155,9 +190,9 @@ class PlacedWeights:
         """After an interrupted step: wait for copies in flight, drop held buffers, restart the cycle at
         `next_item` (default: the first streamed item). Safe to call at any time."""
         if self.prefetcher is not None:
-            if next_item is not None and self.placement.get(next_item) != STREAMED:
+            if next_item is not None and next_item not in self.streamed_items:
                 later = self.order[self.order.index(next_item):] + self.order[:self.order.index(next_item)]
-                next_item = next((item for item in later if self.placement[item] == STREAMED), None)
+                next_item = next((item for item in later if item in self.streamed_items), None)
             self.prefetcher.reset(next_item)
 
     def synchronize(self) -> None:

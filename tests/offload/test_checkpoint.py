@@ -10,7 +10,6 @@ from safetensors.torch import load_file, save_file
 
 import offload
 from offload.checkpoint import Checkpoint, CheckpointError
-from offload.resident import ResidentWeights
 from offload.weight_source import item_tensors, weight_items
 from tests.offload.builders import edit_config, hf_logits
 
@@ -60,7 +59,8 @@ def test_weight_source_items_cover_every_tensor_once(checkpoint_factory):
     for variant in ("llama_tied", "opt_proj", "mistral_window"):
         path, hf = checkpoint_factory(variant)
         ckpt = Checkpoint(path)
-        weights = ResidentWeights.from_checkpoint(ckpt, dtype=torch.float32, device="cpu", progress=False)
+        weights = offload.load(path, device="cpu", dtype="float32", max_seq_len=16, progress=False).engine.weights
+        assert set(weights.placement.values()) == {"resident"}          # the plain path: all on the device
         seen = []
         for item in weight_items(ckpt.arch):
             tensors = weights.acquire(item)

@@ -136,4 +136,8 @@ def test_load_arguments(checkpoint_factory):
     with pytest.raises(ValueError, match="dtype"):
         offload.load(path, dtype="int8", progress=False)
     model = offload.load(path, progress=False)
-    assert model.max_seq_len == 64 and model.dtype == torch.float32 and model.plan is None
+    assert model.max_seq_len == 64 and model.dtype == torch.float32
+    # no budget, plan or override on the CPU: the plain path, everything on the device's tier
+    assert model.plan.max_seq_len == 64 and model.plan.num_gpu_layers == model.arch.num_layers
+    assert all(l.kv == "gpu" for l in model.plan.layers) and model.plan.prefetch_depth == 0
+    assert set(model.engine.weights.placement.values()) == {"resident"}
