@@ -79,11 +79,14 @@ def plan_bytes_per_step(plan, batch_size: int, context: float) -> int:
     return total
 
 
-def half_streamed_budget(checkpoint: Path, batch_size: int, prompt_len: int, new_tokens: int) -> int:
-    """The "gpu" budget of a manual plan with the first half of the layers resident, the rest streamed."""
+def half_streamed_budget(checkpoint: Path, batch_size: int, prompt_len: int, new_tokens: int,
+                         cpu_budget: int) -> int:
+    """The "gpu" budget of a manual plan with the first half of the layers resident, the rest streamed,
+    plus the CUDA reserve the runtime's Hardware.detect(gpu_memory=...) subtracts from a budget."""
     spec = placement.load_spec(checkpoint)
     workload = placement.Workload(batch_size=batch_size, prompt_len=prompt_len, gen_len=new_tokens)
-    return placement.manual_plan(spec, workload, gpu_layers=spec.num_layers // 2).memory.gpu.total
+    total = placement.manual_plan(spec, workload, gpu_layers=spec.num_layers // 2).memory.gpu.total
+    return total + placement.Hardware.detect(gpu_memory=total, cpu_memory=cpu_budget).cuda_reserve_bytes
 
 
 def run_ours(checkpoint: Path, args, batch_size: int, gpu_budget: int, prompts) -> OursResult:
@@ -193,7 +196,8 @@ def plan_line(plan) -> str:
     ring = f"ring {plan.prefetch_depth} x {plan.buffer_bytes / 2**20:.1f} MiB" if plan.buffer_bytes else "no ring"
     return (f"{resident}/{len(layers)} layers resident, {len(layers) - resident} streamed, {ring}; KV on gpu "
             f"{kv_gpu}/{len(layers)}, cpu attention {attn_cpu}; embedding {plan.embedding.weights}, lm_head "
-            f"{plan.lm_head.weights}; gpu total {gib(plan.memory.gpu.total)}; bottleneck {plan.predicted.bottleneck}")
+            f"{plan.lm_head.weights}; gpu total {gib(plan.memory.gpu.total)}; predicted bottleneck "
+            f"{plan.predicted.bottleneck} with the speeds of: {plan.hardware or 'unknown hardware'}")
 
 
 def fmt(value, spec: str, width: int) -> str:
@@ -233,7 +237,7 @@ def main(argv=None) -> None:
     context = args.prompt_len + args.new_tokens / 2
     ours = {}
     for b in args.batch_sizes:
-        budget = args.gpu_budget or half_streamed_budget(path, b, args.prompt_len, args.new_tokens)
+        budget = args.gpu_budget or half_streamed_budget(path, b, args.prompt_len, args.new_tokens, args.cpu_budget)
         ours[b] = run_ours(path, args, b, budget, prompts[b])
 
     peer_rates, peer_tokens, peer_note = {}, {}, "skipped (--no-peer)"
