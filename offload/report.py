@@ -26,9 +26,10 @@ def memory_report(model) -> str:
     lines = [_row("", list(_COLUMNS))]
     if ledger is not None:
         used = [ledger.current_bytes(c) for c in ("weights", "kv_cache", "buffers", "workspace")]
-        budget = ledger.max_bytes if ledger.max_bytes is not None else "-"
-        free = budget - sum(used) if isinstance(budget, int) else "-"
-        lines.append(_row(gpu_label, used + [sum(used), budget, free]))
+        # the budget the plan was made for, less the CUDA context reserve it sets aside
+        budget = plan.budget.gpu_bytes - plan.cuda_reserve_bytes if plan is not None else ledger.max_bytes
+        free = budget - sum(used) if budget is not None else "-"
+        lines.append(_row(gpu_label, used + [sum(used), "-" if budget is None else budget, free]))
     if plan is not None:
         cpu = plan.memory.cpu
         lines.append(_row("cpu tier (host)", [cpu.weights, cpu.kv_cache, 0, 0, cpu.total, plan.budget.cpu_bytes,

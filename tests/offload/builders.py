@@ -41,18 +41,20 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
-def hf_config(variant: str):
+def hf_config(variant: str, **overrides):
+    """transformers' config of `variant`, with `overrides` (e.g. num_hidden_layers=5) applied."""
     import transformers
     class_name, kwargs = VARIANTS[variant]
-    return getattr(transformers, class_name)(**kwargs)
+    return getattr(transformers, class_name)(**{**kwargs, **overrides})
 
 
 def build_checkpoint(path: Path, variant: str, *, sharded: bool = False, dtype: torch.dtype = torch.float32,
-                     seed: int = 0):
-    """Write a random `variant` checkpoint to `path`; returns the transformers model (eval, float32)."""
+                     seed: int = 0, **overrides):
+    """Write a random `variant` checkpoint (config `overrides` applied) to `path`; returns the
+    transformers model (eval, float32)."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(variant), attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_config(hf_config(variant, **overrides), attn_implementation="sdpa").eval()
     path.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": "40KB"} if sharded else {}
     model.to(dtype).save_pretrained(str(path), safe_serialization=True, **kwargs)

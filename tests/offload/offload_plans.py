@@ -1,0 +1,61 @@
+"""Helpers for the offloaded-runtime tests: plans with any per-layer layout, and checks that a loaded
+model runs exactly its plan (placements, backends, ring, ledger)."""
+from __future__ import annotations
+
+import placement
+from offload.host_attention import HostAttention
+from offload.kv_cache import TorchAttention
+from offload.streamed_kv import StreamedKVAttention
+from placement import LayerPlan, Workload
+from placement.build import assemble
+from placement.manual import REFERENCE_HARDWARE
+
+GEN_LEN = 12
+
+
+def layout_plan(path, *, weights: str, kv: str, embedding: str = "gpu", lm_head: str = "gpu", depth: int = 2,
+                chunk: int = 5, batch_size: int = 3, max_seq_len: int = 48, dtype: str | None = None):
+    """A plan with per-layer placements written as strings, one letter per layer:
+    weights 'g' resident / 'c' streamed; kv 'g' on the GPU, 'c' on the CPU attended by the CPU, 'a' on
+    the CPU attended by the GPU (streamed through the ring)."""
+    spec = placement.load_spec(path, dtype=dtype)
+    workload = Workload(batch_size=batch_size, prompt_len=max_seq_len - GEN_LEN, gen_len=GEN_LEN)
+    assert len(weights) == len(kv) == spec.num_layers, (weights, kv, spec.num_layers)
+    kv_bytes = spec.layer_kv_bytes(workload.num_cached_tokens)
+    layers = tuple(LayerPlan(index=i, weights="gpu" if w == "g" else "cpu", kv="gpu" if k == "g" else "cpu",
+                             attention="cpu" if k == "c" else "gpu", weight_bytes=spec.layer_weight_bytes(i),
+                             kv_bytes=kv_bytes)
+                   for i, (w, k) in enumerate(zip(weights, kv)))
+    return assemble(spec, workload, REFERENCE_HARDWARE, layers=layers, embedding=embedding, lm_head=lm_head,
+                    prefetch_depth=depth, chunk=chunk)
+
+
+BACKEND_OF = {("gpu", "gpu"): TorchAttention, ("cpu", "cpu"): HostAttention, ("cpu", "gpu"): StreamedKVAttention}
+
+
+def assert_runs_plan(model, plan) -> None:
+    """The engine uses exactly the plan's placements, and the ledger holds exactly the plan's gpu tier."""
+    assert model.plan == plan
+    engine, weights = model.engine, model.engine.weights
+    assert model.max_seq_len == plan.max_seq_len and model.max_batch_size == plan.max_batch_size
+    assert str(model.dtype).replace("torch.", "") == plan.dtype
+    assert engine.prefill_chunk_size <= plan.prefill_chunk_tokens
+    for layer, backend in zip(plan.layers, engine.backends):
+        assert type(backend) is BACKEND_OF[(layer.kv, layer.attention)], (layer, backend)
+        assert weights.placement[layer.index] == ("resident" if layer.weights == "gpu" else "streamed")
+        assert (layer.index in weights.attached) == (layer.kv == "cpu" and layer.attention == "gpu")
+    assert weights.placement["embedding"] == ("resident" if plan.embedding.weights == "gpu" else "host")
+    assert weights.placement["lm_head"] == ("resident" if plan.lm_head.weights == "gpu" else "streamed")
+    assert weights.placement["final_norm"] == "resident"
+    num_streamed = len(weights.streamed_items)
+    assert num_streamed == sum(l.is_streamed for l in plan.layers) + (plan.lm_head.weights == "cpu")
+    if num_streamed:
+        assert weights.prefetcher.depth == min(plan.prefetch_depth, num_streamed)
+        assert weights.ring_bytes == weights.prefetcher.depth * plan.buffer_bytes
+    ledger, gpu = model.ledger, plan.memory.gpu
+    assert ledger.max_bytes == gpu.total and ledger.peak_bytes() <= gpu.total
+    assert ledger.peak_bytes("weights") == gpu.weights == weights.resident_bytes
+    assert ledger.peak_bytes("kv_cache") == gpu.kv_cache
+    assert ledger.peak_bytes("buffers") == weights.ring_bytes <= gpu.buffers
+    assert ledger.peak_bytes("workspace") == gpu.workspace
+    assert ledger.peak_bytes() == weights.resident_bytes + gpu.kv_cache + weights.ring_bytes + gpu.workspace
