@@ -122,14 +122,20 @@ def run_ours(checkpoint: Path, args, batch_size: int, gpu_budget: int, prompts) 
     result.rate_timed = (args.new_tokens - 1) * batch_size / max(min(t_all) - min(t_one), 1e-9)
     if torch.cuda.is_available():
         result.peak_gpu_bytes = torch.cuda.max_memory_allocated()
-    close = getattr(model, "close", None)
-    if close is not None:
-        close()
+    release(model)
     del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def release(model) -> None:
+    """Free the model's device memory and stop its copy thread before the next row loads its own.
+    Model has no close() (yet): close its weight source, which frees the ring and resident weights."""
+    close = getattr(model, "close", None) or getattr(getattr(model.engine, "weights", None), "close", None)
+    if close is not None:
+        close()
 
 
 def parse_args(argv=None):
@@ -153,9 +159,12 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="toy model, short prompt, one repeat")
     args = parser.parse_args(argv)
     is_cuda = torch.cuda.is_available()
-    args.prompt_len = args.prompt_len or (16 if args.quick else 128)
-    args.new_tokens = args.new_tokens or (8 if args.quick else 32)
-    args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.prompt_len is None:
+        args.prompt_len = 16 if args.quick else 128
+    if args.new_tokens is None:
+        args.new_tokens = 8 if args.quick else 32
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
     if args.new_tokens < 2 or min(args.batch_sizes + [args.prompt_len, args.repeats, args.peer_repeats]) < 1:
         parser.error("--new-tokens must be >= 2; batch sizes, --prompt-len and repeats >= 1")
     try:
@@ -204,6 +213,10 @@ def fmt(value, spec: str, width: int) -> str:
     return f"{'n/a':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
 
+def ratio(numerator: float, denominator: float | None) -> str:
+    return f"{numerator / denominator:.2f}x" if denominator else "n/a"
+
+
 def first_difference(a: list, b: list) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -222,6 +235,8 @@ def main(argv=None) -> None:
               "peer runs all in RAM. ***")
     path = build_random_checkpoint(args.config_dict, args.dtype, args.workdir, label=args.config_name,
                                    seed=args.seed)
+    if is_cuda:
+        torch.cuda.empty_cache()                          # the generator's blocks: not ours to count
     spec = placement.load_spec(path)
     print(f"model: {args.config_name} (random weights), {spec.arch.num_params / 1e9:.3f}B parameters, {args.dtype}, "
           f"{gib(spec.arch.num_params * placement.DTYPE_BYTES[args.dtype])} of weights; checkpoint {path}")
@@ -251,9 +266,12 @@ def main(argv=None) -> None:
             if not is_cuda:
                 peer_note += (" -- no GPU, so nothing is offloaded and every weight stays in RAM: the closest "
                               "honest equivalent, a plain CPU baseline, not an offloading peer")
-            for b in args.batch_sizes:
-                peer_rates[b], out = decode_rate(peer.generate, prompts[b], args.new_tokens, args.peer_repeats)
-                peer_tokens[b] = out[0]
+            for b in (b for b in args.batch_sizes if not ours[b].error):
+                try:
+                    peer_rates[b], out = decode_rate(peer.generate, prompts[b], args.new_tokens, args.peer_repeats)
+                    peer_tokens[b] = out[0]
+                except Exception as e:  # noqa: BLE001 - e.g. CUDA out of memory at B=16: n/a, with the reason
+                    peer_note += f"\n      B={b}: n/a, generate failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
             del peer
             gc.collect()
 
@@ -274,13 +292,17 @@ def main(argv=None) -> None:
         predicted = r.plan.predicted.decode_tokens_per_s
         print(f"{b:>3} {gib(r.gpu_budget):>10} {r.rate:>10.2f} {r.rate_timed:>8.2f} {step_bytes / 1e9:>8.3f} "
               f"{fmt(bound, '.2f', 8)} {fmt(r.rate / bound * 100 if bound else None, '.0f', 5)}% "
-              f"{fmt(peer_rate, '.2f', 10)} {fmt(r.rate_timed / peer_rate if peer_rate else None, '.2f', 8)}x "
+              f"{fmt(peer_rate, '.2f', 10)} {ratio(r.rate_timed, peer_rate):>9} "
               f"{predicted:>9.2f} {r.rate / predicted if predicted else 0:>9.2f}")
         notes.append(f"B={b}: plan: {plan_line(r.plan)}")
-        peak = f"; peak GPU allocated {gib(r.peak_gpu_bytes)} (plan gpu total {gib(r.plan.memory.gpu.total)})" \
-            if r.peak_gpu_bytes is not None else ""
-        notes.append(f"      measured {r.bytes_per_step / 1e9:.3f} GB/step host->device (plan {step_bytes / 1e9:.3f}), "
-                     f"transfer wait {r.wait_seconds:.3f} s, achieved {r.achieved_gbps:.2f} GB/s{peak}")
+        peak = ""
+        if r.peak_gpu_bytes is not None:
+            over = " OVER THE PLAN" if r.peak_gpu_bytes > r.plan.memory.gpu.total else ""
+            peak = f"; peak GPU allocated {gib(r.peak_gpu_bytes)} (plan gpu total {gib(r.plan.memory.gpu.total)}){over}"
+        mismatch = f" ({r.bytes_per_step / step_bytes - 1:+.0%} vs the plan)" \
+            if step_bytes and abs(r.bytes_per_step / step_bytes - 1) > 0.02 else ""
+        notes.append(f"      measured {r.bytes_per_step / 1e9:.3f} GB/step host->device{mismatch}, transfer wait "
+                     f"{r.wait_seconds:.3f} s in the {args.new_tokens}-token call, achieved {r.achieved_gbps:.2f} GB/s{peak}")
         if not step_bytes:
             notes.append(f"      WARNING: nothing is streamed at B={b}: the budget does not force streaming; "
                          "lower --gpu-memory")
@@ -297,6 +319,11 @@ def main(argv=None) -> None:
     print("\n".join(notes))
     if not is_cuda:
         print("*** NOT A GPU RESULT (CPU fallback): run on a CUDA machine for PCIe numbers. ***")
+    failed = [b for b in args.batch_sizes if ours[b].error]
+    if failed:
+        print(f"offload_decode.py: batch size(s) {', '.join(map(str, failed))} did not load (see the table): raise "
+              "--gpu-memory/--cpu-memory or lower --prompt-len/--new-tokens/--batch-sizes", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -49,9 +49,9 @@ def read_config(name_or_path: str) -> dict:
             raise ConfigError(f"{path}: a config.json holds a JSON object")
         Architecture.from_config(config)                  # unsupported model types fail here, by name
         return config
-    if str(name_or_path).endswith(".json") or "/" in str(name_or_path):
+    if str(name_or_path).endswith(".json") or path.parent.exists() and path.parent != Path("."):
         raise ConfigError(f"{name_or_path}: no such file (expected a config.json or a preset name)")
-    return presets.load(name_or_path)
+    return presets.load(name_or_path)                     # also 'meta-llama/Llama-3.1-8B'; errors name close ones
 
 
 def benchmark_config(config: dict, dtype: str) -> dict:

@@ -132,6 +132,15 @@ def test_offload_decode_bad_config_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2 and "--gpu-memory" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.skipif(not HAS_PLANNED_LOAD, reason="offload.load does not take gpu_memory= yet")
+def test_offload_decode_budget_too_small_prints_why_and_exits_2(tmp_path):
+    result = run_script("benchmarks/offload_decode.py", "--quick", "--gpu-memory", "1MiB", "--batch-sizes", "1",
+                        "--no-peer", "--workdir", tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "n/a: PlanError" in result.stdout and "short: the GPU budget" in result.stdout
+    assert "did not load" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_cpu_attention_quick_runs():
     # --seq-lens 1024 keeps it to two shapes per dtype (the test's time budget); every dtype still runs
     result = run_script("benchmarks/cpu_attention.py", "--quick", "--repeats", "1", "--seq-lens", "1024")
