@@ -202,9 +202,11 @@ def plan_line(plan) -> str:
     resident = sum(l.weights == "gpu" for l in layers)
     kv_gpu = sum(l.kv == "gpu" for l in layers)
     attn_cpu = sum(l.attention == "cpu" for l in layers)
+    kv_ring = sum(l.kv == "cpu" and l.attention == "gpu" for l in layers)
     ring = f"ring {plan.prefetch_depth} x {plan.buffer_bytes / 2**20:.1f} MiB" if plan.buffer_bytes else "no ring"
-    return (f"{resident}/{len(layers)} layers resident, {len(layers) - resident} streamed, {ring}; KV on gpu "
-            f"{kv_gpu}/{len(layers)}, cpu attention {attn_cpu}; embedding {plan.embedding.weights}, lm_head "
+    return (f"weights of {resident}/{len(layers)} layers resident, {len(layers) - resident} streamed, {ring}; KV "
+            f"on gpu {kv_gpu}/{len(layers)}, on cpu attended there {attn_cpu}, streamed through the ring "
+            f"{kv_ring}; embedding {plan.embedding.weights}, lm_head "
             f"{plan.lm_head.weights}; gpu total {gib(plan.memory.gpu.total)}; predicted bottleneck "
             f"{plan.predicted.bottleneck} with the speeds of: {plan.hardware or 'unknown hardware'}")
 
