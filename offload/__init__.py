@@ -1,7 +1,11 @@
 """The runtime: model code per family, checkpoint loading, offloaded execution, generation.
 
-    model = offload.load("path/to/hf-model", device="cpu", dtype="float32")
-    new_ids = model.generate([[1, 15043, 29892]], max_new_tokens=64)
+    model = offload.load("path/to/hf-model", gpu_memory="8GiB", cpu_memory="48GiB")   # the planner decides
+    model = offload.load("path/to/hf-model", plan="plan.json")                        # offload-plan --json
+    model = offload.load("path/to/hf-model", gpu_layers=20, kv_gpu_layers=0)          # llama.cpp-style
+    model = offload.load("path/to/hf-model", device="cpu", dtype="float32")           # all on one device
+    print(model.plan.summary()); print(model.memory_report())
+    new_ids = model.generate([[1, 15043, 29892]], max_new_tokens=64); print(model.stats.summary())
 """
 from __future__ import annotations
 

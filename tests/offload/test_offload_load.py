@@ -206,3 +206,44 @@ def test_stats_count_every_streamed_byte(llama5):
     resident = offload.load(llama5, device="cpu", max_seq_len=48, max_batch_size=3, progress=False)
     resident.generate(PROMPTS, max_new_tokens=2)
     assert resident.stats.host_to_device_bytes == 0
+
+
+def test_load_logs_the_memory_report_and_the_cpu_tier_once(llama5, caplog):
+    import logging
+    with caplog.at_level(logging.INFO, logger="offload"):
+        model = offload.load(llama5, plan=layout_plan(llama5, **OFFLOADED), progress=False)
+    text = caplog.text
+    assert "gpu tier (cpu)" in text and "cpu tier (host)" in text and "KV cache" in text
+    report = model.memory_report()
+    assert report.splitlines()[0].split() == ["weights", "KV", "cache", "buffers", "workspace", "total",
+                                              "budget", "free"]
+
+
+def test_final_norm_off_the_gpu_tier_is_refused(llama5):
+    import dataclasses
+    plan = layout_plan(llama5, **OFFLOADED)
+    moved = dataclasses.replace(plan, final_norm=dataclasses.replace(plan.final_norm, weights="cpu"),
+                                budget=placement.Budget(gpu_bytes=plan.budget.gpu_bytes,
+                                                        cpu_bytes=plan.budget.cpu_bytes + plan.final_norm.weight_bytes))
+    with pytest.raises(PlanError, match="final_norm"):
+        offload.load(llama5, plan=moved, progress=False)
+
+
+def test_both_head_items_streamed_at_depth_one_is_refused_not_deadlocked(llama5):
+    from offload.checkpoint import Checkpoint
+    from offload.engine import Engine
+    from offload.kv_cache import TorchAttention
+    from offload.load import _read_items
+    from offload.models import build_model
+    from offload.weights import PlacedWeights
+    ckpt = Checkpoint(llama5)
+    tiers = {"embedding": "resident", **dict.fromkeys(range(DEEP_LAYERS), "resident"),
+             "final_norm": "streamed", "lm_head": "streamed"}
+    weights = PlacedWeights(_read_items(ckpt, tiers, torch.float32, False), placement=tiers,
+                            dtype=torch.float32, device="cpu", depth=1)
+    model = build_model(ckpt.arch, "cpu")
+    backends = [TorchAttention.for_layer(ckpt.arch, i, scale=None, max_batch_size=1, max_seq_len=8,
+                                         dtype=torch.float32, device="cpu") for i in range(DEEP_LAYERS)]
+    with pytest.raises(ValueError, match="depth >= 2"):
+        Engine(arch=ckpt.arch, model=model, weights=weights, backends=backends, device="cpu",
+               dtype=torch.float32, max_seq_len=8)
