@@ -59,8 +59,8 @@ class Engine:
         for i, backend in enumerate(self.backends):
             lw = self.weights.acquire(i)
             q, k, v = self.model.attention_inputs(lw, h, ctx)          # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]
-            if getattr(backend, "uses_streamed_cache", False):                            # host cache copied into the slot
-                cache = (lw[K_CACHE], lw[V_CACHE])
+            if getattr(backend, "uses_streamed_cache", False):
+                cache = (lw[K_CACHE], lw[V_CACHE])                     # the host cache's copy in the slot
                 attn = backend.attend(q, k, v, start, lengths, cache=cache)
             else:
                 attn = backend.attend(q, k, v, start, lengths)         # [B, Hq, T, D]
@@ -134,6 +134,14 @@ class Engine:
         reset = getattr(self.weights, "reset", None)
         if reset is not None:
             reset()
+
+    def close(self) -> None:
+        """Free what the engine holds on the device: the weight source's resident weights and ring (its
+        host side too) and the attention backends' caches. Idempotent."""
+        close = getattr(self.weights, "close", None)
+        if close is not None:
+            close()
+        self.backends = []
 
     def transfer_counters(self) -> tuple[int, float]:
         """(host->device bytes, seconds waited on transfers) since creation: streamed weights and KV

@@ -61,6 +61,8 @@ class HostStaging:
             num_bytes *= size
         flat = self._buffers.get(name)
         if flat is None or flat.numel() < num_bytes:
+            # replacing a buffer is safe for the same reason as sharing it: every copy that read or wrote
+            # the old one was queued before the last event sync (see the class docstring)
             flat = allocate_host_bytes(max(num_bytes, 2 * (0 if flat is None else flat.numel())), pin=True)
             self._buffers[name] = flat
         out = flat[:num_bytes].view(dtype).view(shape)

@@ -9,6 +9,7 @@ is the plan's "gpu"-tier total, charged before every "gpu"-tier allocation.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from tqdm.auto import tqdm
@@ -56,7 +57,8 @@ def resolve_device(device) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device {device!r} is not a torch device ({error}); use 'cuda', 'cuda:1' or 'cpu'") from None
+        raise ValueError(f"device {device!r} is not a torch device ({error}); "
+                         "use 'cuda', 'cuda:1' or 'cpu'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but CUDA is not available; use device='cpu'")
     if device.type == "cpu" and not _has_logged_cpu_tier:
@@ -83,19 +85,9 @@ def ring_alignment(plan: Plan, arch: Architecture, tiers: dict, dtype: torch.dty
     shapes = arch.all_tensors()
 
     def item_sizes(item) -> list[int]:
-        sizes = []
-        if tiers[item] == STREAMED:
-            for name in item_tensors(arch, item).values():
-                numel = 1
-                for size in shapes[name]:
-                    numel *= size
-                sizes.append(numel * dtype.itemsize)
-        for shape in kv_items.get(item, {}).values():
-            numel = 1
-            for size in shape:
-                numel *= size
-            sizes.append(numel * dtype.itemsize)
-        return sizes
+        names = item_tensors(arch, item).values() if tiers[item] == STREAMED else ()
+        tensor_shapes = [shapes[name] for name in names] + list(kv_items.get(item, {}).values())
+        return [math.prod(shape) * dtype.itemsize for shape in tensor_shapes]
 
     streamed = [item_sizes(item) for item in weight_items(arch) if tiers[item] == STREAMED or item in kv_items]
     if not streamed:
@@ -112,7 +104,8 @@ def ring_alignment(plan: Plan, arch: Architecture, tiers: dict, dtype: torch.dty
 
 def _read_items(checkpoint: Checkpoint, tiers: dict, dtype: torch.dtype, progress: bool):
     """(item, {key: CPU tensor}) in engine order, read one item at a time. A tied head placed on the
-    same tier as the embedding is handed over as the same tensor object (stored once)."""
+    same tier as the embedding is handed over as the same tensor object, so PlacedWeights stores it once
+    (the one host table is then held until the head is reached)."""
     arch = checkpoint.arch
     keep_tied = arch.tie_word_embeddings and tiers["embedding"] == tiers["lm_head"]
     tied: dict[str, torch.Tensor] = {}

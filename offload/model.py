@@ -48,6 +48,7 @@ class Model:
         self.stats = GenerationStats()
         self._cache_owner = None          # the Session whose conversation the KV cache holds, if any
         self._active_run = None           # token of the call whose steps are running (see _inference)
+        self.is_closed = False
 
     @property
     def device(self) -> torch.device:
@@ -70,6 +71,8 @@ class Model:
 
     def check_request(self, num_rows: int, num_tokens: int, max_new_tokens: int, what: str = "request") -> None:
         """Raise ValueError (touching nothing) unless the cache can hold the request."""
+        if self.is_closed:
+            raise RuntimeError("the model is closed (model.close() freed its memory); load it again")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         if num_rows > self.max_batch_size:
@@ -171,6 +174,25 @@ class Model:
                 if self._active_run is token:
                     self.engine.reset()
                 raise
+
+    def close(self) -> None:
+        """Free the model's memory now (resident weights, prefetch ring, KV caches, the host copies of
+        streamed weights) instead of when it is garbage-collected; the ledger is credited. Idempotent;
+        any call afterwards raises RuntimeError."""
+        if self.is_closed:
+            return
+        self.is_closed = True
+        self._active_run = None
+        self.engine.close()
+        if self.ledger is not None:
+            for category in ("kv_cache", "workspace"):
+                self.ledger.free(category, self.ledger.current_bytes(category))
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def memory_report(self) -> str:
         """Per tier (the "gpu" tier: the compute device; the host): weights, KV cache, buffers, workspace,

@@ -99,7 +99,8 @@ class PlacedWeights:
             extra = sources.pop(item, {})                 # packed now, not held afterwards
             clash = set(extra) & set(tensors)
             if clash:
-                raise ValueError(f"attached tensor name(s) {sorted(clash)} of item {item!r} clash with its weights")
+                raise ValueError(f"attached tensor name(s) {sorted(clash)} of item {item!r} clash with "
+                                 "its weights")
             if tier == STREAMED or extra:
                 streamed.append(item)
                 packed.append(PackedItem.pack({**tensors, **extra} if tier == STREAMED else extra,

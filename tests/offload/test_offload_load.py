@@ -222,9 +222,9 @@ def test_load_logs_the_memory_report_and_the_cpu_tier_once(llama5, caplog):
 def test_final_norm_off_the_gpu_tier_is_refused(llama5):
     import dataclasses
     plan = layout_plan(llama5, **OFFLOADED)
+    cpu_bytes = plan.budget.cpu_bytes + plan.final_norm.weight_bytes
     moved = dataclasses.replace(plan, final_norm=dataclasses.replace(plan.final_norm, weights="cpu"),
-                                budget=placement.Budget(gpu_bytes=plan.budget.gpu_bytes,
-                                                        cpu_bytes=plan.budget.cpu_bytes + plan.final_norm.weight_bytes))
+                                budget=placement.Budget(gpu_bytes=plan.budget.gpu_bytes, cpu_bytes=cpu_bytes))
     with pytest.raises(PlanError, match="final_norm"):
         offload.load(llama5, plan=moved, progress=False)
 
@@ -247,3 +247,16 @@ def test_both_head_items_streamed_at_depth_one_is_refused_not_deadlocked(llama5)
     with pytest.raises(ValueError, match="depth >= 2"):
         Engine(arch=ckpt.arch, model=model, weights=weights, backends=backends, device="cpu",
                dtype=torch.float32, max_seq_len=8)
+
+
+def test_close_frees_everything_and_later_calls_fail_clearly(llama5):
+    with offload.load(llama5, plan=layout_plan(llama5, **OFFLOADED), progress=False) as model:
+        model.generate(PROMPTS, max_new_tokens=2)
+        assert model.ledger.current_bytes() == model.plan.memory.gpu.total - model.plan.memory.gpu.buffers \
+            + model.engine.weights.ring_bytes
+    assert model.ledger.current_bytes() == 0 and model.engine.weights.ring_bytes == 0
+    model.close()                                                       # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        model.generate(PROMPTS, max_new_tokens=2)
+    with pytest.raises(RuntimeError, match="closed"):
+        model.session().generate(TURNS[0], max_new_tokens=2)
