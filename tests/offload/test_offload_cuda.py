@@ -69,7 +69,10 @@ def test_the_copy_stream_is_busy_while_compute_runs(wide):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         model.generate(rows, max_new_tokens=4)
         torch.cuda.synchronize()
-    copies = _intervals(prof, lambda name: "Memcpy HtoD" in name)
+    # the layer copies: pinned -> device and long (a ~17 MB layer takes ~0.5 ms); small pageable copies of
+    # positions on the compute stream are left out
+    copies = [(c0, c1) for c0, c1 in _intervals(prof, lambda name: "Memcpy HtoD" in name and "Pinned" in name)
+              if c1 - c0 > 100]                                              # microseconds
     kernels = _intervals(prof, lambda name: "Memcpy" not in name and "Memset" not in name)
     assert copies and kernels
     overlapping = sum(1 for c0, c1 in copies if any(k0 < c1 and c0 < k1 for k0, k1 in kernels))

@@ -2,6 +2,7 @@
 clear errors before any allocation, sessions and interrupted steps under offloaded plans, stats."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -46,7 +47,8 @@ def test_cli_json_plan_runs_exactly(llama5, tmp_path):
     workload = placement.Workload(batch_size=3, prompt_len=36, gen_len=12)
     budget = _streaming_budget(llama5, workload)
     plan_path = tmp_path / "plan.json"
-    cli = [sys.executable, "-m", "placement", str(llama5), "--gpu-memory", str(budget), "--cpu-memory", "1GiB",
+    command = [shutil.which("offload-plan")] if shutil.which("offload-plan") else [sys.executable, "-m", "placement"]
+    cli = [*command, str(llama5), "--gpu-memory", str(budget), "--cpu-memory", "1GiB",
            "--batch-size", "3", "--prompt-len", "36", "--gen-len", "12", "--json"]
     out = subprocess.run(cli, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
