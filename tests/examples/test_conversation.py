@@ -120,27 +120,40 @@ def test_context_full_leaves_the_conversation_unchanged(folder):
     assert again.reply == first.reply
 
 
-def test_ctrl_c_at_any_moment_keeps_session_and_conversation_consistent(folder, model, chat):
-    """A real SIGINT, landing wherever it lands (prefill, a decode step inside the session, printing)."""
+@pytest.mark.parametrize("where", ["prefill", "decode step 1", "decode step 5", "printing"])
+def test_ctrl_c_at_any_moment_keeps_session_and_conversation_consistent(folder, model, chat, monkeypatch,
+                                                                         where):
+    """A real SIGINT (the default handler raising KeyboardInterrupt), delivered at a chosen moment of the
+    turn: inside the session's prefill, inside a decode step, or while the reply is being printed."""
     import signal
-    import threading
 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     tokenizer, conversation, session = chat
-    for i, delay in enumerate((0.0005, 0.01, 0.04)):
-        before = (list(conversation.messages), list(conversation.token_ids))
-        timer = threading.Timer(delay, signal.raise_signal, (signal.SIGINT,))
-        timer.start()
-        try:
-            result, printed = turn(session, conversation, tokenizer, f"message {i}", max_new_tokens=150)
-        except KeyboardInterrupt:   # landed before the turn began: nothing changed
-            assert (conversation.messages, conversation.token_ids) == before
-            continue
-        finally:
-            timer.join()
-        assert result.stop_reason == "interrupted" and printed in result.reply
-        assert conversation.token_ids == session.tokens
-        assert conversation.messages[-1]["content"] == result.reply.lstrip()
+    turn(session, conversation, tokenizer, "hello")                  # a conversation to interrupt
+    engine, calls = model.engine, []
+
+    def interrupting(method, after_calls):
+        def wrapper(*args, **kwargs):
+            calls.append(method.__name__)
+            if len(calls) == after_calls:
+                signal.raise_signal(signal.SIGINT)                   # lands inside this engine call
+            return method(*args, **kwargs)
+        return wrapper
+
+    on_text = None
+    if where == "prefill":
+        monkeypatch.setattr(engine, "prefill", interrupting(engine.prefill, 1))
+    elif where.startswith("decode"):
+        monkeypatch.setattr(engine, "decode", interrupting(engine.decode, int(where.split()[-1])))
+    else:
+        on_text = interrupting(lambda text: None, 3)
+    kwargs = {"on_text": on_text} if on_text else {}
+    result, printed = turn(session, conversation, tokenizer, "message", max_new_tokens=150, **kwargs)
+    monkeypatch.undo()
+    assert calls and result.stop_reason == "interrupted"
+    assert printed in result.reply
+    assert conversation.token_ids == session.tokens
+    assert conversation.messages[-1]["content"] == result.reply.lstrip()
     last, _ = turn(session, conversation, tokenizer, "and now?")
     assert last.stop_reason != "interrupted"
     check_reply_against_transformers(folder, tokenizer, session, last)
