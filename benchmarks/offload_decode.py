@@ -82,11 +82,14 @@ def plan_bytes_per_step(plan, batch_size: int, context: float) -> int:
 def half_streamed_budget(checkpoint: Path, batch_size: int, prompt_len: int, new_tokens: int,
                          cpu_budget: int) -> int:
     """The "gpu" budget of a manual plan with the first half of the layers resident, the rest streamed,
-    plus the CUDA reserve the runtime's Hardware.detect(gpu_memory=...) subtracts from a budget."""
+    plus the CUDA reserve the runtime subtracts from a budget (none on the CPU, where the CPU stands in)."""
+    import torch
+    from offload.planning import planning_hardware
     spec = placement.load_spec(checkpoint)
     workload = placement.Workload(batch_size=batch_size, prompt_len=prompt_len, gen_len=new_tokens)
     total = placement.manual_plan(spec, workload, gpu_layers=spec.num_layers // 2).memory.gpu.total
-    return total + placement.Hardware.detect(gpu_memory=total, cpu_memory=cpu_budget).cuda_reserve_bytes
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return total + planning_hardware(device_type, total, cpu_budget).cuda_reserve_bytes
 
 
 def run_ours(checkpoint: Path, args, batch_size: int, gpu_budget: int, prompts) -> OursResult:

@@ -140,14 +140,7 @@ class Hardware:
         else:
             device = _cuda_device()
             if device is None:
-                total = detect_cpu_bytes() if cpu_bytes is None else cpu_bytes
-                base = cls(gpu_bytes=total // 2, cpu_bytes=total - total // 2,
-                           pcie_bytes_per_s=cpu_speeds["cpu_attention_bytes_per_s"] / 2,
-                           gpu_flops=cpu_speeds["cpu_flops"],
-                           gpu_mem_bytes_per_s=cpu_speeds["cpu_attention_bytes_per_s"],
-                           name="cpu-only (the CPU stands in for the GPU)", is_cpu_only=True,
-                           **cpu_speeds)
-                return measured.apply(base) if measured else base
+                return cls.cpu_only(cpu_memory=cpu_bytes)     # applies the cached profile itself
             name, gpu_bytes = device
             preset = match_gpu_preset(name)
             if preset is None:
@@ -155,6 +148,29 @@ class Hardware:
             else:
                 base = cls.from_gpu_preset(preset.name, cpu_memory=cpu_bytes, gpu_memory=gpu_bytes)
                 base = dataclasses.replace(base, name=name, **cpu_speeds)
+        return measured.apply(base) if measured else base
+
+    @classmethod
+    def cpu_only(cls, gpu_memory: str | int | None = None,
+                 cpu_memory: str | int | None = None) -> "Hardware":
+        """The CPU standing in for the GPU (a machine without CUDA, or a run on device="cpu"): the "gpu"
+        tier is RAM too, with CPU speeds and no CUDA reserve. Without a "gpu" budget the RAM budget (or the
+        RAM available now) is split in half between the tiers; with only a "gpu" budget the "cpu" tier
+        gets the rest of the available RAM."""
+        speeds = dict(cpu_attention_bytes_per_s=_cpu_attention_speed(), cpu_flops=_cpu_flops())
+        gpu_bytes = None if gpu_memory is None else parse_size(gpu_memory, what="gpu memory")
+        cpu_bytes = None if cpu_memory is None else parse_size(cpu_memory, what="cpu memory")
+        if gpu_bytes is None:       # one RAM budget (given, or available now) split between the tiers
+            total = detect_cpu_bytes() if cpu_bytes is None else cpu_bytes
+            gpu_bytes, cpu_bytes = total // 2, total - total // 2
+        elif cpu_bytes is None:     # the "gpu" budget as given, the rest of the available RAM for "cpu"
+            cpu_bytes = max(detect_cpu_bytes() - gpu_bytes, 0)
+        base = cls(gpu_bytes=gpu_bytes, cpu_bytes=cpu_bytes,
+                   pcie_bytes_per_s=speeds["cpu_attention_bytes_per_s"] / 2,
+                   gpu_flops=speeds["cpu_flops"], gpu_mem_bytes_per_s=speeds["cpu_attention_bytes_per_s"],
+                   name="cpu-only (the CPU stands in for the GPU)", is_cpu_only=True, **speeds)
+        from .profile import load_profile      # local: profile.py imports this module
+        measured = load_profile()
         return measured.apply(base) if measured else base
 
     @classmethod

@@ -28,14 +28,27 @@ def llama5(tmp_path_factory):
     return path
 
 
-def _streaming_budget(path, workload) -> int:
+def _hardware(gpu_memory, cpu_memory):
+    """What offload.load plans for on this machine's default device (the CPU stands in without CUDA)."""
+    if torch.cuda.is_available():
+        return placement.Hardware.detect(gpu_memory=gpu_memory, cpu_memory=cpu_memory)
+    return placement.Hardware.cpu_only(gpu_memory=gpu_memory, cpu_memory=cpu_memory)
+
+
+def _cli_hardware(gpu_memory, cpu_memory):
+    """What `offload-plan --gpu-memory` plans for: a GPU with those budgets (maybe not this machine's)."""
+    return placement.Hardware.detect(gpu_memory=gpu_memory, cpu_memory=cpu_memory)
+
+
+def _streaming_budget(path, workload, hardware=_hardware) -> int:
     """A GPU budget (bytes) for which the planner keeps some layers resident and streams others."""
     spec = placement.load_spec(path)
     full = placement.manual_plan(spec, workload)
+    everything = full.memory.gpu.total + hardware(full.memory.gpu.total, "1GiB").cuda_reserve_bytes
     for fraction in (0.01, 0.05, 0.1, 0.2, 0.3, 0.5):
-        budget = full.budget.gpu_bytes - int(fraction * full.memory.gpu.weights)
+        budget = everything - int(fraction * full.memory.gpu.weights)
         try:
-            plan = placement.plan(spec, placement.Hardware.detect(gpu_memory=budget, cpu_memory="1GiB"), workload)
+            plan = placement.plan(spec, hardware(budget, "1GiB"), workload)
         except PlanError:
             continue
         if any(l.weights == "cpu" for l in plan.layers):
@@ -45,7 +58,7 @@ def _streaming_budget(path, workload) -> int:
 
 def test_cli_json_plan_runs_exactly(llama5, tmp_path):
     workload = placement.Workload(batch_size=3, prompt_len=36, gen_len=12)
-    budget = _streaming_budget(llama5, workload)
+    budget = _streaming_budget(llama5, workload, _cli_hardware)
     plan_path = tmp_path / "plan.json"
     command = [shutil.which("offload-plan")] if shutil.which("offload-plan") else [sys.executable, "-m", "placement"]
     cli = [*command, str(llama5), "--gpu-memory", str(budget), "--cpu-memory", "1GiB",
@@ -88,7 +101,7 @@ def test_budgets_choose_the_plan_and_budget_too_small_fails_before_allocating(ll
     model = offload.load(llama5, gpu_memory=budget, cpu_memory="1GiB", max_batch_size=3, max_seq_len=48,
                          progress=False)
     spec = placement.load_spec(llama5)
-    want = placement.plan(spec, placement.Hardware.detect(gpu_memory=budget, cpu_memory="1GiB"), workload)
+    want = placement.plan(spec, _hardware(budget, "1GiB"), workload)
     assert model.plan == want and model.plan.workload == workload      # gen_len = max_seq_len // 4
     assert_runs_plan(model, want)
     assert model.generate(PROMPTS, max_new_tokens=NUM_NEW) == reference(llama5)[1]
