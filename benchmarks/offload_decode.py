@@ -68,14 +68,15 @@ class OursResult:
         return statistics.median(self.rates) if self.rates else 0.0
 
 
-def plan_bytes_per_step(plan, batch_size: int, context: float) -> int:
-    """Host->device bytes one decode step of `plan` copies, attending over `context` cached tokens."""
+def plan_bytes_per_step(plan) -> int:
+    """Host->device bytes one decode step of `plan` copies: streamed weights, a streamed LM head, and the
+    whole preallocated KV cache of each layer whose CPU cache is attended on the GPU."""
     total = plan.lm_head.read_bytes if plan.lm_head.weights == "cpu" else 0
     for layer in plan.layers:
         if layer.weights == "cpu":
             total += layer.weight_bytes
-        if layer.kv == "cpu" and layer.attention == "gpu":   # the cached part goes through the ring
-            total += int(layer.kv_bytes * batch_size * context / (plan.max_batch_size * plan.max_seq_len))
+        if layer.kv == "cpu" and layer.attention == "gpu":   # the layer's cache goes through the ring
+            total += layer.kv_bytes
     return total
 
 
@@ -254,7 +255,6 @@ def main(argv=None) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     prompts = {b: torch.randint(0, spec.arch.vocab_size, (b, args.prompt_len), generator=generator).tolist()
                for b in args.batch_sizes}
-    context = args.prompt_len + args.new_tokens / 2
     ours = {}
     for b in args.batch_sizes:
         budget = args.gpu_budget or half_streamed_budget(path, b, args.prompt_len, args.new_tokens, args.cpu_budget)
@@ -291,7 +291,7 @@ def main(argv=None) -> None:
         if r.error:
             print(f"{b:>3} {gib(r.gpu_budget):>10}  n/a: {r.error}")
             continue
-        step_bytes = plan_bytes_per_step(r.plan, b, context)
+        step_bytes = plan_bytes_per_step(r.plan)
         bound = b / bandwidth.seconds_for(step_bytes) if step_bytes else None
         peer_rate = peer_rates.get(b)
         predicted = r.plan.predicted.decode_tokens_per_s

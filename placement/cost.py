@@ -91,9 +91,9 @@ class CostModel:
         return max(flops / self.hw.gpu_flops, num_bytes / self.hw.gpu_mem_bytes_per_s)
 
     def layer(self, *, weights: str, kv: str, attention: str, weight_bytes: int, num_rows: int,
-              num_keys: float, num_prior_keys: float) -> ItemCost:
+              num_keys: float) -> ItemCost:
         """One decoder layer processing `num_rows` tokens per sequence, each attending over
-        `num_keys` keys on average, `num_prior_keys` of them already cached before this pass."""
+        `num_keys` keys on average."""
         spec, hw, B = self.spec, self.hw, self.wl.batch_size
         tokens = B * num_rows
         kv_read = B * num_keys * spec.kv_bytes_per_token
@@ -104,8 +104,9 @@ class CostModel:
             transfer_s += weight_bytes / hw.pcie_bytes_per_s
         if attention == "gpu":
             gpu_s += self._gpu(attn_flops, kv_read)
-            if kv == "cpu":   # the cached part crosses PCIe through the ring
-                transfer_s += B * num_prior_keys * spec.kv_bytes_per_token / hw.pcie_bytes_per_s
+            if kv == "cpu":   # the runtime brings the layer's whole preallocated cache through the ring
+                cache_tokens = B * (self.wl.prompt_len + self.wl.gen_len)
+                transfer_s += cache_tokens * spec.kv_bytes_per_token / hw.pcie_bytes_per_s
         else:
             arch = spec.arch
             qkvo = tokens * (2 * arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim * self.dtype_bytes
@@ -137,16 +138,15 @@ class CostModel:
     # ---- whole passes -------------------------------------------------------------------------
     def decode_layer(self, weights: str, kv: str, attention: str, weight_bytes: int) -> ItemCost:
         return self.layer(weights=weights, kv=kv, attention=attention, weight_bytes=weight_bytes,
-                          num_rows=1, num_keys=self.decode_context, num_prior_keys=self.decode_context)
+                          num_rows=1, num_keys=self.decode_context)
 
     def prefill_layer(self, weights: str, kv: str, attention: str, weight_bytes: int,
                       chunk: int) -> ItemCost:
         prompt = self.wl.prompt_len
         chunk = min(chunk, prompt)
-        # averaged over the chunks: keys per query (prompt + chunk) / 2, already cached (prompt - chunk) / 2
+        # averaged over the chunks: keys per query (prompt + chunk) / 2
         return self.layer(weights=weights, kv=kv, attention=attention, weight_bytes=weight_bytes,
-                          num_rows=chunk, num_keys=(prompt + chunk) / 2,
-                          num_prior_keys=(prompt - chunk) / 2)
+                          num_rows=chunk, num_keys=(prompt + chunk) / 2)
 
     def prefill_seconds(self, body, *, lm_head: ItemCost, embedding: ItemCost, depth: int,
                         chunk: int) -> float:

@@ -93,13 +93,13 @@ def test_plan_bytes_per_step_counts_what_a_step_streams():
     layer_bytes = size * sum(_numel(s) for s in arch.layer_tensors(0).values())
     head_bytes = size * _numel(arch.lm_head_tensors()["lm_head.weight"])
     all_streamed = placement.manual_plan(spec, workload, gpu_layers=0)
-    assert offload_decode.plan_bytes_per_step(all_streamed, 4, 110) == 32 * layer_bytes + head_bytes
+    assert offload_decode.plan_bytes_per_step(all_streamed) == 32 * layer_bytes + head_bytes
     resident = placement.manual_plan(spec, workload)
-    assert offload_decode.plan_bytes_per_step(resident, 4, 110) == 0
-    # KV on the CPU attended by the GPU: the cached tokens of every row cross PCIe each step
+    assert offload_decode.plan_bytes_per_step(resident) == 0
+    # KV on the CPU attended by the GPU: the whole preallocated cache (B x (prompt + gen)) crosses each step
     kv_through_ring = placement.manual_plan(spec, workload, kv_gpu_layers=0, cpu_attention=False)
     kv_per_token = 2 * arch.num_kv_heads * arch.head_dim * size
-    assert offload_decode.plan_bytes_per_step(kv_through_ring, 4, 110) == 32 * 4 * 110 * kv_per_token
+    assert offload_decode.plan_bytes_per_step(kv_through_ring) == 32 * 4 * 128 * kv_per_token
 
 
 def _numel(shape):
