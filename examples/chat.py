@@ -119,7 +119,7 @@ def read_messages(is_tty: bool):
         try:
             line = input("you> ") if is_tty else sys.stdin.readline()
         except KeyboardInterrupt:
-            print(f"\n(Ctrl-D or /quit exits)")
+            print("\n(Ctrl-D or /quit exits)")
             continue
         except EOFError:
             return

@@ -7,13 +7,13 @@ project_in), the final norm (plus OPT's project_out) and the LM head (no bytes o
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .architecture import DTYPE_BYTES, Architecture, ConfigError, normalize_dtype
 from .headers import SAFETENSORS_DTYPES, TensorInfo, read_checkpoint_headers
+from .jsonfile import read_json_object
 from . import presets
 
 
@@ -189,19 +189,7 @@ def load_spec(name_or_path: str | Path, dtype: str | None = None) -> ModelSpec:
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: not found (a checkpoint directory needs a config.json)") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: malformed JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: must hold a JSON object, found {type(config).__name__}")
-    return config
+    return read_json_object(path, ConfigError, missing="not found (a checkpoint directory needs a config.json)")
 
 
 def _match_tensors(arch: Architecture, headers: dict[str, TensorInfo], where: Path) -> dict:

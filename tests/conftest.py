@@ -1,6 +1,4 @@
 """Shared test configuration: `@pytest.mark.cuda` tests are skipped without a CUDA GPU."""
-import os
-import sys
 from pathlib import Path
 
 import pytest

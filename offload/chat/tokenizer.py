@@ -5,9 +5,10 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from placement.jsonfile import read_json_object
 
 # The named special tokens transformers passes to a chat template (`special_tokens_map`).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
@@ -20,15 +21,7 @@ class ChatSetupError(ValueError):
 
 def read_json(path: Path) -> dict:
     """The JSON object in `path`, or {} when the file does not exist; ChatSetupError when unreadable."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ChatSetupError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise ChatSetupError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+    return read_json_object(path, ChatSetupError) if path.is_file() else {}
 
 
 def token_content(value: Any) -> str | None:
