@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
+    if args.new_tokens < 2 or args.prompt_len < 1 or args.repeats < 1:
+        parser.error("--new-tokens must be >= 2 (decode rate = (N - 1) / time), --prompt-len and --repeats >= 1")
 
     import transformers
     import offload
@@ -67,8 +69,9 @@ def main() -> None:
     def run_ours(p, n):
         return ours.generate([p], max_new_tokens=n)
 
-    check = run_ours(prompt, 8)[0]
-    assert check == run_hf(prompt, 8)[0, len(prompt):].tolist(), "outputs differ: not a fair comparison"
+    num_check = min(8, args.new_tokens)
+    check = run_ours(prompt, num_check)[0]
+    assert check == run_hf(prompt, num_check)[0, len(prompt):].tolist(), "outputs differ: not a fair comparison"
     rates = decode_rates({"hf": run_hf, "ours": run_ours}, prompt, args.new_tokens, args.repeats)
     rate_hf, rate_ours = rates["hf"], rates["ours"]
     run_ours(prompt, args.new_tokens)
