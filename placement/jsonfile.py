@@ -17,10 +17,15 @@ def read_json_object(path: Path | str, error: type[Exception] = ValueError, *,
         raise error(f"{path}: {missing}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise error(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    return parse_json_object(text, str(path), error)
+
+
+def parse_json_object(text: str, where: str, error: type[Exception] = ValueError) -> dict:
+    """The JSON object in `text`; `error("<where>: <what is wrong>")` when it is not one."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise error(f"{path}: malformed JSON (line {e.lineno}: {e.msg})") from None
+        raise error(f"{where}: malformed JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(value, dict):
-        raise error(f"{path}: expected a JSON object, found {type(value).__name__}")
+        raise error(f"{where}: expected a JSON object, found {type(value).__name__}")
     return value

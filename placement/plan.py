@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .workload import Workload
+from .jsonfile import parse_json_object, read_json_object
 
 PLACEMENTS = ("gpu", "cpu")
 BOTTLENECKS = ("pcie", "gpu", "cpu")
@@ -302,17 +303,7 @@ class Plan:
     def from_json(cls, text_or_path: str | Path) -> "Plan":
         """From JSON text or a path to a JSON file (as written by to_json or `offload-plan --json`)."""
         if isinstance(text_or_path, str) and text_or_path.lstrip().startswith("{"):
-            text, where = text_or_path, "plan JSON"
+            data = parse_json_object(text_or_path, "plan JSON", PlanError)
         else:
-            where = str(text_or_path)
-            try:
-                text = Path(text_or_path).read_text(encoding="utf-8")
-            except OSError as e:
-                raise PlanError(f"{where}: cannot read plan ({e.strerror or e})") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PlanError(f"{where}: malformed JSON (line {e.lineno}: {e.msg})") from None
-        if not isinstance(data, dict):
-            raise PlanError(f"{where}: a plan is a JSON object")
+            data = read_json_object(text_or_path, PlanError, missing="cannot read plan (no such file)")
         return cls.from_dict(data)
