@@ -6,14 +6,15 @@ dtype, shape, byte offset aligned to `alignment`), and `PackedItem.views_of(buff
 tensors as views into any flat buffer holding the same bytes: the host buffer itself or a device slot.
 
 Pinning, with CUDA present: the buffer is allocated pageable and registered with `cudaHostRegister`
-(page-locked in place, exactly `num_bytes`; torch's pinned allocator rounds every request up to a power
-of two, which would cost up to 2x host RAM for a 70B model's weights). If registration is not available
+(page-locked in place, `num_bytes` plus at most two pages; torch's pinned allocator rounds every request
+up to a power of two, which would cost up to 2x host RAM for a 70B model's weights). If registration is not available
 it falls back to `torch.empty(..., pin_memory=True)`; if pinning fails (OS limit, no memory), to pageable
 memory with ONE warning per process: copies then run at pageable speed but nothing crashes. Without
 CUDA the buffer is plain memory and nothing is said: there is no PCIe to pin for.
 """
 from __future__ import annotations
 
+import mmap
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -42,22 +43,52 @@ def _warn_pin_failure_once(num_bytes: int, error: BaseException) -> None:
                   PinnedMemoryWarning, stacklevel=3)
 
 
-def _register_in_place(buffer: torch.Tensor) -> None:
-    """Page-lock `buffer` with cudaHostRegister; unregistered when the tensor object is collected."""
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error that a failed cudaHostRegister leaves behind.
+
+    torch's cudart binding has no cudaGetLastError, and every torch kernel launch checks (and resets)
+    it: left alone, the stale error would fail some unrelated later kernel. A tiny kernel consumes it.
+    """
+    try:
+        torch.zeros(1, device="cuda")
+    except RuntimeError:
+        pass
+
+
+def _register_in_place(num_bytes: int) -> torch.Tensor:
+    """A new flat uint8 CPU tensor of `num_bytes`, page-locked with cudaHostRegister.
+
+    The registered range is whole pages lying inside this one allocation (it is over-allocated by up to
+    two pages): the driver locks whole pages and refuses a range sharing a page with an earlier
+    registration (cudaErrorHostMemoryAlreadyRegistered), which two neighbouring heap buffers would.
+    Unregistered when the returned tensor OBJECT is collected: callers keep that object alive (views
+    alone do not keep the registration).
+    """
     cudart = torch.cuda.cudart()
-    ptr, num_bytes = buffer.data_ptr(), buffer.numel()
-    error = cudart.cudaHostRegister(ptr, num_bytes, 0)
+    page = mmap.PAGESIZE
+    num_locked = align_up(num_bytes, page)
+    raw = torch.empty(num_locked + page, dtype=torch.uint8)
+    skip = -raw.data_ptr() % page
+    region = raw[skip:skip + num_locked]
+    ptr = region.data_ptr()
+    assert ptr % page == 0 and region.numel() == num_locked, (ptr, num_locked)
+    error = cudart.cudaHostRegister(ptr, num_locked, 0)
     if isinstance(error, tuple):                        # some bindings return (error, ...)
         error = error[0]
     if int(error) != 0:
+        _clear_cuda_error()
         raise RuntimeError(f"cudaHostRegister failed with cudaError {int(error)}")
+    buffer = region[:num_bytes]
     weakref.finalize(buffer, cudart.cudaHostUnregister, ptr)
+    return buffer
 
 
 def allocate_host_bytes(num_bytes: int, *, pin: bool | None = None) -> torch.Tensor:
     """A flat uint8 CPU tensor of `num_bytes`; page-locked when `pin` (default: when CUDA is available).
 
     Never raises for a pinning failure: falls back to pageable memory with one PinnedMemoryWarning.
+    A registered buffer stays page-locked while the returned tensor object lives (keep it, not only
+    views of it).
     """
     if num_bytes < 0:
         raise ValueError(f"num_bytes must be >= 0, got {num_bytes}")
@@ -65,9 +96,8 @@ def allocate_host_bytes(num_bytes: int, *, pin: bool | None = None) -> torch.Ten
         pin = torch.cuda.is_available()
     if not pin or num_bytes == 0:
         return torch.empty(num_bytes, dtype=torch.uint8)
-    buffer = torch.empty(num_bytes, dtype=torch.uint8)
     try:
-        _register_in_place(buffer)
+        buffer = _register_in_place(num_bytes)
         if buffer.is_pinned():
             return buffer
     except Exception:                                   # no cudart binding, no driver, registration refused
@@ -76,7 +106,7 @@ def allocate_host_bytes(num_bytes: int, *, pin: bool | None = None) -> torch.Ten
         return torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
     except Exception as error:                          # OS pin limit, out of memory, no driver
         _warn_pin_failure_once(num_bytes, error)
-        return buffer
+        return torch.empty(num_bytes, dtype=torch.uint8)
 
 
 def align_up(num_bytes: int, alignment: int) -> int:

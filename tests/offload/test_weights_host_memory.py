@@ -85,3 +85,59 @@ def test_pinned_allocation_is_exact_and_page_locked():
     assert buffer.is_pinned() and buffer.numel() == 3 * (1 << 20) + 17
     packed = PackedItem.pack({"w": torch.randn(256, 256)}, pin=True)
     assert packed.is_pinned
+
+
+class FakeCudart:
+    """Records cudaHostRegister/Unregister calls; `register_error` is what registration returns."""
+
+    def __init__(self, register_error: int = 0):
+        self.register_error = register_error
+        self.registered: list[tuple[int, int, int]] = []
+        self.unregistered: list[int] = []
+
+    def cudaHostRegister(self, ptr, size, flags):
+        self.registered.append((ptr, size, flags))
+        return self.register_error
+
+    def cudaHostUnregister(self, ptr):
+        self.unregistered.append(ptr)
+        return 0
+
+
+def test_registration_locks_whole_pages_of_its_own_and_unregisters_with_the_buffer(monkeypatch):
+    import gc
+    import mmap
+    cudart = FakeCudart()
+    monkeypatch.setattr(host_memory.torch.cuda, "cudart", lambda: cudart)
+    buffers = [host_memory._register_in_place(n) for n in (1000, 20, mmap.PAGESIZE, 3 * mmap.PAGESIZE + 1)]
+    for buffer, (ptr, size, flags) in zip(buffers, cudart.registered):
+        storage = buffer.untyped_storage()
+        assert ptr == buffer.data_ptr() and ptr % mmap.PAGESIZE == 0 and size % mmap.PAGESIZE == 0
+        assert size >= buffer.numel() and flags == 0
+        # the locked pages lie inside this buffer's own allocation: no page is shared with another buffer
+        assert storage.data_ptr() <= ptr and ptr + size <= storage.data_ptr() + storage.nbytes()
+    assert [b.numel() for b in buffers] == [1000, 20, mmap.PAGESIZE, 3 * mmap.PAGESIZE + 1]
+    first_ptr = cudart.registered[0][0]
+    del buffers, buffer, storage
+    gc.collect()
+    assert sorted(cudart.unregistered) == sorted(ptr for ptr, _, _ in cudart.registered)
+    assert first_ptr in cudart.unregistered
+
+
+def test_a_refused_registration_clears_the_cuda_error_and_falls_back_to_torch_pinning(monkeypatch):
+    cudart = FakeCudart(register_error=712)       # cudaErrorHostMemoryAlreadyRegistered
+    cleared, pinned_requests = [], []
+    monkeypatch.setattr(host_memory.torch.cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(host_memory, "_clear_cuda_error", lambda: cleared.append(True))
+    real_empty = torch.empty
+
+    def empty(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            pinned_requests.append(args)
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(host_memory.torch, "empty", empty)
+    buffer = allocate_host_bytes(5000, pin=True)
+    assert buffer.numel() == 5000 and len(cudart.registered) == 1
+    assert cleared == [True], "the runtime's last error must be reset or a later kernel launch fails"
+    assert pinned_requests == [(5000,)]
