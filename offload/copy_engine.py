@@ -27,6 +27,9 @@ class CudaCopyEngine:
         assert device.type == "cuda", device
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
+        # the ring was just allocated on the compute stream, whose queued kernels may still use that memory
+        # (the caching allocator reuses blocks in stream order): the first copies must come after them
+        self.stream.wait_stream(torch.cuda.current_stream(device))
         self._copy_done = [torch.cuda.Event() for _ in range(depth)]
         self._compute_done = [torch.cuda.Event() for _ in range(depth)]
         self._is_compute_recorded = [False] * depth

@@ -33,7 +33,11 @@ def allocate_host_kv(*, max_batch_size: int, num_kv_heads: int, max_seq_len: int
     caches = []
     for _ in range(2):
         # zeroed: masked slots are multiplied by 0, and 0 * NaN of stale memory would be NaN
-        cache = allocate_host_bytes(num_bytes, pin=pin).zero_().view(dtype).view(shape)
+        flat = allocate_host_bytes(num_bytes, pin=pin).zero_()
+        cache = flat.view(dtype).view(shape)
+        # a registration lasts as long as the object allocate_host_bytes returned (host_memory.py), and a
+        # view does not keep that object: the cache holds it
+        cache.host_buffer = flat
         assert cache.is_contiguous() and cache.device.type == "cpu"
         caches.append(cache)
     return caches[0], caches[1]
