@@ -59,8 +59,9 @@ def _register_in_place(num_bytes: int) -> torch.Tensor:
     """A new flat uint8 CPU tensor of `num_bytes`, page-locked with cudaHostRegister.
 
     The registered range is whole pages lying inside this one allocation (it is over-allocated by up to
-    two pages): the driver locks whole pages and refuses a range sharing a page with an earlier
-    registration (cudaErrorHostMemoryAlreadyRegistered), which two neighbouring heap buffers would.
+    two pages): the driver locks whole pages, so no registration shares a page with another buffer's
+    (a range overlapping an earlier registration is refused: cudaErrorHostMemoryAlreadyRegistered, and
+    unregistering one buffer never touches a page another still uses).
     Unregistered when the returned tensor OBJECT is collected: callers keep that object alive (views
     alone do not keep the registration).
     """
