@@ -109,7 +109,9 @@ class Engine:
                 self.weights.skip("final_norm")
                 self.weights.skip("lm_head")
             if all_logits:
-                logits = self.logits(h)                             # [B, T, V]
+                # [B, T, V] float32 per chunk, moved to the host at once: the plan's workspace covers one
+                # chunk's logits, not the whole prompt's (this blocks on the device; forward() only)
+                logits = self.logits(h).cpu()
                 for b in range(B):
                     logits[b, max(0, num_tokens[b] - c0):] = 0.0
                 chunks.append(logits)

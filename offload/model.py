@@ -86,7 +86,9 @@ class Model:
     # ---- public API ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, input_ids) -> torch.Tensor:
-        """float32 logits [B, T, V] for every position (rows of a ragged list: zeros past their end)."""
+        """float32 logits [B, T, V] for every position, on the CPU (rows of a ragged list: zeros past their
+        end). Each prefill chunk's logits leave the device as soon as they are computed, so the GPU never
+        holds more than one chunk's worth, as the plan's workspace assumes."""
         rows = as_rows(input_ids, self.arch.vocab_size)
         self.check_request(len(rows), max(map(len, rows)), 0)
         self._cache_owner = None

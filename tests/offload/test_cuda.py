@@ -18,7 +18,7 @@ def test_cuda_matches_transformers(checkpoint_factory, variant):
     model = offload.load(path, device="cuda", dtype="float32", max_batch_size=2, max_seq_len=64,
                          prefill_chunk_size=4, progress=False)
     logits = model.forward([PROMPT])
-    assert logits.device.type == "cuda"
+    assert logits.device.type == "cpu"          # forward() hands logits to the host chunk by chunk
     torch.testing.assert_close(logits[0].cpu(), hf_logits(hf, PROMPT), atol=1e-4, rtol=0)
     assert model.generate([PROMPT, PROMPT[:4]], max_new_tokens=12) == \
         [hf_greedy(hf, PROMPT, 12), hf_greedy(hf, PROMPT[:4], 12)]
