@@ -108,6 +108,8 @@ def stats_report(result, model) -> str:
            f"reused {turn.num_reused_tokens} tokens of the conversation")
     if turn.is_reset:
         fed += f" (session reset: {turn.reason})" if turn.reason else " (new conversation)"
+    elif turn.num_dropped_tokens:
+        fed += f", dropped the {turn.num_dropped_tokens} after them ({turn.reason})"
     return (f"{fed}; decode {s.num_decode_tokens} tokens at {s.decode_tokens_per_second:.1f} tokens/s; "
             f"host->device {s.host_to_device_bytes / 1e9:.2f} GB at {s.achieved_gb_per_second:.2f} GB/s; "
             f"reply {result.num_generated_tokens} tokens, ended by {result.stop_reason}")

@@ -35,6 +35,20 @@ class Session:
         """Forget the conversation (the cache slots are simply overwritten by the next turn)."""
         self._tokens, self._num_cached = [], 0
 
+    def truncate(self, num_tokens: int) -> None:
+        """Keep the first `num_tokens` tokens of the conversation and drop the rest; the next turn prefills
+        from there (the cache slots past `num_tokens` are simply overwritten). `truncate(0)` is `reset()`.
+        Call it between turns, not while a stream of this session is still being read."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+            raise ValueError(f"truncate takes a number of tokens (int), got {num_tokens!r}")
+        if not 0 <= num_tokens <= len(self._tokens):
+            raise ValueError(f"cannot truncate to {num_tokens} tokens: the conversation has "
+                             f"{len(self._tokens)} (use 0 to {len(self._tokens)})")
+        # The cache holds the KV of the conversation's first _num_cached tokens (when this session still
+        # owns it; otherwise the next turn rebuilds anyway), so its first num_tokens of them stay valid.
+        self._tokens = self._tokens[:num_tokens]
+        self._num_cached = min(self._num_cached, num_tokens)
+
     def generate(self, token_ids: list[int], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop_token_ids=None) -> list[int]:
@@ -60,10 +74,10 @@ class Session:
         if model._cache_owner is not self:
             self._num_cached = 0         # someone else wrote the cache: rebuild from the conversation
         conversation = self._tokens + new
-        pending = conversation[self._num_cached:]
-        if not pending:
-            raise ValueError("nothing to condition on: the conversation is fully cached and the turn is empty")
-        start = self._num_cached         # slots before `start` stay valid whatever happens next
+        # A fully cached conversation (an empty turn after a prefill-only turn or a truncate) re-feeds its
+        # last token, rewriting that slot with the same values, to get the logits that follow it.
+        start = min(self._num_cached, len(conversation) - 1)   # slots before it stay valid whatever happens
+        pending = conversation[start:]
         self._tokens = conversation
         cache_lengths = [start]
         steps = model._run([pending], [start], max_new_tokens, params, stop_ids, cache_lengths, owner=self)

@@ -6,8 +6,10 @@ prompts it was given plus the reply tokens it generated, decoded in context (sto
 When the rendering starts with that text, only the rest is tokenized and given; the replies keep the
 exact tokens the model produced (re-tokenizing a reply would rarely give the same ids). When it does not
 (templates are not always prefix-stable: some strip or rewrite earlier turns, some put a space before
-the end-of-turn token the model produced), the session is reset and the whole conversation prefilled,
-and the turn says why.
+the end-of-turn token the model produced), the whole rendering is tokenized and compared, as TOKEN ids,
+with what the session holds: the session is truncated to the longest common prefix (its cache for those
+positions is exactly what a fresh prefill of them would give) and only the rest is prefilled; the turn
+says why (a reset when nothing is in common).
 
 The session's `tokens` are the authority on what it holds (also after Ctrl-C cut a reply short: what
 was generated up to then is the reply), so a turn is `begin_turn(text, session.tokens)`, stream,
@@ -31,17 +33,23 @@ class ContextFullError(ValueError):
 class TurnInput:
     """What one turn gives the session."""
 
-    token_ids: list[int]            # for session.stream (after session.reset() when is_reset)
-    is_reset: bool                  # the session's conversation must be dropped first
-    num_reused_tokens: int          # tokens of the session's conversation kept as they are
+    token_ids: list[int]            # for session.stream, after session.truncate(num_reused_tokens)
+    is_reset: bool                  # the session's conversation is dropped entirely first
+    num_reused_tokens: int          # leading tokens of the session's conversation kept as they are
     max_new_tokens: int             # the reply's budget, capped by the room left in the context
-    reason: str | None = None       # why the session was reset (for --stats / debug output)
+    reason: str | None = None       # why the session was reset or truncated (for --stats / debug output)
+    num_dropped_tokens: int = 0     # trailing tokens of the session's conversation dropped first
 
     def __post_init__(self):
         if not self.token_ids:
             raise ValueError("a turn must give at least one token")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_reused_tokens < 0 or self.num_dropped_tokens < 0:
+            raise ValueError(f"token counts must be >= 0, got num_reused_tokens={self.num_reused_tokens}, "
+                             f"num_dropped_tokens={self.num_dropped_tokens}")
+        if self.is_reset and self.num_reused_tokens:
+            raise ValueError(f"a reset turn reuses no tokens, got num_reused_tokens={self.num_reused_tokens}")
 
 
 def in_context_text(tokenizer: ChatTokenizer, context_ids: list[int], ids: list[int],
@@ -53,6 +61,16 @@ def in_context_text(tokenizer: ChatTokenizer, context_ids: list[int], ids: list[
     if after.startswith(before):
         return after[len(before):]
     return tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading items `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class Conversation:
@@ -80,23 +98,30 @@ class Conversation:
         ChatTemplateError (e.g. a template that insists on alternating roles), changing nothing."""
         messages = self.messages + [{"role": "user", "content": user_text}]
         rendered = self.template.render(messages, add_generation_prompt=True)
-        reason = None
-        if list(session_ids) != self.token_ids:
+        session_ids, reason = list(session_ids), None
+        if session_ids != self.token_ids:
             reason = "the session holds other tokens than this conversation"
         elif not rendered.startswith(self.text):
             reason = "the chat template renders the earlier turns differently now"
-        if reason is None and self.token_ids:
-            kept_ids, kept_text = self.token_ids, self.text
-            new_ids = self.tokenizer.encode_continuation(rendered[len(kept_text):])
+        if reason is None:
+            kept_ids = self.token_ids
+            new_ids = self.tokenizer.encode_continuation(rendered[len(self.text):]) if kept_ids else \
+                self.tokenizer.encode(rendered)
         else:
-            kept_ids, kept_text = [], ""
-            new_ids = self.tokenizer.encode(rendered)
+            # Keep the longest common token prefix (at least one token is left to feed).
+            full_ids = self.tokenizer.encode(rendered)
+            num_common = common_prefix_length(session_ids, full_ids[:-1])
+            kept_ids, new_ids = full_ids[:num_common], full_ids[num_common:]
+            if num_common:
+                reason += f"; truncated the session to the {num_common} leading tokens in common"
         total = len(kept_ids) + len(new_ids)
         if total >= self.max_context or not new_ids:
             raise ContextFullError(f"the conversation would need {total} tokens and the context holds "
                                    f"{self.max_context}: type /reset to start a new conversation")
-        turn = TurnInput(token_ids=new_ids, is_reset=reason is not None, num_reused_tokens=len(kept_ids),
-                         max_new_tokens=min(max_new_tokens, self.max_context - total), reason=reason)
+        is_reset = reason is not None and not kept_ids
+        turn = TurnInput(token_ids=new_ids, is_reset=is_reset, num_reused_tokens=len(kept_ids),
+                         max_new_tokens=min(max_new_tokens, self.max_context - total), reason=reason,
+                         num_dropped_tokens=len(session_ids) - len(kept_ids))
         self._turn = (self.messages, self.token_ids, self.text)
         self.messages, self.token_ids, self.text = messages, kept_ids + new_ids, rendered
         return turn

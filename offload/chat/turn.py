@@ -14,7 +14,7 @@ class TurnResult:
 
     reply: str                      # the reply's text (also when cut short)
     num_generated_tokens: int
-    turn: TurnInput                 # what was fed: new tokens, reused tokens, reset and why
+    turn: TurnInput                 # what was fed: new, reused and dropped tokens, reset and why
     stop_reason: str                # "stop" (a stop token), "length" (max_new_tokens) or "interrupted"
     requested_max_new_tokens: int   # what the caller asked for (turn.max_new_tokens may be capped)
 
@@ -44,6 +44,8 @@ def run_turn(session, conversation: Conversation, user_text: str, *, max_new_tok
     try:
         if turn.is_reset:
             session.reset()
+        elif turn.num_dropped_tokens:
+            session.truncate(turn.num_reused_tokens)   # the template re-rendered the tail differently
         stream = session.stream(turn.token_ids, max_new_tokens=turn.max_new_tokens,
                                 stop_token_ids=list(stop_token_ids), **sampling)
         for token_id in stream:

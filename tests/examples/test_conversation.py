@@ -87,19 +87,30 @@ def test_interrupted_reply_is_kept_and_the_conversation_goes_on(folder, model, c
     check_reply_against_transformers(folder, tokenizer, session, second)
 
 
-def test_template_that_rewrites_history_falls_back_to_full_prefill(folder, model):
+def test_template_that_rewrites_history_truncates_to_the_common_token_prefix(folder, model):
     tokenizer = ChatTokenizer.from_dir(folder)
-    counting = "[{{ messages | length }} messages]{% for m in messages %}{{ m.role }}: {{ m.content }}\n" \
-               "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    counting = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}" \
+               "[{{ messages | length }} messages]{% if add_generation_prompt %}assistant:{% endif %}"
     conversation = Conversation(tokenizer, ChatTemplate(counting, tokenizer.special_tokens),
                                 max_context=model.max_seq_len)
     session = model.session()
     turn(session, conversation, tokenizer, "one")
+    held = session.tokens
     second, _ = turn(session, conversation, tokenizer, "two")
-    assert second.turn.is_reset and "differently" in second.turn.reason
-    assert second.turn.token_ids == tokenizer.encode(conversation.template.render(conversation.messages[:-1]))
-    assert model.stats.num_prompt_tokens == len(second.turn.token_ids)
+    full = tokenizer.encode(conversation.template.render(conversation.messages[:-1]))
+    common = 0
+    while common < min(len(held), len(full)) and held[common] == full[common]:
+        common += 1
+    assert 0 < common < len(held)                         # the count moved: the tail is re-rendered
+    assert not second.turn.is_reset and "differently" in second.turn.reason and "truncated" in second.turn.reason
+    assert second.turn.num_reused_tokens == common and second.turn.num_dropped_tokens == len(held) - common
+    assert second.turn.token_ids == full[common:]
+    assert session.tokens[:len(full)] == full
+    assert model.stats.num_prompt_tokens == len(full) - common   # only the tokens after the common prefix
     check_reply_against_transformers(folder, tokenizer, session, second)
+    third, _ = turn(session, conversation, tokenizer, "three")   # and again, from the truncated session
+    assert not third.turn.is_reset and third.turn.num_reused_tokens > 0
+    check_reply_against_transformers(folder, tokenizer, session, third)
 
 
 def test_context_full_leaves_the_conversation_unchanged(folder):

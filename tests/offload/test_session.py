@@ -109,3 +109,66 @@ def test_tensor_turn(checkpoint_factory):
     session = model.session()
     assert session.generate(torch.tensor(TURNS[0]), max_new_tokens=4) == \
         model.generate([TURNS[0]], max_new_tokens=4)[0]
+
+
+
+@pytest.mark.parametrize("variant, chunk", [("llama", 512), ("mistral_window", 3), ("opt", 2)])
+def test_truncate_equals_a_single_call_over_the_truncated_conversation(checkpoint_factory, variant, chunk):
+    model = _load(checkpoint_factory, variant, prefill_chunk_size=chunk)
+    held = TURNS[0] + _references(model, TURNS[:1], 6)[0] + TURNS[1]
+    # inside the reply, at its end, inside the first prompt, everything, nothing
+    keeps = [len(TURNS[0]) + 2, len(TURNS[0]) + 6, 3, len(held), 0]
+    wants = {keep: model.generate([held[:keep] + TURNS[3]], max_new_tokens=5)[0] for keep in keeps}
+    session = model.session()
+    session.generate(held, max_new_tokens=0)
+    for keep in keeps:
+        session.generate(TURNS[2], max_new_tokens=4)      # something to drop
+        session.truncate(keep)
+        assert session.tokens == held[:keep] and session.num_tokens == keep
+        assert session.generate(TURNS[3], max_new_tokens=5) == wants[keep]
+        assert model.stats.num_prompt_tokens == len(TURNS[3])   # only what follows the kept tokens
+        assert session.tokens == held[:keep] + TURNS[3] + wants[keep]
+        session.truncate(keep)
+        session.generate(held[keep:], max_new_tokens=0)   # back to `held` for the next case
+        assert session.tokens == held
+
+
+def test_truncate_when_another_call_owns_the_cache_and_regenerating(checkpoint_factory):
+    model = _load(checkpoint_factory, "llama")
+    session = model.session()
+    first = session.generate(TURNS[0], max_new_tokens=6)
+    session.generate(TURNS[1], max_new_tokens=6)
+    model.generate([[7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7]], max_new_tokens=9)   # overwrites the cache
+    keep = len(TURNS[0]) + 4
+    session.truncate(keep)
+    want = model.generate([session.tokens + TURNS[2]], max_new_tokens=5)[0]
+    assert session.generate(TURNS[2], max_new_tokens=5) == want
+    assert model.stats.num_prompt_tokens == keep + len(TURNS[2])   # rebuilt from the conversation
+    # regenerate the first reply: drop it, then an empty turn (the kept prompt is fully cached)
+    session.truncate(len(TURNS[0]))
+    assert session.generate([], max_new_tokens=6) == first
+    assert model.stats.num_prompt_tokens == 1                      # the last prompt token, re-fed
+
+
+def test_truncate_after_an_early_stop_and_bad_arguments(checkpoint_factory):
+    model = _load(checkpoint_factory, "opt")
+    taken = model.generate([TURNS[0]], max_new_tokens=4)[0]
+    want = model.generate([TURNS[0] + taken + TURNS[1]], max_new_tokens=5)[0]
+    session = model.session()
+    stream = session.stream(TURNS[0], max_new_tokens=10)
+    assert [next(stream) for _ in range(4)] == taken
+    stream.close()
+    before = session.tokens
+    assert before == TURNS[0] + taken
+    for bad, match in [(-1, "use 0 to 9"), (len(before) + 1, "conversation has 9"), (2.0, "int"),
+                       (True, "int"), ("3", "int")]:
+        with pytest.raises(ValueError, match=match):
+            session.truncate(bad)
+        assert session.tokens == before
+    session.truncate(len(before))                         # a no-op
+    assert session.generate(TURNS[1], max_new_tokens=5) == want
+    assert model.stats.num_prompt_tokens == len(TURNS[1]) + 1   # the cache was still reused
+    session.truncate(0)
+    assert session.num_tokens == 0
+    with pytest.raises(ValueError, match="at least one token"):
+        session.generate([], max_new_tokens=3)
