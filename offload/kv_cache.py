@@ -24,11 +24,11 @@ from placement.architecture import Architecture
 
 
 def allocate_kv(*, max_batch_size: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
-                dtype: torch.dtype, device, pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's k and v caches, each [B_max, Hkv, S_max, D], zeroed and contiguous."""
     shape = (max_batch_size, num_kv_heads, max_seq_len, head_dim)
-    k = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory)
-    v = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory)
+    k = torch.zeros(shape, dtype=dtype, device=device)
+    v = torch.zeros(shape, dtype=dtype, device=device)
     return k, v
 
 
@@ -64,11 +64,6 @@ class TorchAttention:
     @property
     def cache_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
-
-    def append(self, k_new: torch.Tensor, v_new: torch.Tensor, start: torch.Tensor) -> None:
-        """Write k_new/v_new [B, Hkv, T, D] at positions start[b] .. start[b]+T-1 of rows 0..B-1."""
-        assert k_new.dim() == 4 and k_new.shape[0] <= self.max_batch_size, (k_new.shape, self.max_batch_size)
-        write_kv(self.k_cache, self.v_cache, k_new, v_new, start.to(k_new.device, non_blocking=True))
 
     def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, start: torch.Tensor,
                lengths: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 
 import cpu_kernels
 from offload.host_attention import HostStaging
-from offload.kv_cache import attend_cache
+from offload.kv_cache import allocate_kv, attend_cache
 from placement.architecture import Architecture
 
 K_CACHE, V_CACHE = "kv_cache.k", "kv_cache.v"     # names of the attached tensors in the layer's item
@@ -38,8 +38,9 @@ K_CACHE, V_CACHE = "kv_cache.k", "kv_cache.v"     # names of the attached tensor
 def kv_attachment(*, max_batch_size: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The zeroed host tensors to attach to a layer's weight item (PlacedWeights packs them)."""
-    shape = (max_batch_size, num_kv_heads, max_seq_len, head_dim)
-    return {K_CACHE: torch.zeros(shape, dtype=dtype), V_CACHE: torch.zeros(shape, dtype=dtype)}
+    k, v = allocate_kv(max_batch_size=max_batch_size, num_kv_heads=num_kv_heads, max_seq_len=max_seq_len,
+                       head_dim=head_dim, dtype=dtype, device="cpu")
+    return {K_CACHE: k, V_CACHE: v}
 
 
 class StreamedKVAttention:
