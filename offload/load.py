@@ -24,7 +24,7 @@ from offload.model import Model
 from offload.models import build_model
 from offload.planning import choose_plan
 from offload.report import memory_report
-from offload.streamed_kv import StreamedKVAttention, kv_attachment
+from offload.streamed_kv import K_CACHE, V_CACHE, StreamedKVAttention, kv_attachment
 from offload.weight_source import item_tensors, weight_items
 from offload.weights import HOST, RESIDENT, STREAMED, PlacedWeights
 from placement import Plan, PlanError
@@ -67,7 +67,7 @@ def resolve_device(device) -> torch.device:
     return device
 
 
-def item_placement(plan: Plan, arch: Architecture) -> dict:
+def item_placement(plan: Plan) -> dict:
     """Plan placements -> PlacedWeights tiers: "gpu" -> resident; a "cpu" layer or LM head -> streamed
     through the ring; a "cpu" embedding -> kept on the host (lookup there, rows sent)."""
     tiers = {"embedding": RESIDENT if plan.embedding.weights == "gpu" else HOST,
@@ -178,7 +178,7 @@ def build(checkpoint: Checkpoint, plan: Plan, *, device: torch.device, prefill_c
     dtype = torch_dtype(plan.dtype)
     max_batch_size, max_seq_len = plan.max_batch_size, plan.max_seq_len
     check_limits(arch, max_batch_size, max_seq_len)
-    tiers = item_placement(plan, arch)
+    tiers = item_placement(plan)
     kv_shape = (max_batch_size, arch.num_kv_heads, max_seq_len, arch.head_dim)
     streamed_kv = {l.index: {"k": kv_shape, "v": kv_shape} for l in plan.layers
                    if l.kv == "cpu" and l.attention == "gpu"}
@@ -194,7 +194,7 @@ def build(checkpoint: Checkpoint, plan: Plan, *, device: torch.device, prefill_c
                             alignment=alignment, attached=attached)
     del attached
     try:
-        backends = _build_backends(arch, plan, weights, ledger, device=device, dtype=dtype,
+        backends = _build_backends(arch, plan, weights, ledger, device=device,
                                    scale=model.attention_scale, kv_args=kv_args)
         engine = Engine(arch=arch, model=model, weights=weights, backends=backends, device=device, dtype=dtype,
                         max_seq_len=max_seq_len,
@@ -212,14 +212,13 @@ def build(checkpoint: Checkpoint, plan: Plan, *, device: torch.device, prefill_c
 
 
 def _build_backends(arch: Architecture, plan: Plan, weights: PlacedWeights, ledger: MemoryLedger, *,
-                    device: torch.device, dtype: torch.dtype, scale, kv_args: dict) -> list:
+                    device: torch.device, scale, kv_args: dict) -> list:
     staging = HostStaging(device) if device.type == "cuda" else None   # shared by the host-KV layers
     backends = []
     for layer in plan.layers:
         i = layer.index
         if layer.kv == "gpu":
-            num_bytes = 2 * dtype.itemsize * kv_args["max_batch_size"] * kv_args["num_kv_heads"] \
-                * kv_args["max_seq_len"] * kv_args["head_dim"]
+            num_bytes = kv_args["max_batch_size"] * kv_args["max_seq_len"] * arch.kv_bytes_per_token(plan.dtype)
             ledger.allocate("kv_cache", num_bytes)          # checked against the budget before allocating
             backend = TorchAttention.for_layer(arch, i, scale=scale, device=device, **{
                 k: kv_args[k] for k in ("max_batch_size", "max_seq_len", "dtype")})
@@ -229,7 +228,7 @@ def _build_backends(arch: Architecture, plan: Plan, weights: PlacedWeights, ledg
                 k: kv_args[k] for k in ("max_batch_size", "max_seq_len", "dtype")})
         else:
             host = weights.attached_host_tensors(i)
-            backend = StreamedKVAttention.for_layer(arch, i, scale=scale, host_k=host["kv_cache.k"],
-                                                    host_v=host["kv_cache.v"], device=device, staging=staging)
+            backend = StreamedKVAttention.for_layer(arch, i, scale=scale, host_k=host[K_CACHE],
+                                                    host_v=host[V_CACHE], device=device, staging=staging)
         backends.append(backend)
     return backends
