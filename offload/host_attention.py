@@ -15,6 +15,7 @@ compute stream; see `HostStaging` for why sharing is safe).
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -29,7 +30,7 @@ def allocate_host_kv(*, max_batch_size: int, num_kv_heads: int, max_seq_len: int
     """One layer's k and v caches in host memory, each [B_max, Hkv, S_max, D], zeroed and contiguous;
     page-locked when `pin` (falls back to pageable memory with one warning, see host_memory.py)."""
     shape = (max_batch_size, num_kv_heads, max_seq_len, head_dim)
-    num_bytes = max_batch_size * num_kv_heads * max_seq_len * head_dim * dtype.itemsize
+    num_bytes = math.prod(shape) * dtype.itemsize
     caches = []
     for _ in range(2):
         # zeroed: masked slots are multiplied by 0, and 0 * NaN of stale memory would be NaN
@@ -60,9 +61,7 @@ class HostStaging:
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A pinned contiguous [shape] tensor of `dtype` (reused; contents undefined)."""
-        num_bytes = dtype.itemsize
-        for size in shape:
-            num_bytes *= size
+        num_bytes = math.prod(shape) * dtype.itemsize
         flat = self._buffers.get(name)
         if flat is None or flat.numel() < num_bytes:
             # replacing a buffer is safe for the same reason as sharing it: every copy that read or wrote

@@ -138,7 +138,7 @@ class PlacedWeights:
         if key in stored and stored[key][0]() is tensor:
             return stored[key][1]
         out_dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype
-        num_bytes = tensor.numel() * torch.empty((), dtype=out_dtype).element_size()
+        num_bytes = tensor.numel() * out_dtype.itemsize
         if tier == RESIDENT:
             self._charge("weights", num_bytes)            # checked against the budget before allocating
         copy = cast_for_storage(tensor.detach(), self.dtype).contiguous().to(target)   # no device temp
@@ -256,8 +256,7 @@ class PlacedWeights:
     @property
     def host_bytes(self) -> int:
         """Host memory held: packed streamed items plus host-kept tensors."""
-        streamed = 0 if self.prefetcher is None else sum(p.num_bytes for p in self.prefetcher.items)
-        return streamed + self._unique_bytes(HOST)
+        return self.streamed_bytes_per_cycle + self._unique_bytes(HOST)
 
     @property
     def streamed_bytes_per_cycle(self) -> int:
