@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .architecture import ConfigError
+from .jsonfile import read_json_object
 
 # safetensors dtype code -> (our dtype name or None when we cannot run it, bytes per element)
 SAFETENSORS_DTYPES = {"BF16": ("bfloat16", 2), "F16": ("float16", 2), "F32": ("float32", 4),
@@ -84,12 +85,11 @@ def checkpoint_files(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     index = directory / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        weight_map = read_json_object(index, ConfigError).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise ConfigError(f"{index}: malformed index (expected a JSON object with a "
-                              f"'weight_map' of tensor name -> file)") from None
+                              f"'weight_map' of tensor name -> file)")
+        names = sorted(set(weight_map.values()))
         files = [directory / n for n in names]
         missing = [str(f.name) for f in files if not f.is_file()]
         if missing:

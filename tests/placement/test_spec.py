@@ -134,6 +134,21 @@ def test_sharded_checkpoint_with_index(tmp_path, safetensors_torch):
     assert spec.lm_head_bytes == 0
 
 
+@pytest.mark.parametrize("index, message", [
+    ("{not json", "malformed JSON"),
+    ("[]", "expected a JSON object"),
+    ('{"metadata": {}}', "malformed index"),
+    ('{"weight_map": {"model.norm.weight": 3}}', "malformed index"),
+    ('{"weight_map": {"model.norm.weight": "model-00009.safetensors"}}', "missing shard"),
+])
+def test_malformed_index_is_one_error_naming_it(tmp_path, index, message):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_llama_config()))
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_spec(tmp_path)
+    assert "model.safetensors.index.json" in str(error.value)
+
+
 def test_checkpoint_mismatch_errors(tmp_path, safetensors_torch):
     import torch
     config = tiny_llama_config()
