@@ -8,7 +8,8 @@ import argparse
 import sys
 
 from .architecture import ConfigError
-from .hardware import GPU_PRESETS, Hardware, HardwareError, machine_gpu_bytes, machine_ram_bytes
+from .hardware import (GPU_PRESETS, Hardware, HardwareError, gpu_preset, machine_gpu_bytes,
+                       machine_ram_bytes)
 from .manual import manual_plan
 from .plan import PlanError
 from .search import plan as make_plan
@@ -115,9 +116,8 @@ def _warn_budgets(args, hw: Hardware) -> None:
                   f"{format_size(ram)} of RAM; planning for the budget as given", file=sys.stderr)
     if args.gpu_memory is not None:
         if args.gpu:
-            card = GPU_PRESETS[args.gpu.strip().lower()].memory_bytes if args.gpu.strip().lower() in \
-                GPU_PRESETS else None
-            if card is not None and hw.gpu_bytes > card:
+            card = gpu_preset(args.gpu).memory_bytes      # a known name: _hardware() built from it
+            if hw.gpu_bytes > card:
                 print(f"{PROG}: warning: --gpu-memory {format_size(hw.gpu_bytes)} exceeds the "
                       f"{format_size(card)} of a {args.gpu}", file=sys.stderr)
             return
@@ -156,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: 0 on success, 2 with one line on stderr for any user mistake."""
     try:
         return run(argv)
-    except (UsageError, ConfigError, SizeError, HardwareError, PlanError, ValueError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
+    except (UsageError, ConfigError, SizeError, HardwareError, PlanError, ValueError, OSError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -140,3 +140,11 @@ def test_console_script_is_installed():
     r = subprocess.run([exe, "opt-125m", "--gpu-memory", "2GiB", "--cpu-memory", "4GiB"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "opt-125m" in r.stdout
+
+
+def test_warns_when_gpu_memory_exceeds_the_named_card(capsys):
+    # the card is named as gpu_preset() reads names (any case, '_' for '-'), not only by its exact key
+    from placement.cli import main
+    assert main(["qwen2.5-0.5b", "--gpu", "RTX_4090", "--gpu-memory", "32GiB", "--cpu-memory", "16GiB",
+                 "--prompt-len", "64", "--gen-len", "8"]) == 0
+    assert "warning: --gpu-memory 32.00 GiB exceeds the 24.00 GiB of a RTX_4090" in capsys.readouterr().err
