@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from placement import presets
 from placement.architecture import Architecture, ConfigError, normalize_dtype
+from placement.jsonfile import read_json_object
 
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
 BLOCK_NUMEL = 1 << 25                    # elements generated per call: bounds the temporary memory
@@ -41,12 +42,7 @@ def read_config(name_or_path: str) -> dict:
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read a config.json ({e})") from None
-        if not isinstance(config, dict):
-            raise ConfigError(f"{path}: a config.json holds a JSON object")
+        config = read_json_object(path, ConfigError)
         Architecture.from_config(config)                  # unsupported model types fail here, by name
         return config
     if str(name_or_path).endswith(".json") or path.parent.exists() and path.parent != Path("."):

@@ -83,6 +83,13 @@ def test_read_config_names_presets_and_files(tmp_path):
         read_config(str(tmp_path / "missing.json"))
     with pytest.raises(placement.ConfigError, match="llama-3.1-8b"):
         read_config("llama-3.1-8")
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(placement.ConfigError, match="config.json: malformed JSON"):
+        read_config(str(bad))
+    bad.write_text("[1, 2]")
+    with pytest.raises(placement.ConfigError, match="config.json: expected a JSON object"):
+        read_config(str(tmp_path))                                    # a directory: its config.json
 
 
 # ---- streamed bytes per step against the Architecture's own counts -------------------------------------
