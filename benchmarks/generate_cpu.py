@@ -28,7 +28,7 @@ def _seconds(fn) -> float:
 
 
 def decode_rates(generators: dict, prompt: list[int], num_new: int, repeats: int) -> dict[str, float]:
-    """Median decode tokens/s of each generate(prompt, n) function, measured interleaved."""
+    """Decode tokens/s of each generate(prompt, n) function from its fastest calls, measured interleaved."""
     for generate in generators.values():
         generate(prompt, 2)                                         # warm-up
     t_one = {name: [] for name in generators}

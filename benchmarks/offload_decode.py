@@ -71,20 +71,14 @@ class OursResult:
 def plan_bytes_per_step(plan) -> int:
     """Host->device bytes one decode step of `plan` copies: streamed weights, a streamed LM head, and the
     whole preallocated KV cache of each layer whose CPU cache is attended on the GPU."""
-    total = plan.lm_head.read_bytes if plan.lm_head.weights == "cpu" else 0
-    for layer in plan.layers:
-        if layer.weights == "cpu":
-            total += layer.weight_bytes
-        if layer.kv == "cpu" and layer.attention == "gpu":   # the layer's cache goes through the ring
-            total += layer.kv_bytes
-    return total
+    head = plan.lm_head.read_bytes if plan.lm_head.weights == "cpu" else 0
+    return head + sum(layer.ring_bytes for layer in plan.layers)    # a layer's ring slot: what it streams
 
 
 def half_streamed_budget(checkpoint: Path, batch_size: int, prompt_len: int, new_tokens: int,
                          cpu_budget: int) -> int:
     """The "gpu" budget of a manual plan with the first half of the layers resident, the rest streamed,
     plus the CUDA reserve the runtime subtracts from a budget (none on the CPU, where the CPU stands in)."""
-    import torch
     from offload.planning import planning_hardware
     spec = placement.load_spec(checkpoint)
     workload = placement.Workload(batch_size=batch_size, prompt_len=prompt_len, gen_len=new_tokens)
@@ -179,7 +173,7 @@ def parse_args(argv=None):
             args.config_dict = read_config(args.config_name)
             args.config_name = Path(args.config_name).stem if args.config_name.endswith(".json") else \
                 Path(args.config_name).name
-        config_dtype = args.config_dict.get("torch_dtype") or args.config_dict.get("dtype") or "float32"
+        config_dtype = placement.Architecture.from_config(args.config_dict).dtype
         args.dtype = placement.normalize_dtype(args.dtype or (config_dtype if is_cuda else "float32"))
         args.gpu_budget = placement.parse_size(args.gpu_memory, what="--gpu-memory") if args.gpu_memory \
             else (8 << 30 if is_cuda else None)
