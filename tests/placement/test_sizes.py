@@ -12,7 +12,8 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "GiB", "8XB", "eight GiB", "-1GiB", "8 Gib B", "1e9", "8iB", True, -5])
+@pytest.mark.parametrize("text", ["", "GiB", "8XB", "eight GiB", "-1GiB", "8 Gib B", "1e9", "8iB", True, -5,
+                                  float("nan"), float("inf"), -1.0])
 def test_parse_size_rejects(text):
     with pytest.raises(SizeError, match="--gpu-memory"):
         parse_size(text, what="--gpu-memory")
