@@ -6,7 +6,7 @@ whole group; for decode (T = 1) there is exactly one tile per (b, h), so the cac
 K/V are processed in blocks of BLOCK positions with an online (flash) softmax: scratch is
 O(rows x (BLOCK + D)) per work item whatever S and T are.
 
-Kernels take numpy arrays only; the torch-facing checks live in `wrappers.py`.
+Kernels take numpy arrays only; the torch-facing checks live in `ops.py` and `_checks.py`.
 """
 import numpy as np
 from numba import njit, prange

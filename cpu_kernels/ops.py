@@ -112,8 +112,8 @@ def append_kv(k_cache, v_cache, k_new, v_new, positions) -> None:
 
     if k_new.dtype == k_cache.dtype:
         mode = COPY
-    else:
-        mode = TO_BF16 if k_cache.dtype == torch.bfloat16 else (TO_F16 if k_cache.dtype == torch.float16 else COPY)
+    else:  # float32 into a 16-bit cache
+        mode = TO_BF16 if k_cache.dtype == torch.bfloat16 else TO_F16
     k_src = cache_view(k_new.detach().contiguous(), fp16_as_int16=False)
     v_src = cache_view(v_new.detach().contiguous(), fp16_as_int16=False)
     _launch(append_rows, cache_view(k_cache, fp16_as_int16=False), cache_view(v_cache, fp16_as_int16=False),

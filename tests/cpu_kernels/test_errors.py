@@ -35,6 +35,8 @@ ATTENTION_CASES = {
     "lengths shape": (lambda q, k, v, n: (q, k, v, torch.tensor([T, S, S])), {}, r"lengths must have shape \(2,\)"),
     "bad window": (lambda q, k, v, n: (q, k, v, n), {"sliding_window": 0}, "sliding_window"),
     "float window": (lambda q, k, v, n: (q, k, v, n), {"sliding_window": 2.5}, "sliding_window"),
+    "bool window": (lambda q, k, v, n: (q, k, v, n), {"sliding_window": True}, "sliding_window"),
+    "bool scale": (lambda q, k, v, n: (q, k, v, n), {"scale": True}, "scale must be a finite"),
     "bad scale": (lambda q, k, v, n: (q, k, v, n), {"scale": float("nan")}, "scale must be a finite"),
     "meta cache": (lambda q, k, v, n: (q, k.to("meta"), v.to("meta"), n), {}, "must be a CPU tensor"),
 }
@@ -69,6 +71,8 @@ APPEND_CASES = {
     "past the end": (lambda k, v, kn, vn, p: (k, v, kn, vn, torch.tensor([0, S - T + 1])), r"\[0, 13\]"),
     "positions shape": (lambda k, v, kn, vn, p: (k, v, kn, vn, [0]), r"positions must have shape \(2,\)"),
     "float positions": (lambda k, v, kn, vn, p: (k, v, kn, vn, [0.0, 1.0]), "positions must hold integers"),
+    "bool positions": (lambda k, v, kn, vn, p: (k, v, kn, vn, torch.tensor([False, True])),
+                       "positions must be an integer tensor"),
     "non-contiguous cache": (lambda k, v, kn, vn, p: (k, v.transpose(0, 1).contiguous().transpose(0, 1),
                                                       kn, vn, p), "v_cache must be contiguous"),
     "cache dtype mismatch": (lambda k, v, kn, vn, p: (k, v.float(), kn, vn, p), "must match in shape and dtype"),
