@@ -18,6 +18,7 @@ was generated up to then is the reply), so a turn is `begin_turn(text, session.t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from os.path import commonprefix
 
 from .template import ChatTemplate
 from .tokenizer import ChatTokenizer
@@ -63,16 +64,6 @@ def in_context_text(tokenizer: ChatTokenizer, context_ids: list[int], ids: list[
     return tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    """How many leading items `a` and `b` share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class Conversation:
     """The messages of one chat and the exact text of the token ids its session holds."""
 
@@ -110,7 +101,7 @@ class Conversation:
         else:
             # Keep the longest common token prefix (at least one token is left to feed).
             full_ids = self.tokenizer.encode(rendered)
-            num_common = common_prefix_length(session_ids, full_ids[:-1])
+            num_common = len(commonprefix([session_ids, full_ids[:-1]]))
             kept_ids, new_ids = full_ids[:num_common], full_ids[num_common:]
             if num_common:
                 reason += f"; truncated the session to the {num_common} leading tokens in common"

@@ -9,6 +9,8 @@ and is held back. The window restarts behind each emitted piece, so the cost per
 """
 from __future__ import annotations
 
+from os.path import commonprefix
+
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -38,7 +40,7 @@ class IncrementalDetokenizer:
         if len(window_text) <= len(prefix_text) or window_text.endswith(REPLACEMENT_CHAR):
             return ""
         if not window_text.startswith(prefix_text):   # a decoder that rewrote earlier text: resync
-            new_text = window_text[len(_common_prefix(prefix_text, window_text)):]
+            new_text = window_text[len(commonprefix([prefix_text, window_text])):]
         else:
             new_text = window_text[len(prefix_text):]
         self.prefix_offset = self.read_offset
@@ -53,7 +55,7 @@ class IncrementalDetokenizer:
             return ""
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         window_text = self._decode(self.ids[self.prefix_offset:])
-        new_text = window_text[len(_common_prefix(prefix_text, window_text)):]
+        new_text = window_text[len(commonprefix([prefix_text, window_text])):]
         self.prefix_offset = self.read_offset = len(self.ids)
         self.text += new_text
         return new_text
@@ -63,11 +65,3 @@ class IncrementalDetokenizer:
         """The pushed ids (without the context)."""
         return self.ids[self.num_context:]
 
-
-def _common_prefix(a: str, b: str) -> str:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return a[:n]

@@ -117,7 +117,3 @@ class ChatTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def is_special(self, token_id: int) -> bool:
-        """Whether `token_id` is an added special token (not shown when replies are printed)."""
-        decoded = self.tokenizer.decode([token_id], skip_special_tokens=True)
-        return decoded == "" and self.tokenizer.decode([token_id], skip_special_tokens=False) != ""
