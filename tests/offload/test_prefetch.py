@@ -167,3 +167,24 @@ def test_bad_arguments():
         Prefetcher(["a", "b"], packed, device="cpu", depth=1)
     with pytest.raises(ValueError, match="repeat"):
         Prefetcher(["a", "a"], packed * 2, device="cpu", depth=1)
+
+
+def test_skip_passes_over_an_item_and_keeps_the_cycle_in_step():
+    """skip() frees the item's slot (refilled with the next item due), is not counted as an acquire, and
+    obeys the cyclic order like acquire."""
+    prefetcher, sources = make_prefetcher(2)
+    try:
+        for item in ORDER[:-2]:
+            prefetcher.acquire(item)
+            prefetcher.release(item)
+        with pytest.raises(PrefetchOrderError):
+            prefetcher.skip("lm_head")                  # final_norm comes first
+        prefetcher.skip("final_norm")
+        prefetcher.skip("lm_head")
+        assert prefetcher.held_items() == []
+        assert prefetcher.stats.num_acquires == len(ORDER) - 2
+        assert prefetcher.stats.num_copies == len(ORDER) + 2          # the copies were still made
+        assert prefetcher.issued_items() == ORDER[:2]                 # next step, ready ahead
+        assert_intact(prefetcher.acquire(ORDER[0]), sources[ORDER[0]])
+    finally:
+        prefetcher.close()
