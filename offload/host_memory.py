@@ -14,6 +14,7 @@ CUDA the buffer is plain memory and nothing is said: there is no PCIe to pin for
 """
 from __future__ import annotations
 
+import math
 import mmap
 import warnings
 import weakref
@@ -129,10 +130,7 @@ class TensorLayout:
 
     @property
     def num_bytes(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def view_of(self, buffer: torch.Tensor) -> torch.Tensor:
         """This tensor as a view into `buffer` (flat uint8, holding the packed bytes)."""
