@@ -102,11 +102,6 @@ def test_bad_input_exits_2_with_one_line(folder, tmp_path, case):
 
 
 def test_budget_too_small(folder):
-    import inspect
-
-    import offload
-    if "gpu_memory" not in inspect.signature(offload.load).parameters:
-        pytest.skip("offload.load does not take budgets yet (the planner is not wired in)")
     out = run_chat(folder, "--gpu-memory", "1KiB", "--cpu-memory", "1KiB", stdin="hi\n")
     assert out.returncode == 2 and "Traceback" not in out.stderr and out.stdout == ""
     errors = [line for line in out.stderr.splitlines() if line.startswith("chat.py: error: ")]

@@ -45,11 +45,6 @@ def test_generate_bad_prompts_file(folder, tmp_path):
 
 
 def test_plan_and_load(folder, tmp_path):
-    import inspect
-
-    import offload
-    if "plan" not in inspect.signature(offload.load).parameters:
-        pytest.skip("offload.load does not take a plan yet (the offloaded load path is not wired in)")
     plan_path = tmp_path / "plan.json"
     out = run_example("plan_and_load.py", folder, "--gpu-memory", "1GiB", "--cpu-memory", "1GiB",
                       "--plan-out", plan_path, "--prompt", "Hello there", "--max-new-tokens", 5,
@@ -64,3 +59,14 @@ def test_plan_and_load(folder, tmp_path):
     ids = hf_greedy(folder, prompt_ids, 5, tokenizer.stop_token_ids)
     assert ("Hello there" + tokenizer.decode(prompt_ids[-8:] + ids)[len(tokenizer.decode(prompt_ids[-8:])):]) \
         in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "Hello there", "--prompt-len", 1], "more than --prompt-len 1"),
+    (["--max-new-tokens", 0], "--max-new-tokens and --prompt-len must be >= 1"),
+])
+def test_plan_and_load_bad_input_exits_2_with_one_line(folder, tmp_path, args, message):
+    plan_path = tmp_path / "plan.json"
+    out = run_example("plan_and_load.py", folder, "--plan-out", plan_path, *args)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    assert not plan_path.exists()
