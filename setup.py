@@ -12,7 +12,7 @@ setup(
                                     "cpu_kernels", "cpu_kernels.*"]),
     package_data={"placement": ["presets/*.json"]},
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.5",          # SDPA enable_gqa
         "safetensors>=0.4",
         "psutil>=5.9",
         "numba>=0.59",

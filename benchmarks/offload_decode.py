@@ -83,8 +83,8 @@ def half_streamed_budget(checkpoint: Path, batch_size: int, prompt_len: int, new
     spec = placement.load_spec(checkpoint)
     workload = placement.Workload(batch_size=batch_size, prompt_len=prompt_len, gen_len=new_tokens)
     total = placement.manual_plan(spec, workload, gpu_layers=spec.num_layers // 2).memory.gpu.total
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    return total + planning_hardware(device_type, total, cpu_budget).cuda_reserve_bytes
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return total + planning_hardware(device, total, cpu_budget).cuda_reserve_bytes
 
 
 def run_ours(checkpoint: Path, args, batch_size: int, gpu_budget: int, prompts) -> OursResult:

@@ -1,7 +1,9 @@
 """How the prefetcher moves bytes and signals: a CUDA copy stream with events, or a background thread.
 
-Both engines implement the same five calls, per ring slot, and hold no scheduling logic (that is
+Both engines implement the same calls, per ring slot, and hold no scheduling logic (that is
 `offload.prefetch.Prefetcher`'s, shared by both):
+
+    adopt(ring)              the device ring the copies write into: its memory must outlive them
 
     submit(slot, dst, src)   start copying flat host bytes `src` into device slot `dst`, after the compute
                              that last read the slot (its release) is done
@@ -33,6 +35,11 @@ class CudaCopyEngine:
         self._copy_done = [torch.cuda.Event() for _ in range(depth)]
         self._compute_done = [torch.cuda.Event() for _ in range(depth)]
         self._is_compute_recorded = [False] * depth
+
+    def adopt(self, ring: torch.Tensor) -> None:
+        # the ring was allocated on the compute stream but is written on this one: when it is freed, the
+        # caching allocator must not reuse the block until this stream's queued copies are done
+        ring.record_stream(self.stream)
 
     def submit(self, slot: int, dst: torch.Tensor, src: torch.Tensor) -> None:
         with torch.cuda.stream(self.stream):
@@ -92,6 +99,9 @@ class ThreadCopyEngine:
                 self._errors[slot] = error
             finally:
                 self._copy_done[slot].set()
+
+    def adopt(self, ring: torch.Tensor) -> None:
+        pass                                        # each queued job holds its destination view
 
     @property
     def is_alive(self) -> bool:

@@ -7,14 +7,22 @@ from collections.abc import Iterator
 
 import torch
 
+from offload.devices import wait_for_device
 from offload.engine import Engine
 from offload.sampling import Sampler
 from offload.stats import GenerationStats
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":   # timings must include the queued GPU work
-        torch.cuda.synchronize(device)
+def read_tokens(tokens: torch.Tensor) -> list[int]:
+    """The sampled ids [B] as host ints: the one wait of a decode step (the next step's input and the stop
+    check need them). On CUDA a non-blocking copy into pinned memory and an event sync: it waits for the
+    compute stream's queued work only, and is not an implicit sync (sync-debug mode stays quiet)."""
+    if tokens.device.type != "cuda":
+        return tokens.tolist()
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    wait_for_device(tokens.device)
+    return host.tolist()
 
 
 def generate_steps(engine: Engine, rows: list[list[int]], *, starts: list[int], max_new_tokens: int,
@@ -29,7 +37,7 @@ def generate_steps(engine: Engine, rows: list[list[int]], *, starts: list[int], 
     B = len(rows)
     t0 = time.perf_counter()
     logits = engine.prefill(rows, starts)                                     # [B, V]
-    _sync(engine.device)
+    wait_for_device(engine.device)                       # the prefill time includes its queued GPU work
     stats.prefill_seconds += time.perf_counter() - t0
     stats.num_prompt_tokens += sum(len(r) for r in rows)
     cache_lengths[:] = [s + len(r) for s, r in zip(starts, rows)]
@@ -37,10 +45,9 @@ def generate_steps(engine: Engine, rows: list[list[int]], *, starts: list[int], 
     for step in range(max_new_tokens):
         t0 = time.perf_counter()
         if step > 0:
-            logits = engine.decode(tokens, cache_lengths)                     # [B, V]
+            logits = engine.decode(ids, cache_lengths)                        # [B, V]
             cache_lengths[:] = [n + 1 for n in cache_lengths]
-        tokens = sampler.sample(logits)                                       # [B]
-        ids = tokens.tolist()
+        ids = read_tokens(sampler.sample(logits))                             # B host ints
         if step > 0:
             stats.decode_seconds += time.perf_counter() - t0
             stats.num_decode_tokens += is_stopped.count(False)

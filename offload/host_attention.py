@@ -21,27 +21,24 @@ import time
 import torch
 
 import cpu_kernels
+from offload.devices import same_device
 from offload.host_memory import allocate_host_bytes
+from offload.kv_cache import Chunk
 from placement.architecture import Architecture
 
 
-def allocate_host_kv(*, max_batch_size: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
-                     dtype: torch.dtype, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's k and v caches in host memory, each [B_max, Hkv, S_max, D], zeroed and contiguous;
-    page-locked when `pin` (falls back to pageable memory with one warning, see host_memory.py)."""
+def allocate_host_kv(*, max_batch_size: int, num_kv_heads: int, max_seq_len: int,
+                     head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's k and v caches in host memory, each [B_max, Hkv, S_max, D], zeroed and contiguous.
+
+    Pageable: the CPU attends over it where it lies, so it never crosses PCIe and pinning it would only
+    take locked memory from the OS (only the small staging buffers below are pinned)."""
     shape = (max_batch_size, num_kv_heads, max_seq_len, head_dim)
     num_bytes = math.prod(shape) * dtype.itemsize
-    caches = []
-    for _ in range(2):
-        # zeroed: masked slots are multiplied by 0, and 0 * NaN of stale memory would be NaN
-        flat = allocate_host_bytes(num_bytes, pin=pin).zero_()
-        cache = flat.view(dtype).view(shape)
-        # a registration lasts as long as the object allocate_host_bytes returned (host_memory.py), and a
-        # view does not keep that object: the cache holds it
-        cache.host_buffer = flat
-        assert cache.is_contiguous() and cache.device.type == "cpu"
-        caches.append(cache)
-    return caches[0], caches[1]
+    # zeroed (allocate_host_bytes' memory is): masked slots are multiplied by 0, and 0 * NaN would be NaN
+    caches = tuple(allocate_host_bytes(num_bytes, pin=False).view(dtype).view(shape) for _ in range(2))
+    assert all(cache.is_contiguous() and cache.device.type == "cpu" for cache in caches)
+    return caches
 
 
 class HostStaging:
@@ -114,7 +111,7 @@ class HostAttention:
         self.staging = staging
         self.k_cache, self.v_cache = allocate_host_kv(
             max_batch_size=max_batch_size, num_kv_heads=num_kv_heads, max_seq_len=max_seq_len,
-            head_dim=head_dim, dtype=dtype, pin=self.is_copying)
+            head_dim=head_dim, dtype=dtype)
 
     @classmethod
     def for_layer(cls, arch: Architecture, layer: int, *, scale: float | None, **kwargs) -> "HostAttention":
@@ -126,15 +123,14 @@ class HostAttention:
         """Host bytes of this layer's cache (none on the compute device)."""
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
-    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, start: torch.Tensor,
-               lengths: torch.Tensor) -> torch.Tensor:
-        """Append k_new/v_new [B, Hkv, T, D] to the host cache at `start`, attend q [B, Hq, T, D] over
-        each row's first `lengths[b]` positions on the host; returns [B, Hq, T, D] on q's device."""
+    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        """Append k_new/v_new [B, Hkv, T, D] to the host cache at the chunk's start, attend q [B, Hq, T, D]
+        over each row's first `lengths[b]` positions on the host; returns [B, Hq, T, D] on q's device."""
         B, Hq, T, D = q.shape
-        assert q.device == self.device, (q.device, self.device)
-        assert start.device.type == "cpu" and lengths.device.type == "cpu", "start/lengths live on the host"
-        assert B <= self.max_batch_size and bool((lengths == start + T).all()), (B, start, lengths, T)
-        assert int(lengths.max()) <= self.max_seq_len, (lengths, self.max_seq_len)
+        assert same_device(q.device, self.device), (q.device, self.device)
+        assert B <= self.max_batch_size and (B, T) == (chunk.batch_size, chunk.num_tokens), (q.shape, chunk)
+        assert chunk.num_keys <= self.max_seq_len, (chunk.lengths, self.max_seq_len)
+        start, lengths = chunk.start, chunk.lengths                       # [B] each, host
         cache_dtype = self.k_cache.dtype
         kv_dtype = cache_dtype if k_new.dtype == cache_dtype else torch.float32
         if self.is_copying:

@@ -5,12 +5,17 @@ that moving it to the GPU is one DMA. `PackedItem.layouts` records where each te
 dtype, shape, byte offset aligned to `alignment`), and `PackedItem.views_of(buffer)` rebuilds the
 tensors as views into any flat buffer holding the same bytes: the host buffer itself or a device slot.
 
-Pinning, with CUDA present: the buffer is allocated pageable and registered with `cudaHostRegister`
-(page-locked in place, `num_bytes` plus at most two pages; torch's pinned allocator rounds every request
-up to a power of two, which would cost up to 2x host RAM for a 70B model's weights). If registration is not available
-it falls back to `torch.empty(..., pin_memory=True)`; if pinning fails (OS limit, no memory), to pageable
+Every host buffer is an anonymous `mmap` (page-aligned, zero-filled, given back to the OS when its last
+view dies) wrapped by `torch.frombuffer`. Pinning, with CUDA present: exactly those `num_bytes` are
+registered with `cudaHostRegister` (portable: pinned for every device's context), so the pinned size is
+the size asked for (torch's pinned allocator would round every request up to a power of two: up to 2x
+host RAM for a 70B model's weights, cached and never returned). If registration is not available it
+falls back to `torch.empty(..., pin_memory=True)`; if pinning fails (OS limit, no memory), to pageable
 memory with ONE warning per process: copies then run at pageable speed but nothing crashes. Without
 CUDA the buffer is plain memory and nothing is said: there is no PCIe to pin for.
+
+`host_bytes_in_use()` and `pinned_host_bytes()` say what this module's buffers hold right now (tests
+check that `model.close()` gives it all back).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from typing import Mapping
 import torch
 
 DEFAULT_ALIGNMENT = 256     # bytes; >= every element size, and a friendly boundary for DMA and kernels
+CUDA_HOST_REGISTER_PORTABLE = 1   # cudaHostRegisterPortable: pinned for all CUDA contexts (cuda:1 too)
 
 
 class PinnedMemoryWarning(UserWarning):
@@ -31,6 +37,18 @@ class PinnedMemoryWarning(UserWarning):
 
 
 _has_warned_pin_failure = False
+_mapped: dict[int, int] = {}          # id(mmap) -> bytes, for every live host buffer of this module
+_pinned = {"bytes": 0}                # bytes registered with cudaHostRegister and not yet unregistered
+
+
+def host_bytes_in_use() -> int:
+    """Bytes of host memory held by live buffers from `allocate_host_bytes` (pinned or not)."""
+    return sum(_mapped.values())
+
+
+def pinned_host_bytes() -> int:
+    """Bytes currently page-locked by this module through cudaHostRegister."""
+    return _pinned["bytes"]
 
 
 def _warn_pin_failure_once(num_bytes: int, error: BaseException) -> None:
@@ -56,37 +74,46 @@ def _clear_cuda_error() -> None:
         pass
 
 
-def _register_in_place(num_bytes: int) -> torch.Tensor:
-    """A new flat uint8 CPU tensor of `num_bytes`, page-locked with cudaHostRegister.
+def _mapped_bytes(num_bytes: int) -> torch.Tensor:
+    """A flat uint8 CPU tensor of exactly `num_bytes` (> 0) over a fresh anonymous mmap: page-aligned,
+    zero-filled, no page shared with any other buffer, unmapped when the last view of it dies."""
+    region = mmap.mmap(-1, num_bytes)
+    key = id(region)
+    _mapped[key] = num_bytes
+    weakref.finalize(region, _mapped.pop, key, None)
+    with warnings.catch_warnings():               # the mmap is writable: torch's read-only warning is moot
+        warnings.simplefilter("ignore")
+        buffer = torch.frombuffer(region, dtype=torch.uint8)
+    assert buffer.data_ptr() % mmap.PAGESIZE == 0 and buffer.numel() == num_bytes, (buffer.data_ptr(), num_bytes)
+    return buffer
 
-    The registered range is whole pages lying inside this one allocation (it is over-allocated by up to
-    two pages): the driver locks whole pages, so no registration shares a page with another buffer's
-    (a range overlapping an earlier registration is refused: cudaErrorHostMemoryAlreadyRegistered, and
-    unregistering one buffer never touches a page another still uses).
-    Unregistered when the returned tensor OBJECT is collected: callers keep that object alive (views
-    alone do not keep the registration).
-    """
+
+def _unregister(cudart, ptr: int, num_bytes: int) -> None:
+    cudart.cudaHostUnregister(ptr)
+    _pinned["bytes"] -= num_bytes
+
+
+def _register_in_place(buffer: torch.Tensor) -> None:
+    """Page-lock exactly the bytes of `buffer` (a fresh `_mapped_bytes` tensor) with cudaHostRegister.
+
+    Registration is portable (valid on every device) and lasts until the `buffer` OBJECT is collected:
+    callers keep that object alive (views alone do not keep the registration)."""
     cudart = torch.cuda.cudart()
-    page = mmap.PAGESIZE
-    num_locked = align_up(num_bytes, page)
-    raw = torch.empty(num_locked + page, dtype=torch.uint8)
-    skip = -raw.data_ptr() % page
-    region = raw[skip:skip + num_locked]
-    ptr = region.data_ptr()
-    assert ptr % page == 0 and region.numel() == num_locked, (ptr, num_locked)
-    error = cudart.cudaHostRegister(ptr, num_locked, 0)
+    ptr, num_bytes = buffer.data_ptr(), buffer.numel()
+    assert ptr % mmap.PAGESIZE == 0 and buffer.is_contiguous(), (ptr, buffer.stride())
+    error = cudart.cudaHostRegister(ptr, num_bytes, CUDA_HOST_REGISTER_PORTABLE)
     if isinstance(error, tuple):                        # some bindings return (error, ...)
         error = error[0]
     if int(error) != 0:
         _clear_cuda_error()
         raise RuntimeError(f"cudaHostRegister failed with cudaError {int(error)}")
-    buffer = region[:num_bytes]
-    weakref.finalize(buffer, cudart.cudaHostUnregister, ptr)
-    return buffer
+    _pinned["bytes"] += num_bytes
+    weakref.finalize(buffer, _unregister, cudart, ptr, num_bytes)
 
 
 def allocate_host_bytes(num_bytes: int, *, pin: bool | None = None) -> torch.Tensor:
-    """A flat uint8 CPU tensor of `num_bytes`; page-locked when `pin` (default: when CUDA is available).
+    """A flat, zero-filled uint8 CPU tensor of `num_bytes`; page-locked when `pin` (default: when CUDA is
+    available).
 
     Never raises for a pinning failure: falls back to pageable memory with one PinnedMemoryWarning.
     A registered buffer stays page-locked while the returned tensor object lives (keep it, not only
@@ -96,19 +123,21 @@ def allocate_host_bytes(num_bytes: int, *, pin: bool | None = None) -> torch.Ten
         raise ValueError(f"num_bytes must be >= 0, got {num_bytes}")
     if pin is None:
         pin = torch.cuda.is_available()
-    if not pin or num_bytes == 0:
-        return torch.empty(num_bytes, dtype=torch.uint8)
+    if num_bytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    buffer = _mapped_bytes(num_bytes)
+    if not pin:
+        return buffer
     try:
-        buffer = _register_in_place(num_bytes)
-        if buffer.is_pinned():
-            return buffer
+        _register_in_place(buffer)
+        return buffer
     except Exception:                                   # no cudart binding, no driver, registration refused
         pass
     try:
-        return torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
+        return torch.zeros(num_bytes, dtype=torch.uint8, pin_memory=True)
     except Exception as error:                          # OS pin limit, out of memory, no driver
         _warn_pin_failure_once(num_bytes, error)
-        return torch.empty(num_bytes, dtype=torch.uint8)
+        return buffer
 
 
 def align_up(num_bytes: int, alignment: int) -> int:

@@ -2,24 +2,30 @@
 
 The engine calls, for every decoder layer, that layer's backend:
 
-    backend.attend(q, k_new, v_new, start, lengths) -> out
+    backend.attend(q, k_new, v_new, chunk) -> out
       q:      [B, Hq, T, D]  on the compute device
       k_new:  [B, Hkv, T, D] (v_new likewise), already position-encoded
-      start:  [B] int64 on the CPU, where row b's T new tokens are written (positions start[b] .. start[b]+T-1)
-      lengths:[B] int64 on the CPU, valid cache length of row b INCLUDING the T new tokens (= start + T);
-              query t of row b sits at position lengths[b] - T + t and attends causally to 0..that position
-              (and only to the last `sliding_window` of them when the layer has one)
+      chunk:  the chunk's `Chunk`, built once per chunk and shared by every layer: where row b's T new
+              tokens are written (host `start`, start[b] .. start[b]+T-1), each row's valid cache length
+              INCLUDING them (host `lengths` = start + T), and what every layer would otherwise rebuild
+              (device copies of the write positions, masks per sliding window). Query t of row b sits at
+              position lengths[b] - T + t and attends causally to 0..that position (and only to the last
+              `sliding_window` of them when the layer has one)
       out:    [B, Hq, T, D]  on the compute device
 
-start/lengths stay on the host so no backend needs a device sync to read them.
+start/lengths stay on the host so no backend needs a device sync to read them; what the device needs of
+them is copied once per chunk, without blocking (pinned, non_blocking).
 Rows are the first B rows of a cache preallocated for max_batch_size x max_seq_len. Slots past a row's
 length may hold stale values: they are never attended, and are overwritten before they are.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
+from offload.devices import same_device, to_device
 from placement.architecture import Architecture
 
 
@@ -40,6 +46,52 @@ def attention_mask(start: torch.Tensor, T: int, num_keys: int, sliding_window: i
     if sliding_window is not None:
         mask &= keys > query_pos[..., None] - sliding_window
     return mask[:, None]
+
+
+@dataclass(eq=False)
+class Chunk:
+    """The positions of one chunk of T tokens per row, shared by every layer's attention backend.
+
+    Built once per chunk by the engine; what a device-side backend needs (write positions, masks) is made
+    on first use and reused by the other layers of the chunk."""
+
+    start: torch.Tensor             # [B] int64, host: row b's tokens go to cache slots start[b] ..
+    num_tokens: int                 # T
+    device: torch.device            # the compute device
+    lengths: torch.Tensor = field(init=False)   # [B] int64, host: start + T
+    num_keys: int = field(init=False)           # max(lengths): the cache prefix any row attends over
+    _write_index: tuple[torch.Tensor, torch.Tensor] | None = field(init=False, default=None, repr=False)
+    _masks: dict = field(init=False, default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        assert self.start.device.type == "cpu" and self.start.dim() == 1, self.start
+        assert self.start.dtype == torch.int64 and self.num_tokens >= 1, (self.start.dtype, self.num_tokens)
+        self.lengths = self.start + self.num_tokens
+        self.num_keys = int(self.lengths.max())
+        # one query per row and every row as long as the longest: no mask unless a window cuts keys off
+        self._is_full_decode = self.num_tokens == 1 and bool((self.lengths == self.num_keys).all())
+
+    @property
+    def batch_size(self) -> int:
+        return self.start.shape[0]
+
+    def write_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, slots), each [B, T] int64 on the compute device: where the new k/v go."""
+        if self._write_index is None:
+            B, T = self.batch_size, self.num_tokens
+            slots = self.start[:, None] + torch.arange(T)[None, :]                  # [B, T] host
+            rows = torch.arange(B)[:, None].expand(B, T).contiguous()              # [B, T] host
+            self._write_index = (to_device(rows, self.device), to_device(slots, self.device))
+        return self._write_index
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor | None:
+        """Boolean [B, 1, T, S] on the compute device (S = num_keys), or None when every key is visible."""
+        if self._is_full_decode and (sliding_window is None or self.num_keys <= sliding_window):
+            return None
+        if sliding_window not in self._masks:
+            start = to_device(self.start, self.device)
+            self._masks[sliding_window] = attention_mask(start, self.num_tokens, self.num_keys, sliding_window)
+        return self._masks[sliding_window]
 
 
 class TorchAttention:
@@ -65,50 +117,38 @@ class TorchAttention:
     def cache_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
-    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, start: torch.Tensor,
-               lengths: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, chunk: Chunk) -> torch.Tensor:
         """Append the new k/v, then attend causally over each row's cache. Returns [B, Hq, T, D]."""
-        assert q.device == self.k_cache.device, (q.device, self.k_cache.device)
         assert q.shape[0] <= self.max_batch_size, (q.shape, self.max_batch_size)
-        return attend_cache(self.k_cache, self.v_cache, q, k_new, v_new, start, lengths,
+        return attend_cache(self.k_cache, self.v_cache, q, k_new, v_new, chunk,
                             sliding_window=self.sliding_window, scale=self.scale)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-             start: torch.Tensor) -> None:
-    """Write k_new/v_new [B, Hkv, T, D] into caches [B_max, Hkv, S_max, D] at start[b] .. start[b]+T-1."""
+             chunk: Chunk) -> None:
+    """Write k_new/v_new [B, Hkv, T, D] into caches [B_max, Hkv, S_max, D] at the chunk's slots."""
     B, _, T, _ = k_new.shape
     assert k_new.shape == v_new.shape and k_new.shape[1:2] + k_new.shape[3:] == \
         k_cache.shape[1:2] + k_cache.shape[3:], (k_new.shape, k_cache.shape)
-    assert B <= k_cache.shape[0] and start.shape == (B,) and start.device == k_cache.device, (B, start)
-    pos = start[:, None] + torch.arange(T, device=start.device)[None, :]          # [B, T]
-    rows = torch.arange(B, device=start.device)[:, None].expand(B, T)             # [B, T]
-    # cache[rows, :, pos] is [B, T, Hkv, D]
-    k_cache[rows, :, pos] = k_new.transpose(1, 2).to(k_cache.dtype)
-    v_cache[rows, :, pos] = v_new.transpose(1, 2).to(v_cache.dtype)
+    assert B <= k_cache.shape[0] and (B, T) == (chunk.batch_size, chunk.num_tokens), (k_new.shape, chunk)
+    rows, slots = chunk.write_index()                                               # [B, T] each
+    # cache[rows, :, slots] is [B, T, Hkv, D]
+    k_cache[rows, :, slots] = k_new.transpose(1, 2).to(k_cache.dtype)
+    v_cache[rows, :, slots] = v_new.transpose(1, 2).to(v_cache.dtype)
 
 
 def attend_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor, k_new: torch.Tensor,
-                 v_new: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, *,
-                 sliding_window: int | None, scale: float | None) -> torch.Tensor:
+                 v_new: torch.Tensor, chunk: Chunk, *, sliding_window: int | None,
+                 scale: float | None) -> torch.Tensor:
     """Append k_new/v_new to caches [B_max, Hkv, S_max, D] on q's device, then SDPA over each row's
-    valid keys (causal, optional sliding window, GQA by head groups). Returns [B, Hq, T, D]."""
+    valid keys (causal, optional sliding window, GQA by SDPA's head groups). Returns [B, Hq, T, D]."""
     B, Hq, T, D = q.shape
     assert q.device == k_cache.device == v_cache.device, (q.device, k_cache.device)
-    assert start.device.type == "cpu" and lengths.device.type == "cpu", "start/lengths live on the host"
-    assert bool((lengths == start + T).all()), (start, lengths, T)
-    num_keys = int(lengths.max())
-    assert num_keys <= k_cache.shape[2], (num_keys, k_cache.shape)
-    start = start.to(q.device, non_blocking=True)
-    write_kv(k_cache, v_cache, k_new, v_new, start)
-    k = k_cache[:B, :, :num_keys]                                                    # [B, Hkv, S, D]
-    v = v_cache[:B, :, :num_keys]
-    groups = Hq // k.shape[1]
-    if groups > 1:   # GQA: each kv head serves `groups` consecutive q heads
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    if T == 1 and sliding_window is None and bool((lengths == num_keys).all()):     # host values
-        mask = None  # one query per row, every cached key visible: no mask needed
-    else:
-        mask = attention_mask(start, T, num_keys, sliding_window)
-    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+    assert same_device(q.device, chunk.device), (q.device, chunk.device)
+    assert chunk.num_keys <= k_cache.shape[2], (chunk.num_keys, k_cache.shape)
+    write_kv(k_cache, v_cache, k_new, v_new, chunk)
+    k = k_cache[:B, :, :chunk.num_keys]                                               # [B, Hkv, S, D]
+    v = v_cache[:B, :, :chunk.num_keys]
+    # GQA: each kv head serves Hq / Hkv consecutive q heads; SDPA pairs them without copying k and v
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=chunk.mask(sliding_window),
+                                          scale=scale, enable_gqa=Hq != k.shape[1])

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from offload.checkpoint import Checkpoint, torch_dtype
+from offload.devices import resolve_device
 from offload.engine import Engine
 from offload.host_attention import HostAttention, HostStaging
 from offload.host_memory import align_up
@@ -32,7 +33,6 @@ from placement.architecture import Architecture, normalize_dtype
 
 log = logging.getLogger(__name__)
 MAX_SEQ_LEN_CAP = 4096   # default cache length when the config allows more (a 128k cache is rarely wanted)
-_has_logged_cpu_tier = False
 
 
 def default_max_seq_len(arch: Architecture) -> int:
@@ -47,24 +47,6 @@ def check_limits(arch: Architecture, max_batch_size: int, max_seq_len: int) -> N
     if arch.is_opt and max_seq_len > arch.max_position_embeddings:
         raise ValueError(f"max_seq_len={max_seq_len} exceeds this OPT model's {arch.max_position_embeddings} "
                          "learned positions")
-
-
-def resolve_device(device) -> torch.device:
-    """`device` None: CUDA when available, else the CPU (which then stands in for the "gpu" tier)."""
-    global _has_logged_cpu_tier
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device {device!r} is not a torch device ({error}); "
-                         "use 'cuda', 'cuda:1' or 'cpu'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available; use device='cpu'")
-    if device.type == "cpu" and not _has_logged_cpu_tier:
-        _has_logged_cpu_tier = True
-        log.info("running on the CPU: the plan's \"gpu\" tier is the CPU (no CUDA streams or pinned copies)")
-    return device
 
 
 def item_placement(plan: Plan) -> dict:
@@ -161,7 +143,7 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
     check_limits(arch, max_batch_size, default_max_seq_len(arch) if max_seq_len is None else max_seq_len)
     if prefill_chunk_size is not None and (not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1):
         raise ValueError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size!r}")
-    chosen = choose_plan(path=checkpoint.path, arch=arch, device_type=device.type,
+    chosen = choose_plan(path=checkpoint.path, arch=arch, device=device,
                          dtype=dtype_name or normalize_dtype(arch.dtype), max_batch_size=max_batch_size,
                          max_seq_len=max_seq_len, default_max_seq_len=default_max_seq_len(arch), plan=plan,
                          gpu_memory=gpu_memory, cpu_memory=cpu_memory, gpu_layers=gpu_layers,
@@ -197,7 +179,7 @@ def build(checkpoint: Checkpoint, plan: Plan, *, device: torch.device, prefill_c
         backends = _build_backends(arch, plan, weights, ledger, device=device,
                                    scale=model.attention_scale, kv_args=kv_args)
         engine = Engine(arch=arch, model=model, weights=weights, backends=backends, device=device, dtype=dtype,
-                        max_seq_len=max_seq_len,
+                        max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         prefill_chunk_size=prefill_chunk_size or plan.prefill_chunk_tokens)
     except BaseException:
         weights.close()

@@ -27,11 +27,12 @@ def planning_workload(max_batch_size: int, max_seq_len: int) -> Workload:
     return Workload(batch_size=max_batch_size, prompt_len=max_seq_len - gen_len, gen_len=gen_len)
 
 
-def planning_hardware(device_type: str, gpu_memory, cpu_memory) -> Hardware:
-    """The hardware to plan for: this machine's GPU, or on device "cpu" the CPU standing in for it (no
-    CUDA reserve is taken off a CPU budget, and the prediction uses CPU speeds)."""
-    if device_type == "cuda":
-        return Hardware.detect(gpu_memory, cpu_memory)
+def planning_hardware(device, gpu_memory, cpu_memory) -> Hardware:
+    """The hardware to plan for: this machine's GPU `device` (its own index: budgets of cuda:1 are read on
+    cuda:1), or on device "cpu" the CPU standing in for it (no CUDA reserve is taken off a CPU budget, and
+    the prediction uses CPU speeds)."""
+    if device.type == "cuda":
+        return Hardware.detect(gpu_memory, cpu_memory, device_index=device.index)
     return Hardware.cpu_only(gpu_memory, cpu_memory)
 
 
@@ -57,7 +58,7 @@ def check_plan_matches(plan: Plan, arch: Architecture, path) -> None:
                         "(as the planner always does)")
 
 
-def choose_plan(*, path, arch: Architecture, device_type: str, dtype: str, max_batch_size: int,
+def choose_plan(*, path, arch: Architecture, device, dtype: str, max_batch_size: int,
                 max_seq_len: int | None, default_max_seq_len: int, plan=None, gpu_memory=None,
                 cpu_memory=None, gpu_layers=None, kv_gpu_layers=None, cpu_attention=None,
                 prefill_chunk_size: int | None = None, dtype_given: bool = False,
@@ -86,15 +87,15 @@ def choose_plan(*, path, arch: Architecture, device_type: str, dtype: str, max_b
     workload = planning_workload(max_batch_size, default_max_seq_len if max_seq_len is None else max_seq_len)
     spec = placement.load_spec(path, dtype=dtype)
     has_budget = gpu_memory is not None or cpu_memory is not None
-    if overrides or (not has_budget and device_type != "cuda"):
+    if overrides or (not has_budget and device.type != "cuda"):
         # manual plan; nothing at all given on the CPU = the plain path: everything on the device
-        hardware = planning_hardware(device_type, gpu_memory, cpu_memory) if has_budget or device_type == "cuda" \
+        hardware = planning_hardware(device, gpu_memory, cpu_memory) if has_budget or device.type == "cuda" \
             else None
         return placement.manual_plan(spec, workload, hardware, gpu_layers=gpu_layers,
                                      kv_gpu_layers=kv_gpu_layers,
                                      cpu_attention=True if cpu_attention is None else bool(cpu_attention),
                                      prefill_chunk_tokens=prefill_chunk_size)
-    chosen = placement.plan(spec, planning_hardware(device_type, gpu_memory, cpu_memory), workload)
+    chosen = placement.plan(spec, planning_hardware(device, gpu_memory, cpu_memory), workload)
     if prefill_chunk_size is not None and prefill_chunk_size > chosen.prefill_chunk_tokens:
         raise ValueError(f"prefill_chunk_size={prefill_chunk_size} exceeds the {chosen.prefill_chunk_tokens} "
                          "tokens the plan's workspace allows; leave it out or make it smaller")

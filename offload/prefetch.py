@@ -9,16 +9,26 @@ Slot life cycle:  free --submit--> copying/ready --acquire--> held --release--> 
 A slot is only ever submitted to when free, so a held slot is never overwritten; on CUDA the copy
 stream additionally waits for the compute-done event recorded at release (see copy_engine.py).
 
+An acquisition announced ahead as skipped (`announce_skip`: the LM head of a prefill chunk that needs no
+logits) is passed over without a copy when its turn to be issued comes; one issued before the
+announcement is copied and then skipped (its copy cannot be called back).
+
+Teardown: `close()` waits for the copies in flight and frees the ring and the host copies. A prefetcher
+dropped without `close()` does the same from a finalizer, and the ring is recorded on the copy stream, so
+the caching allocator never hands its memory out while a copy may still write into it.
+
 Not thread-safe: one compute thread calls acquire/release (the copy engine has its own thread or stream).
 """
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
 import torch
 
+from offload.devices import canonical_device
 from offload.copy_engine import make_copy_engine
 from offload.host_memory import DEFAULT_ALIGNMENT, PackedItem, align_up
 
@@ -58,7 +68,7 @@ class Prefetcher:
         self.order = tuple(order)
         self.items = tuple(items)
         self._position = {item: i for i, item in enumerate(self.order)}
-        self.device = torch.device(device)
+        self.device = canonical_device(device)
         # more slots than items would only hold a second copy of an item already in flight
         self.depth = min(depth, len(self.order))
         self.slot_bytes = self.ring_bytes_for(self.items, depth=1, alignment=alignment)
@@ -66,6 +76,9 @@ class Prefetcher:
         self._slots = [self.ring[s * self.slot_bytes:(s + 1) * self.slot_bytes] for s in range(self.depth)]
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}   # (slot, position) -> views
         self._engine = make_copy_engine(self.device, self.depth)
+        self._engine.adopt(self.ring)
+        # dropped without close(): still wait for the copies in flight (and stop the copy thread)
+        self._finalizer = weakref.finalize(self, self._engine.close)
         self.stats = TransferStats()
         self._is_closed = False
         self._start(0)
@@ -76,14 +89,22 @@ class Prefetcher:
         self._free_slots: deque[int] = deque(range(self.depth))   # free slots, freed longest ago first
         self._issued: dict[int, int] = {}                         # acquisition number -> slot, not acquired
         self._held: dict[int, int] = {}                           # acquisition number -> slot, held now
+        self._skipped: set[int] = set()                           # acquisition numbers announced skipped
         self._num_acquired = first                                # next acquisition number
         self._num_issued = first                                  # next copy's acquisition number
         self._fill()
 
     def _fill(self) -> None:
-        """Submit copies into free slots, in order, as far as they go."""
-        while self._free_slots:
-            seq, slot = self._num_issued, self._free_slots.popleft()
+        """Submit copies into free slots, in order, as far as they go (announced skips take no slot)."""
+        while True:
+            seq = self._num_issued
+            if seq in self._skipped:
+                self._issued[seq] = None                    # passed over: no copy, no slot
+                self._num_issued += 1
+                continue
+            if not self._free_slots:
+                return
+            slot = self._free_slots.popleft()
             packed = self.items[seq % len(self.order)]
             assert slot not in self._held.values(), f"slot {slot} is held and would be overwritten"
             assert packed.buffer.device.type == "cpu" and packed.buffer.dtype == torch.uint8
@@ -103,6 +124,9 @@ class Prefetcher:
                 f"acquire({item!r}) out of order: the next streamed item is {self.order[position]!r} "
                 f"(streamed items are acquired in the fixed cyclic order {list(self.order)}); "
                 "call reset() after an interrupted step")
+        if seq in self._skipped:
+            raise PrefetchOrderError(f"acquire({item!r}): this acquisition was announced as skipped "
+                                     "(announce_skip); call skip() for it")
         if seq not in self._issued:         # every slot is held (copies are issued in acquisition order)
             held = [self.order[s % len(self.order)] for s in sorted(self._held)]
             raise RuntimeError(f"cannot acquire {item!r}: all {self.depth} ring buffers are held by {held}; "
@@ -131,10 +155,32 @@ class Prefetcher:
 
     def skip(self, item: Hashable) -> None:
         """Pass over the next streamed item without using it (e.g. the head during a prefill chunk that
-        needs no logits): its slot is freed once its copy has landed. Same order rule as acquire."""
+        needs no logits). Announced ahead (announce_skip) and not yet issued then: no copy at all;
+        otherwise its slot is freed once its copy has landed. Same order rule as acquire."""
+        self._check_open()
+        seq = self._num_acquired
+        if seq in self._skipped and self._position.get(item) == seq % len(self.order):
+            self._skipped.discard(seq)
+            self._issued.pop(seq, None)
+            self._num_acquired += 1
+            self._fill()
+            return
         self.acquire(item)
         self.release(item)
         self.stats.num_acquires -= 1
+
+    def announce_skip(self, item: Hashable, count: int) -> int:
+        """The next `count` acquisitions of `item` will be `skip()`s: those not issued yet are passed over
+        without copying. Returns how many were marked (an issued copy cannot be called back)."""
+        self._check_open()
+        position = self._position.get(item)
+        if position is None:
+            raise ValueError(f"announce_skip({item!r}): not a streamed item; streamed: {list(self.order)}")
+        n = len(self.order)
+        first = self._num_acquired + (position - self._num_acquired) % n   # next acquisition of item
+        marked = [first + k * n for k in range(count) if first + k * n >= self._num_issued]
+        self._skipped.update(marked)
+        return len(marked)
 
     def reset(self, next_item: Hashable | None = None) -> None:
         """Bring the ring back to a consistent state after an interrupted step (e.g. an exception in compute).
@@ -157,11 +203,12 @@ class Prefetcher:
         self._engine.synchronize()
 
     def close(self) -> None:
-        """Wait for copies in flight, stop the copy thread and free the ring; idempotent."""
+        """Wait for copies in flight, stop the copy thread, free the ring and drop the host copies (their
+        memory is returned once nothing else references it); idempotent."""
         if not self._is_closed:
             self._is_closed = True
-            self._engine.close()
-            self.ring, self._slots, self._views = None, [], {}
+            self._finalizer()                               # engine.close(), once
+            self.ring, self._slots, self._views, self.items = None, [], {}, ()
 
     def _check_open(self) -> None:
         if self._is_closed:
@@ -170,7 +217,8 @@ class Prefetcher:
     # -- introspection (tests, stats) ------------------------------------------------------------------
     def issued_items(self) -> list[Hashable]:
         """Items copied or being copied into a slot and not yet acquired, in acquisition order."""
-        return [self.order[seq % len(self.order)] for seq in range(self._num_acquired, self._num_issued)]
+        return [self.order[seq % len(self.order)] for seq in range(self._num_acquired, self._num_issued)
+                if self._issued.get(seq) is not None]
 
     def held_items(self) -> list[Hashable]:
         return [self.order[seq % len(self.order)] for seq in sorted(self._held)]
@@ -178,7 +226,7 @@ class Prefetcher:
     def is_ready(self, item: Hashable) -> bool:
         """True when the next acquisition of `item` is already issued and its copy has completed."""
         for seq in range(self._num_acquired, self._num_issued):
-            if self.order[seq % len(self.order)] == item:
+            if self.order[seq % len(self.order)] == item and self._issued[seq] is not None:
                 return self._engine.is_copy_done(self._issued[seq])
         return False
 
@@ -188,7 +236,7 @@ class Prefetcher:
             if self.order[seq % len(self.order)] == item:
                 return slot
         for seq, slot in sorted(self._issued.items()):
-            if self.order[seq % len(self.order)] == item:
+            if self.order[seq % len(self.order)] == item and slot is not None:
                 return slot
         return None
 

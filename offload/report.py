@@ -35,6 +35,8 @@ def memory_report(model) -> str:
         lines.append(_row("cpu tier (host)", [cpu.weights, cpu.kv_cache, 0, 0, cpu.total, plan.budget.cpu_bytes,
                                               plan.budget.cpu_bytes - cpu.total]))
     if device.type == "cuda":
-        lines.append(f"torch allocated on {device}: {format_size(torch.cuda.memory_allocated(device))} "
-                     f"(peak {format_size(torch.cuda.max_memory_allocated(device))})")
+        lines.append(f"torch on {device}: allocated {format_size(torch.cuda.memory_allocated(device))} "
+                     f"(peak {format_size(torch.cuda.max_memory_allocated(device))}), reserved "
+                     f"{format_size(torch.cuda.memory_reserved(device))} "
+                     f"(peak {format_size(torch.cuda.max_memory_reserved(device))})")
     return "\n".join(lines)

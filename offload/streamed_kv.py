@@ -28,8 +28,9 @@ from __future__ import annotations
 import torch
 
 import cpu_kernels
+from offload.devices import same_device
 from offload.host_attention import HostStaging
-from offload.kv_cache import allocate_kv, attend_cache
+from offload.kv_cache import Chunk, allocate_kv, attend_cache
 from placement.architecture import Architecture
 
 K_CACHE, V_CACHE = "kv_cache.k", "kv_cache.v"     # names of the attached tensors in the layer's item
@@ -70,16 +71,17 @@ class StreamedKVAttention:
         """Host bytes of this layer's cache (its device copy lives in a ring slot, counted as buffers)."""
         return 2 * self.host_k.numel() * self.host_k.element_size()
 
-    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, start: torch.Tensor,
-               lengths: torch.Tensor, *, cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, chunk: Chunk, *,
+               cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """`cache`: the (k, v) device views of this layer's slot, [B_max, Hkv, S_max, D]. Returns
         [B, Hq, T, D] on q's device; the host cache holds the new tokens when this returns."""
         k_slot, v_slot = cache
         B = q.shape[0]
-        assert k_slot.shape == self.host_k.shape and k_slot.device == q.device == self.device, \
+        assert k_slot.shape == self.host_k.shape and k_slot.device == q.device, \
             (k_slot.shape, self.host_k.shape, k_slot.device, q.device)
-        assert B <= self.max_batch_size and int(lengths.max()) <= self.max_seq_len, (B, lengths)
-        out = attend_cache(k_slot, v_slot, q, k_new, v_new, start, lengths,
+        assert same_device(q.device, self.device), (q.device, self.device)
+        assert B <= self.max_batch_size and chunk.num_keys <= self.max_seq_len, (B, chunk.lengths)
+        out = attend_cache(k_slot, v_slot, q, k_new, v_new, chunk,
                            sliding_window=self.sliding_window, scale=self.scale)   # [B, Hq, T, D]
         cache_dtype = self.host_k.dtype
         if self.is_copying:
@@ -88,5 +90,5 @@ class StreamedKVAttention:
         else:
             k_h, v_h = k_new.to(cache_dtype), v_new.to(cache_dtype)
         # write-back before release (ordering: module docstring)
-        cpu_kernels.append_kv(self.host_k[:B], self.host_v[:B], k_h.contiguous(), v_h.contiguous(), start)
+        cpu_kernels.append_kv(self.host_k[:B], self.host_v[:B], k_h.contiguous(), v_h.contiguous(), chunk.start)
         return out

@@ -1,9 +1,11 @@
 """The weight-source contract: how the engine gets weights, whatever memory they live in.
 
-A weight source has two methods, called by the engine in a fixed order for every chunk it runs:
+A weight source is called by the engine in a fixed order for every chunk it runs:
 
     acquire(item) -> dict[str, Tensor]   # blocks until the tensors are usable on the compute device
     release(item) -> None                # every compute reading them has been launched
+    skip(item) -> None                   # the item's turn passes unused (the head of a prefill chunk)
+    announce_skips(item, count)          # said ahead of those skips, so nothing is copied for them
 
 `item` is an int decoder-layer index or one of "embedding", "final_norm", "lm_head". Layer dicts are keyed by
 the tensor name relative to `arch.layer_prefix(i)` ("self_attn.q_proj.weight"); the other items by the full
@@ -26,6 +28,12 @@ class WeightSource(Protocol):
     def acquire(self, item: Item) -> dict[str, torch.Tensor]: ...
 
     def release(self, item: Item) -> None: ...
+
+    def skip(self, item: Item) -> None:
+        """Pass over the item this step (its turn in the fixed order comes and goes unused)."""
+
+    def announce_skips(self, item: Item, count: int) -> None:
+        """The next `count` uses of the item will be skip()s (a streamed source need not copy it)."""
 
 
 def weight_items(arch: Architecture) -> list[Item]:

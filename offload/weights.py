@@ -26,6 +26,7 @@ from typing import Hashable, Iterable, Mapping
 
 import torch
 
+from offload.devices import canonical_device
 from offload.host_memory import DEFAULT_ALIGNMENT, PackedItem, cast_for_storage
 from offload.memory import MemoryLedger
 from offload.prefetch import Prefetcher, TransferStats
@@ -55,7 +56,7 @@ class PlacedWeights:
                  pin_memory: bool | None = None, ledger: MemoryLedger | None = None,
                  alignment: int = DEFAULT_ALIGNMENT,
                  attached: Mapping[Hashable, Mapping[str, torch.Tensor]] | None = None):
-        self.device = torch.device(device)
+        self.device = canonical_device(device)
         self.dtype = dtype
         self.placement = dict(placement)
         bad = {item: tier for item, tier in self.placement.items() if tier not in TIERS}
@@ -166,6 +167,12 @@ class PlacedWeights:
         if self.is_streamed(item):
             self.prefetcher.skip(item)
 
+    def announce_skips(self, item: Hashable, count: int) -> None:
+        """The next `count` uses of `item` will be skip()s: a streamed item is then not copied for them
+        (unless its copy is already issued). A no-op for resident and host items."""
+        if self.is_streamed(item):
+            self.prefetcher.announce_skip(item, count)
+
     def is_streamed(self, item: Hashable) -> bool:
         """True when the item goes through the ring (its weights are streamed, or it has attachments)."""
         return self._tier(item) == STREAMED or item in self.attached
@@ -202,15 +209,16 @@ class PlacedWeights:
             self.prefetcher.synchronize()
 
     def close(self) -> None:
-        """Wait for copies in flight, stop the copy thread and free the device memory (ring, resident
-        weights; the ledger is credited). Idempotent; acquire afterwards raises."""
+        """Wait for copies in flight, stop the copy thread and free everything: the device memory (ring,
+        resident weights; the ledger is credited) and the host memory (packed streamed items, host-kept
+        tensors). Idempotent; acquire afterwards raises."""
         if self._is_closed:
             return
         self._is_closed = True
         self._credit_ledger()
         if self.prefetcher is not None:
             self.prefetcher.close()
-        self._tensors = {item: t for item, t in self._tensors.items() if self.placement[item] == HOST}
+        self._tensors = {}
 
     def __enter__(self) -> "PlacedWeights":
         return self

@@ -20,6 +20,10 @@ from dataclasses import dataclass
 from .sizes import parse_size
 
 CUDA_RESERVE_BYTES = 512 << 20          # CUDA context + cuBLAS workspace, outside the plan's GPU total
+# Detected GPU budget: the free memory less this headroom, for what the plan cannot count: the caching
+# allocator's fragmentation (reserved > allocated), kernels loaded lazily on first use, other processes.
+GPU_HEADROOM_FRACTION = 0.04            # of the card's total memory
+MIN_GPU_HEADROOM_BYTES = 256 << 20
 PCIE_GBPS_PER_LANE = {3: 0.985e9, 4: 1.969e9, 5: 3.938e9}
 PCIE_EFFICIENCY = 0.80                   # pinned host->device copies reach ~80% of the link rate
 GPU_FLOPS_EFFICIENCY = 0.60              # large 16-bit matmuls reach ~60% of the tensor-core peak
@@ -126,10 +130,12 @@ class Hardware:
                    cpu_attention_bytes_per_s=DEFAULT_CPU_ATTENTION_BYTES_PER_S, name=preset.name)
 
     @classmethod
-    def detect(cls, gpu_memory: str | int | None = None,
-               cpu_memory: str | int | None = None) -> "Hardware":
+    def detect(cls, gpu_memory: str | int | None = None, cpu_memory: str | int | None = None,
+               device_index: int | None = None) -> "Hardware":
         """This machine. Explicit budgets are taken as given; torch is imported only when
-        `gpu_memory` is None. Uses `--profile` measurements cached for this machine when present."""
+        `gpu_memory` is None, to read CUDA device `device_index` (default: the current one). The
+        detected budget is the free memory less a headroom (`gpu_headroom_bytes`) and then, in the plan,
+        less the CUDA reserve. Uses `--profile` measurements cached for this machine when present."""
         from .profile import load_profile      # local: profile.py imports this module
         measured = load_profile()
         cpu_bytes = None if cpu_memory is None else parse_size(cpu_memory, what="cpu memory")
@@ -138,7 +144,7 @@ class Hardware:
             gpu_bytes = parse_size(gpu_memory, what="gpu memory")
             base = cls._generic(gpu_bytes, cpu_bytes, cpu_speeds)
         else:
-            device = _cuda_device()
+            device = _cuda_device(device_index)
             if device is None:
                 return cls.cpu_only(cpu_memory=cpu_bytes)     # applies the cached profile itself
             name, gpu_bytes = device
@@ -148,6 +154,9 @@ class Hardware:
             else:
                 base = cls.from_gpu_preset(preset.name, cpu_memory=cpu_bytes, gpu_memory=gpu_bytes)
                 base = dataclasses.replace(base, name=name, **cpu_speeds)
+            if measured is not None and not measured.is_cpu_only and measured.device_name != name:
+                # profiled on another card of this machine: only its CPU figures hold here
+                measured = dataclasses.replace(measured, is_cpu_only=True)
         return measured.apply(base) if measured else base
 
     @classmethod
@@ -227,17 +236,30 @@ def _cpu_flops() -> float:
     return 25e9 * _physical_cores()
 
 
-def _cuda_device() -> tuple[str, int] | None:
-    """(name, usable bytes) of CUDA device 0, or None. Imports torch (the only place that does)."""
+def gpu_headroom_bytes(total_bytes: int) -> int:
+    """What a detected GPU budget leaves unused on a card of `total_bytes` (see GPU_HEADROOM_FRACTION)."""
+    return max(MIN_GPU_HEADROOM_BYTES, int(total_bytes * GPU_HEADROOM_FRACTION))
+
+
+def detected_gpu_bytes(free_bytes: int, total_bytes: int) -> int:
+    """The "gpu" budget of a card with `free_bytes` free now (our CUDA context already made): the free
+    memory less the headroom. The plan then keeps CUDA_RESERVE_BYTES of it for cuBLAS workspaces and
+    context growth, so a plan's total is free - headroom - reserve."""
+    return max(0, free_bytes - gpu_headroom_bytes(total_bytes))
+
+
+def _cuda_device(index: int | None = None) -> tuple[str, int] | None:
+    """(name, budget bytes) of CUDA device `index` (default: the current one), or None without CUDA.
+    Imports torch (the only place that does)."""
     try:
         import torch
     except ImportError:
         return None
     if not torch.cuda.is_available():
         return None
-    free, total = torch.cuda.mem_get_info(0)
-    # `free` is measured after our own context was created: add the reserve back to the budget
-    return torch.cuda.get_device_name(0), min(total, free + CUDA_RESERVE_BYTES)
+    index = torch.cuda.current_device() if index is None else index
+    free, total = torch.cuda.mem_get_info(index)
+    return torch.cuda.get_device_name(index), detected_gpu_bytes(free, total)
 
 
 def machine_gpu_bytes() -> int | None:

@@ -84,8 +84,9 @@ def store_profile(speeds: MeasuredSpeeds) -> Path:
 
 
 def measure(*, cpu_bytes: int = 256 << 20, gpu_bytes: int = 256 << 20,
-            use_cuda: bool | None = None) -> MeasuredSpeeds:
-    """Measure this machine (about 2-5 s at the default sizes). `use_cuda=None`: if available."""
+            use_cuda: bool | None = None, device_index: int | None = None) -> MeasuredSpeeds:
+    """Measure this machine (about 2-5 s at the default sizes). `use_cuda=None`: if available; the GPU
+    measured is CUDA device `device_index` (default: the current one)."""
     import numpy as np
 
     cpu_bw = _best_rate(lambda m, v: m @ v, *_gemv_operands(np, cpu_bytes), num_bytes=cpu_bytes)
@@ -101,7 +102,7 @@ def measure(*, cpu_bytes: int = 256 << 20, gpu_bytes: int = 256 << 20,
         return MeasuredSpeeds(pcie_bytes_per_s=memcpy, gpu_flops=cpu_flops, gpu_mem_bytes_per_s=cpu_bw,
                               cpu_attention_bytes_per_s=cpu_bw, cpu_flops=cpu_flops,
                               is_cpu_only=True, device_name="cpu", measured_at=time.time())
-    pcie, flops, mem, name = _measure_cuda(gpu_bytes)
+    pcie, flops, mem, name = _measure_cuda(gpu_bytes, device_index)
     return MeasuredSpeeds(pcie_bytes_per_s=pcie, gpu_flops=flops, gpu_mem_bytes_per_s=mem,
                           cpu_attention_bytes_per_s=cpu_bw, cpu_flops=cpu_flops, is_cpu_only=False,
                           device_name=name, measured_at=time.time())
@@ -132,32 +133,36 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _measure_cuda(num_bytes: int) -> tuple[float, float, float, str]:
-    """(pinned H2D bytes/s, fp16 matmul FLOP/s, device copy bytes/s, device name). CUDA only."""
+def _measure_cuda(num_bytes: int, device_index: int | None = None) -> tuple[float, float, float, str]:
+    """(pinned H2D bytes/s, fp16 matmul FLOP/s, device copy bytes/s, device name) of one CUDA device."""
     import torch
+
+    cuda = torch.device("cuda", torch.cuda.current_device() if device_index is None else device_index)
 
     def timed(fn, repeats=5):
         fn()
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(cuda)
         best = float("inf")
+        stream = torch.cuda.current_stream(cuda)
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             fn()
-            end.record()
+            end.record(stream)
             end.synchronize()                  # the events bracket exactly one call
             best = min(best, start.elapsed_time(end) / 1e3)
         return best
 
-    host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
-    device = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
-    pcie = num_bytes / timed(lambda: device.copy_(host, non_blocking=True))
-    other = torch.empty_like(device)
-    mem = 2 * num_bytes / timed(lambda: other.copy_(device))   # a copy reads and writes
-    n = 4096
-    a = torch.randn(n, n, device="cuda", dtype=torch.float16)
-    flops = 2 * n ** 3 / timed(lambda: a @ a)
-    name = torch.cuda.get_device_name(0)
-    del host, device, other, a
-    torch.cuda.empty_cache()
+    with torch.cuda.device(cuda):
+        host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
+        device = torch.empty(num_bytes, dtype=torch.uint8, device=cuda)
+        pcie = num_bytes / timed(lambda: device.copy_(host, non_blocking=True))
+        other = torch.empty_like(device)
+        mem = 2 * num_bytes / timed(lambda: other.copy_(device))   # a copy reads and writes
+        n = 4096
+        a = torch.randn(n, n, device=cuda, dtype=torch.float16)
+        flops = 2 * n ** 3 / timed(lambda: a @ a)
+        name = torch.cuda.get_device_name(cuda)
+        del host, device, other, a
+        torch.cuda.empty_cache()
     return pcie, flops, mem, name

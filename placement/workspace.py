@@ -9,7 +9,8 @@ Terms, with N = B x chunk rows, S = max_seq_len, b = bytes of the model dtype, a
 at once (they are not: the sum is the conservative part):
 - hidden state, residual and normed input: 3 N H b (+ N E b for OPT's word_embed_proj_dim E)
 - q, k, v and their rotated copies: 2 N (Hq + 2 Hkv) D b; RoPE cos/sin: 2 N D 4
-- GQA keys/values expanded to all query heads over the whole context: 2 B Hq S D b
+- GQA keys/values expanded to all query heads over the whole context: 2 B Hq S D b (the runtime asks SDPA
+  for `enable_gqa`, but its math path, taken with a mask, may still expand them)
 - attention output: N Hq D b
 - MLP intermediates (gate, up, their product; OPT fc1 and its activation): 3 N I b
 - SDPA scores B x Hq x chunk x S and the mask B x chunk x S, both float32 (float32 scores also bound

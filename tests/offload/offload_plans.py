@@ -59,3 +59,15 @@ def assert_runs_plan(model, plan) -> None:
     assert ledger.peak_bytes("buffers") == weights.ring_bytes <= gpu.buffers
     assert ledger.peak_bytes("workspace") == gpu.workspace
     assert ledger.peak_bytes() == weights.resident_bytes + gpu.kv_cache + weights.ring_bytes + gpu.workspace
+
+
+def expected_step_bytes(model, *, batch_size: int, num_tokens: int = 1) -> int:
+    """Host->device bytes of one step of `num_tokens` tokens per row: every streamed item once, and on CUDA
+    the output [B, Hq, T, D] of each CPU-attended layer sent back to the device (nothing on the CPU)."""
+    weights, arch = model.engine.weights, model.arch
+    num_bytes = weights.streamed_bytes_per_cycle
+    if model.device.type == "cuda":
+        num_cpu_attended = sum(type(b) is HostAttention for b in model.engine.backends)
+        num_bytes += num_cpu_attended * batch_size * arch.num_heads * num_tokens * arch.head_dim * \
+            model.dtype.itemsize
+    return num_bytes

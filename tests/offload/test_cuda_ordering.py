@@ -1,7 +1,6 @@
 """The CUDA-only ordering rules, checked on any machine with recording stand-ins for torch.cuda streams and
 events: what the copy stream waits for before writing a ring slot, and which host buffers stay pinned."""
 import gc
-import weakref
 
 import torch
 
@@ -86,20 +85,88 @@ def test_the_copy_stream_waits_for_compute_before_writing_a_slot(monkeypatch):
                    ("record", copy_done[0], "copy"), ("exit", "copy")]
 
 
-def test_a_pinned_host_cache_keeps_its_registered_buffer(monkeypatch):
-    returned = []
+def test_only_what_crosses_pcie_is_pinned(monkeypatch):
+    """A CPU-attended layer's cache never leaves the host: pageable. The staging buffers its q, k, v and
+    output pass through are copied asynchronously: pinned."""
+    pins = []
 
     def allocate(num_bytes, *, pin):
-        buffer = torch.empty(num_bytes, dtype=torch.uint8)
-        returned.append(weakref.ref(buffer))      # a registration ends when this object is collected
-        return buffer
+        pins.append((num_bytes, pin))
+        return torch.zeros(num_bytes, dtype=torch.uint8)
 
     monkeypatch.setattr(host_attention, "allocate_host_bytes", allocate)
-    k, v = host_attention.allocate_host_kv(max_batch_size=2, num_kv_heads=2, max_seq_len=8, head_dim=4,
-                                           dtype=torch.float16, pin=True)
+    backend = host_attention.HostAttention(max_batch_size=2, max_seq_len=8, num_kv_heads=2, head_dim=4,
+                                           dtype=torch.float16, device=torch.device("cuda", 0))
+    assert pins == [(2 * 2 * 8 * 4 * 2, False)] * 2
+    assert backend.k_cache.shape == (2, 2, 8, 4) and bool((backend.k_cache == 0).all())
+    pins.clear()
+    backend.staging.buffer("q", (2, 4, 1, 4), torch.float32)
+    assert pins == [(2 * 4 * 4 * 4, True)]
+
+
+class RecordingEngine:
+    """A copy engine that records what the prefetcher asks of it (and copies on the spot)."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def adopt(self, ring):
+        self.log.append(("adopt", ring.data_ptr(), ring.numel()))
+
+    def submit(self, slot, dst, src):
+        self.log.append(("submit", slot))
+        dst.copy_(src)
+
+    def wait_copy(self, slot):
+        return 0.0
+
+    def record_release(self, slot):
+        pass
+
+    def is_copy_done(self, slot):
+        return True
+
+    def synchronize(self):
+        pass
+
+    def close(self):
+        self.log.append(("close",))
+
+
+def _packed(num_items=3):
+    from offload.host_memory import PackedItem
+    return [PackedItem.pack({"w": torch.full((64,), float(i))}) for i in range(num_items)]
+
+
+def test_the_ring_is_handed_to_the_copy_engine_before_any_copy(monkeypatch):
+    """On CUDA, adopt() records the ring on the copy stream: freed, its memory waits for the copies."""
+    import offload.prefetch as prefetch
+    log = []
+    monkeypatch.setattr(prefetch, "make_copy_engine", lambda device, depth: RecordingEngine(log))
+    prefetcher = prefetch.Prefetcher([0, 1, 2], _packed(), device="cpu", depth=2)
+    assert log[0] == ("adopt", prefetcher.ring.data_ptr(), prefetcher.ring_bytes)
+    assert [entry[0] for entry in log[1:]] == ["submit", "submit"]
+    prefetcher.close()
+    prefetcher.close()
+    assert log.count(("close",)) == 1
+
+
+def test_a_prefetcher_dropped_without_close_waits_for_its_copies_and_frees_its_memory(monkeypatch):
+    import offload.prefetch as prefetch
+    log = []
+    monkeypatch.setattr(prefetch, "make_copy_engine", lambda device, depth: RecordingEngine(log))
+    prefetcher = prefetch.Prefetcher([0, 1, 2], _packed(), device="cpu", depth=2)
+    prefetcher.acquire(0)
+    del prefetcher
     gc.collect()
-    assert len(returned) == 2 and all(ref() is not None for ref in returned)
-    assert k.shape == (2, 2, 8, 4) and bool((k == 0).all()) and bool((v == 0).all())
-    del k, v
+    assert log[-1] == ("close",)          # engine.close(): CUDA synchronizes the copy stream there
+
+
+def test_a_dropped_prefetcher_stops_its_copy_thread():
+    from offload.prefetch import Prefetcher
+    prefetcher = Prefetcher([0, 1, 2], _packed(), device="cpu", depth=2)
+    engine = prefetcher.copy_engine
+    assert engine.is_alive
+    del prefetcher
     gc.collect()
-    assert all(ref() is None for ref in returned)
+    assert not engine.is_alive

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offload.kv_cache import TorchAttention
+from offload.kv_cache import Chunk, TorchAttention
 from offload.models.rope import Rope
 from placement.architecture import Architecture
 
@@ -34,7 +34,7 @@ def test_ragged_rows_chunks_and_decode_match_plain_attention(window):
         q = torch.randn(3, Hq, T, D)
         k_new = torch.stack([full_k[b, :, s:s + T] for b, s in enumerate(start.tolist())])
         v_new = torch.stack([full_v[b, :, s:s + T] for b, s in enumerate(start.tolist())])
-        out = backend.attend(q, k_new, v_new, start, lengths)
+        out = backend.attend(q, k_new, v_new, Chunk(start=start, num_tokens=T, device=torch.device("cpu")))
         for b in range(3):
             n = int(lengths[b])
             want = _reference(q[b], full_k[b, :, :n], full_v[b, :, :n], torch.arange(n - T, n), window)
@@ -47,7 +47,7 @@ def test_overflow_is_rejected():
                              dtype=torch.float32, device="cpu")
     x = torch.zeros(1, 1, 3, 2)
     with pytest.raises(AssertionError):
-        backend.attend(x, x, x, torch.tensor([2]), torch.tensor([5]))
+        backend.attend(x, x, x, Chunk(start=torch.tensor([2]), num_tokens=3, device=torch.device("cpu")))
 
 
 def _hf_inv_freq(config_kwargs, seq_len=None):

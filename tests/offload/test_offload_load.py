@@ -14,7 +14,7 @@ import placement
 from offload.memory import MemoryBudgetError
 from placement import PlanError
 from tests.offload.builders import build_checkpoint
-from tests.offload.offload_plans import assert_runs_plan, layout_plan
+from tests.offload.offload_plans import assert_runs_plan, expected_step_bytes, layout_plan
 from tests.offload.test_offload_parity import DEEP_LAYERS, LONG, NUM_NEW, PROMPTS, reference
 
 TURNS = [[5, 17, 99, 42, 8], [33, 4, 120], [9, 14, 77, 31, 50, 66, 101], [12, 45]]
@@ -203,16 +203,21 @@ def test_a_stream_closed_mid_way_leaves_the_model_usable(llama5):
     assert model.generate(PROMPTS, max_new_tokens=NUM_NEW) == reference(llama5)[1]
 
 
-def test_stats_count_every_streamed_byte(llama5):
+def test_stats_count_every_streamed_byte_and_no_head_copy_for_chunks_without_logits(llama5):
     plan = layout_plan(llama5, **OFFLOADED)
     model = offload.load(llama5, plan=plan, progress=False)
     weights = model.engine.weights
+    head_bytes = weights.prefetcher.items[weights.streamed_items.index("lm_head")].num_bytes
+    was_issued = "lm_head" in weights.prefetcher.issued_items()     # copied ahead before the call began
     out = model.generate(PROMPTS, max_new_tokens=NUM_NEW)
     num_chunks = -(-max(map(len, PROMPTS)) // plan.prefill_chunk_tokens)
     num_cycles = num_chunks + max(map(len, out)) - 1            # prefill chunks + decode steps
     stats = model.stats
-    # the ring is full at both ends of a call, so the copies issued during it are exactly its cycles
-    assert stats.host_to_device_bytes == num_cycles * weights.streamed_bytes_per_cycle
+    # the ring is full at both ends of a call, so the copies issued during it are exactly its cycles, less
+    # the head of every chunk but the last (no logits there), unless that copy was issued before the call
+    num_skipped = num_chunks - 1 - was_issued
+    assert num_chunks == 3 and num_skipped >= 1
+    assert stats.host_to_device_bytes == num_cycles * weights.streamed_bytes_per_cycle - num_skipped * head_bytes
     assert weights.streamed_bytes_per_cycle == sum(
         l.weight_bytes * (l.weights == "cpu") + l.kv_bytes * (l.kv == "cpu" and l.attention == "gpu")
         for l in plan.layers) + plan.lm_head.read_bytes
@@ -221,6 +226,18 @@ def test_stats_count_every_streamed_byte(llama5):
     resident = offload.load(llama5, device="cpu", max_seq_len=48, max_batch_size=3, progress=False)
     resident.generate(PROMPTS, max_new_tokens=2)
     assert resident.stats.host_to_device_bytes == 0
+
+
+def test_host_to_device_bytes_per_decode_step(llama5):
+    """Each decode step copies the streamed items once, plus (on CUDA) each CPU-attended layer's output."""
+    model = offload.load(llama5, plan=layout_plan(llama5, **OFFLOADED), progress=False)
+    rows = [PROMPTS[0], PROMPTS[1]]
+    bytes_of = {}
+    for num_new in (1, 6):
+        out = model.generate(rows, max_new_tokens=num_new)
+        assert [len(r) for r in out] == [num_new, num_new]             # no early stop: num_new - 1 steps
+        bytes_of[num_new] = model.stats.host_to_device_bytes
+    assert bytes_of[6] - bytes_of[1] == 5 * expected_step_bytes(model, batch_size=2)
 
 
 def test_load_logs_the_memory_report_and_the_cpu_tier_once(llama5, caplog):
@@ -261,7 +278,7 @@ def test_both_head_items_streamed_at_depth_one_is_refused_not_deadlocked(llama5)
                                          dtype=torch.float32, device="cpu") for i in range(DEEP_LAYERS)]
     with pytest.raises(ValueError, match="depth >= 2"):
         Engine(arch=ckpt.arch, model=model, weights=weights, backends=backends, device="cpu",
-               dtype=torch.float32, max_seq_len=8)
+               dtype=torch.float32, max_seq_len=8, max_batch_size=1)
 
 
 def test_close_frees_everything_and_later_calls_fail_clearly(llama5):

@@ -1,6 +1,8 @@
 """Every family and variant against transformers: logits (float32) and greedy tokens (float32, bfloat16)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -42,7 +44,9 @@ def test_greedy_ragged_batch_float32(checkpoint_factory, variant):
 def test_greedy_ragged_batch_bfloat16(checkpoint_factory, variant):
     """bf16 tokens may differ from transformers' bf16 tokens only at a near-tie: at the first divergence,
     transformers' own top-2 logits must be closer than the bf16 noise measured between the two
-    implementations on that same prefix (and our token must be transformers' runner-up)."""
+    implementations on that same prefix, or than two bf16 steps at their magnitude (a batched decode rounds
+    differently from a one-row forward, which the noise measure cannot see), and our token must be
+    transformers' runner-up."""
     path, _ = checkpoint_factory(variant)
     hf = load_hf(path, torch.bfloat16)
     model = _load(path, "bfloat16", max_batch_size=3, prefill_chunk_size=5)
@@ -61,7 +65,9 @@ def test_greedy_ragged_batch_bfloat16(checkpoint_factory, variant):
         top2 = torch.topk(ref, 2)
         assert got[b][s] == int(top2.indices[1]), f"row {b} step {s}: our token is not transformers' runner-up"
         gap = float(top2.values[0] - top2.values[1])
-        assert gap <= 2 * noise, f"row {b} step {s}: top-2 gap {gap} is beyond bf16 noise {noise}"
+        step = torch.finfo(torch.bfloat16).eps * 2.0 ** math.floor(math.log2(abs(float(top2.values[0]))))
+        assert gap <= max(2 * noise, 2 * step), \
+            f"row {b} step {s}: top-2 gap {gap} is beyond bf16 noise {noise} and two bf16 steps {2 * step}"
     assert num_diverged <= 1, f"{num_diverged} of {len(PROMPTS)} rows diverged in bf16"
 
 

@@ -188,3 +188,38 @@ def test_skip_passes_over_an_item_and_keeps_the_cycle_in_step():
         assert_intact(prefetcher.acquire(ORDER[0]), sources[ORDER[0]])
     finally:
         prefetcher.close()
+
+
+def test_an_announced_skip_makes_no_copy_unless_already_issued():
+    """announce_skip marks the next acquisitions of an item: those not yet issued are passed over without
+    a copy or a slot; one already issued is copied and then skipped as before."""
+    prefetcher, sources = make_prefetcher(2)
+    try:
+        assert prefetcher.issued_items() == ORDER[:2]
+        assert prefetcher.announce_skip(ORDER[1], 3) == 2              # the next one is already issued
+        assert prefetcher.announce_skip("lm_head", 2) == 2
+        copies = prefetcher.stats.num_copies
+        for cycle in range(3):
+            for item in ORDER:
+                skipped = (item == ORDER[1] and cycle < 3) or (item == "lm_head" and cycle < 2)
+                if skipped:
+                    prefetcher.skip(item)
+                    continue
+                assert_intact(prefetcher.acquire(item), sources[item])
+                prefetcher.release(item)
+        # 3 cycles of len(ORDER) items less the 2 + 2 passed over; the ring is full again at the end
+        assert prefetcher.stats.num_copies - copies == 3 * len(ORDER) - 4
+        assert prefetcher.issued_items() == ORDER[:2]
+        prefetcher.announce_skip(ORDER[2], 1)
+        prefetcher.acquire(ORDER[0])
+        prefetcher.release(ORDER[0])
+        prefetcher.acquire(ORDER[1])
+        prefetcher.release(ORDER[1])
+        with pytest.raises(PrefetchOrderError, match="announced as skipped"):
+            prefetcher.acquire(ORDER[2])
+        prefetcher.skip(ORDER[2])
+        assert_intact(prefetcher.acquire(ORDER[3]), sources[ORDER[3]])
+        with pytest.raises(ValueError, match="not a streamed item"):
+            prefetcher.announce_skip("nope", 1)
+    finally:
+        prefetcher.close()

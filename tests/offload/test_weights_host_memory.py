@@ -52,24 +52,25 @@ def test_no_pinning_and_no_warning_without_cuda_by_default():
 def test_a_pinning_failure_falls_back_to_pageable_memory_with_one_warning(monkeypatch):
     monkeypatch.setattr(host_memory, "_has_warned_pin_failure", False)
 
-    def refuse(*args, **kwargs):
+    def refuse(buffer):
         raise RuntimeError("cudaHostRegister failed: out of locked memory")
 
     monkeypatch.setattr(host_memory, "_register_in_place", refuse)
-    real_empty = torch.empty
+    real_zeros = torch.zeros
 
-    def empty(*args, pin_memory=False, **kwargs):
+    def zeros(*args, pin_memory=False, **kwargs):
         if pin_memory:
             raise RuntimeError("CUDA error: out of memory (pinned)")
-        return real_empty(*args, **kwargs)
+        return real_zeros(*args, **kwargs)
 
-    monkeypatch.setattr(host_memory.torch, "empty", empty)
+    monkeypatch.setattr(host_memory.torch, "zeros", zeros)
     with pytest.warns(PinnedMemoryWarning, match="pageable memory") as record:
         first = allocate_host_bytes(1000, pin=True)
         second = allocate_host_bytes(2000, pin=True)
     assert len([w for w in record if issubclass(w.category, PinnedMemoryWarning)]) == 1
     assert first.numel() == 1000 and second.numel() == 2000 and not first.is_pinned()
-    monkeypatch.setattr(host_memory.torch, "empty", real_empty)
+    assert not first.any() and not second.any()                       # zero-filled all the same
+    monkeypatch.setattr(host_memory.torch, "zeros", real_zeros)
     packed = PackedItem.pack({"w": torch.arange(6.0)}, pin=True)     # still works, unpinned
     assert torch.equal(packed.tensors()["w"], torch.arange(6.0))
 
@@ -81,10 +82,22 @@ def test_negative_size_is_an_error():
 
 @pytest.mark.cuda
 def test_pinned_allocation_is_exact_and_page_locked():
-    buffer = allocate_host_bytes(3 * (1 << 20) + 17, pin=True)
-    assert buffer.is_pinned() and buffer.numel() == 3 * (1 << 20) + 17
+    """Registered in place: page-locked, exactly the size asked for, and nothing from torch's pinned
+    allocator (which would round 3 MiB + 17 up to 4 MiB and cache it)."""
+    import gc
+    gc.collect()
+    pinned_before = host_memory.pinned_host_bytes()
+    torch_pinned_before = torch.cuda.memory.host_memory_stats().get("allocated_bytes.current", 0)
+    num_bytes = 3 * (1 << 20) + 17
+    buffer = allocate_host_bytes(num_bytes, pin=True)
+    assert buffer.is_pinned() and buffer.numel() == num_bytes
+    assert host_memory.pinned_host_bytes() - pinned_before == num_bytes
+    assert torch.cuda.memory.host_memory_stats().get("allocated_bytes.current", 0) == torch_pinned_before
     packed = PackedItem.pack({"w": torch.randn(256, 256)}, pin=True)
     assert packed.is_pinned
+    del buffer, packed
+    gc.collect()
+    assert host_memory.pinned_host_bytes() == pinned_before
 
 
 class FakeCudart:
@@ -104,24 +117,31 @@ class FakeCudart:
         return 0
 
 
-def test_registration_locks_whole_pages_of_its_own_and_unregisters_with_the_buffer(monkeypatch):
+def test_registration_pins_exactly_the_bytes_asked_for_and_unregisters_with_the_buffer(monkeypatch):
     import gc
     import mmap
     cudart = FakeCudart()
     monkeypatch.setattr(host_memory.torch.cuda, "cudart", lambda: cudart)
-    buffers = [host_memory._register_in_place(n) for n in (1000, 20, mmap.PAGESIZE, 3 * mmap.PAGESIZE + 1)]
+    monkeypatch.setattr(host_memory.torch, "zeros", None)             # torch's pinned allocator: never
+    gc.collect()
+    pinned_before, mapped_before = host_memory.pinned_host_bytes(), host_memory.host_bytes_in_use()
+    sizes = (1000, 20, mmap.PAGESIZE, 3 * mmap.PAGESIZE + 1)
+    buffers = [allocate_host_bytes(n, pin=True) for n in sizes]
+    assert [size for _, size, _ in cudart.registered] == list(sizes)   # the bytes asked for, no rounding
     for buffer, (ptr, size, flags) in zip(buffers, cudart.registered):
-        storage = buffer.untyped_storage()
-        assert ptr == buffer.data_ptr() and ptr % mmap.PAGESIZE == 0 and size % mmap.PAGESIZE == 0
-        assert size >= buffer.numel() and flags == 0
-        # the locked pages lie inside this buffer's own allocation: no page is shared with another buffer
-        assert storage.data_ptr() <= ptr and ptr + size <= storage.data_ptr() + storage.nbytes()
-    assert [b.numel() for b in buffers] == [1000, 20, mmap.PAGESIZE, 3 * mmap.PAGESIZE + 1]
-    first_ptr = cudart.registered[0][0]
-    del buffers, buffer, storage
+        assert ptr == buffer.data_ptr() == buffer.untyped_storage().data_ptr() and ptr % mmap.PAGESIZE == 0
+        assert buffer.numel() == size and flags == host_memory.CUDA_HOST_REGISTER_PORTABLE
+        assert not buffer.any()
+    # each buffer has pages of its own: the registered ranges never share a page
+    pages = [(ptr // mmap.PAGESIZE, (ptr + size - 1) // mmap.PAGESIZE) for ptr, size, _ in cudart.registered]
+    assert all(a[1] < b[0] or b[1] < a[0] for i, a in enumerate(pages) for b in pages[i + 1:])
+    assert host_memory.pinned_host_bytes() - pinned_before == sum(sizes)
+    assert host_memory.host_bytes_in_use() - mapped_before == sum(sizes)
+    del buffers, buffer
     gc.collect()
     assert sorted(cudart.unregistered) == sorted(ptr for ptr, _, _ in cudart.registered)
-    assert first_ptr in cudart.unregistered
+    assert host_memory.pinned_host_bytes() == pinned_before
+    assert host_memory.host_bytes_in_use() == mapped_before               # the memory is given back
 
 
 def test_a_refused_registration_clears_the_cuda_error_and_falls_back_to_torch_pinning(monkeypatch):
@@ -129,15 +149,17 @@ def test_a_refused_registration_clears_the_cuda_error_and_falls_back_to_torch_pi
     cleared, pinned_requests = [], []
     monkeypatch.setattr(host_memory.torch.cuda, "cudart", lambda: cudart)
     monkeypatch.setattr(host_memory, "_clear_cuda_error", lambda: cleared.append(True))
-    real_empty = torch.empty
+    real_zeros = torch.zeros
 
-    def empty(*args, pin_memory=False, **kwargs):
+    def zeros(*args, pin_memory=False, **kwargs):
         if pin_memory:
             pinned_requests.append(args)
-        return real_empty(*args, **kwargs)
+        return real_zeros(*args, **kwargs)
 
-    monkeypatch.setattr(host_memory.torch, "empty", empty)
+    monkeypatch.setattr(host_memory.torch, "zeros", zeros)
+    pinned_before = host_memory.pinned_host_bytes()
     buffer = allocate_host_bytes(5000, pin=True)
     assert buffer.numel() == 5000 and len(cudart.registered) == 1
     assert cleared == [True], "the runtime's last error must be reset or a later kernel launch fails"
     assert pinned_requests == [(5000,)]
+    assert host_memory.pinned_host_bytes() == pinned_before

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+import placement
 from placement import Hardware, HardwareError
 from placement.hardware import CUDA_RESERVE_BYTES, GPU_PRESETS, match_gpu_preset
 from placement import profile
@@ -87,3 +88,32 @@ def test_profile_measures_the_gpu(tmp_path, monkeypatch):
     assert 1e9 < measured.pcie_bytes_per_s < 100e9          # PCIe gen3..gen5 x16
     assert measured.gpu_mem_bytes_per_s > measured.pcie_bytes_per_s
     assert measured.gpu_flops > 1e12
+
+
+def test_detect_reads_the_device_asked_for_and_leaves_headroom(monkeypatch, tmp_path):
+    """cuda:1's budget is read on cuda:1; the detected budget leaves room the plan cannot count
+    (fragmentation, lazily loaded kernels) on top of the CUDA reserve."""
+    import torch
+
+    from placement.hardware import MIN_GPU_HEADROOM_BYTES, gpu_headroom_bytes
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))             # no cached profile
+    cards = {0: ("NVIDIA GeForce RTX 4090", 20 * GiB, 24 * GiB), 1: ("NVIDIA GeForce RTX 3060", 11 * GiB, 12 * GiB)}
+    asked = []
+
+    def mem_get_info(index):
+        asked.append(index)
+        return cards[index][1:]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: cards[index][0])
+    hw = Hardware.detect(cpu_memory="32GiB", device_index=1)
+    assert asked == [1] and hw.name == "NVIDIA GeForce RTX 3060"
+    assert hw.gpu_bytes == 11 * GiB - gpu_headroom_bytes(12 * GiB) and gpu_headroom_bytes(12 * GiB) >= MIN_GPU_HEADROOM_BYTES
+    default = Hardware.detect(cpu_memory="32GiB")
+    assert asked == [1, 0] and default.gpu_bytes == 20 * GiB - gpu_headroom_bytes(24 * GiB)
+    assert gpu_headroom_bytes(24 * GiB) > MIN_GPU_HEADROOM_BYTES     # a fraction of a large card
+    spec = placement.load_spec("llama-3.2-1b")
+    plan = placement.plan(spec, hw, placement.Workload(batch_size=1, prompt_len=512, gen_len=128))
+    assert plan.memory.gpu.total <= 11 * GiB - gpu_headroom_bytes(12 * GiB) - hw.cuda_reserve_bytes
