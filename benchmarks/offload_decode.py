@@ -2,7 +2,7 @@
 side by side with the PCIe bound, transformers + accelerate at the same budget, and the planner's prediction.
 
     python benchmarks/offload_decode.py                  # CUDA: llama-3.1-8b, 8 GiB GPU budget
-    python benchmarks/offload_decode.py --config /work/shared/configs/mistral-7b-v0.1.json --gpu-memory 6GiB
+    python benchmarks/offload_decode.py --config tests/reference_configs/mistral-7b-v0.1.json --gpu-memory 6GiB
     python benchmarks/offload_decode.py --quick          # a toy model in seconds (what the tests run)
 
 A random-weight checkpoint of the config (a path or a placement preset) is built once under --workdir and
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import os
 import platform
 import statistics
@@ -91,9 +90,7 @@ def run_ours(checkpoint: Path, args, batch_size: int, gpu_budget: int, prompts) 
     import offload
     result = OursResult(batch_size=batch_size, gpu_budget=gpu_budget)
     kwargs = dict(gpu_memory=gpu_budget, cpu_memory=args.cpu_budget, max_batch_size=batch_size,
-                  max_seq_len=args.prompt_len + args.new_tokens, dtype=args.dtype)
-    if "progress" in inspect.signature(offload.load).parameters:
-        kwargs["progress"] = False
+                  max_seq_len=args.prompt_len + args.new_tokens, dtype=args.dtype, progress=False)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     try:

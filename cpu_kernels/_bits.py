@@ -1,4 +1,4 @@
-"""Scalar float helpers for the Numba kernels: 16-bit widening/narrowing and a vectorisable exp.
+"""Scalar float helpers for the Numba kernels: 16-bit widening/narrowing, a vectorisable exp and tanh.
 
 Numba has no float16/bfloat16 on the CPU, so 16-bit caches reach the kernels as uint16 bit patterns.
 Everything here is branch-free (selects only) so that LLVM vectorises the loops that call it.
@@ -170,6 +170,28 @@ def fast_exp(x):
     scale = _bits_as_f32(np.uint32(np.int32(n) + np.int32(127)) << np.uint32(23))
     result = p * scale
     return np.float32(0.0) if x < _EXP_MIN else result
+
+
+_TANH_SMALL = np.float32(0.625)
+
+
+@njit(inline="always")
+def fast_tanh(x):
+    """tanh(x) for float32 within a few ulp (Cephes tanhf), vectorisable (no libm call, selects only).
+
+    |x| < 0.625: odd polynomial; otherwise 1 - 2 / (exp(2|x|) + 1) with the sign of x, which is exactly
+    +-1 from |x| ~ 9 on (fast_exp clamps, so +-inf give +-1). NaN propagates.
+    """
+    z = np.abs(x)
+    s = x * x
+    small = ((((np.float32(-5.70498872745e-3) * s
+                + np.float32(2.06390887954e-2)) * s
+               - np.float32(5.37397155531e-2)) * s
+              + np.float32(1.33314422036e-1)) * s
+             - np.float32(3.33332819422e-1)) * s * x + x
+    big = np.float32(1.0) - np.float32(2.0) / (fast_exp(z + z) + np.float32(1.0))
+    big = -big if x < 0 else big
+    return big if z >= _TANH_SMALL else small
 
 
 def widen(x):

@@ -1,10 +1,5 @@
 """Shared test configuration: `@pytest.mark.cuda` tests are skipped without a CUDA GPU."""
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_CONFIGS = REPO.parent / "shared" / "configs"
 
 
 def _has_cuda() -> bool:

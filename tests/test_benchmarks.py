@@ -4,11 +4,11 @@ No timing is asserted: the scripts print ratios, the tests check that they run, 
 when a result is not a GPU result. Subprocesses get one thread (OMP/Numba): on a shared 2-core machine a
 second OpenMP thread that gets descheduled makes every torch matmul ~100x slower, and speed is not tested.
 """
-import inspect
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +16,8 @@ import torch
 import offload
 import placement
 from offload.checkpoint import Checkpoint
-from tests.conftest import REPO
 
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import offload_decode  # noqa: E402
 from random_checkpoint import MARKER, build_random_checkpoint, read_config  # noqa: E402
@@ -26,7 +26,6 @@ TINY_LLAMA = dict(offload_decode.QUICK_CONFIG, num_hidden_layers=3, vocab_size=5
                   intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
 TINY_OPT = dict(read_config("opt-125m"), num_hidden_layers=2, hidden_size=64, ffn_dim=128, num_attention_heads=4,
                 vocab_size=512, word_embed_proj_dim=32, max_position_embeddings=128)
-HAS_PLANNED_LOAD = "gpu_memory" in inspect.signature(offload.load).parameters
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", MKL_NUM_THREADS="1",
                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
@@ -76,9 +75,8 @@ def test_random_checkpoint_is_reused_and_rebuilt_when_incomplete(tmp_path):
 
 def test_read_config_names_presets_and_files(tmp_path):
     assert read_config("llama-3.1-8b")["num_hidden_layers"] == 32
-    shared = REPO.parent / "shared" / "configs" / "mistral-7b-v0.1.json"
-    if shared.is_file():
-        assert read_config(str(shared)) == json.loads(shared.read_text())
+    reference = REPO / "tests" / "reference_configs" / "mistral-7b-v0.1.json"
+    assert read_config(str(reference)) == json.loads(reference.read_text())
     with pytest.raises(placement.ConfigError, match="no such file"):
         read_config(str(tmp_path / "missing.json"))
     with pytest.raises(placement.ConfigError, match="llama-3.1-8b"):
@@ -117,7 +115,6 @@ def _numel(shape):
 
 
 # ---- the scripts, as a user runs them -----------------------------------------------------------------
-@pytest.mark.skipif(not HAS_PLANNED_LOAD, reason="offload.load does not take gpu_memory= yet")
 def test_offload_decode_quick_prints_every_column(tmp_path):
     result = run_script("benchmarks/offload_decode.py", "--quick", "--workdir", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -139,7 +136,6 @@ def test_offload_decode_bad_config_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2 and "--gpu-memory" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.skipif(not HAS_PLANNED_LOAD, reason="offload.load does not take gpu_memory= yet")
 def test_offload_decode_budget_too_small_prints_why_and_exits_2(tmp_path):
     result = run_script("benchmarks/offload_decode.py", "--quick", "--gpu-memory", "1MiB", "--batch-sizes", "1",
                         "--no-peer", "--workdir", tmp_path)

@@ -3,18 +3,18 @@ import json
 import re
 from pathlib import Path
 
-SHARED_CONFIGS = Path(__file__).resolve().parents[2].parent / "shared" / "configs"
+REFERENCE_CONFIGS = Path(__file__).resolve().parents[1] / "reference_configs"
 
 
 def reference_counts() -> dict[str, int]:
-    """name -> parameter count from ../shared/configs/README.md (what transformers counts)."""
-    text = (SHARED_CONFIGS / "README.md").read_text()
+    """name -> parameter count from tests/reference_configs/README.md (what transformers counts)."""
+    text = (REFERENCE_CONFIGS / "README.md").read_text()
     return {m.group(1): int(m.group(2).replace(",", ""))
             for m in re.finditer(r"^\|\s*([\w.\-]+)\s*\|\s*([\d,]+)\s*\|", text, re.M)}
 
 
 def reference_config(name: str) -> dict:
-    return json.loads((SHARED_CONFIGS / f"{name}.json").read_text())
+    return json.loads((REFERENCE_CONFIGS / f"{name}.json").read_text())
 
 
 def tiny_llama_config(**overrides) -> dict:

@@ -55,10 +55,10 @@ def test_list_presets():
 
 
 def test_config_path_and_checkpoint_dir(tmp_path):
-    from .helpers import SHARED_CONFIGS
-    r = run(str(SHARED_CONFIGS / "tinyllama-1.1b.json"), "--gpu-memory", "2GiB", "--cpu-memory", "4GiB")
+    from .helpers import REFERENCE_CONFIGS
+    r = run(str(REFERENCE_CONFIGS / "tinyllama-1.1b.json"), "--gpu-memory", "2GiB", "--cpu-memory", "4GiB")
     assert r.returncode == 0, r.stderr
-    (tmp_path / "config.json").write_text((SHARED_CONFIGS / "opt-6.7b.json").read_text())
+    (tmp_path / "config.json").write_text((REFERENCE_CONFIGS / "opt-6.7b.json").read_text())
     r = run(str(tmp_path), "--gpu-memory", "4GiB", "--cpu-memory", "20GiB", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["model"]["num_params"] == 6_658_473_984

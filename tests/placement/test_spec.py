@@ -8,25 +8,25 @@ from placement import ConfigError, ModelSpec, load_spec
 from placement import presets
 from placement.architecture import Architecture
 
-from .helpers import SHARED_CONFIGS, reference_config, reference_counts, tiny_llama_config
+from .helpers import REFERENCE_CONFIGS, reference_config, reference_counts, tiny_llama_config
 
 REFERENCE = reference_counts()
 
 
 def test_reference_table_is_complete():
-    assert len(REFERENCE) == len(list(SHARED_CONFIGS.glob("*.json"))) >= 8
+    assert len(REFERENCE) == len(list(REFERENCE_CONFIGS.glob("*.json"))) >= 8
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
 def test_exact_params_and_bytes_of_reference_configs(name):
-    spec = ModelSpec.from_config_file(SHARED_CONFIGS / f"{name}.json")
+    spec = ModelSpec.from_config_file(REFERENCE_CONFIGS / f"{name}.json")
     assert spec.num_params == REFERENCE[name]
     assert spec.dtype in ("float16", "bfloat16")
     assert spec.total_weight_bytes == 2 * REFERENCE[name]          # 16-bit weights: 2 bytes each
     items = (spec.embedding_bytes + spec.final_norm_bytes + spec.lm_head_bytes
              + sum(spec.layer_weight_bytes(i) for i in range(spec.num_layers)))
     assert items == spec.total_weight_bytes
-    assert ModelSpec.from_config_file(SHARED_CONFIGS / f"{name}.json", dtype="float32") \
+    assert ModelSpec.from_config_file(REFERENCE_CONFIGS / f"{name}.json", dtype="float32") \
         .total_weight_bytes == 4 * REFERENCE[name]
 
 
