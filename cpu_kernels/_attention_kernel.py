@@ -4,14 +4,15 @@ One work item = (batch row b, KV head h, tile of queries). A work item holds eve
 GQA group that reads KV head h, so each K/V row is read from memory once per tile and reused by the
 whole group; for decode (T = 1) there is exactly one tile per (b, h), so the cache is streamed once.
 K/V are processed in blocks of BLOCK positions with an online (flash) softmax: scratch is
-O(rows x (BLOCK + D)) per work item whatever S and T are.
+O(rows x (BLOCK + D)) per work item whatever S and T are. With a logit soft-cap c (Gemma 2) each score
+s becomes c * tanh(s / c) before masking and softmax; c = 0 means no cap and skips that pass entirely.
 
 Kernels take numpy arrays only; the torch-facing checks live in `ops.py` and `_checks.py`.
 """
 import numpy as np
 from numba import njit, prange
 
-from ._bits import fast_exp, widen
+from ._bits import fast_exp, fast_tanh, widen
 
 BLOCK = 128  # cache positions per online-softmax step
 MAX_TILE_ROWS = 64  # query rows (group heads x queries) per work item for T > 1
@@ -51,6 +52,15 @@ def _scores_of_position(qs, k_row, p, i, rows):
             d0 += qs[r, d] * widen(k_row[d])
         p[r, i] = d0
         r += 1
+
+
+@njit(nogil=True, fastmath=FASTMATH, cache=True, inline="always")
+def _soft_cap(p, nb, rows, softcap):
+    # p[:, :nb] = softcap * tanh(p[:, :nb] / softcap), as Gemma 2's eager attention (scale already applied)
+    inv_cap = np.float32(1.0) / softcap
+    for r in range(rows):
+        for i in range(nb):
+            p[r, i] = softcap * fast_tanh(p[r, i] * inv_cap)
 
 
 @njit(nogil=True, fastmath=FASTMATH, cache=True, inline="always")
@@ -101,7 +111,7 @@ def _online_softmax(p, nb, rows, run_max, run_sum, acc):
 
 
 @njit(nogil=True, fastmath=FASTMATH, cache=True)
-def _attend_item(q, k, v, lengths, scale, window, out, item, tile_t):
+def _attend_item(q, k, v, lengths, scale, window, softcap, out, item, tile_t):
     # q, out: [B, Hq, T, D] float32; k, v: [B, Hkv, S_max, D] (float32 or uint16 bits)
     num_heads, num_queries, head_dim = q.shape[1], q.shape[2], q.shape[3]
     num_kv_heads = k.shape[1]
@@ -139,6 +149,8 @@ def _attend_item(q, k, v, lengths, scale, window, out, item, tile_t):
         nb = min(BLOCK, hi - s0)
         for i in range(nb):
             _scores_of_position(qs, kb[s0 + i], p, i, rows)
+        if softcap > 0.0:  # before the mask: a masked -inf must stay -inf, not become -softcap
+            _soft_cap(p, nb, rows, softcap)
         if is_ragged:
             for r in range(rows):
                 for i in range(nb):
@@ -156,12 +168,13 @@ def _attend_item(q, k, v, lengths, scale, window, out, item, tile_t):
 
 
 @njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
-def attend(q, k, v, lengths, scale, window, out, tile_t):
+def attend(q, k, v, lengths, scale, window, softcap, out, tile_t):
     """Attention for every (row, KV head, query tile); see the module docstring.
 
     q, out: [B, Hq, T, D] float32; k, v: [B, Hkv, S_max, D] as float32, uint16 (bfloat16 bits) or int16
-    (float16 bits); lengths: [B] int64; window <= 0 means no sliding window.
+    (float16 bits); lengths: [B] int64; window <= 0 means no sliding window; softcap: float32, > 0 caps
+    every score s at softcap * tanh(s / softcap), 0 means no cap (no tanh is evaluated).
     """
     num_items = q.shape[0] * k.shape[1] * ((q.shape[2] + tile_t - 1) // tile_t)
     for item in prange(num_items):
-        _attend_item(q, k, v, lengths, scale, window, out, item, tile_t)
+        _attend_item(q, k, v, lengths, scale, window, softcap, out, item, tile_t)

@@ -179,8 +179,8 @@ _TANH_SMALL = np.float32(0.625)
 def fast_tanh(x):
     """tanh(x) for float32 within a few ulp (Cephes tanhf), vectorisable (no libm call, selects only).
 
-    |x| < 0.625: odd polynomial; otherwise 1 - 2 / (exp(2|x|) + 1) with the sign of x, which is exactly
-    +-1 from |x| ~ 9 on (fast_exp clamps, so +-inf give +-1). NaN propagates.
+    |x| < 0.625: odd polynomial; otherwise 1 - 2 / (exp(2|x|) + 1) with the sign of x, which rounds to
+    exactly +-1 from |x| ~ 9.1 on (fast_exp clamps, so +-inf give +-1). NaN propagates.
     """
     z = np.abs(x)
     s = x * x

@@ -21,6 +21,10 @@ from ._checks import cache_view, check_caches, require_tensor, row_vector
 # the process when two threads launch parallel kernels at once; serialise launches in that case.
 _LAUNCH_LOCK = threading.Lock()
 
+# softcap travels as float32 and the kernel multiplies by 1 / softcap: keep both finite and non-zero
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 def _needs_launch_lock() -> bool:
     try:
@@ -39,14 +43,16 @@ def _launch(kernel, *args) -> None:
             kernel(*args)
 
 
-def attention(q, k_cache, v_cache, lengths, scale=None, sliding_window=None) -> torch.Tensor:
+def attention(q, k_cache, v_cache, lengths, scale=None, sliding_window=None, softcap=None) -> torch.Tensor:
     """Causal attention of T new queries per row over a CPU KV cache that already holds them.
 
     q: float32 [B, Hq, T, D]; k_cache, v_cache: contiguous [B, Hkv, S_max, D] float32, bfloat16 or
     float16; lengths: int [B], valid cache positions of each row including the T new ones. Query t of
     row b sits at position lengths[b] - T + t and sees positions up to its own (only the last
     `sliding_window` of them when given). Query head h reads KV head h // (Hq // Hkv).
-    scale defaults to 1 / sqrt(D). Returns float32 [B, Hq, T, D].
+    scale defaults to 1 / sqrt(D). softcap (Gemma 2's attn_logit_softcapping): each score
+    s = scale * q.k becomes softcap * tanh(s / softcap) before masking and softmax; None: no cap.
+    Returns float32 [B, Hq, T, D].
     """
     check_caches(k_cache, v_cache)
     require_tensor("q", q, 4)
@@ -77,11 +83,18 @@ def attention(q, k_cache, v_cache, lengths, scale=None, sliding_window=None) -> 
             raise ValueError(f"sliding_window must be None or an integer >= 1, got {sliding_window!r}")
         window = int(sliding_window)
     scale = float(scale)
+    cap = 0.0  # the kernel's "no cap": it then evaluates no tanh
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) \
+                or not _FLOAT32_TINY <= softcap <= _FLOAT32_MAX:
+            raise ValueError(f"softcap must be None or a positive finite number (a normal float32), "
+                             f"got {softcap!r}")
+        cap = float(softcap)
 
     q_np = q.detach().contiguous().numpy()  # q is small: [B, Hq, T, D]
     out = torch.empty((num_rows, num_heads, num_queries, head_dim), dtype=torch.float32)
     _launch(attend, q_np, cache_view(k_cache, fp16_as_int16=True), cache_view(v_cache, fp16_as_int16=True),
-            lengths_np, np.float32(scale), window, out.numpy(),
+            lengths_np, np.float32(scale), window, np.float32(cap), out.numpy(),
             tile_queries(num_queries, num_heads // num_kv_heads))
     return out
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from offload.checkpoint import Checkpoint, CheckpointError
 from offload.load import load
+from offload.memory import MemoryBudgetError
 from offload.model import Model
 from offload.session import Session
 from offload.stats import GenerationStats
+from placement import ConfigError, PlanError
 
-__all__ = ["load", "Model", "Session", "Checkpoint", "CheckpointError", "GenerationStats"]
+__all__ = ["load", "Model", "Session", "Checkpoint", "GenerationStats",
+           "CheckpointError", "ConfigError", "PlanError", "MemoryBudgetError"]

@@ -69,9 +69,9 @@ class Session:
         if not new and not self._tokens:
             raise ValueError("the first turn of a session needs at least one token")
         model.check_request(1, len(self._tokens) + len(new), max_new_tokens, what="this conversation")
-        params = model._sampling(temperature, top_k, top_p, seed)
-        stop_ids = model._stop_ids(stop_token_ids)
-        if model._cache_owner is not self:
+        params = model.sampling_params(temperature, top_k, top_p, seed)
+        stop_ids = model.stop_ids(stop_token_ids)
+        if model.cache_owner is not self:
             self._num_cached = 0         # someone else wrote the cache: rebuild from the conversation
         conversation = self._tokens + new
         # A fully cached conversation (an empty turn after a prefill-only turn or a truncate) re-feeds its
@@ -80,7 +80,8 @@ class Session:
         pending = conversation[start:]
         self._tokens = conversation
         cache_lengths = [start]
-        steps = model._run([pending], [start], max_new_tokens, params, stop_ids, cache_lengths, owner=self)
+        steps = model.run_steps([pending], starts=[start], max_new_tokens=max_new_tokens, params=params,
+                                stop_ids=stop_ids, cache_lengths=cache_lengths, owner=self)
         return self._follow(steps, cache_lengths)
 
     def _follow(self, steps, cache_lengths: list[int]) -> Iterator[int]:

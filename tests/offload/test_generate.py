@@ -102,7 +102,6 @@ def test_tensor_input_and_stats(llama):
     ([[1, 2], []], "empty"),
     ([[1, 2, 999]], "invalid token ids"),
     ([[1.5, 2]], "invalid token ids"),
-    ([[1], [2], [3]], "max_batch_size=2"),
     ([list(range(3, 45))], "max_seq_len=48"),
     ([], "non-empty"),
 ])
@@ -141,3 +140,29 @@ def test_load_arguments(checkpoint_factory):
     assert model.plan.max_seq_len == 64 and model.plan.num_gpu_layers == model.arch.num_layers
     assert all(l.kv == "gpu" for l in model.plan.layers) and model.plan.prefetch_depth == 0
     assert set(model.engine.weights.placement.values()) == {"resident"}
+
+
+def test_more_rows_than_max_batch_size_run_in_micro_batches(llama, checkpoint_factory):
+    """5 ragged prompts on a model loaded for 2 rows: successive micro-batches of at most 2 rows, each row
+    what transformers gives it alone; forward() too; stats cover the whole call."""
+    model, hf, _ = llama
+    prompts = [PROMPT, OTHER, PROMPT[:3], OTHER + PROMPT, [7]]
+    sizes, prefill = [], model.engine.prefill
+
+    def recording_prefill(rows, starts, **kwargs):
+        sizes.append(len(rows))
+        return prefill(rows, starts, **kwargs)
+
+    model.engine.prefill = recording_prefill
+    try:
+        got = model.generate(prompts, max_new_tokens=6)
+        assert sizes == [2, 2, 1]
+        assert got == [hf_greedy(hf, p, 6) for p in prompts]
+        assert model.stats.num_prompt_tokens == sum(map(len, prompts))
+        assert model.stats.num_decode_tokens == 5 * 5
+        logits = model.forward(prompts)
+        assert logits.shape == (5, len(OTHER + PROMPT), model.arch.vocab_size)
+        torch.testing.assert_close(logits[4, :1], model.forward([[7]])[0], atol=1e-5, rtol=0)
+        assert not logits[4, 1:].any()
+    finally:
+        model.engine.prefill = prefill
