@@ -57,9 +57,8 @@ def benchmark_config(config: dict, dtype: str) -> dict:
     out = {k: v for k, v in config.items() if k not in ("torch_dtype", "dtype", "eos_token_id")}
     out.update(dtype=dtype, eos_token_id=None, tie_word_embeddings=arch.tie_word_embeddings,
                use_cache=True)
-    if not arch.is_opt:
-        out.setdefault("num_key_value_heads", arch.num_kv_heads)
-        out.setdefault("head_dim", arch.head_dim)
+    out.setdefault("num_key_value_heads", arch.num_kv_heads)     # a config key the family ignores is harmless
+    out.setdefault("head_dim", arch.head_dim)
     return out
 
 

@@ -62,7 +62,11 @@ class CudaCopyEngine:
         return self._copy_done[slot].query()
 
     def synchronize(self) -> None:
-        self.stream.synchronize()
+        # an event sync: Stream.synchronize counts as an implicit sync in torch's sync-debug mode (and a
+        # finalizer raising there would skip the wait)
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        event.synchronize()
 
     def clear_errors(self) -> None:
         pass                                        # CUDA copy errors surface as exceptions at submit

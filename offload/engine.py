@@ -69,7 +69,7 @@ class Engine:
         ctx = self.model.prepare(positions, self.dtype, None if seq_lens is None else to_device(seq_lens, self.device))
         for i, backend in enumerate(self.backends):
             lw = self.weights.acquire(i)
-            q, k, v = self.model.attention_inputs(lw, h, ctx)          # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]
+            q, k, v = self.model.attention_inputs(lw, h, ctx, i)       # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]
             if getattr(backend, "uses_streamed_cache", False):
                 cache = (lw[K_CACHE], lw[V_CACHE])                     # the host cache's copy in the slot
                 attn = backend.attend(q, k, v, chunk, cache=cache)

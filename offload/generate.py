@@ -35,6 +35,10 @@ def generate_steps(engine: Engine, rows: list[list[int]], *, starts: list[int], 
     Timings exclude the time the consumer spends between steps.
     """
     B = len(rows)
+    switch = engine.arch.rope_switch_len
+    if switch is not None:
+        assert not any(starts), "a cache that longrope may have to rebuild is filled from slot 0 (Session does)"
+        history = [list(r) for r in rows]           # every token fed so far, to rebuild the cache from
     t0 = time.perf_counter()
     logits = engine.prefill(rows, starts)                                     # [B, V]
     wait_for_device(engine.device)                       # the prefill time includes its queued GPU work
@@ -45,8 +49,17 @@ def generate_steps(engine: Engine, rows: list[list[int]], *, starts: list[int], 
     for step in range(max_new_tokens):
         t0 = time.perf_counter()
         if step > 0:
-            logits = engine.decode(ids, cache_lengths)                        # [B, V]
-            cache_lengths[:] = [n + 1 for n in cache_lengths]
+            if switch is not None:
+                for b in range(B):
+                    history[b].append(ids[b])
+            if switch is not None and switch in cache_lengths:
+                # a row passes the original context: its keys were rotated with longrope's short factors;
+                # like transformers, recompute the whole batch (rows now past it get the long factors)
+                logits = engine.prefill(history, [0] * B)                     # [B, V]
+                cache_lengths[:] = [len(h) for h in history]
+            else:
+                logits = engine.decode(ids, cache_lengths)                    # [B, V]
+                cache_lengths[:] = [n + 1 for n in cache_lengths]
         ids = read_tokens(sampler.sample(logits))                             # B host ints
         if step > 0:
             stats.decode_seconds += time.perf_counter() - t0

@@ -100,11 +100,11 @@ class HostAttention:
 
     def __init__(self, *, max_batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device, staging: HostStaging | None = None,
-                 sliding_window: int | None = None, scale: float | None = None):
+                 sliding_window: int | None = None, scale: float | None = None, softcap: float | None = None):
         assert max_batch_size > 0 and max_seq_len > 0, (max_batch_size, max_seq_len)
         self.device = torch.device(device)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        self.sliding_window, self.scale = sliding_window, scale
+        self.sliding_window, self.scale, self.softcap = sliding_window, scale, softcap
         self.is_copying = self.device.type == "cuda"
         if self.is_copying and staging is None:
             staging = HostStaging(self.device)
@@ -115,8 +115,8 @@ class HostAttention:
 
     @classmethod
     def for_layer(cls, arch: Architecture, layer: int, *, scale: float | None, **kwargs) -> "HostAttention":
-        return cls(num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
-                   sliding_window=arch.window_of(layer), scale=scale, **kwargs)
+        return cls(num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim, sliding_window=arch.window_of(layer),
+                   scale=scale, softcap=arch.attn_logit_softcap, **kwargs)
 
     @property
     def cache_bytes(self) -> int:
@@ -142,7 +142,7 @@ class HostAttention:
         k_cache, v_cache = self.k_cache[:B], self.v_cache[:B]   # [B, Hkv, S_max, D], contiguous views
         cpu_kernels.append_kv(k_cache, v_cache, k_h, v_h, start)
         out = cpu_kernels.attention(q_h, k_cache, v_cache, lengths, scale=self.scale,
-                                    sliding_window=self.sliding_window)          # [B, Hq, T, D] float32
+                                    sliding_window=self.sliding_window, softcap=self.softcap)   # [B, Hq, T, D] f32
         if self.is_copying:
             return self.staging.to_device(out, q.dtype)
         return out.to(q.dtype)

@@ -89,7 +89,11 @@ def _mapped_bytes(num_bytes: int) -> torch.Tensor:
 
 
 def _unregister(cudart, ptr: int, num_bytes: int) -> None:
-    cudart.cudaHostUnregister(ptr)
+    error = cudart.cudaHostUnregister(ptr)
+    if isinstance(error, tuple):
+        error = error[0]
+    if int(error) != 0:
+        _clear_cuda_error()                 # or the next kernel launch reports it
     _pinned["bytes"] -= num_bytes
 
 

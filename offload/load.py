@@ -44,9 +44,9 @@ def check_limits(arch: Architecture, max_batch_size: int, max_seq_len: int) -> N
         raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
     if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
-    if arch.is_opt and max_seq_len > arch.max_position_embeddings:
-        raise ValueError(f"max_seq_len={max_seq_len} exceeds this OPT model's {arch.max_position_embeddings} "
-                         "learned positions")
+    if arch.max_cache_len is not None and max_seq_len > arch.max_cache_len:
+        raise ValueError(f"max_seq_len={max_seq_len} exceeds the {arch.max_cache_len} positions this "
+                         f"{arch.model_type} model can embed (learned positions)")
 
 
 def item_placement(plan: Plan) -> dict:

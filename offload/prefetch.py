@@ -95,8 +95,11 @@ class Prefetcher:
         self._fill()
 
     def _fill(self) -> None:
-        """Submit copies into free slots, in order, as far as they go (announced skips take no slot)."""
-        while True:
+        """Submit copies into free slots, in order, as far as they go (announced skips take no slot).
+
+        Never more than `depth` acquisitions ahead, skips included: while an item is held, its own next
+        copy must not be issued (an attached host KV cache is written back before the release)."""
+        while len(self._held) + self._num_issued - self._num_acquired < self.depth:
             seq = self._num_issued
             if seq in self._skipped:
                 self._issued[seq] = None                    # passed over: no copy, no slot

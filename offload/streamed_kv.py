@@ -50,13 +50,13 @@ class StreamedKVAttention:
     uses_streamed_cache = True           # the engine passes the slot views: attend(..., cache=(k, v))
 
     def __init__(self, *, host_k: torch.Tensor, host_v: torch.Tensor, device, staging: HostStaging | None = None,
-                 sliding_window: int | None = None, scale: float | None = None):
+                 sliding_window: int | None = None, scale: float | None = None, softcap: float | None = None):
         assert host_k.shape == host_v.shape and host_k.dim() == 4, (host_k.shape, host_v.shape)
         assert host_k.device.type == "cpu" and host_k.is_contiguous() and host_v.is_contiguous()
         self.host_k, self.host_v = host_k, host_v           # [B_max, Hkv, S_max, D] views into the packed item
         self.device = torch.device(device)
         self.max_batch_size, self.max_seq_len = host_k.shape[0], host_k.shape[2]
-        self.sliding_window, self.scale = sliding_window, scale
+        self.sliding_window, self.scale, self.softcap = sliding_window, scale, softcap
         self.is_copying = self.device.type == "cuda"
         if self.is_copying and staging is None:
             staging = HostStaging(self.device)
@@ -64,7 +64,7 @@ class StreamedKVAttention:
 
     @classmethod
     def for_layer(cls, arch: Architecture, layer: int, *, scale: float | None, **kwargs) -> "StreamedKVAttention":
-        return cls(sliding_window=arch.window_of(layer), scale=scale, **kwargs)
+        return cls(sliding_window=arch.window_of(layer), scale=scale, softcap=arch.attn_logit_softcap, **kwargs)
 
     @property
     def cache_bytes(self) -> int:
@@ -82,7 +82,7 @@ class StreamedKVAttention:
         assert same_device(q.device, self.device), (q.device, self.device)
         assert B <= self.max_batch_size and chunk.num_keys <= self.max_seq_len, (B, chunk.lengths)
         out = attend_cache(k_slot, v_slot, q, k_new, v_new, chunk,
-                           sliding_window=self.sliding_window, scale=self.scale)   # [B, Hq, T, D]
+                           sliding_window=self.sliding_window, scale=self.scale, softcap=self.softcap)
         cache_dtype = self.host_k.dtype
         if self.is_copying:
             host = self.staging.to_host({"k": (k_new, cache_dtype), "v": (v_new, cache_dtype)})

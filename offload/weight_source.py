@@ -9,7 +9,7 @@ A weight source is called by the engine in a fixed order for every chunk it runs
 
 `item` is an int decoder-layer index or one of "embedding", "final_norm", "lm_head". Layer dicts are keyed by
 the tensor name relative to `arch.layer_prefix(i)` ("self_attn.q_proj.weight"); the other items by the full
-checkpoint name. With tied embeddings, acquire("lm_head") returns {"lm_head.weight": <embedding table>}.
+checkpoint name less `arch.checkpoint_prefix` ("model.norm.weight" also inside a multimodal checkpoint). With tied embeddings, acquire("lm_head") returns {"lm_head.weight": <embedding table>}.
 """
 from __future__ import annotations
 
@@ -58,4 +58,6 @@ def item_tensors(arch: Architecture, item: Item) -> dict[str, str]:
         names = arch.lm_head_tensors()
     else:
         raise ValueError(f"unknown weight item {item!r}; expected a layer index or one of {NAMED_ITEMS}")
-    return {name: name for name in names}
+    # keys are the usual names ("model.norm.weight"), whatever prefix the checkpoint adds to them
+    prefix = arch.checkpoint_prefix
+    return {name[len(prefix):]: name for name in names}

@@ -37,7 +37,7 @@ def workspace_bytes(arch: Architecture, batch_size: int, chunk_tokens: int, max_
     N = B * C
     H, D, I, V = arch.hidden_size, arch.head_dim, arch.intermediate_size, arch.vocab_size
     Hq, Hkv = arch.num_heads, arch.num_kv_heads
-    hidden = 3 * N * H * b + (N * arch.embed_dim * b if arch.word_embed_proj_dim else 0)
+    hidden = 3 * N * H * b + (N * arch.embed_dim * b if arch.embed_dim != H else 0)
     qkv = 2 * N * (Hq + 2 * Hkv) * D * b + 2 * N * D * 4
     gqa = 2 * B * Hq * S * D * b if Hq != Hkv else 0
     attn_out = N * Hq * D * b

@@ -1,22 +1,27 @@
-"""The math of each supported family, as plain functions over weight dicts (no placement, no caches).
+"""The math of each family, as plain functions over weight dicts (no placement, no caches), found through
+the one family registry: each family's description (placement/families) names its math class here as
+"offload.models.<module>:<Class>".
 
-Every family object offers the same steps, so the engine can run the attention itself in between:
-`embed(w, input_ids, positions) -> h`, `prepare(positions, dtype, seq_lens=None) -> ctx`,
-`attention_inputs(lw, h, ctx) -> q, k, v`, `attention_output(lw, h, attn) -> h`,
-`head(w_norm, w_head, h) -> float32 logits`, and `attention_scale` (None: 1/sqrt(head_dim)).
+Every family object follows `FamilyMath` (offload/models/base.py), so the engine can run the attention
+itself between `attention_inputs` and `attention_output`.
 """
 from __future__ import annotations
 
-from offload.models.decoder import DecoderModel
-from offload.models.opt import OPTModel
+import importlib
+
+from offload.models.base import FamilyMath
 from placement.architecture import Architecture
 
-FAMILIES = {"llama": DecoderModel, "mistral": DecoderModel, "qwen2": DecoderModel, "opt": OPTModel}
+
+def math_class(arch: Architecture) -> type:
+    """The math class the family's description names."""
+    module, name = arch.family.math.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def build_model(arch: Architecture, device=None):
-    """The family object for `arch` (Architecture has already rejected unsupported model types)."""
-    return FAMILIES[arch.model_type](arch, device)
+def build_model(arch: Architecture, device=None) -> FamilyMath:
+    """The family's math object for `arch` (Architecture has already rejected unsupported model types)."""
+    return math_class(arch)(arch, device)
 
 
-__all__ = ["DecoderModel", "OPTModel", "build_model", "FAMILIES"]
+__all__ = ["FamilyMath", "build_model", "math_class"]

@@ -20,7 +20,7 @@ class DecoderModel:
 
     def __init__(self, arch: Architecture, device=None):
         self.arch = arch
-        self.rope = Rope(arch, device)
+        self.rope = Rope.of(arch, device)
         self.act = activation(arch.hidden_act)
 
     def embed(self, w: dict, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ class DecoderModel:
         seq_lens [B]: each row's length once the current call is done (only dynamic RoPE reads it)."""
         return self.rope.cos_sin(positions, dtype, seq_lens)
 
-    def attention_inputs(self, lw: dict, h: torch.Tensor, ctx) -> tuple[torch.Tensor, ...]:
+    def attention_inputs(self, lw: dict, h: torch.Tensor, ctx, layer: int) -> tuple[torch.Tensor, ...]:
         """Norm, projections, RoPE. h: [B, T, H] -> q [B, Hq, T, D], k, v [B, Hkv, T, D]."""
         a = self.arch
         x = rms_norm(h, lw["input_layernorm.weight"], a.rms_norm_eps)

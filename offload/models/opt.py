@@ -34,10 +34,10 @@ class OPTModel:
     def _norm(self, lw: dict, name: str, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(x, lw.get(f"{name}.weight"), lw.get(f"{name}.bias"))
 
-    def attention_inputs(self, lw: dict, h: torch.Tensor, ctx) -> tuple[torch.Tensor, ...]:
+    def attention_inputs(self, lw: dict, h: torch.Tensor, ctx, layer: int) -> tuple[torch.Tensor, ...]:
         """(Pre-)LayerNorm and projections. h: [B, T, H] -> q, k, v [B, H, T, D] (q already scaled)."""
         a = self.arch
-        x = self._norm(lw, "self_attn_layer_norm", h) if a.do_layer_norm_before else h
+        x = self._norm(lw, "self_attn_layer_norm", h) if a.options["do_layer_norm_before"] else h
         q = linear(x, lw["self_attn.q_proj.weight"], lw.get("self_attn.q_proj.bias")) * self.scaling
         k = linear(x, lw["self_attn.k_proj.weight"], lw.get("self_attn.k_proj.bias"))
         v = linear(x, lw["self_attn.v_proj.weight"], lw.get("self_attn.v_proj.bias"))
@@ -45,7 +45,7 @@ class OPTModel:
 
     def attention_output(self, lw: dict, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """out_proj + residual, MLP + residual, LayerNorms before or after. -> h [B, T, H]."""
-        before = self.arch.do_layer_norm_before
+        before = self.arch.options["do_layer_norm_before"]
         h = h + linear(merge_heads(attn), lw["self_attn.out_proj.weight"], lw.get("self_attn.out_proj.bias"))
         if not before:
             h = self._norm(lw, "self_attn_layer_norm", h)
@@ -55,7 +55,7 @@ class OPTModel:
 
     def head(self, w_norm: dict, w_head: dict, h: torch.Tensor) -> torch.Tensor:
         """Final LayerNorm (pre-LN models), project_out, LM head. -> logits [B, T, V] float32."""
-        if self.arch.has_final_layer_norm:
+        if self.arch.options["has_final_layer_norm"]:
             h = layer_norm(h, w_norm.get("model.decoder.final_layer_norm.weight"),
                            w_norm.get("model.decoder.final_layer_norm.bias"))
         if "model.decoder.project_out.weight" in w_norm:

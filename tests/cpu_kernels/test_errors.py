@@ -38,6 +38,17 @@ ATTENTION_CASES = {
     "bool window": (lambda q, k, v, n: (q, k, v, n), {"sliding_window": True}, "sliding_window"),
     "bool scale": (lambda q, k, v, n: (q, k, v, n), {"scale": True}, "scale must be a finite"),
     "bad scale": (lambda q, k, v, n: (q, k, v, n), {"scale": float("nan")}, "scale must be a finite"),
+    "zero softcap": (lambda q, k, v, n: (q, k, v, n), {"softcap": 0.0}, r"softcap must be .*, got 0\.0$"),
+    "negative softcap": (lambda q, k, v, n: (q, k, v, n), {"softcap": -50.0}, r"softcap .*, got -50\.0$"),
+    "nan softcap": (lambda q, k, v, n: (q, k, v, n), {"softcap": float("nan")}, r"softcap .*, got nan$"),
+    "inf softcap": (lambda q, k, v, n: (q, k, v, n), {"softcap": float("inf")}, r"softcap .*, got inf$"),
+    "bool softcap": (lambda q, k, v, n: (q, k, v, n), {"softcap": True}, r"softcap .*, got True$"),
+    "string softcap": (lambda q, k, v, n: (q, k, v, n), {"softcap": "50"}, r"softcap .*, got '50'$"),
+    "tensor softcap": (lambda q, k, v, n: (q, k, v, n), {"softcap": torch.tensor(50.0)},
+                       r"softcap .*, got tensor\(50\.\)$"),
+    "complex softcap": (lambda q, k, v, n: (q, k, v, n), {"softcap": 50j}, r"softcap .*, got 50j$"),
+    "softcap under float32": (lambda q, k, v, n: (q, k, v, n), {"softcap": 1e-40}, r"softcap .*, got 1e-40$"),
+    "softcap over float32": (lambda q, k, v, n: (q, k, v, n), {"softcap": 1e39}, r"softcap .*, got 1e\+39$"),
     "meta cache": (lambda q, k, v, n: (q, k.to("meta"), v.to("meta"), n), {}, "must be a CPU tensor"),
 }
 

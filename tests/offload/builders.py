@@ -14,6 +14,8 @@ VOCAB = 128
 _COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.1)
 _LLAMA = dict(_COMMON, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+_GEMMA = dict(_LLAMA, num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+              hidden_activation="gelu_pytorch_tanh")
 _OPT = dict(_COMMON, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=64, word_embed_proj_dim=64)
 
@@ -35,10 +37,36 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen2_tied": ("Qwen2Config", dict(_LLAMA, tie_word_embeddings=True)),
     "qwen2_window": ("Qwen2Config", dict(_LLAMA, num_hidden_layers=3, use_sliding_window=True, sliding_window=4,
                                          max_window_layers=1)),
+    "qwen3": ("Qwen3Config", dict(_LLAMA, head_dim=24)),
+    "qwen3_tied_window": ("Qwen3Config", dict(_LLAMA, num_hidden_layers=3, tie_word_embeddings=True,
+                                              use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    # soft-caps small enough to bite on tiny random weights; every other layer slides (0 and 2)
+    "gemma2": ("Gemma2Config", dict(_GEMMA, attn_logit_softcapping=1.0, final_logit_softcapping=3.0)),
+    "gemma2_default_caps": ("Gemma2Config", dict(_GEMMA, num_hidden_layers=2)),
+    "gemma3": ("Gemma3TextConfig", dict(_GEMMA, layer_types=["sliding_attention", "full_attention",
+                                                             "sliding_attention"], rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
+    "phi3": ("Phi3Config", dict(_LLAMA, partial_rotary_factor=0.5, head_dim=16)),
+    # longrope: past 16 positions the long factors, and cos/sin scaled by sqrt(1 + ln(64/16) / ln(16))
+    "phi3_longrope": ("Phi3Config", dict(_LLAMA, head_dim=16, partial_rotary_factor=0.75, sliding_window=8,
+                                         original_max_position_embeddings=16,
+                                         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                          "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                                                          "long_factor": [1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
+                                                          "original_max_position_embeddings": 16})),
     "opt": ("OPTConfig", _OPT),
     "opt_post_ln": ("OPTConfig", dict(_OPT, do_layer_norm_before=False)),
     "opt_proj": ("OPTConfig", dict(_OPT, word_embed_proj_dim=32)),
 }
+
+
+# transformers runs soft-capped attention eagerly only (SDPA has no soft-capping)
+EAGER_ONLY = {"Gemma2Config"}
+
+
+def attn_implementation(config) -> str:
+    return "eager" if type(config).__name__ in EAGER_ONLY else "sdpa"
 
 
 def hf_config(variant: str, **overrides):
@@ -54,7 +82,8 @@ def build_checkpoint(path: Path, variant: str, *, sharded: bool = False, dtype: 
     transformers model (eval, float32)."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(variant, **overrides), attn_implementation="sdpa").eval()
+    config = hf_config(variant, **overrides)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation(config)).eval()
     path.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": "40KB"} if sharded else {}
     model.to(dtype).save_pretrained(str(path), safe_serialization=True, **kwargs)
@@ -63,8 +92,9 @@ def build_checkpoint(path: Path, variant: str, *, sharded: bool = False, dtype: 
 
 def load_hf(path: Path, dtype: torch.dtype = torch.float32):
     """The reference: transformers' own loading of the same folder."""
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa").eval()
+    from transformers import AutoConfig, AutoModelForCausalLM
+    implementation = attn_implementation(AutoConfig.from_pretrained(str(path)))
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=implementation).eval()
 
 
 def edit_config(path: Path, **changes) -> None:

@@ -110,3 +110,12 @@ def test_prefill_keeps_no_chunk_hidden_states_alive(llama5):
     engine.run_layers, engine.logits = recording_run_layers, checking_logits
     assert model.generate(PROMPTS, max_new_tokens=1) == [r[:1] for r in reference(llama5)[1]]
     assert len(chunks_h) == -(-max(map(len, PROMPTS)) // model.engine.prefill_chunk_size) >= 2
+
+
+def test_announced_head_skips_never_copy_a_held_layer_ahead_of_its_kv_write_back(llama5):
+    """A streamed head with a CPU KV cache attended on the GPU and a ring deeper than the other streamed
+    items: passing over the head of chunks without logits must not let the layer's next copy start
+    before its new k/v are written back (a multi-chunk prompt, then decode)."""
+    plan = layout_plan(llama5, weights="ggggg", kv="agggg", lm_head="cpu", depth=2)
+    model = offload.load(llama5, plan=plan, progress=False)
+    assert model.generate(PROMPTS, max_new_tokens=NUM_NEW) == reference(llama5)[1]

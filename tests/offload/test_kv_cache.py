@@ -68,7 +68,7 @@ def test_rope_frequencies_match_transformers(rope):
                   num_hidden_layers=1, vocab_size=8, max_position_embeddings=131072 if "original_max_position_embeddings" in rope else 4096,
                   rope_parameters=rope)
     arch = Architecture.from_config({"model_type": "llama", **kwargs})
-    ours = Rope(arch)
+    ours = Rope.of(arch)
     if rope["rope_type"] != "dynamic":
         torch.testing.assert_close(ours.inv_freq, _hf_inv_freq(kwargs), atol=0, rtol=0)
         return

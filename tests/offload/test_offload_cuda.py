@@ -92,7 +92,7 @@ def test_generation_makes_no_implicit_sync(llama5):
         session.generate(PROMPTS[1], max_new_tokens=3)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert got == want and all(len(r) == 4 for r in sampled)
+    assert got == want and all(len(r) == 4 or (len(r) < 4 and r[-1] == 2) for r in sampled)   # eos id 2
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")

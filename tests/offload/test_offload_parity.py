@@ -88,17 +88,18 @@ def test_tied_head_on_the_host_or_resident(deep, variant, where):
         w.release("embedding"), w.release("lm_head")
 
 
+@pytest.mark.parametrize("swap", [False, True], ids=["cpu_kv_first", "cpu_kv_last"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_family_offloaded(checkpoint_factory, variant):
+def test_every_family_offloaded(checkpoint_factory, variant, swap):
     """The 2- and 3-layer variants: streamed, CPU-attended and GPU-attended CPU KV layers, host
-    embedding, streamed head, several prefill chunks."""
+    embedding, streamed head, several prefill chunks longer than the sliding windows; both ways round,
+    so sliding and full layers each meet every attention backend."""
+    import placement
     path, _ = checkpoint_factory(variant)
-    num_layers = len(layout_plan(path, weights="g" * 2 + "g" * (variant == "qwen2_window"),
-                                 kv="g" * 2 + "g" * (variant == "qwen2_window")).layers)
-    weights = "cg" + "c" * (num_layers - 2)
-    kv = "ca" + "g" * (num_layers - 2)
-    emb = head = "cpu"
-    check_parity(path, layout_plan(path, weights=weights, kv=kv, embedding=emb, lm_head=head, depth=2))
+    n = placement.load_spec(path).num_layers
+    weights, kv = ("cg" + "c" * (n - 2), "ca" + "g" * (n - 2)) if not swap else \
+        ("g" * (n - 2) + "cg", "a" + "g" * (n - 2) + "c")
+    check_parity(path, layout_plan(path, weights=weights, kv=kv, embedding="cpu", lm_head="cpu", depth=2))
 
 
 def test_planner_interleaved_plan_runs_as_planned(deep):

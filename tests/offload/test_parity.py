@@ -88,3 +88,26 @@ def test_variant_option_changes_the_logits(checkpoint_factory, tmp_path, variant
     edit_config(plain, **change)
     a, b = _load(path).forward([LONG]), _load(plain).forward([LONG])
     assert (a - b).abs().max() > 1e-3
+
+
+def test_multimodal_gemma3_runs_its_language_model(tmp_path):
+    """A `gemma3` checkpoint (vision tower + language model under `language_model.`): text in, the same
+    logits and greedy tokens as transformers' Gemma3ForConditionalGeneration, on one device and offloaded."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from tests.offload.builders import VARIANTS
+    from tests.offload.offload_plans import layout_plan
+    torch.manual_seed(0)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=VARIANTS["gemma3"][1], vision_config=vision, mm_tokens_per_image=4,
+                          image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2)
+    Gemma3ForConditionalGeneration(config).eval().save_pretrained(str(tmp_path))
+    hf = Gemma3ForConditionalGeneration.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    plain = _load(tmp_path, max_batch_size=2, prefill_chunk_size=7)
+    offloaded = offload.load(tmp_path, plan=layout_plan(tmp_path, weights="cgc", kv="cag", embedding="cpu",
+                                                        lm_head="cpu", max_seq_len=64), progress=False)
+    for model in (plain, offloaded):
+        got = model.forward([LONG[:20]])[0]
+        torch.testing.assert_close(got, hf_logits(hf, LONG[:20]), atol=1e-4, rtol=0)
+        assert model.generate([PROMPTS[0]], max_new_tokens=8) == [hf_greedy(hf, PROMPTS[0], 8)]
