@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from offload.devices import canonical_device, to_device
-from offload.kv_cache import Chunk
-from offload.streamed_kv import K_CACHE, V_CACHE
+from offload.host_attention import HostStaging
+from offload.kv_cache import AttentionBackend, Chunk
+from offload.models.base import FamilyMath
 from offload.weight_source import LM_HEAD, WeightSource
 from placement.architecture import Architecture
 
@@ -25,9 +26,10 @@ class Engine:
     non-blocking copies, once per chunk; the only waits are the event syncs of the CPU-attended layers
     (host_attention.py) and the caller's read of the sampled tokens."""
 
-    def __init__(self, *, arch: Architecture, model, weights: WeightSource, backends: list, device,
-                 dtype: torch.dtype, max_seq_len: int, max_batch_size: int,
-                 prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK):
+    def __init__(self, *, arch: Architecture, model: FamilyMath, weights: WeightSource,
+                 backends: list[AttentionBackend], device, dtype: torch.dtype, max_seq_len: int,
+                 max_batch_size: int, prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
+                 staging: HostStaging | None = None):
         if len(backends) != arch.num_layers:
             raise ValueError(f"{len(backends)} attention backends for {arch.num_layers} layers")
         if prefill_chunk_size < 1:
@@ -35,15 +37,13 @@ class Engine:
         self.arch, self.model, self.weights, self.backends = arch, model, weights, backends
         self.device, self.dtype = canonical_device(device), dtype
         self.max_seq_len, self.prefill_chunk_size = max_seq_len, prefill_chunk_size
+        self.staging = staging            # the CPU-attended layers' shared staging (counts its copies)
         # the plan's workspace holds the logits of max_batch_size positions at a time (workspace.py)
         self.max_logit_rows = max_batch_size
-        is_streamed = getattr(weights, "is_streamed", lambda item: False)
-        prefetcher = getattr(weights, "prefetcher", None)
-        if is_streamed("final_norm") and is_streamed("lm_head") and prefetcher is not None \
-                and prefetcher.depth < 2:
+        if weights.is_streamed("final_norm") and weights.is_streamed("lm_head") and weights.prefetch_depth < 2:
             # logits() holds both at once: with one ring buffer the second acquire could never be served
             raise ValueError("final_norm and lm_head are both streamed, which needs a prefetch depth >= 2 "
-                             f"(got {prefetcher.depth}); keep final_norm on the gpu or use a deeper ring")
+                             f"(got {weights.prefetch_depth}); keep final_norm on the gpu or use a deeper ring")
 
     # ---- one chunk through the decoder stack ----------------------------------------------------------
     def run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, start: torch.Tensor,
@@ -70,11 +70,7 @@ class Engine:
         for i, backend in enumerate(self.backends):
             lw = self.weights.acquire(i)
             q, k, v = self.model.attention_inputs(lw, h, ctx, i)       # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]
-            if getattr(backend, "uses_streamed_cache", False):
-                cache = (lw[K_CACHE], lw[V_CACHE])                     # the host cache's copy in the slot
-                attn = backend.attend(q, k, v, chunk, cache=cache)
-            else:
-                attn = backend.attend(q, k, v, chunk)                  # [B, Hq, T, D]
+            attn = backend.attend(q, k, v, chunk, lw)                  # [B, Hq, T, D]
             h = self.model.attention_output(lw, h, attn)
             self.weights.release(i)
         return h
@@ -163,26 +159,20 @@ class Engine:
         """Bring the weight source back to the start of its cycle after a step was interrupted (an
         exception, KeyboardInterrupt, or a generator closed mid-step). KV slots written by the
         interrupted step lie past every row's valid length: harmless."""
-        reset = getattr(self.weights, "reset", None)
-        if reset is not None:
-            reset()
+        self.weights.reset()
 
     def close(self) -> None:
-        """Free what the engine holds on the device: the weight source's resident weights and ring (its
-        host side too) and the attention backends' caches. Idempotent."""
-        close = getattr(self.weights, "close", None)
-        if close is not None:
-            close()
-        self.backends = []
+        """Free what the engine holds: the weight source's resident weights and ring (its host side too)
+        and the attention backends' caches. Idempotent."""
+        self.weights.close()
+        self.backends, self.staging = [], None
 
     def transfer_counters(self) -> tuple[int, float]:
         """(host->device bytes, seconds waited on transfers) since creation: streamed weights and KV
         through the ring, CPU-attention outputs sent back, and the host waits for their staging copies."""
-        stats = getattr(self.weights, "stats", None)
-        num_bytes = 0 if stats is None else stats.bytes_copied
-        wait = 0.0 if stats is None else stats.wait_seconds
-        stagings = {id(b.staging): b.staging for b in self.backends if getattr(b, "staging", None) is not None}
-        for staging in stagings.values():
-            num_bytes += staging.host_to_device_bytes
-            wait += staging.wait_seconds
+        stats = self.weights.stats
+        num_bytes, wait = stats.bytes_copied, stats.wait_seconds
+        if self.staging is not None:
+            num_bytes += self.staging.host_to_device_bytes
+            wait += self.staging.wait_seconds
         return num_bytes, wait

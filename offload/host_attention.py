@@ -96,8 +96,6 @@ class HostStaging:
 class HostAttention:
     """KV cache in host memory, attention by cpu_kernels on the host (see the module docstring)."""
 
-    uses_streamed_cache = False
-
     def __init__(self, *, max_batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device, staging: HostStaging | None = None,
                  sliding_window: int | None = None, scale: float | None = None, softcap: float | None = None):
@@ -123,7 +121,8 @@ class HostAttention:
         """Host bytes of this layer's cache (none on the compute device)."""
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
-    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, chunk: Chunk,
+               weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Append k_new/v_new [B, Hkv, T, D] to the host cache at the chunk's start, attend q [B, Hq, T, D]
         over each row's first `lengths[b]` positions on the host; returns [B, Hq, T, D] on q's device."""
         B, Hq, T, D = q.shape

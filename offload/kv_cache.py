@@ -2,7 +2,7 @@
 
 The engine calls, for every decoder layer, that layer's backend:
 
-    backend.attend(q, k_new, v_new, chunk) -> out
+    backend.attend(q, k_new, v_new, chunk, weights) -> out
       q:      [B, Hq, T, D]  on the compute device
       k_new:  [B, Hkv, T, D] (v_new likewise), already position-encoded
       chunk:  the chunk's `Chunk`, built once per chunk and shared by every layer: where row b's T new
@@ -11,6 +11,7 @@ The engine calls, for every decoder layer, that layer's backend:
               (device copies of the write positions, masks per sliding window). Query t of row b sits at
               position lengths[b] - T + t and attends causally to 0..that position (and only to the last
               `sliding_window` of them when the layer has one)
+      weights:the layer's acquired tensors (a backend whose cache travels with them reads it there)
       out:    [B, Hq, T, D]  on the compute device
 
 start/lengths stay on the host so no backend needs a device sync to read them; what the device needs of
@@ -21,6 +22,7 @@ length may hold stale values: they are never attended, and are overwritten befor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +96,17 @@ class Chunk:
         return self._masks[sliding_window]
 
 
+class AttentionBackend(Protocol):
+    """One layer's KV cache and the attention over it (see the module docstring)."""
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of this layer's cache (where it lives is the backend's)."""
+
+    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, chunk: Chunk,
+               weights: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+
 class TorchAttention:
     """KV cache on the compute device, attention by torch SDPA with a per-row mask (GQA by head groups)."""
 
@@ -112,13 +125,12 @@ class TorchAttention:
         return cls(num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim, sliding_window=arch.window_of(layer),
                    scale=scale, softcap=arch.attn_logit_softcap, **kwargs)
 
-    uses_streamed_cache = False        # the engine passes no ring views (see offload/streamed_kv.py)
-
     @property
     def cache_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
-    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, chunk: Chunk,
+               weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Append the new k/v, then attend causally over each row's cache. Returns [B, Hq, T, D]."""
         assert q.shape[0] <= self.max_batch_size, (q.shape, self.max_batch_size)
         return attend_cache(self.k_cache, self.v_cache, q, k_new, v_new, chunk,

@@ -176,10 +176,11 @@ def build(checkpoint: Checkpoint, plan: Plan, *, device: torch.device, prefill_c
                             alignment=alignment, attached=attached)
     del attached
     try:
-        backends = _build_backends(arch, plan, weights, ledger, device=device,
+        staging = HostStaging(device) if device.type == "cuda" else None   # shared by the host-KV layers
+        backends = _build_backends(arch, plan, weights, ledger, device=device, staging=staging,
                                    scale=model.attention_scale, kv_args=kv_args)
         engine = Engine(arch=arch, model=model, weights=weights, backends=backends, device=device, dtype=dtype,
-                        max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                        max_seq_len=max_seq_len, max_batch_size=max_batch_size, staging=staging,
                         prefill_chunk_size=prefill_chunk_size or plan.prefill_chunk_tokens)
     except BaseException:
         weights.close()
@@ -194,8 +195,7 @@ def build(checkpoint: Checkpoint, plan: Plan, *, device: torch.device, prefill_c
 
 
 def _build_backends(arch: Architecture, plan: Plan, weights: PlacedWeights, ledger: MemoryLedger, *,
-                    device: torch.device, scale, kv_args: dict) -> list:
-    staging = HostStaging(device) if device.type == "cuda" else None   # shared by the host-KV layers
+                    device: torch.device, staging: HostStaging | None, scale, kv_args: dict) -> list:
     backends = []
     for layer in plan.layers:
         i = layer.index

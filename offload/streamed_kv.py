@@ -6,7 +6,7 @@ layer's packed, pinned host buffer, and the prefetcher copies it into the layer'
 layer's streamed weights (if any), ahead of use, on the same copy stream/thread. The plan's
 `buffer_bytes` counts exactly that (streamed weight bytes + KV bytes per slot).
 
-Per call (`attend`, with the slot views the engine acquired):
+Per call (`attend`, with the layer's acquired tensors, which hold the slot views of the cache):
   1. the new k, v are written into the device copy in the slot, and SDPA attends there (kv_cache.py);
   2. the new k, v are written back to the host cache: device -> pinned staging (non-blocking), one event
      sync, then `cpu_kernels.append_kv` on the host.
@@ -47,8 +47,6 @@ def kv_attachment(*, max_batch_size: int, num_kv_heads: int, max_seq_len: int, h
 class StreamedKVAttention:
     """Attention backend over a host cache streamed through the weight ring (see the module docstring)."""
 
-    uses_streamed_cache = True           # the engine passes the slot views: attend(..., cache=(k, v))
-
     def __init__(self, *, host_k: torch.Tensor, host_v: torch.Tensor, device, staging: HostStaging | None = None,
                  sliding_window: int | None = None, scale: float | None = None, softcap: float | None = None):
         assert host_k.shape == host_v.shape and host_k.dim() == 4, (host_k.shape, host_v.shape)
@@ -71,11 +69,12 @@ class StreamedKVAttention:
         """Host bytes of this layer's cache (its device copy lives in a ring slot, counted as buffers)."""
         return 2 * self.host_k.numel() * self.host_k.element_size()
 
-    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, chunk: Chunk, *,
-               cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """`cache`: the (k, v) device views of this layer's slot, [B_max, Hkv, S_max, D]. Returns
-        [B, Hq, T, D] on q's device; the host cache holds the new tokens when this returns."""
-        k_slot, v_slot = cache
+    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, chunk: Chunk,
+               weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`weights`: the layer's acquired tensors, among them the (k, v) device copies of its cache in the
+        ring slot, [B_max, Hkv, S_max, D]. Returns [B, Hq, T, D] on q's device; the host cache holds the new
+        tokens when this returns."""
+        k_slot, v_slot = weights[K_CACHE], weights[V_CACHE]
         B = q.shape[0]
         assert k_slot.shape == self.host_k.shape and k_slot.device == q.device, \
             (k_slot.shape, self.host_k.shape, k_slot.device, q.device)

@@ -17,6 +17,7 @@ from typing import Protocol, Union
 
 import torch
 
+from offload.prefetch import TransferStats
 from placement.architecture import Architecture
 
 Item = Union[int, str]
@@ -25,6 +26,8 @@ LM_HEAD = "lm_head.weight"
 
 
 class WeightSource(Protocol):
+    """Everything the engine calls on the weights, whatever memory they live in (offload/weights.py)."""
+
     def acquire(self, item: Item) -> dict[str, torch.Tensor]: ...
 
     def release(self, item: Item) -> None: ...
@@ -34,6 +37,23 @@ class WeightSource(Protocol):
 
     def announce_skips(self, item: Item, count: int) -> None:
         """The next `count` uses of the item will be skip()s (a streamed source need not copy it)."""
+
+    def is_streamed(self, item: Item) -> bool:
+        """True when the item reaches the device through the prefetch ring."""
+
+    @property
+    def prefetch_depth(self) -> int:
+        """Ring slots (0 when nothing is streamed): how many streamed items can be held at once."""
+
+    @property
+    def stats(self) -> TransferStats:
+        """Host->device copies since the last reset_stats()."""
+
+    def reset(self, next_item: Item | None = None) -> None:
+        """Back to a consistent cycle after an interrupted step."""
+
+    def close(self) -> None:
+        """Free everything (idempotent); acquire afterwards raises."""
 
 
 def weight_items(arch: Architecture) -> list[Item]:

@@ -252,6 +252,11 @@ class PlacedWeights:
         return self._unique_bytes(RESIDENT)
 
     @property
+    def prefetch_depth(self) -> int:
+        """Ring slots (0 when nothing is streamed)."""
+        return 0 if self.prefetcher is None else self.prefetcher.depth
+
+    @property
     def ring_bytes(self) -> int:
         """Bytes of the prefetch ring on the compute device (depth x slot_bytes)."""
         return 0 if self.prefetcher is None else self.prefetcher.ring_bytes

@@ -82,7 +82,7 @@ def _list_presets() -> str:
     rows = []
     for name in presets.names():
         spec = ModelSpec.from_preset(name)
-        rows.append(f"  {name:<18} {spec.arch.model_type:<8} {spec.num_params / 1e9:>7.2f}B  "
+        rows.append(f"  {name:<18} {spec.arch.model_type:<11} {spec.num_params / 1e9:>7.2f}B  "
                     f"{spec.num_layers:>3} layers  {spec.dtype:<9} {format_size(spec.total_weight_bytes):>11}")
     return "presets (name, family, parameters, layers, dtype, weight bytes):\n" + "\n".join(rows)
 
