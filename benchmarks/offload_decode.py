@@ -78,7 +78,7 @@ def half_streamed_budget(checkpoint: Path, batch_size: int, prompt_len: int, new
                          cpu_budget: int) -> int:
     """The "gpu" budget of a manual plan with the first half of the layers resident, the rest streamed,
     plus the CUDA reserve the runtime subtracts from a budget (none on the CPU, where the CPU stands in)."""
-    from offload.planning import planning_hardware
+    from offload.loading.planning import planning_hardware
     spec = placement.load_spec(checkpoint)
     workload = placement.Workload(batch_size=batch_size, prompt_len=prompt_len, gen_len=new_tokens)
     total = placement.manual_plan(spec, workload, gpu_layers=spec.num_layers // 2).memory.gpu.total
@@ -224,7 +224,7 @@ def first_difference(a: list, b: list) -> int | None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     is_cuda = torch.cuda.is_available()
-    from offload.bandwidth import measure_host_to_device_bandwidth
+    from bandwidth import measure_host_to_device_bandwidth
     print("offload_decode: decode tokens/s under a GPU budget that forces streaming")
     print(f"machine: {machine_line()}")
     if not is_cuda:

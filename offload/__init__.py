@@ -9,12 +9,12 @@
 """
 from __future__ import annotations
 
-from offload.checkpoint import Checkpoint, CheckpointError
-from offload.load import load
-from offload.memory import MemoryBudgetError
-from offload.model import Model
-from offload.session import Session
-from offload.stats import GenerationStats
+from offload.loading.checkpoint import Checkpoint, CheckpointError
+from offload.loading.build import load
+from offload.loading.memory import MemoryBudgetError
+from offload.generation.model import Model
+from offload.generation.session import Session
+from offload.generation.stats import GenerationStats
 from placement import ConfigError, PlanError
 
 __all__ = ["load", "Model", "Session", "Checkpoint", "GenerationStats",

@@ -12,7 +12,7 @@ No torch on this path: torch is imported only by `Hardware.detect()` without a G
 from .architecture import DTYPE_BYTES, Architecture, ConfigError, normalize_dtype
 from .hardware import GPU_PRESETS, Hardware, HardwareError
 from .manual import manual_plan
-from .plan import Budget, ItemPlan, LayerPlan, Plan, PlanError, Prediction
+from .plans import Budget, ItemPlan, LayerPlan, Plan, PlanError, Prediction
 from .search import plan
 from .sizes import SizeError, format_size, parse_size
 from .spec import ModelSpec, load_spec

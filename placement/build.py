@@ -9,7 +9,7 @@ from collections import Counter
 
 from .cost import CostModel, step_time
 from .hardware import Hardware
-from .plan import Budget, ItemPlan, LayerPlan, Plan, PlanError, Prediction
+from .plans import Budget, ItemPlan, LayerPlan, Plan, PlanError, Prediction
 from .spec import ModelSpec
 from .workload import Workload
 from .workspace import workspace_bytes

@@ -11,7 +11,7 @@ from .architecture import ConfigError
 from .hardware import (GPU_PRESETS, Hardware, HardwareError, gpu_preset, machine_gpu_bytes,
                        machine_ram_bytes)
 from .manual import manual_plan
-from .plan import PlanError
+from .plans import PlanError
 from .search import plan as make_plan
 from .sizes import SizeError, format_size, parse_size
 from .spec import ModelSpec, load_spec

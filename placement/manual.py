@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .build import assemble, chunk_candidates, layer_plans
 from .hardware import GENERIC_GPU, GPU_FLOPS_EFFICIENCY, GPU_MEM_EFFICIENCY, Hardware
-from .plan import Budget, Plan, PlanError
+from .plans import Budget, Plan, PlanError
 from .sizes import format_size
 from .spec import ModelSpec
 from .workload import Workload

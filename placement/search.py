@@ -11,7 +11,7 @@ from __future__ import annotations
 from .build import assemble, chunk_candidates, layer_plans, need_message, spread
 from .cost import MAX_PREFETCH_DEPTH, CostModel, step_time
 from .hardware import Hardware
-from .plan import Budget, Plan, PlanError
+from .plans import Budget, Plan, PlanError
 from .spec import ModelSpec
 from .workload import Workload
 from .workspace import workspace_bytes

@@ -15,11 +15,12 @@ import torch
 
 import offload
 import placement
-from offload.checkpoint import Checkpoint
+from offload.loading.checkpoint import Checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import offload_decode  # noqa: E402
+from bandwidth import measure_host_to_device_bandwidth  # noqa: E402
 from random_checkpoint import MARKER, build_random_checkpoint, read_config  # noqa: E402
 
 TINY_LLAMA = dict(offload_decode.QUICK_CONFIG, num_hidden_layers=3, vocab_size=512, hidden_size=64,
@@ -157,3 +158,19 @@ def test_generate_cpu_runs():
     result = run_script("benchmarks/generate_cpu.py", "--prompt-len", "8", "--new-tokens", "8", "--repeats", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ratio offload / transformers" in result.stdout
+
+
+def test_bandwidth_on_this_machine():
+    bandwidth = measure_host_to_device_bandwidth("cpu", num_bytes=1 << 20, num_repeats=2)
+    assert bandwidth.bytes_per_second > 0 and bandwidth.best_bytes_per_second >= bandwidth.bytes_per_second
+    assert "not a PCIe figure" in str(bandwidth)
+    assert bandwidth.seconds_for(2 * bandwidth.num_bytes) == pytest.approx(2 * bandwidth.seconds_for(bandwidth.num_bytes))
+    with pytest.raises(ValueError):
+        measure_host_to_device_bandwidth("cpu", num_bytes=0)
+
+
+@pytest.mark.cuda
+def test_pinned_bandwidth_on_cuda():
+    bandwidth = measure_host_to_device_bandwidth("cuda", num_bytes=64 << 20, num_repeats=3)
+    assert bandwidth.is_pinned and bandwidth.description.startswith("pinned host -> cuda")
+    assert bandwidth.bytes_per_second > 0

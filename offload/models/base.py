@@ -10,7 +10,7 @@ class FamilyMath(Protocol):
     """A family's math over weight dicts; knows nothing about placement or caches.
 
     Weight dicts: a layer's keyed relative to its prefix ("self_attn.q_proj.weight"), the others by
-    their usual checkpoint names (offload/weight_source.py)."""
+    their usual checkpoint names (offload/weights/source.py)."""
 
     attention_scale: float | None     # what scores are multiplied by (None: SDPA's 1/sqrt(head_dim))
 

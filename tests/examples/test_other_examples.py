@@ -50,7 +50,7 @@ def test_plan_and_load(folder, tmp_path):
                       "--plan-out", plan_path, "--prompt", "Hello there", "--max-new-tokens", 5,
                       "--prompt-len", 32)
     assert out.returncode == 0, out.stderr
-    from placement.plan import Plan
+    from placement.plans import Plan
     plan = Plan.from_json(plan_path)
     assert plan.workload.prompt_len == 32 and plan.workload.gen_len == 5
     assert out.stdout.startswith(plan.summary())

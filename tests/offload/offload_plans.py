@@ -3,9 +3,9 @@ model runs exactly its plan (placements, backends, ring, ledger)."""
 from __future__ import annotations
 
 import placement
-from offload.host_attention import HostAttention
-from offload.kv_cache import TorchAttention
-from offload.streamed_kv import StreamedKVAttention
+from offload.attention.host import HostAttention
+from offload.attention.device import TorchAttention
+from offload.attention.streamed import StreamedKVAttention
 from placement import LayerPlan, Workload
 from placement.build import assemble
 from placement.manual import REFERENCE_HARDWARE
@@ -13,8 +13,9 @@ from placement.manual import REFERENCE_HARDWARE
 GEN_LEN = 12
 
 
-def layout_plan(path, *, weights: str, kv: str, embedding: str = "gpu", lm_head: str = "gpu", depth: int = 2,
-                chunk: int = 5, batch_size: int = 3, max_seq_len: int = 48, dtype: str | None = None):
+def layout_plan(path, *, weights: str, kv: str, embedding: str = "gpu", lm_head: str = "gpu",
+                prefetch_depth: int = 2, chunk: int = 5, batch_size: int = 3, max_seq_len: int = 48,
+                dtype: str | None = None):
     """A plan with per-layer placements written as strings, one letter per layer:
     weights 'g' resident / 'c' streamed; kv 'g' on the GPU, 'c' on the CPU attended by the CPU, 'a' on
     the CPU attended by the GPU (streamed through the ring)."""
@@ -27,7 +28,7 @@ def layout_plan(path, *, weights: str, kv: str, embedding: str = "gpu", lm_head:
                              kv_bytes=kv_bytes)
                    for i, (w, k) in enumerate(zip(weights, kv)))
     return assemble(spec, workload, REFERENCE_HARDWARE, layers=layers, embedding=embedding, lm_head=lm_head,
-                    prefetch_depth=depth, chunk=chunk)
+                    prefetch_depth=prefetch_depth, chunk=chunk)
 
 
 BACKEND_OF = {("gpu", "gpu"): TorchAttention, ("cpu", "cpu"): HostAttention, ("cpu", "gpu"): StreamedKVAttention}
@@ -42,16 +43,18 @@ def assert_runs_plan(model, plan) -> None:
     assert engine.prefill_chunk_size <= plan.prefill_chunk_tokens
     for layer, backend in zip(plan.layers, engine.backends):
         assert type(backend) is BACKEND_OF[(layer.kv, layer.attention)], (layer, backend)
-        assert weights.placement[layer.index] == ("resident" if layer.weights == "gpu" else "streamed")
+        assert weights.placement[layer.index] == layer.weights
+        assert weights.is_streamed(layer.index) == (layer.weights == "cpu" or layer.kv == "cpu" and layer.attention == "gpu")
         assert (layer.index in weights.attached) == (layer.kv == "cpu" and layer.attention == "gpu")
-    assert weights.placement["embedding"] == ("resident" if plan.embedding.weights == "gpu" else "host")
-    assert weights.placement["lm_head"] == ("resident" if plan.lm_head.weights == "gpu" else "streamed")
-    assert weights.placement["final_norm"] == "resident"
+    assert weights.placement["embedding"] == plan.embedding.weights and not weights.is_streamed("embedding")
+    assert weights.placement["lm_head"] == plan.lm_head.weights
+    assert weights.is_streamed("lm_head") == (plan.lm_head.weights == "cpu")
+    assert weights.placement["final_norm"] == "gpu"
     num_streamed = len(weights.streamed_items)
     assert num_streamed == sum(l.is_streamed for l in plan.layers) + (plan.lm_head.weights == "cpu")
     if num_streamed:
-        assert weights.prefetcher.depth == min(plan.prefetch_depth, num_streamed)
-        assert weights.ring_bytes == weights.prefetcher.depth * plan.buffer_bytes
+        assert weights.prefetcher.prefetch_depth == min(plan.prefetch_depth, num_streamed)
+        assert weights.ring_bytes == weights.prefetcher.prefetch_depth * plan.buffer_bytes
     ledger, gpu = model.ledger, plan.memory.gpu
     assert ledger.max_bytes == gpu.total and ledger.peak_bytes() <= gpu.total
     assert ledger.peak_bytes("weights") == gpu.weights == weights.resident_bytes

@@ -1,0 +1,178 @@
+"""The layer loop: embedding, every decoder layer (weights from a weight source, attention by that layer's
+backend), final norm and LM head, over chunks of tokens; logits only where they are needed.
+
+Ragged batches are exact per row: a chunk is right-padded, padded slots sit after every valid token of their
+row (so causal masking hides them from valid queries) and are overwritten by the row's next tokens before
+anything attends to them.
+"""
+from __future__ import annotations
+
+import torch
+
+from offload.devices import canonical_device, to_device
+from offload.attention.host import HostStaging
+from offload.attention.contract import AttentionBackend, Chunk
+from offload.models.base import FamilyMath
+from offload.weights.source import LM_HEAD, WeightSource
+from placement.architecture import Architecture
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+class Engine:
+    """Runs a family's math over a weight source and per-layer attention backends (see kv_cache.py).
+
+    No implicit device sync anywhere in a step: host inputs reach the device through pinned memory with
+    non-blocking copies, once per chunk; the only waits are the event syncs of the CPU-attended layers
+    (host_attention.py) and the caller's read of the sampled tokens."""
+
+    def __init__(self, *, arch: Architecture, model: FamilyMath, weights: WeightSource,
+                 backends: list[AttentionBackend], device, dtype: torch.dtype, max_seq_len: int,
+                 max_batch_size: int, prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
+                 staging: HostStaging | None = None):
+        if len(backends) != arch.num_layers:
+            raise ValueError(f"{len(backends)} attention backends for {arch.num_layers} layers")
+        if prefill_chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
+        self.arch, self.model, self.weights, self.backends = arch, model, weights, backends
+        self.device, self.dtype = canonical_device(device), dtype
+        self.max_seq_len, self.prefill_chunk_size = max_seq_len, prefill_chunk_size
+        self.staging = staging            # the CPU-attended layers' shared staging (counts its copies)
+        # the plan's workspace holds the logits of max_batch_size positions at a time (workspace.py)
+        self.max_logit_rows = max_batch_size
+        if weights.is_streamed("final_norm") and weights.is_streamed("lm_head") and weights.prefetch_depth < 2:
+            # logits() holds both at once: with one ring buffer the second acquire could never be served
+            raise ValueError("final_norm and lm_head are both streamed, which needs a prefetch depth >= 2 "
+                             f"(got {weights.prefetch_depth}); keep final_norm on the gpu or use a deeper ring")
+
+    # ---- one chunk through the decoder stack ----------------------------------------------------------
+    def run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, start: torch.Tensor,
+                   seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions [B, T] int64 (CPU), start [B] (CPU) -> hidden states [B, T, H] on device.
+
+        Row b's tokens go to cache slots start[b] .. start[b]+T-1; `positions` are what RoPE / learned
+        positions see (equal to the slot for valid tokens; padded tokens may carry any valid position).
+        """
+        B, T = input_ids.shape
+        assert positions.shape == (B, T) and start.shape == (B,), (input_ids.shape, positions.shape, start.shape)
+        assert input_ids.device.type == positions.device.type == start.device.type == "cpu"
+        if int(start.max()) + T > self.max_seq_len:
+            raise ValueError(f"chunk of {T} tokens at position {int(start.max())} exceeds max_seq_len "
+                             f"{self.max_seq_len}")
+        chunk = Chunk(start=start, num_tokens=T, device=self.device)     # shared by every layer
+        w = self.weights.acquire("embedding")
+        table_device = next(iter(w.values())).device      # the lookup runs where the table lives
+        h = self.model.embed(w, to_device(input_ids, table_device), to_device(positions, table_device))
+        self.weights.release("embedding")
+        h = to_device(h, self.device) if h.device.type == "cpu" else h   # h: [B, T, H]
+        positions = to_device(positions, self.device)
+        ctx = self.model.prepare(positions, self.dtype, None if seq_lens is None else to_device(seq_lens, self.device))
+        for i, backend in enumerate(self.backends):
+            lw = self.weights.acquire(i)
+            q, k, v = self.model.attention_inputs(lw, h, ctx, i)       # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]
+            attn = backend.attend(q, k, v, chunk, lw)                  # [B, Hq, T, D]
+            h = self.model.attention_output(lw, h, attn)
+            self.weights.release(i)
+        return h
+
+    def logits(self, h: torch.Tensor, *, to_host: bool = False) -> torch.Tensor:
+        """Final norm + LM head on hidden states [B, K, H] -> float32 logits [B, K, V].
+
+        On the device for at most `max_logit_rows` positions (what the plan's workspace holds); with
+        `to_host`, any number, computed `max_logit_rows` positions at a time and each group moved to the
+        host as it is done (this blocks on the device: forward() only)."""
+        B, K, H = h.shape
+        assert to_host or B * K <= self.max_logit_rows, (h.shape, self.max_logit_rows)
+        w_norm, w_head = self.weights.acquire("final_norm"), self.weights.acquire("lm_head")
+        head_device = w_head[LM_HEAD].device
+        flat = h.reshape(B * K, 1, H)                                   # [N, 1, H]
+        if to_host:
+            groups = [self.model.head(w_norm, w_head, flat[i:i + self.max_logit_rows].to(head_device))[:, 0].cpu()
+                      for i in range(0, B * K, self.max_logit_rows)]    # each [<= max_logit_rows, V]
+            out = torch.cat(groups).reshape(B, K, -1)
+        else:
+            out = self.model.head(w_norm, w_head, h.to(head_device)).to(self.device)
+        self.weights.release("final_norm")
+        self.weights.release("lm_head")
+        return out
+
+    # ---- prefill and decode ---------------------------------------------------------------------------
+    def prefill(self, rows: list[list[int]], starts: list[int], all_logits: bool = False) -> torch.Tensor:
+        """Feed each row's tokens (row b written from cache slot starts[b]) in chunks.
+
+        Returns the float32 logits of each row's last token [B, V] on the device, or with `all_logits`
+        those of every token [B, T_max, V] on the host (zeros past a row's end).
+        """
+        B, C = len(rows), self.prefill_chunk_size
+        num_tokens = [len(r) for r in rows]
+        assert B == len(starts) and min(num_tokens) >= 1, (B, len(starts), num_tokens)
+        T_max = max(num_tokens)
+        num_chunks = -(-T_max // C)
+        if not all_logits and num_chunks > 1:
+            # only the last chunk needs logits: a streamed head is not copied for the others
+            for item in ("final_norm", "lm_head"):
+                self.weights.announce_skips(item, num_chunks - 1)
+        last_h: list[torch.Tensor | None] = [None] * B
+        seq_lens = torch.tensor([s + n for s, n in zip(starts, num_tokens)], dtype=torch.long)
+        chunks = []
+        for c0 in range(0, T_max, C):
+            T = min(C, T_max - c0)
+            ids = torch.zeros(B, T, dtype=torch.long)
+            positions = torch.zeros(B, T, dtype=torch.long)
+            start = torch.zeros(B, dtype=torch.long)
+            for b, row in enumerate(rows):
+                valid = max(0, min(T, num_tokens[b] - c0))
+                row_start = starts[b] + min(c0, num_tokens[b])      # finished rows: write past their end
+                ids[b, :valid] = torch.tensor(row[c0:c0 + valid], dtype=torch.long)
+                last_pos = starts[b] + num_tokens[b] - 1
+                positions[b] = torch.clamp(row_start + torch.arange(T), max=last_pos)
+                start[b] = row_start
+            h = self.run_layers(ids, positions, start, seq_lens)   # [B, T, H]
+            if not all_logits and c0 + T < T_max:
+                # no logits for this chunk: pass over the head's items so the streamed cycle stays in step
+                self.weights.skip("final_norm")
+                self.weights.skip("lm_head")
+            if all_logits:
+                # [B, T, V] float32 on the host; the GPU holds max_logit_rows positions' logits at a time
+                logits = self.logits(h, to_host=True)
+                for b in range(B):
+                    logits[b, max(0, num_tokens[b] - c0):] = 0.0
+                chunks.append(logits)
+            for b in range(B):
+                if c0 <= num_tokens[b] - 1 < c0 + T:
+                    # a copy: a view would keep this chunk's whole [B, T, H] alive, outside the workspace
+                    last_h[b] = h[b, num_tokens[b] - 1 - c0].clone()
+            del h
+        if all_logits:
+            return torch.cat(chunks, dim=1)
+        return self.logits(torch.stack(last_h)[:, None])[:, 0]      # [B, V]
+
+    def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
+        """One new token per row (host ids) at slot lengths[b] -> float32 logits [B, V] on the device."""
+        start = torch.tensor(lengths, dtype=torch.long)
+        ids = torch.tensor(tokens, dtype=torch.long).reshape(-1, 1)               # [B, 1]
+        h = self.run_layers(ids, start[:, None], start)
+        return self.logits(h)[:, 0]
+
+    # ---- control and accounting -------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Bring the weight source back to the start of its cycle after a step was interrupted (an
+        exception, KeyboardInterrupt, or a generator closed mid-step). KV slots written by the
+        interrupted step lie past every row's valid length: harmless."""
+        self.weights.reset()
+
+    def close(self) -> None:
+        """Free what the engine holds: the weight source's resident weights and ring (its host side too)
+        and the attention backends' caches. Idempotent."""
+        self.weights.close()
+        self.backends, self.staging = [], None
+
+    def transfer_counters(self) -> tuple[int, float]:
+        """(host->device bytes, seconds waited on transfers) since creation: streamed weights and KV
+        through the ring, CPU-attention outputs sent back, and the host waits for their staging copies."""
+        stats = self.weights.stats
+        num_bytes, wait = stats.bytes_copied, stats.wait_seconds
+        if self.staging is not None:
+            num_bytes += self.staging.host_to_device_bytes
+            wait += self.staging.wait_seconds
+        return num_bytes, wait

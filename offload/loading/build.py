@@ -1,0 +1,222 @@
+"""`load`: a checkpoint folder -> a ready `Model`, running a placement plan (offload/loading/planning.py).
+
+One code path for every placement: the plan says, per item, where weights and KV live; this module
+builds the matching weight source (PlacedWeights: resident / streamed / host-kept items), the attention
+backend of each layer (KV on the device: TorchAttention; KV in host memory attended on the CPU:
+HostAttention; attended on the GPU: StreamedKVAttention over the ring), and a MemoryLedger whose budget
+is the plan's "gpu"-tier total, charged before every "gpu"-tier allocation.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from offload.loading.checkpoint import Checkpoint, torch_dtype
+from offload.devices import resolve_device
+from offload.generation.engine import Engine
+from offload.attention.host import HostAttention, HostStaging
+from offload.weights.host_memory import align_up
+from offload.attention.device import TorchAttention
+from offload.loading.memory import MemoryLedger
+from offload.generation.model import Model
+from offload.models import build_model
+from offload.loading.planning import choose_plan
+from offload.loading.report import memory_report
+from offload.attention.streamed import K_CACHE, V_CACHE, StreamedKVAttention, kv_attachment
+from offload.weights.source import item_tensors, weight_items
+from offload.weights.placed import PlacedWeights
+from placement import Plan, PlanError
+from placement.architecture import Architecture, normalize_dtype
+
+log = logging.getLogger(__name__)
+MAX_SEQ_LEN_CAP = 4096   # default cache length when the config allows more (a 128k cache is rarely wanted)
+
+
+def default_max_seq_len(arch: Architecture) -> int:
+    return min(arch.max_position_embeddings, MAX_SEQ_LEN_CAP)
+
+
+def check_limits(arch: Architecture, max_batch_size: int, max_seq_len: int) -> None:
+    if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+    if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+    if arch.max_cache_len is not None and max_seq_len > arch.max_cache_len:
+        raise ValueError(f"max_seq_len={max_seq_len} exceeds the {arch.max_cache_len} positions this "
+                         f"{arch.model_type} model can embed (learned positions)")
+
+
+def item_placement(plan: Plan) -> dict:
+    """Every weight item's tier as the plan says ("gpu" | "cpu"); final_norm always on the "gpu" tier."""
+    tiers = {"embedding": plan.embedding.weights, "final_norm": "gpu", "lm_head": plan.lm_head.weights}
+    tiers.update({layer.index: layer.weights for layer in plan.layers})
+    return tiers
+
+
+READ_IN_PLACE = ("embedding",)     # a "cpu" embedding is looked up on the host; other "cpu" items stream
+
+
+def is_streamed(item, tiers: dict) -> bool:
+    return tiers[item] == "cpu" and item not in READ_IN_PLACE
+
+
+def ring_alignment(plan: Plan, arch: Architecture, tiers: dict, dtype: torch.dtype,
+                   kv_items: dict[int, dict[str, tuple]]) -> int:
+    """The largest tensor alignment (256 down to the element size) whose packed slots fit the plan's
+    buffer_bytes (the planner counts bytes exactly, alignment padding would add a few per tensor)."""
+    shapes = arch.all_tensors()
+
+    def item_sizes(item) -> list[int]:
+        names = item_tensors(arch, item).values() if is_streamed(item, tiers) else ()
+        tensor_shapes = [shapes[name] for name in names] + list(kv_items.get(item, {}).values())
+        return [math.prod(shape) * dtype.itemsize for shape in tensor_shapes]
+
+    streamed = [item_sizes(item) for item in weight_items(arch) if is_streamed(item, tiers) or item in kv_items]
+    if not streamed:
+        return 256
+    alignment = 256
+    while alignment >= dtype.itemsize:
+        slot = align_up(max(sum(align_up(n, alignment) for n in sizes) for sizes in streamed), alignment)
+        if slot <= plan.buffer_bytes:
+            return alignment
+        alignment //= 2
+    raise PlanError(f"the plan's ring buffers ({plan.buffer_bytes} bytes) cannot hold the largest streamed "
+                    f"item of this checkpoint in {dtype}; was the plan made for another dtype or checkpoint?")
+
+
+def _read_items(checkpoint: Checkpoint, tiers: dict, dtype: torch.dtype, progress: bool):
+    """(item, {key: CPU tensor}) in engine order, read one item at a time. A tied head placed on the
+    same tier as the embedding is handed over as the same tensor object, so PlacedWeights stores it once
+    (the one host table is then held until the head is reached)."""
+    arch = checkpoint.arch
+    keep_tied = arch.tie_word_embeddings and tiers["embedding"] == tiers["lm_head"] and \
+        is_streamed("embedding", tiers) == is_streamed("lm_head", tiers)
+    tied: dict[str, torch.Tensor] = {}
+    bar = tqdm(weight_items(arch), desc=f"loading {checkpoint.path.name}", unit="item", disable=not progress,
+               leave=False)
+    for item in bar:
+        tensors = {}
+        for key, name in item_tensors(arch, item).items():
+            tensor = tied.get(name)
+            if tensor is None:
+                tensor = checkpoint.read(name, dtype)
+                if keep_tied and item == "embedding":
+                    tied[name] = tensor
+            tensors[key] = tensor
+        if item == "lm_head":
+            tied.clear()
+        yield item, tensors
+        del tensors
+    bar.close()
+
+
+def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = None,
+         max_seq_len: int | None = None, dtype=None, device=None, plan=None, gpu_layers: int | None = None,
+         kv_gpu_layers: int | None = None, cpu_attention: bool | None = None,
+         prefill_chunk_size: int | None = None, progress: bool = True) -> Model:
+    """Load a Hugging Face model folder and place it as a plan says.
+
+    Which plan (placement.Plan; `model.plan`, `model.plan.summary()`):
+      plan=             a Plan or the path of a JSON file from `offload-plan --json`: run exactly it (its
+                        dtype, max_seq_len, max_batch_size, prefill chunk, prefetch depth); PlanError
+                        when it was made for another model.
+      gpu_layers / kv_gpu_layers / cpu_attention
+                        llama.cpp-style manual plan: weights of the first N layers and KV of the first M
+                        layers on the GPU, CPU-resident KV attended on the CPU (default) or the GPU.
+      gpu_memory / cpu_memory ("8GiB", bytes)
+                        the planner picks the fastest plan within these budgets (default on CUDA: free
+                        GPU memory and available RAM minus safety margins) for max_batch_size rows of
+                        max_seq_len tokens.
+      none of these on the CPU: everything on the device (the plain path).
+    device: default CUDA when available, else the CPU (the "gpu" tier is then the CPU).
+    dtype: None = the checkpoint's, or "float32"/"bfloat16"/"float16". max_batch_size default 1;
+    max_seq_len default: the config's max_position_embeddings capped at 4096.
+    prefill_chunk_size: tokens per prefill chunk (default: the plan's).
+    Raises CheckpointError for a bad folder, PlanError (a ValueError) when nothing fits the budgets —
+    before anything is allocated — and ValueError for bad arguments.
+    """
+    checkpoint = Checkpoint(path)
+    arch = checkpoint.arch
+    device = resolve_device(device)
+    dtype_name = normalize_dtype(str(dtype).replace("torch.", "")) if dtype is not None else None
+    max_batch_given = max_batch_size is not None
+    max_batch_size = 1 if max_batch_size is None else max_batch_size
+    check_limits(arch, max_batch_size, default_max_seq_len(arch) if max_seq_len is None else max_seq_len)
+    if prefill_chunk_size is not None and (not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1):
+        raise ValueError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size!r}")
+    chosen = choose_plan(path=checkpoint.path, arch=arch, device=device,
+                         dtype=dtype_name or normalize_dtype(arch.dtype), max_batch_size=max_batch_size,
+                         max_seq_len=max_seq_len, default_max_seq_len=default_max_seq_len(arch), plan=plan,
+                         gpu_memory=gpu_memory, cpu_memory=cpu_memory, gpu_layers=gpu_layers,
+                         kv_gpu_layers=kv_gpu_layers, cpu_attention=cpu_attention,
+                         prefill_chunk_size=prefill_chunk_size, dtype_given=dtype_name is not None,
+                         max_batch_size_given=max_batch_given)
+    return build(checkpoint, chosen, device=device, prefill_chunk_size=prefill_chunk_size, progress=progress)
+
+
+def build(checkpoint: Checkpoint, plan: Plan, *, device: torch.device, prefill_chunk_size: int | None = None,
+          progress: bool = True) -> Model:
+    """Allocate and fill everything `plan` places, charging the "gpu"-tier ledger before each allocation."""
+    arch = checkpoint.arch
+    dtype = torch_dtype(plan.dtype)
+    max_batch_size, max_seq_len = plan.max_batch_size, plan.max_seq_len
+    check_limits(arch, max_batch_size, max_seq_len)
+    tiers = item_placement(plan)
+    kv_shape = (max_batch_size, arch.num_kv_heads, max_seq_len, arch.head_dim)
+    streamed_kv = {l.index: {"k": kv_shape, "v": kv_shape} for l in plan.layers
+                   if l.kv == "cpu" and l.attention == "gpu"}
+    alignment = ring_alignment(plan, arch, tiers, dtype, streamed_kv)
+    ledger = MemoryLedger(max_bytes=plan.memory.gpu.total)
+    ledger.allocate("workspace", plan.workspace_bytes)     # reserved for activations (chunked prefill)
+    model = build_model(arch, device)
+    kv_args = dict(max_batch_size=max_batch_size, num_kv_heads=arch.num_kv_heads, max_seq_len=max_seq_len,
+                   head_dim=arch.head_dim, dtype=dtype)
+    attached = {i: kv_attachment(**kv_args) for i in streamed_kv}   # zeroed; packed into the item's buffer
+    weights = PlacedWeights(_read_items(checkpoint, tiers, dtype, progress), placement=tiers, dtype=dtype,
+                            device=device, prefetch_depth=max(1, plan.prefetch_depth),
+                            read_in_place=[item for item in READ_IN_PLACE if tiers[item] == "cpu"],
+                            ledger=ledger,
+                            alignment=alignment, attached=attached)
+    del attached
+    try:
+        staging = HostStaging(device) if device.type == "cuda" else None   # shared by the host-KV layers
+        backends = _build_backends(arch, plan, weights, ledger, device=device, staging=staging,
+                                   scale=model.attention_scale, kv_args=kv_args)
+        engine = Engine(arch=arch, model=model, weights=weights, backends=backends, device=device, dtype=dtype,
+                        max_seq_len=max_seq_len, max_batch_size=max_batch_size, staging=staging,
+                        prefill_chunk_size=prefill_chunk_size or plan.prefill_chunk_tokens)
+    except BaseException:
+        weights.close()
+        raise
+    loaded = Model(arch=arch, engine=engine, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                   eos_token_ids=checkpoint.eos_token_ids, sampling_defaults=checkpoint.sampling_defaults,
+                   checkpoint=checkpoint, plan=plan, ledger=ledger)
+    log.info("loaded %s (%s, %d layers, %s) on %s: %d/%d layers' weights resident, %d streamed bytes per "
+             "step\n%s", checkpoint.path, arch.model_type, arch.num_layers, plan.dtype, device,
+             plan.num_gpu_layers, arch.num_layers, weights.streamed_bytes_per_cycle, memory_report(loaded))
+    return loaded
+
+
+def _build_backends(arch: Architecture, plan: Plan, weights: PlacedWeights, ledger: MemoryLedger, *,
+                    device: torch.device, staging: HostStaging | None, scale, kv_args: dict) -> list:
+    backends = []
+    for layer in plan.layers:
+        i = layer.index
+        if layer.kv == "gpu":
+            num_bytes = kv_args["max_batch_size"] * kv_args["max_seq_len"] * arch.kv_bytes_per_token(plan.dtype)
+            ledger.allocate("kv_cache", num_bytes)          # checked against the budget before allocating
+            backend = TorchAttention.for_layer(arch, i, scale=scale, device=device, **{
+                k: kv_args[k] for k in ("max_batch_size", "max_seq_len", "dtype")})
+            assert backend.cache_bytes == num_bytes
+        elif layer.attention == "cpu":
+            backend = HostAttention.for_layer(arch, i, scale=scale, device=device, staging=staging, **{
+                k: kv_args[k] for k in ("max_batch_size", "max_seq_len", "dtype")})
+        else:
+            host = weights.attached_host_tensors(i)
+            backend = StreamedKVAttention.for_layer(arch, i, scale=scale, host_k=host[K_CACHE],
+                                                    host_v=host[V_CACHE], device=device, staging=staging)
+        backends.append(backend)
+    return backends

@@ -1,0 +1,83 @@
+"""The weight-source contract: how the engine gets weights, whatever memory they live in.
+
+A weight source is called by the engine in a fixed order for every chunk it runs:
+
+    acquire(item) -> dict[str, Tensor]   # blocks until the tensors are usable on the compute device
+    release(item) -> None                # every compute reading them has been launched
+    skip(item) -> None                   # the item's turn passes unused (the head of a prefill chunk)
+    announce_skips(item, count)          # said ahead of those skips, so nothing is copied for them
+
+`item` is an int decoder-layer index or one of "embedding", "final_norm", "lm_head". Layer dicts are keyed by
+the tensor name relative to `arch.layer_prefix(i)` ("self_attn.q_proj.weight"); the other items by the full
+checkpoint name less `arch.checkpoint_prefix` ("model.norm.weight" also inside a multimodal checkpoint). With tied embeddings, acquire("lm_head") returns {"lm_head.weight": <embedding table>}.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Union
+
+import torch
+
+from offload.weights.prefetch import TransferStats
+from placement.architecture import Architecture
+
+Item = Union[int, str]
+NAMED_ITEMS = ("embedding", "final_norm", "lm_head")
+LM_HEAD = "lm_head.weight"
+
+
+class WeightSource(Protocol):
+    """Everything the engine calls on the weights, whatever memory they live in (offload/weights/placed.py)."""
+
+    def acquire(self, item: Item) -> dict[str, torch.Tensor]: ...
+
+    def release(self, item: Item) -> None: ...
+
+    def skip(self, item: Item) -> None:
+        """Pass over the item this step (its turn in the fixed order comes and goes unused)."""
+
+    def announce_skips(self, item: Item, count: int) -> None:
+        """The next `count` uses of the item will be skip()s (a streamed source need not copy it)."""
+
+    def is_streamed(self, item: Item) -> bool:
+        """True when the item reaches the device through the prefetch ring."""
+
+    @property
+    def prefetch_depth(self) -> int:
+        """Ring slots (0 when nothing is streamed): how many streamed items can be held at once."""
+
+    @property
+    def stats(self) -> TransferStats:
+        """Host->device copies since the last reset_stats()."""
+
+    def reset(self, next_item: Item | None = None) -> None:
+        """Back to a consistent cycle after an interrupted step."""
+
+    def close(self) -> None:
+        """Free everything (idempotent); acquire afterwards raises."""
+
+
+def weight_items(arch: Architecture) -> list[Item]:
+    """Every item in the order the engine uses them: embedding, layers 0..N-1, final_norm, lm_head."""
+    return ["embedding", *range(arch.num_layers), "final_norm", "lm_head"]
+
+
+def item_tensors(arch: Architecture, item: Item) -> dict[str, str]:
+    """Key in the acquired dict -> checkpoint tensor name, for one item."""
+    if isinstance(item, int):
+        if not 0 <= item < arch.num_layers:
+            raise ValueError(f"layer {item} out of range (model has {arch.num_layers} layers)")
+        prefix = arch.layer_prefix(item)
+        return {name[len(prefix):]: name for name in arch.layer_tensors(item)}
+    if item == "embedding":
+        names = arch.embedding_tensors()
+    elif item == "final_norm":
+        names = arch.final_norm_tensors()
+    elif item == "lm_head":
+        if arch.tie_word_embeddings:   # the head IS the token embedding table
+            return {LM_HEAD: next(iter(arch.embedding_tensors()))}
+        names = arch.lm_head_tensors()
+    else:
+        raise ValueError(f"unknown weight item {item!r}; expected a layer index or one of {NAMED_ITEMS}")
+    # keys are the usual names ("model.norm.weight"), whatever prefix the checkpoint adds to them
+    prefix = arch.checkpoint_prefix
+    return {name[len(prefix):]: name for name in names}
