@@ -20,7 +20,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.45", "tokenizers>=0.15", "jinja2>=3.1"],
+        "test": ["pytest>=7", "transformers>=5.0", "tokenizers>=0.15", "jinja2>=3.1"],
         "chat": ["tokenizers>=0.15", "jinja2>=3.1"],
         "bench": ["transformers>=4.45", "accelerate>=0.30"],
     },

@@ -71,7 +71,7 @@ def plan_bytes_per_step(plan) -> int:
     """Host->device bytes one decode step of `plan` copies: streamed weights, a streamed LM head, and the
     whole preallocated KV cache of each layer whose CPU cache is attended on the GPU."""
     head = plan.lm_head.read_bytes if plan.lm_head.weights == "cpu" else 0
-    return head + sum(layer.ring_bytes for layer in plan.layers)    # a layer's ring slot: what it streams
+    return head + sum(layer.streamed_bytes for layer in plan.layers)    # a layer's ring slot: what it streams
 
 
 def half_streamed_budget(checkpoint: Path, batch_size: int, prompt_len: int, new_tokens: int,
@@ -198,7 +198,7 @@ def plan_line(plan) -> str:
     kv_gpu = sum(l.kv == "gpu" for l in layers)
     attn_cpu = sum(l.attention == "cpu" for l in layers)
     kv_ring = sum(l.kv == "cpu" and l.attention == "gpu" for l in layers)
-    ring = f"ring {plan.prefetch_depth} x {plan.buffer_bytes / 2**20:.1f} MiB" if plan.buffer_bytes else "no ring"
+    ring = f"ring {plan.prefetch_depth} x {plan.slot_bytes / 2**20:.1f} MiB" if plan.slot_bytes else "no ring"
     return (f"weights of {resident}/{len(layers)} layers resident, {len(layers) - resident} streamed, {ring}; KV "
             f"on gpu {kv_gpu}/{len(layers)}, on cpu attended there {attn_cpu}, streamed through the ring "
             f"{kv_ring}; embedding {plan.embedding.weights}, lm_head "

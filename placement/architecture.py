@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 from placement.config_fields import DTYPE_BYTES, ConfigError, normalize_dtype
 from placement.families import SUPPORTED_MODEL_TYPES, FamilyDescription, Shape, family_of

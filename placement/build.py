@@ -70,7 +70,7 @@ def assemble(spec: ModelSpec, workload: Workload, hardware: Hardware, *, layers,
     emb = ItemPlan(weights=embedding, weight_bytes=spec.embedding_bytes)
     norm = ItemPlan(weights="gpu", weight_bytes=spec.final_norm_bytes)
     head = ItemPlan(weights=lm_head, weight_bytes=spec.lm_head_bytes, read_bytes=spec.lm_head_read_bytes)
-    ring = max([l.ring_bytes for l in layers] + [head.read_bytes if lm_head == "cpu" else 0])
+    ring = max([l.streamed_bytes for l in layers] + [head.read_bytes if lm_head == "cpu" else 0])
     depth = prefetch_depth if ring else 0
     if ring and depth < 1:
         raise PlanError("streamed items need a prefetch depth of at least 1")
@@ -81,7 +81,7 @@ def assemble(spec: ModelSpec, workload: Workload, hardware: Hardware, *, layers,
                   num_layers=spec.num_layers, dtype=spec.dtype,
                   tie_word_embeddings=spec.arch.tie_word_embeddings, workload=workload,
                   layers=layers, embedding=emb, final_norm=norm, lm_head=head, prefetch_depth=depth,
-                  buffer_bytes=ring if depth else 0, prefill_chunk_tokens=chunk,
+                  slot_bytes=ring if depth else 0, prefill_chunk_size=chunk,
                   workspace_bytes=workspace, cuda_reserve_bytes=reserve, predicted=prediction,
                   hardware=hardware.name)
     if budget is None:   # record what it needs: build once unchecked-sized, then size the budget

@@ -21,7 +21,7 @@ def manual_plan(spec: ModelSpec, workload: Workload, hardware: Hardware | None =
                 gpu_layers: int | None = None, kv_gpu_layers: int | None = None,
                 cpu_attention: bool = True, prefetch_depth: int = 2, *,
                 embedding: str | None = None, lm_head: str | None = None,
-                prefill_chunk_tokens: int | None = None) -> Plan:
+                prefill_chunk_size: int | None = None) -> Plan:
     """A plan with the weights of the first `gpu_layers` layers and the KV cache of the first
     `kv_gpu_layers` layers on the GPU (None: all). CPU-resident KV is attended on the CPU when
     `cpu_attention`, else copied to the GPU through the ring. Streamed items go through a ring of
@@ -29,7 +29,7 @@ def manual_plan(spec: ModelSpec, workload: Workload, hardware: Hardware | None =
 
     `embedding` / `lm_head` default to "gpu" when all layers' weights are on the GPU, else the
     embedding lookup runs on the CPU and the LM head streams, as llama.cpp keeps the output layer off
-    the GPU unless everything fits (tied models: both follow the LM head). `prefill_chunk_tokens`
+    the GPU unless everything fits (tied models: both follow the LM head). `prefill_chunk_size`
     defaults to the largest chunk that fits the hardware (the whole prompt without one).
 
     With a `hardware` its budgets are checked (PlanError when exceeded) and its speeds predict; without
@@ -48,12 +48,12 @@ def manual_plan(spec: ModelSpec, workload: Workload, hardware: Hardware | None =
     embedding = embedding or (lm_head if spec.arch.tie_word_embeddings else default_item)
     layers = layer_plans(spec, workload, weights_gpu=[i < gpu_layers for i in range(L)],
                          kv_gpu=[i < kv_gpu_layers for i in range(L)], cpu_attention=cpu_attention)
-    if prefill_chunk_tokens is None:
-        prefill_chunk_tokens = _largest_chunk(spec, workload, hardware, layers, embedding, lm_head,
+    if prefill_chunk_size is None:
+        prefill_chunk_size = _largest_chunk(spec, workload, hardware, layers, embedding, lm_head,
                                               prefetch_depth)
-    elif not isinstance(prefill_chunk_tokens, int) or prefill_chunk_tokens <= 0:
-        raise PlanError(f"prefill_chunk_tokens must be a positive int, got {prefill_chunk_tokens!r}")
-    chunk = min(prefill_chunk_tokens, workload.prompt_len)
+    elif not isinstance(prefill_chunk_size, int) or prefill_chunk_size <= 0:
+        raise PlanError(f"prefill_chunk_size must be a positive int, got {prefill_chunk_size!r}")
+    chunk = min(prefill_chunk_size, workload.prompt_len)
     if hardware is None:
         return assemble(spec, workload, REFERENCE_HARDWARE, layers=layers, embedding=embedding,
                         lm_head=lm_head, prefetch_depth=prefetch_depth, chunk=chunk)

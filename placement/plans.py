@@ -1,7 +1,7 @@
 """Plan: where every weight and KV-cache layer lives, and what that costs. The runtime's contract.
 
 Placements are the strings "gpu" / "cpu". A layer's `weights` "cpu" means they live in pinned host
-memory and are streamed into a ring of `prefetch_depth` GPU buffers of `buffer_bytes` each ahead of
+memory and are streamed into a ring of `prefetch_depth` GPU buffers of `slot_bytes` each ahead of
 use; `kv` "cpu" means its KV cache lives in host memory, and then `attention` says whether the CPU
 attends over it ("cpu": q, k, v go to the host) or the GPU does after copying the cache through the
 ring ("gpu"). The `embedding` on the CPU means the lookup runs there and only the B x T rows go to the
@@ -22,7 +22,7 @@ from .jsonfile import parse_json_object, read_json_object
 
 PLACEMENTS = ("gpu", "cpu")
 BOTTLENECKS = ("pcie", "gpu", "cpu")
-FORMAT = "offload-plan/1"
+FORMAT = "offload-plan/2"     # /2: prefill_chunk_size and slot_bytes (were prefill_chunk_tokens, buffer_bytes)
 
 
 class PlanError(ValueError):
@@ -64,8 +64,8 @@ class LayerPlan:
         return self.weights == "cpu" or (self.kv == "cpu" and self.attention == "gpu")
 
     @property
-    def ring_bytes(self) -> int:
-        """Bytes this layer needs in one ring slot (0 when not streamed)."""
+    def streamed_bytes(self) -> int:
+        """Bytes this layer streams each step, all in one ring slot (0 when not streamed)."""
         kv = self.kv_bytes if self.kv == "cpu" and self.attention == "gpu" else 0
         return (self.weight_bytes if self.weights == "cpu" else 0) + kv
 
@@ -171,8 +171,8 @@ class Plan:
     final_norm: ItemPlan
     lm_head: ItemPlan
     prefetch_depth: int
-    buffer_bytes: int
-    prefill_chunk_tokens: int
+    slot_bytes: int
+    prefill_chunk_size: int
     workspace_bytes: int
     cuda_reserve_bytes: int
     predicted: Prediction
@@ -190,16 +190,16 @@ class Plan:
             if self.lm_head.weights != self.embedding.weights:
                 raise PlanError("tied embeddings: embedding and lm_head must share one placement "
                                 f"(got {self.embedding.weights} and {self.lm_head.weights})")
-        for key in ("buffer_bytes", "workspace_bytes", "cuda_reserve_bytes", "prefetch_depth"):
+        for key in ("slot_bytes", "workspace_bytes", "cuda_reserve_bytes", "prefetch_depth"):
             _check_bytes(key, getattr(self, key))
-        if not isinstance(self.prefill_chunk_tokens, int) or not 0 < self.prefill_chunk_tokens:
-            raise PlanError(f"prefill_chunk_tokens must be a positive int, got {self.prefill_chunk_tokens!r}")
-        need = self.required_buffer_bytes
-        if need and (self.prefetch_depth < 1 or self.buffer_bytes != need):
-            raise PlanError(f"streamed items need prefetch_depth >= 1 and buffer_bytes == {need} "
-                            f"(the largest ring slot), got {self.prefetch_depth} x {self.buffer_bytes}")
-        if not need and (self.prefetch_depth or self.buffer_bytes):
-            raise PlanError("nothing is streamed: prefetch_depth and buffer_bytes must be 0")
+        if not isinstance(self.prefill_chunk_size, int) or not 0 < self.prefill_chunk_size:
+            raise PlanError(f"prefill_chunk_size must be a positive int, got {self.prefill_chunk_size!r}")
+        need = self.required_slot_bytes
+        if need and (self.prefetch_depth < 1 or self.slot_bytes != need):
+            raise PlanError(f"streamed items need prefetch_depth >= 1 and slot_bytes == {need} "
+                            f"(the largest ring slot), got {self.prefetch_depth} x {self.slot_bytes}")
+        if not need and (self.prefetch_depth or self.slot_bytes):
+            raise PlanError("nothing is streamed: prefetch_depth and slot_bytes must be 0")
         gpu, cpu = self.memory.gpu.total, self.memory.cpu.total
         if gpu + self.cuda_reserve_bytes > self.budget.gpu_bytes:
             raise PlanError(f"plan needs {gpu + self.cuda_reserve_bytes} GPU bytes (including "
@@ -217,9 +217,9 @@ class Plan:
         return self.workload.batch_size
 
     @property
-    def required_buffer_bytes(self) -> int:
+    def required_slot_bytes(self) -> int:
         """The largest ring slot any streamed item needs (0 when nothing is streamed)."""
-        need = max((l.ring_bytes for l in self.layers), default=0)
+        need = max((l.streamed_bytes for l in self.layers), default=0)
         if self.lm_head.weights == "cpu":
             need = max(need, self.lm_head.read_bytes)
         return need
@@ -231,7 +231,7 @@ class Plan:
             gpu=GpuMemory(weights=sum(l.weight_bytes for l in self.layers if l.weights == "gpu")
                           + sum(i.weight_bytes for i in items if i.weights == "gpu"),
                           kv_cache=sum(l.kv_bytes for l in self.layers if l.kv == "gpu"),
-                          buffers=self.prefetch_depth * self.buffer_bytes,
+                          buffers=self.prefetch_depth * self.slot_bytes,
                           workspace=self.workspace_bytes),
             cpu=CpuMemory(weights=sum(l.weight_bytes for l in self.layers if l.weights == "cpu")
                           + sum(i.weight_bytes for i in items if i.weights == "cpu"),
@@ -262,8 +262,8 @@ class Plan:
             "final_norm": self.final_norm.to_dict(),
             "lm_head": self.lm_head.to_dict(),
             "prefetch_depth": self.prefetch_depth,
-            "buffer_bytes": self.buffer_bytes,
-            "prefill_chunk_tokens": self.prefill_chunk_tokens,
+            "slot_bytes": self.slot_bytes,
+            "prefill_chunk_size": self.prefill_chunk_size,
             "workspace_bytes": self.workspace_bytes,
             "cuda_reserve_bytes": self.cuda_reserve_bytes,
             "memory": self.memory.to_dict(),
@@ -277,7 +277,8 @@ class Plan:
         """Inverse of to_dict (the derived `memory` is recomputed, not read)."""
         try:
             if d.get("format", FORMAT) != FORMAT:
-                raise PlanError(f"unsupported plan format {d.get('format')!r}; expected {FORMAT!r}")
+                raise PlanError(f"unsupported plan format {d.get('format')!r}; expected {FORMAT!r} (make the "
+                                "plan again with this version's offload-plan --json)")
             m = d["model"]
             return cls(model=m["name"], model_type=m["model_type"], num_params=m["num_params"],
                        num_layers=m["num_layers"], dtype=m["dtype"],
@@ -286,7 +287,7 @@ class Plan:
                        layers=tuple(LayerPlan(**l) for l in d["layers"]),
                        embedding=ItemPlan(**d["embedding"]), final_norm=ItemPlan(**d["final_norm"]),
                        lm_head=ItemPlan(**d["lm_head"]), prefetch_depth=d["prefetch_depth"],
-                       buffer_bytes=d["buffer_bytes"], prefill_chunk_tokens=d["prefill_chunk_tokens"],
+                       slot_bytes=d["slot_bytes"], prefill_chunk_size=d["prefill_chunk_size"],
                        workspace_bytes=d["workspace_bytes"], cuda_reserve_bytes=d["cuda_reserve_bytes"],
                        predicted=Prediction(**d["predicted"]), hardware=d.get("hardware", ""))
         except (KeyError, TypeError, AttributeError) as e:

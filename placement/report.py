@@ -45,7 +45,7 @@ def format_plan(plan) -> str:
         lines.append(f"hardware  {plan.hardware}")
     lines.append(f"budget    GPU {format_size(plan.budget.gpu_bytes)}, CPU {format_size(plan.budget.cpu_bytes)}")
     lines.append(f"workload  batch {wl.batch_size}, prompt {wl.prompt_len} + generate {wl.gen_len} tokens "
-                 f"(prefill in chunks of {plan.prefill_chunk_tokens})")
+                 f"(prefill in chunks of {plan.prefill_chunk_size})")
     lines.append("")
     lines += _table(("layers", "count", "weights", "kv", "attention", "weights/layer", "kv/layer"),
                     _layer_rows(plan), right={1, 5, 6})
@@ -62,7 +62,7 @@ def format_plan(plan) -> str:
         item_rows.append((name, item.weights, format_size(item.weight_bytes), note))
     lines.append("")
     lines += _table(("item", "weights", "bytes", ""), item_rows, right={2})
-    ring = (f"{plan.prefetch_depth} x {format_size(plan.buffer_bytes)}" if plan.prefetch_depth else "none")
+    ring = (f"{plan.prefetch_depth} x {format_size(plan.slot_bytes)}" if plan.prefetch_depth else "none")
     gpu_total = mem.gpu.total + plan.cuda_reserve_bytes
     rows = [("weights", format_size(mem.gpu.weights), format_size(mem.cpu.weights)),
             ("kv cache", format_size(mem.gpu.kv_cache), format_size(mem.cpu.kv_cache)),

@@ -1,8 +1,8 @@
 """`workspace_bytes`: a conservative bound on the GPU activation memory of one forward chunk.
 
-The runtime relies on it: a plan reserves `workspace_bytes(arch, batch_size, prefill_chunk_tokens,
+The runtime relies on it: a plan reserves `workspace_bytes(arch, batch_size, prefill_chunk_size,
 max_seq_len, dtype)` on the GPU for activations, and the runtime prefills in chunks of at most
-`prefill_chunk_tokens` tokens per row so its peak stays inside. Decode (B rows, 1 token each) is the
+`prefill_chunk_size` tokens per row so its peak stays inside. Decode (B rows, 1 token each) is the
 same formula with chunk 1 and is therefore always covered by the prefill bound.
 
 Terms, with N = B x chunk rows, S = max_seq_len, b = bytes of the model dtype, all summed as if alive

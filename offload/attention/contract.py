@@ -94,6 +94,29 @@ class Chunk:
         return self._masks[sliding_window]
 
 
+def layer_attention(arch, layer: int, scale: float | None) -> dict:
+    """What every backend of decoder layer `layer` needs to know of the model's attention (keywords)."""
+    return dict(sliding_window=arch.window_of(layer), scale=scale, softcap=arch.attn_logit_softcap)
+
+
+class OwnedCache:
+    """Base of a backend that owns its layer's `k_cache` and `v_cache` (on the device or on the host) and
+    takes the model's attention options by keyword."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
+    @classmethod
+    def for_layer(cls, arch, layer: int, *, scale: float | None, **kwargs):
+        return cls(num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim, **layer_attention(arch, layer, scale),
+                   **kwargs)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of this layer's k and v caches."""
+        return 2 * self.k_cache.numel() * self.k_cache.element_size()
+
+
 class AttentionBackend(Protocol):
     """One layer's KV cache and the attention over it (see the module docstring)."""
 

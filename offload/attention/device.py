@@ -9,12 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from offload.attention.contract import Chunk, allocate_kv
+from offload.attention.contract import Chunk, OwnedCache, allocate_kv
 from offload.devices import same_device
-from placement.architecture import Architecture
 
 
-class TorchAttention:
+class TorchAttention(OwnedCache):
     """KV cache on the compute device, attention by torch SDPA with a per-row mask (GQA by head groups)."""
 
     def __init__(self, *, max_batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
@@ -26,15 +25,6 @@ class TorchAttention:
         self.k_cache, self.v_cache = allocate_kv(max_batch_size=max_batch_size, num_kv_heads=num_kv_heads,
                                                  max_seq_len=max_seq_len, head_dim=head_dim, dtype=dtype,
                                                  device=device)
-
-    @classmethod
-    def for_layer(cls, arch: Architecture, layer: int, *, scale: float | None, **kwargs) -> "TorchAttention":
-        return cls(num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim, sliding_window=arch.window_of(layer),
-                   scale=scale, softcap=arch.attn_logit_softcap, **kwargs)
-
-    @property
-    def cache_bytes(self) -> int:
-        return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
     def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, chunk: Chunk,
                weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

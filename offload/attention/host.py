@@ -23,8 +23,7 @@ import torch
 import cpu_kernels
 from offload.devices import same_device
 from offload.weights.host_memory import allocate_host_bytes
-from offload.attention.contract import Chunk
-from placement.architecture import Architecture
+from offload.attention.contract import Chunk, OwnedCache
 
 
 def allocate_host_kv(*, max_batch_size: int, num_kv_heads: int, max_seq_len: int,
@@ -93,7 +92,7 @@ class HostStaging:
         return staged.to(self.device, non_blocking=True)
 
 
-class HostAttention:
+class HostAttention(OwnedCache):
     """KV cache in host memory, attention by cpu_kernels on the host (see the module docstring)."""
 
     def __init__(self, *, max_batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
@@ -110,16 +109,6 @@ class HostAttention:
         self.k_cache, self.v_cache = allocate_host_kv(
             max_batch_size=max_batch_size, num_kv_heads=num_kv_heads, max_seq_len=max_seq_len,
             head_dim=head_dim, dtype=dtype)
-
-    @classmethod
-    def for_layer(cls, arch: Architecture, layer: int, *, scale: float | None, **kwargs) -> "HostAttention":
-        return cls(num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim, sliding_window=arch.window_of(layer),
-                   scale=scale, softcap=arch.attn_logit_softcap, **kwargs)
-
-    @property
-    def cache_bytes(self) -> int:
-        """Host bytes of this layer's cache (none on the compute device)."""
-        return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
     def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, chunk: Chunk,
                weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

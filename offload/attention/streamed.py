@@ -4,7 +4,7 @@ For a layer the plan marks kv "cpu" + attention "gpu", the host cache [B_max, Hk
 is *attached* to the layer's weight item in PlacedWeights (offload/weights/placed.py): it lives inside the
 layer's packed, pinned host buffer, and the prefetcher copies it into the layer's ring slot with the
 layer's streamed weights (if any), ahead of use, on the same copy stream/thread. The plan's
-`buffer_bytes` counts exactly that (streamed weight bytes + KV bytes per slot).
+`slot_bytes` counts exactly that (streamed weight bytes + KV bytes per slot).
 
 Per call (`attend`, with the layer's acquired tensors, which hold the slot views of the cache):
   1. the new k, v are written into the device copy in the slot, and SDPA attends there (kv_cache.py);
@@ -29,9 +29,9 @@ import torch
 
 import cpu_kernels
 from offload.devices import same_device
-from offload.attention.host import HostStaging
-from offload.attention.contract import Chunk, allocate_kv
+from offload.attention.contract import Chunk, allocate_kv, layer_attention
 from offload.attention.device import attend_cache
+from offload.attention.host import HostStaging
 from placement.architecture import Architecture
 
 K_CACHE, V_CACHE = "kv_cache.k", "kv_cache.v"     # names of the attached tensors in the layer's item
@@ -63,7 +63,7 @@ class StreamedKVAttention:
 
     @classmethod
     def for_layer(cls, arch: Architecture, layer: int, *, scale: float | None, **kwargs) -> "StreamedKVAttention":
-        return cls(sliding_window=arch.window_of(layer), scale=scale, softcap=arch.attn_logit_softcap, **kwargs)
+        return cls(**layer_attention(arch, layer, scale), **kwargs)
 
     @property
     def cache_bytes(self) -> int:

@@ -66,7 +66,7 @@ def is_streamed(item, tiers: dict) -> bool:
 def ring_alignment(plan: Plan, arch: Architecture, tiers: dict, dtype: torch.dtype,
                    kv_items: dict[int, dict[str, tuple]]) -> int:
     """The largest tensor alignment (256 down to the element size) whose packed slots fit the plan's
-    buffer_bytes (the planner counts bytes exactly, alignment padding would add a few per tensor)."""
+    slot_bytes (the planner counts bytes exactly, alignment padding would add a few per tensor)."""
     shapes = arch.all_tensors()
 
     def item_sizes(item) -> list[int]:
@@ -80,10 +80,10 @@ def ring_alignment(plan: Plan, arch: Architecture, tiers: dict, dtype: torch.dty
     alignment = 256
     while alignment >= dtype.itemsize:
         slot = align_up(max(sum(align_up(n, alignment) for n in sizes) for sizes in streamed), alignment)
-        if slot <= plan.buffer_bytes:
+        if slot <= plan.slot_bytes:
             return alignment
         alignment //= 2
-    raise PlanError(f"the plan's ring buffers ({plan.buffer_bytes} bytes) cannot hold the largest streamed "
+    raise PlanError(f"the plan's ring buffers ({plan.slot_bytes} bytes) cannot hold the largest streamed "
                     f"item of this checkpoint in {dtype}; was the plan made for another dtype or checkpoint?")
 
 
@@ -187,7 +187,7 @@ def build(checkpoint: Checkpoint, plan: Plan, *, device: torch.device, prefill_c
                                    scale=model.attention_scale, kv_args=kv_args)
         engine = Engine(arch=arch, model=model, weights=weights, backends=backends, device=device, dtype=dtype,
                         max_seq_len=max_seq_len, max_batch_size=max_batch_size, staging=staging,
-                        prefill_chunk_size=prefill_chunk_size or plan.prefill_chunk_tokens)
+                        prefill_chunk_size=prefill_chunk_size or plan.prefill_chunk_size)
     except BaseException:
         weights.close()
         raise

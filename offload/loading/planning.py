@@ -79,7 +79,7 @@ def choose_plan(*, path, arch: Architecture, device, dtype: str, max_batch_size:
                                      ("max_seq_len", max_seq_len, chosen.max_seq_len),
                                      ("max_batch_size", max_batch_size if max_batch_size_given else None,
                                       chosen.max_batch_size),
-                                     ("prefill_chunk_size", prefill_chunk_size, chosen.prefill_chunk_tokens)):
+                                     ("prefill_chunk_size", prefill_chunk_size, chosen.prefill_chunk_size)):
             if given is not None and given != planned:
                 raise ValueError(f"{name}={given!r} disagrees with the plan's {planned!r}; the plan is run "
                                  "exactly (make a new plan, or leave the argument out)")
@@ -94,9 +94,9 @@ def choose_plan(*, path, arch: Architecture, device, dtype: str, max_batch_size:
         return placement.manual_plan(spec, workload, hardware, gpu_layers=gpu_layers,
                                      kv_gpu_layers=kv_gpu_layers,
                                      cpu_attention=True if cpu_attention is None else bool(cpu_attention),
-                                     prefill_chunk_tokens=prefill_chunk_size)
+                                     prefill_chunk_size=prefill_chunk_size)
     chosen = placement.plan(spec, planning_hardware(device, gpu_memory, cpu_memory), workload)
-    if prefill_chunk_size is not None and prefill_chunk_size > chosen.prefill_chunk_tokens:
-        raise ValueError(f"prefill_chunk_size={prefill_chunk_size} exceeds the {chosen.prefill_chunk_tokens} "
+    if prefill_chunk_size is not None and prefill_chunk_size > chosen.prefill_chunk_size:
+        raise ValueError(f"prefill_chunk_size={prefill_chunk_size} exceeds the {chosen.prefill_chunk_size} "
                          "tokens the plan's workspace allows; leave it out or make it smaller")
     return chosen

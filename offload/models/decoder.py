@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from offload.models.layers import activation, gated_mlp, linear, merge_heads, rms_norm, split_heads
+from offload.models.layers import activation, gated_mlp, linear, merge_heads, qkv_heads, rms_norm
 from offload.models.rope import Rope
 from placement.architecture import Architecture
 
@@ -37,12 +37,7 @@ class DecoderModel:
         """Norm, projections, RoPE. h: [B, T, H] -> q [B, Hq, T, D], k, v [B, Hkv, T, D]."""
         a = self.arch
         x = rms_norm(h, lw["input_layernorm.weight"], a.rms_norm_eps)
-        q = linear(x, lw["self_attn.q_proj.weight"], lw.get("self_attn.q_proj.bias"))
-        k = linear(x, lw["self_attn.k_proj.weight"], lw.get("self_attn.k_proj.bias"))
-        v = linear(x, lw["self_attn.v_proj.weight"], lw.get("self_attn.v_proj.bias"))
-        q = split_heads(q, a.num_heads, a.head_dim)
-        k = split_heads(k, a.num_kv_heads, a.head_dim)
-        v = split_heads(v, a.num_kv_heads, a.head_dim)
+        q, k, v = qkv_heads(x, lw, a.num_heads, a.num_kv_heads, a.head_dim)
         cos, sin = ctx
         return Rope.apply(q, cos, sin), Rope.apply(k, cos, sin), v
 

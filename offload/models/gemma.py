@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from offload.models.layers import activation, gated_mlp, gemma_rms_norm, linear, merge_heads, soft_cap, split_heads
+from offload.models.layers import activation, gated_mlp, gemma_rms_norm, linear, merge_heads, qkv_heads, soft_cap
 from offload.models.rope import Rope
 from placement.architecture import Architecture
 
@@ -39,11 +39,7 @@ class GemmaModel:
         """Norm, projections, (Gemma 3) q/k norms, RoPE. h: [B, T, H] -> q [B, Hq, T, D], k, v [B, Hkv, T, D]."""
         a, eps = self.arch, self.arch.rms_norm_eps
         x = gemma_rms_norm(h, lw["input_layernorm.weight"], eps)
-        q = split_heads(linear(x, lw["self_attn.q_proj.weight"], lw.get("self_attn.q_proj.bias")), a.num_heads, a.head_dim)
-        k = split_heads(linear(x, lw["self_attn.k_proj.weight"], lw.get("self_attn.k_proj.bias")), a.num_kv_heads,
-                        a.head_dim)
-        v = split_heads(linear(x, lw["self_attn.v_proj.weight"], lw.get("self_attn.v_proj.bias")), a.num_kv_heads,
-                        a.head_dim)
+        q, k, v = qkv_heads(x, lw, a.num_heads, a.num_kv_heads, a.head_dim)
         if a.options["qk_norm"]:
             q = gemma_rms_norm(q, lw["self_attn.q_norm.weight"], eps)
             k = gemma_rms_norm(k, lw["self_attn.k_norm.weight"], eps)

@@ -62,12 +62,20 @@ def plain_mlp(x: torch.Tensor, w: dict, act) -> torch.Tensor:
 
 
 def split_heads(x: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
-    # x: [B, T, H*D] -> [B, H, T, D]
+    # x: [B, T, Hx*D] -> [B, Hx, T, D] (Hx: the q or the kv heads)
     B, T, _ = x.shape
     return x.view(B, T, num_heads, head_dim).transpose(1, 2)
 
 
+def qkv_heads(x: torch.Tensor, lw: dict, num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """The q, k, v projections (biases when the checkpoint has them), split into heads:
+    x [B, T, H] -> q [B, Hq, T, D], k, v [B, Hkv, T, D]."""
+    return tuple(split_heads(linear(x, lw[f"self_attn.{name}_proj.weight"], lw.get(f"self_attn.{name}_proj.bias")),
+                             heads, head_dim)
+                 for name, heads in (("q", num_heads), ("k", num_kv_heads), ("v", num_kv_heads)))
+
+
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    # x: [B, H, T, D] -> [B, T, H*D]
-    B, H, T, D = x.shape
-    return x.transpose(1, 2).reshape(B, T, H * D)
+    # x: [B, Hq, T, D] -> [B, T, Hq*D]
+    B, Hq, T, D = x.shape
+    return x.transpose(1, 2).reshape(B, T, Hq * D)

@@ -35,7 +35,7 @@ class OPTModel:
         return layer_norm(x, lw.get(f"{name}.weight"), lw.get(f"{name}.bias"))
 
     def attention_inputs(self, lw: dict, h: torch.Tensor, ctx, layer: int) -> tuple[torch.Tensor, ...]:
-        """(Pre-)LayerNorm and projections. h: [B, T, H] -> q, k, v [B, H, T, D] (q already scaled)."""
+        """(Pre-)LayerNorm and projections. h: [B, T, H] -> q, k, v [B, Hq, T, D] (q already scaled; Hkv = Hq)."""
         a = self.arch
         x = self._norm(lw, "self_attn_layer_norm", h) if a.options["do_layer_norm_before"] else h
         q = linear(x, lw["self_attn.q_proj.weight"], lw.get("self_attn.q_proj.bias")) * self.scaling

@@ -108,7 +108,7 @@ class Rope:
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [B, H, T, D]; cos, sin: [B, 1, T, R] with R <= D: the first R dimensions rotate, the rest pass
+        # x: [B, Hx, T, D] (q or kv heads); cos, sin: [B, 1, T, R] with R <= D: the first R dimensions rotate, the rest pass
         R = cos.shape[-1]
         if R < x.shape[-1]:
             return torch.cat((Rope.apply(x[..., :R], cos, sin), x[..., R:]), dim=-1)

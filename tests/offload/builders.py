@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 VOCAB = 128
+DEEP_LAYERS = 5          # the llama5 checkpoint of the offloading tests: deep enough for every layout
 _COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.1)
 _LLAMA = dict(_COMMON, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)

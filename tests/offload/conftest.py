@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.offload.builders import build_checkpoint
+from tests.offload.builders import DEEP_LAYERS, build_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +19,11 @@ def checkpoint_factory(tmp_path_factory):
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def llama5(tmp_path_factory):
+    """A 5-layer llama checkpoint: deep enough for every per-layer layout of the offloading tests."""
+    path = tmp_path_factory.mktemp("llama5")
+    build_checkpoint(path, "llama", num_hidden_layers=DEEP_LAYERS)
+    return path

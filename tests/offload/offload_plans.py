@@ -11,6 +11,9 @@ from placement.build import assemble
 from placement.manual import REFERENCE_HARDWARE
 
 GEN_LEN = 12
+# one layer of each kind: streamed weights, CPU KV attended on the GPU (through the ring) and on the CPU,
+# resident weights and KV; host embedding, streamed head
+EVERY_BACKEND = dict(weights="cgcgc", kv="acgca", embedding="cpu", lm_head="cpu", prefetch_depth=2)
 
 
 def layout_plan(path, *, weights: str, kv: str, embedding: str = "gpu", lm_head: str = "gpu",
@@ -40,7 +43,7 @@ def assert_runs_plan(model, plan) -> None:
     engine, weights = model.engine, model.engine.weights
     assert model.max_seq_len == plan.max_seq_len and model.max_batch_size == plan.max_batch_size
     assert str(model.dtype).replace("torch.", "") == plan.dtype
-    assert engine.prefill_chunk_size <= plan.prefill_chunk_tokens
+    assert engine.prefill_chunk_size <= plan.prefill_chunk_size
     for layer, backend in zip(plan.layers, engine.backends):
         assert type(backend) is BACKEND_OF[(layer.kv, layer.attention)], (layer, backend)
         assert weights.placement[layer.index] == layer.weights
@@ -54,7 +57,7 @@ def assert_runs_plan(model, plan) -> None:
     assert num_streamed == sum(l.is_streamed for l in plan.layers) + (plan.lm_head.weights == "cpu")
     if num_streamed:
         assert weights.prefetcher.prefetch_depth == min(plan.prefetch_depth, num_streamed)
-        assert weights.ring_bytes == weights.prefetcher.prefetch_depth * plan.buffer_bytes
+        assert weights.ring_bytes == weights.prefetcher.prefetch_depth * plan.slot_bytes
     ledger, gpu = model.ledger, plan.memory.gpu
     assert ledger.max_bytes == gpu.total and ledger.peak_bytes() <= gpu.total
     assert ledger.peak_bytes("weights") == gpu.weights == weights.resident_bytes

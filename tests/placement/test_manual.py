@@ -13,7 +13,7 @@ def test_first_n_layers_on_the_gpu():
     assert [l.weights for l in p.layers] == ["gpu"] * 10 + ["cpu"] * 22
     assert all(l.kv == "cpu" and l.attention == "cpu" for l in p.layers)
     assert p.memory.gpu.weights + p.memory.cpu.weights == spec.total_weight_bytes
-    assert p.prefetch_depth == 2 and p.buffer_bytes == max(spec.layer_weight_bytes(0), spec.lm_head_bytes)
+    assert p.prefetch_depth == 2 and p.slot_bytes == max(spec.layer_weight_bytes(0), spec.lm_head_bytes)
     # no hardware: the budget records exactly what the plan needs
     assert p.budget.gpu_bytes == p.memory.gpu.total + p.cuda_reserve_bytes
     assert p.budget.cpu_bytes == p.memory.cpu.total
@@ -23,7 +23,7 @@ def test_gpu_attention_over_cpu_kv_streams_the_cache():
     spec = load_spec("llama-3.1-8b")
     p = manual_plan(spec, WL, gpu_layers=32, kv_gpu_layers=16, cpu_attention=False, prefetch_depth=3)
     assert all(l.attention == "gpu" for l in p.layers)
-    assert p.prefetch_depth == 3 and p.buffer_bytes == p.layers[-1].kv_bytes
+    assert p.prefetch_depth == 3 and p.slot_bytes == p.layers[-1].kv_bytes
 
 
 def test_all_on_gpu_matches_the_planner_when_everything_fits():
@@ -31,7 +31,7 @@ def test_all_on_gpu_matches_the_planner_when_everything_fits():
     hw = Hardware.from_gpu_preset("rtx-4090", cpu_memory=32 * GiB)
     auto, manual = plan(spec, hw, WL), manual_plan(spec, WL, hw)
     assert manual == auto
-    assert manual.prefetch_depth == 0 and manual.buffer_bytes == 0
+    assert manual.prefetch_depth == 0 and manual.slot_bytes == 0
 
 
 def test_more_gpu_layers_never_predict_slower():
@@ -55,7 +55,7 @@ def test_budget_checked_only_with_hardware():
 
 
 @pytest.mark.parametrize("kwargs", [dict(gpu_layers=-1), dict(gpu_layers=33), dict(kv_gpu_layers=1.5),
-                                    dict(prefetch_depth=0), dict(prefill_chunk_tokens=0)])
+                                    dict(prefetch_depth=0), dict(prefill_chunk_size=0)])
 def test_bad_arguments(kwargs):
     with pytest.raises(PlanError):
         manual_plan(load_spec("llama-3.1-8b"), WL, **kwargs)
@@ -65,6 +65,6 @@ def test_tied_models_keep_table_and_head_together():
     spec = load_spec("llama-3.2-1b")
     p = manual_plan(spec, WL, gpu_layers=4)
     assert p.embedding.weights == p.lm_head.weights == "cpu"
-    assert p.buffer_bytes == max(spec.layer_weight_bytes(0), spec.token_table_bytes)
+    assert p.slot_bytes == max(spec.layer_weight_bytes(0), spec.token_table_bytes)
     with pytest.raises(PlanError, match="tied"):
         manual_plan(spec, WL, gpu_layers=4, embedding="gpu", lm_head="cpu")

@@ -41,7 +41,7 @@ def test_json_has_the_documented_keys(streamed_plan):
     assert set(d["predicted"]) == {"prefill_s", "decode_tokens_per_s", "bottleneck"}
     for key in ("embedding", "final_norm", "lm_head"):
         assert d[key]["weights"] in ("gpu", "cpu")
-    for key in ("prefetch_depth", "buffer_bytes", "prefill_chunk_tokens", "workspace_bytes",
+    for key in ("prefetch_depth", "slot_bytes", "prefill_chunk_size", "workspace_bytes",
                 "cuda_reserve_bytes"):
         assert isinstance(d[key], int)
     spec = load_spec("llama-3.1-8b")
@@ -69,8 +69,8 @@ def test_loading_rejects_broken_plans(streamed_plan, tmp_path):
     with pytest.raises(PlanError, match="'gpu' or 'cpu'"):
         Plan.from_dict(bad)
     short = json.loads(json.dumps(d))
-    short["buffer_bytes"] -= 1                         # a ring slot too small for a streamed layer
-    with pytest.raises(PlanError, match="buffer_bytes"):
+    short["slot_bytes"] -= 1                         # a ring slot too small for a streamed layer
+    with pytest.raises(PlanError, match="slot_bytes"):
         Plan.from_dict(short)
 
 
@@ -78,7 +78,7 @@ def test_layer_plan_validation():
     with pytest.raises(PlanError, match="needs its kv on the cpu"):
         LayerPlan(index=0, weights="gpu", kv="gpu", attention="cpu", weight_bytes=1, kv_bytes=1)
     layer = LayerPlan(index=0, weights="gpu", kv="cpu", attention="gpu", weight_bytes=10, kv_bytes=3)
-    assert layer.is_streamed and layer.ring_bytes == 3
+    assert layer.is_streamed and layer.streamed_bytes == 3
 
 
 def test_plan_is_frozen_and_summary_folds_layers(streamed_plan):

@@ -44,12 +44,12 @@ def check_accounting(p, spec, hw, workload):
             for l in p.layers]
     if p.lm_head.weights == "cpu":
         ring.append(spec.lm_head_read_bytes)
-    assert p.buffer_bytes == max(ring)
+    assert p.slot_bytes == max(ring)
     assert (p.prefetch_depth >= 1) == (max(ring) > 0)
-    assert p.memory.gpu.buffers == p.prefetch_depth * p.buffer_bytes
-    assert p.workspace_bytes == workspace_bytes(spec.arch, workload.batch_size, p.prefill_chunk_tokens,
+    assert p.memory.gpu.buffers == p.prefetch_depth * p.slot_bytes
+    assert p.workspace_bytes == workspace_bytes(spec.arch, workload.batch_size, p.prefill_chunk_size,
                                                 workload.max_seq_len, spec.dtype)
-    assert 1 <= p.prefill_chunk_tokens <= workload.prompt_len
+    assert 1 <= p.prefill_chunk_size <= workload.prompt_len
     gpu_total = gpu_w + p.memory.gpu.kv_cache + p.memory.gpu.buffers + p.workspace_bytes
     assert gpu_total == p.memory.gpu.total
     assert gpu_total + p.cuda_reserve_bytes <= hw.gpu_bytes
@@ -109,8 +109,8 @@ def test_everything_resident_when_it_fits():
     p = plan(spec, hardware(80, 64), Workload(batch_size=1, prompt_len=1024, gen_len=128))
     assert all(l.weights == l.kv == l.attention == "gpu" for l in p.layers)
     assert (p.embedding.weights, p.final_norm.weights, p.lm_head.weights) == ("gpu", "gpu", "gpu")
-    assert p.prefetch_depth == 0 and p.buffer_bytes == 0
-    assert p.prefill_chunk_tokens == 1024
+    assert p.prefetch_depth == 0 and p.slot_bytes == 0
+    assert p.prefill_chunk_size == 1024
     assert p.memory.cpu.total == 0
     assert p.predicted.bottleneck == "gpu"
 

@@ -11,18 +11,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 import offload
 from offload.weights import host_memory
 from offload.devices import canonical_device, resolve_device, same_device
-from tests.offload.builders import build_checkpoint
-from tests.offload.offload_plans import layout_plan
-from tests.offload.loading.test_offload_parity import DEEP_LAYERS, LONG, NUM_NEW, PROMPTS, reference
-
-EVERY_BACKEND = dict(weights="cgcgc", kv="acgca", embedding="cpu", lm_head="cpu", prefetch_depth=2)
+from tests.offload.offload_plans import EVERY_BACKEND, layout_plan
+from tests.offload.loading.test_offload_parity import LONG, NUM_NEW, PROMPTS, reference
 
 
-@pytest.fixture(scope="module")
-def llama5(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama5_devices")
-    build_checkpoint(path, "llama", num_hidden_layers=DEEP_LAYERS)
-    return path
 
 
 def test_devices_are_normalised_to_what_tensors_report():

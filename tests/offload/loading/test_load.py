@@ -13,19 +13,12 @@ import offload
 import placement
 from offload.loading.memory import MemoryBudgetError
 from placement import PlanError
-from tests.offload.builders import build_checkpoint
-from tests.offload.offload_plans import assert_runs_plan, expected_step_bytes, layout_plan
-from tests.offload.loading.test_offload_parity import DEEP_LAYERS, LONG, NUM_NEW, PROMPTS, reference
+from tests.offload.offload_plans import EVERY_BACKEND, assert_runs_plan, expected_step_bytes, layout_plan
+from tests.offload.builders import DEEP_LAYERS
+from tests.offload.loading.test_offload_parity import LONG, NUM_NEW, PROMPTS, reference
 
 TURNS = [[5, 17, 99, 42, 8], [33, 4, 120], [9, 14, 77, 31, 50, 66, 101], [12, 45]]
-OFFLOADED = dict(weights="cgcgc", kv="acgca", embedding="cpu", lm_head="cpu", prefetch_depth=2)
 
-
-@pytest.fixture(scope="module")
-def llama5(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama5")
-    build_checkpoint(path, "llama", num_hidden_layers=DEEP_LAYERS)
-    return path
 
 
 def _hardware(gpu_memory, cpu_memory):
@@ -141,7 +134,7 @@ def test_a_plan_that_understates_memory_is_refused_by_the_ledger(llama5):
 
 
 def test_session_turns_equal_single_calls_under_an_offloaded_plan(llama5):
-    plan = layout_plan(llama5, **OFFLOADED, batch_size=1, max_seq_len=96)
+    plan = layout_plan(llama5, **EVERY_BACKEND, batch_size=1, max_seq_len=96)
     resident = offload.load(llama5, device="cpu", dtype="float32", max_seq_len=96, progress=False)
     conversation, want = [], []
     for turn in TURNS:
@@ -171,7 +164,7 @@ class Interrupt:
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("boom")], ids=["ctrl_c", "exception"])
 @pytest.mark.parametrize("at", [3, 2 * DEEP_LAYERS + 4])        # in prefill; in a decode step
 def test_an_interrupted_streamed_step_leaves_the_model_usable(llama5, error, at):
-    plan = layout_plan(llama5, **OFFLOADED)
+    plan = layout_plan(llama5, **EVERY_BACKEND)
     model = offload.load(llama5, plan=plan, progress=False)
     Interrupt(model, error, at)
     with pytest.raises(type(error)):
@@ -191,7 +184,7 @@ def test_an_interrupted_streamed_step_leaves_the_model_usable(llama5, error, at)
 
 
 def test_a_stream_closed_mid_way_leaves_the_model_usable(llama5):
-    model = offload.load(llama5, plan=layout_plan(llama5, **OFFLOADED), progress=False)
+    model = offload.load(llama5, plan=layout_plan(llama5, **EVERY_BACKEND), progress=False)
     stream = model.stream(PROMPTS[0], max_new_tokens=NUM_NEW)
     taken = [next(stream) for _ in range(3)]
     stream.close()
@@ -204,13 +197,13 @@ def test_a_stream_closed_mid_way_leaves_the_model_usable(llama5):
 
 
 def test_stats_count_every_streamed_byte_and_no_head_copy_for_chunks_without_logits(llama5):
-    plan = layout_plan(llama5, **OFFLOADED)
+    plan = layout_plan(llama5, **EVERY_BACKEND)
     model = offload.load(llama5, plan=plan, progress=False)
     weights = model.engine.weights
     head_bytes = weights.prefetcher.items[weights.streamed_items.index("lm_head")].num_bytes
     was_issued = "lm_head" in weights.prefetcher.issued_items()     # copied ahead before the call began
     out = model.generate(PROMPTS, max_new_tokens=NUM_NEW)
-    num_chunks = -(-max(map(len, PROMPTS)) // plan.prefill_chunk_tokens)
+    num_chunks = -(-max(map(len, PROMPTS)) // plan.prefill_chunk_size)
     num_cycles = num_chunks + max(map(len, out)) - 1            # prefill chunks + decode steps
     stats = model.stats
     # the ring is full at both ends of a call, so the copies issued during it are exactly its cycles, less
@@ -230,7 +223,7 @@ def test_stats_count_every_streamed_byte_and_no_head_copy_for_chunks_without_log
 
 def test_host_to_device_bytes_per_decode_step(llama5):
     """Each decode step copies the streamed items once, plus (on CUDA) each CPU-attended layer's output."""
-    model = offload.load(llama5, plan=layout_plan(llama5, **OFFLOADED), progress=False)
+    model = offload.load(llama5, plan=layout_plan(llama5, **EVERY_BACKEND), progress=False)
     rows = [PROMPTS[0], PROMPTS[1]]
     bytes_of = {}
     for num_new in (1, 6):
@@ -243,7 +236,7 @@ def test_host_to_device_bytes_per_decode_step(llama5):
 def test_load_logs_the_memory_report_and_the_cpu_tier_once(llama5, caplog):
     import logging
     with caplog.at_level(logging.INFO, logger="offload"):
-        model = offload.load(llama5, plan=layout_plan(llama5, **OFFLOADED), progress=False)
+        model = offload.load(llama5, plan=layout_plan(llama5, **EVERY_BACKEND), progress=False)
     text = caplog.text
     assert "gpu tier (cpu)" in text and "cpu tier (host)" in text and "KV cache" in text
     report = model.memory_report()
@@ -253,7 +246,7 @@ def test_load_logs_the_memory_report_and_the_cpu_tier_once(llama5, caplog):
 
 def test_final_norm_off_the_gpu_tier_is_refused(llama5):
     import dataclasses
-    plan = layout_plan(llama5, **OFFLOADED)
+    plan = layout_plan(llama5, **EVERY_BACKEND)
     cpu_bytes = plan.budget.cpu_bytes + plan.final_norm.weight_bytes
     moved = dataclasses.replace(plan, final_norm=dataclasses.replace(plan.final_norm, weights="cpu"),
                                 budget=placement.Budget(gpu_bytes=plan.budget.gpu_bytes, cpu_bytes=cpu_bytes))
@@ -281,7 +274,7 @@ def test_both_head_items_streamed_at_depth_one_is_refused_not_deadlocked(llama5)
 
 
 def test_close_frees_everything_and_later_calls_fail_clearly(llama5):
-    with offload.load(llama5, plan=layout_plan(llama5, **OFFLOADED), progress=False) as model:
+    with offload.load(llama5, plan=layout_plan(llama5, **EVERY_BACKEND), progress=False) as model:
         model.generate(PROMPTS, max_new_tokens=2)
         assert model.ledger.current_bytes() == model.plan.memory.gpu.total - model.plan.memory.gpu.buffers \
             + model.engine.weights.ring_bytes

@@ -14,17 +14,11 @@ from offload.weights import host_memory
 from offload.attention.host import HostAttention
 from offload.attention.streamed import StreamedKVAttention
 from tests.offload.builders import build_checkpoint
-from tests.offload.offload_plans import assert_runs_plan, expected_step_bytes, layout_plan
-from tests.offload.loading.test_offload_parity import DEEP_LAYERS, LONG, NUM_NEW, PROMPTS, reference
+from tests.offload.offload_plans import EVERY_BACKEND, assert_runs_plan, expected_step_bytes, layout_plan
+from tests.offload.loading.test_offload_parity import LONG, NUM_NEW, PROMPTS, reference
 
 pytestmark = pytest.mark.cuda
 
-
-@pytest.fixture(scope="module")
-def llama5(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama5_cuda")
-    build_checkpoint(path, "llama", num_hidden_layers=DEEP_LAYERS)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +30,6 @@ def wide(tmp_path_factory):
     return path
 
 
-EVERY_BACKEND = dict(weights="cgcgc", kv="acgca", embedding="cpu", lm_head="cpu")
 
 
 def test_offloaded_cuda_matches_resident_and_pins_what_crosses_pcie(llama5):

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 import offload
-from tests.offload.builders import VARIANTS, VOCAB, build_checkpoint
+from tests.offload.builders import DEEP_LAYERS, VARIANTS, VOCAB, build_checkpoint
 from tests.offload.offload_plans import assert_runs_plan, layout_plan
 
 PROMPTS = [[5, 17, 99, 42, 8, 63, 21, 7, 88], [33, 4, 120, 61], [9, 14, 77, 31, 50, 2, 66, 101, 12, 45, 3, 90, 27]]
 LONG = [(i * 37 + 11) % (VOCAB - 3) + 3 for i in range(30)]
 NUM_NEW = 12
-DEEP_LAYERS = 5
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +107,7 @@ def test_planner_interleaved_plan_runs_as_planned(deep):
     path = deep("qwen2_window")
     spec = placement.load_spec(path)
     workload = placement.Workload(batch_size=3, prompt_len=36, gen_len=12)
-    full = placement.manual_plan(spec, workload, prefill_chunk_tokens=5)
+    full = placement.manual_plan(spec, workload, prefill_chunk_size=5)
     seen = set()
     for fraction in (0.01, 0.1, 0.3):           # today: interleaved resident/streamed layers, then fewer resident
         budget = full.budget.gpu_bytes - int(fraction * full.memory.gpu.weights)
