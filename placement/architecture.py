@@ -123,6 +123,11 @@ class Architecture:
         t.update(self.lm_head_tensors())
         return t
 
+    def quantizable_tensors(self) -> dict[str, Shape]:
+        """The decoder layers' matrices: what a quantization packs (placement/quantization.py)."""
+        return {name: shape for i in range(self.num_layers) for name, shape in self.layer_tensors(i).items()
+                if len(shape) == 2 and name.endswith(".weight")}
+
     @property
     def num_params(self) -> int:
         """Exact parameter count, tied embeddings counted once (as transformers counts them)."""

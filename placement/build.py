@@ -74,11 +74,13 @@ def assemble(spec: ModelSpec, workload: Workload, hardware: Hardware, *, layers,
     depth = prefetch_depth if ring else 0
     if ring and depth < 1:
         raise PlanError("streamed items need a prefetch depth of at least 1")
-    workspace = workspace_bytes(spec.arch, workload.batch_size, chunk, workload.max_seq_len, spec.dtype)
+    workspace = workspace_bytes(spec.arch, workload.batch_size, chunk, workload.max_seq_len, spec.dtype,
+                             spec.quantization)
     reserve = hardware.cuda_reserve_bytes
     prediction = predict(CostModel(spec, hardware, workload), layers, embedding, lm_head, depth, chunk)
     fields = dict(model=spec.name, model_type=spec.arch.model_type, num_params=spec.num_params,
                   num_layers=spec.num_layers, dtype=spec.dtype,
+                  quantization=None if spec.quantization is None else spec.quantization.label,
                   tie_word_embeddings=spec.arch.tie_word_embeddings, workload=workload,
                   layers=layers, embedding=emb, final_norm=norm, lm_head=head, prefetch_depth=depth,
                   slot_bytes=ring if depth else 0, prefill_chunk_size=chunk,

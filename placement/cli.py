@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-len", type=_positive_int, default=512, metavar="N")
     p.add_argument("--dtype", help="run in this dtype (float16, bfloat16, float32; default: the "
                    "checkpoint's)")
+    p.add_argument("--quantize", metavar="SCHEME", help="plan the layers' matrices packed: int4 or int8, "
+                   "optionally with a group size (int4-g64); the runtime quantizes as it loads")
     p.add_argument("--profile", action="store_true", help="measure this machine's speeds (a few "
                    "seconds; cached and reused by later runs)")
     p.add_argument("--gpu-layers", type=_non_negative_int, metavar="N", help="manual plan: the first N "
@@ -82,9 +84,12 @@ def _list_presets() -> str:
     rows = []
     for name in presets.names():
         spec = ModelSpec.from_preset(name)
+        int4 = spec.quantized("int4").total_weight_bytes
         rows.append(f"  {name:<18} {spec.arch.model_type:<11} {spec.num_params / 1e9:>7.2f}B  "
-                    f"{spec.num_layers:>3} layers  {spec.dtype:<9} {format_size(spec.total_weight_bytes):>11}")
-    return "presets (name, family, parameters, layers, dtype, weight bytes):\n" + "\n".join(rows)
+                    f"{spec.num_layers:>3} layers  {spec.dtype:<9} {format_size(spec.total_weight_bytes):>11}"
+                    f"  {format_size(int4):>11}")
+    return "presets (name, family, parameters, layers, dtype, weight bytes, with --quantize int4):\n" + \
+        "\n".join(rows)
 
 
 def _hardware(args) -> Hardware:
@@ -139,7 +144,7 @@ def run(argv: list[str] | None = None) -> int:
     for flag, value in (("--gpu-memory", args.gpu_memory), ("--cpu-memory", args.cpu_memory)):
         if value is not None:
             parse_size(value, what=flag)
-    spec = load_spec(args.model, dtype=args.dtype)
+    spec = load_spec(args.model, dtype=args.dtype, quantization=args.quantize)
     workload = Workload(batch_size=args.batch_size, prompt_len=args.prompt_len, gen_len=args.gen_len)
     hw = _hardware(args)
     _warn_budgets(args, hw)

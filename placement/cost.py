@@ -4,7 +4,8 @@ Every item (decoder layer, embedding, final norm, LM head) costs:
 - `transfer_s` on the host->device copy engine: its streamed weights / PCIe bandwidth, plus, for a
   layer whose KV lives on the CPU but is attended on the GPU, that KV / PCIe bandwidth;
 - `gpu_s` on the GPU: max(FLOPs / gpu_flops, bytes read / gpu memory bandwidth) for the matmuls and
-  for attention (when it runs on the GPU), plus a per-layer launch overhead;
+  for attention (when it runs on the GPU), plus a per-layer launch overhead; quantized matrices also
+  cost their dequantization (the dense weight written and read again);
 - `cpu_s` on the critical path but off the GPU: CPU attention, max(KV bytes / CPU attention bandwidth,
   FLOPs / CPU FLOP/s) plus a round trip for q, k, v and the output; the CPU embedding lookup's rows.
 The copy engine runs ahead of compute through a ring of `depth` buffers, so a step costs
@@ -98,7 +99,11 @@ class CostModel:
         tokens = B * num_rows
         kv_read = B * num_keys * spec.kv_bytes_per_token
         attn_flops = tokens * num_keys * spec.attention_flops_per_key
-        gpu_s = LAYER_OVERHEAD_S + self._gpu(2 * tokens * spec.layer_matmul_params, weight_bytes)
+        read = weight_bytes
+        if spec.quantization is not None:
+            # each matrix dequantized next to its matmul: packed bytes read, the dense weight written and read
+            read += 2 * spec.layer_matmul_params * self.dtype_bytes
+        gpu_s = LAYER_OVERHEAD_S + self._gpu(2 * tokens * spec.layer_matmul_params, read)
         cpu_s = transfer_s = 0.0
         if weights == "cpu":
             transfer_s += weight_bytes / hw.pcie_bytes_per_s

@@ -78,6 +78,7 @@ def _largest_chunk(spec, workload, hardware, layers, embedding, lm_head, depth) 
                      prefetch_depth=depth, chunk=workload.prompt_len)
     room = hardware.gpu_bytes - probe.cuda_reserve_bytes - (probe.memory.gpu.total - probe.workspace_bytes)
     for chunk in chunk_candidates(workload.prompt_len):
-        if workspace_bytes(spec.arch, workload.batch_size, chunk, workload.max_seq_len, spec.dtype) <= room:
+        if workspace_bytes(spec.arch, workload.batch_size, chunk, workload.max_seq_len, spec.dtype,
+                             spec.quantization) <= room:
             return chunk
     return chunk_candidates(workload.prompt_len)[-1]   # over budget either way: reported by the caller

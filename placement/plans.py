@@ -177,6 +177,7 @@ class Plan:
     cuda_reserve_bytes: int
     predicted: Prediction
     hardware: str = ""
+    quantization: str | None = None      # the layers' matrices' packed layout ("int4", "int8-g64"), or None
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -252,7 +253,7 @@ class Plan:
         return {
             "format": FORMAT,
             "model": {"name": self.model, "model_type": self.model_type, "num_params": self.num_params,
-                      "num_layers": self.num_layers, "dtype": self.dtype,
+                      "num_layers": self.num_layers, "dtype": self.dtype, "quantization": self.quantization,
                       "tie_word_embeddings": self.tie_word_embeddings},
             "hardware": self.hardware,
             "budget": {"gpu_bytes": self.budget.gpu_bytes, "cpu_bytes": self.budget.cpu_bytes},
@@ -281,7 +282,7 @@ class Plan:
                                 "plan again with this version's offload-plan --json)")
             m = d["model"]
             return cls(model=m["name"], model_type=m["model_type"], num_params=m["num_params"],
-                       num_layers=m["num_layers"], dtype=m["dtype"],
+                       num_layers=m["num_layers"], dtype=m["dtype"], quantization=m.get("quantization"),
                        tie_word_embeddings=m["tie_word_embeddings"],
                        budget=Budget(**d["budget"]), workload=Workload.from_dict(d["workload"]),
                        layers=tuple(LayerPlan(**l) for l in d["layers"]),

@@ -40,7 +40,8 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]
 def format_plan(plan) -> str:
     wl, mem, pred = plan.workload, plan.memory, plan.predicted
     lines = [f"model     {plan.model} ({plan.model_type}, {_params(plan.num_params)} parameters, "
-             f"{plan.num_layers} layers, {plan.dtype})"]
+             f"{plan.num_layers} layers, {plan.dtype}"
+             f"{'' if plan.quantization is None else ', layers quantized ' + plan.quantization})"]
     if plan.hardware:
         lines.append(f"hardware  {plan.hardware}")
     lines.append(f"budget    GPU {format_size(plan.budget.gpu_bytes)}, CPU {format_size(plan.budget.cpu_bytes)}")

@@ -40,7 +40,8 @@ def plan(spec: ModelSpec, hardware: Hardware, workload: Workload) -> Plan:
     decode_memo: dict = {}
     chunks = chunk_candidates(workload.prompt_len)
     for chunk in chunks:
-        ws = workspace_bytes(spec.arch, workload.batch_size, chunk, workload.max_seq_len, spec.dtype)
+        ws = workspace_bytes(spec.arch, workload.batch_size, chunk, workload.max_seq_len, spec.dtype,
+                             spec.quantization)
         gpu_avail = hardware.gpu_bytes - reserve - ws - norm_b
         if gpu_avail < 0:
             continue
@@ -112,7 +113,8 @@ def _counts(L: int, n_w: int, n_kv: int) -> tuple[int, int, int, int]:
 def _no_fit(spec: ModelSpec, hardware: Hardware, workload: Workload, min_chunk: int) -> str:
     L = spec.num_layers
     w = max(spec.layer_weight_bytes(i) for i in range(L))
-    ws = workspace_bytes(spec.arch, workload.batch_size, min_chunk, workload.max_seq_len, spec.dtype)
+    ws = workspace_bytes(spec.arch, workload.batch_size, min_chunk, workload.max_seq_len, spec.dtype,
+                             spec.quantization)
     base = hardware.cuda_reserve_bytes + ws + spec.final_norm_bytes
     min_gpu = base + max(w, spec.lm_head_read_bytes)
     min_total = base + spec.total_weight_bytes - spec.final_norm_bytes + \

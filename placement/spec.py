@@ -7,6 +7,7 @@ project_in), the final norm (plus OPT's project_out) and the LM head (no bytes o
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from .architecture import DTYPE_BYTES, Architecture, ConfigError, normalize_dtype
 from .headers import SAFETENSORS_DTYPES, TensorInfo, read_checkpoint_headers
 from .jsonfile import read_json_object
+from .quantization import Quantization
 from . import presets
 
 
@@ -31,6 +33,7 @@ class ModelSpec:
     tensor_bytes: dict = field(repr=False)
     source: str = "config"            # "checkpoint" | "config" | "preset"
     path: str | None = None
+    quantization: Quantization | None = None    # the layers' matrices packed as placement/quantization.py says
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
@@ -100,6 +103,20 @@ class ModelSpec:
         return cls(name=_name_of(directory, config_path), arch=arch, dtype=dtype,
                    tensor_bytes=tensor_bytes, source="checkpoint", path=str(directory))
 
+    def quantized(self, quantization: Quantization | str | None) -> "ModelSpec":
+        """This model with its decoder layers' matrices in `quantization`'s packed layout (exact bytes);
+        itself for None. ConfigError for a group size that does not divide a matrix's inputs."""
+        if quantization is None:
+            return self
+        if isinstance(quantization, str):
+            quantization = Quantization.parse(quantization)
+        if self.quantization is not None:
+            raise ConfigError(f"{self.name} is already quantized ({self.quantization.label}); load it as it is")
+        tensor_bytes = dict(self.tensor_bytes)
+        for name, shape in self.arch.quantizable_tensors().items():
+            tensor_bytes[name] = quantization.num_bytes(name, shape, self.dtype)
+        return dataclasses.replace(self, tensor_bytes=tensor_bytes, quantization=quantization)
+
     # ---- per-item bytes -----------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
@@ -168,11 +185,17 @@ class ModelSpec:
         return 2 * (self.arch.vocab_size * self.arch.embed_dim + extra)
 
 
-def load_spec(name_or_path: str | Path, dtype: str | None = None) -> ModelSpec:
-    """A checkpoint directory, a config.json path, or a preset name -> ModelSpec.
+def load_spec(name_or_path: str | Path, dtype: str | None = None,
+              quantization: Quantization | str | None = None) -> ModelSpec:
+    """A checkpoint directory, a config.json path, or a preset name -> ModelSpec (its layers' matrices
+    in `quantization`'s layout when given: "int4", "int8-g64", a Quantization).
 
     Raises ConfigError (a ValueError) with one line naming what is wrong and what would work.
     """
+    return _load_spec(name_or_path, dtype).quantized(quantization)
+
+
+def _load_spec(name_or_path: str | Path, dtype: str | None) -> ModelSpec:
     if dtype is not None:
         dtype = normalize_dtype(dtype)
     text = str(name_or_path)

@@ -16,9 +16,12 @@ at once (they are not: the sum is the conservative part):
 - SDPA scores B x Hq x chunk x S and the mask B x chunk x S, both float32 (float32 scores also bound
   16-bit scores plus probabilities on the math path)
 - logits of the last positions: B x V in float32 plus B x V in the model dtype
+- with quantized weights, the largest matrix dequantized: [out, in] codes (1 byte) + twice the model dtype
 - ALLOCATOR_SLACK_BYTES for allocator rounding and small temporaries
 """
 from __future__ import annotations
+
+import math
 
 from .architecture import DTYPE_BYTES, Architecture, normalize_dtype
 
@@ -26,7 +29,7 @@ ALLOCATOR_SLACK_BYTES = 64 << 20
 
 
 def workspace_bytes(arch: Architecture, batch_size: int, chunk_tokens: int, max_seq_len: int,
-                    dtype: str) -> int:
+                    dtype: str, quantization=None) -> int:
     """Upper bound on GPU activation bytes of one chunk of `chunk_tokens` tokens per row for
     `batch_size` rows attending over up to `max_seq_len` positions (see the module docstring)."""
     if min(batch_size, chunk_tokens, max_seq_len) <= 0:
@@ -44,4 +47,8 @@ def workspace_bytes(arch: Architecture, batch_size: int, chunk_tokens: int, max_
     mlp = 3 * N * I * b
     scores = B * Hq * C * S * 4 + B * C * S * 4
     logits = B * V * (4 + b)
-    return hidden + qkv + gqa + attn_out + mlp + scores + logits + ALLOCATOR_SLACK_BYTES
+    # quantized matrices are dequantized one at a time next to their matmul: the unpacked codes (1 byte),
+    # the codes in the model dtype and the weight
+    dequant = 0 if quantization is None else \
+        max(math.prod(shape) for shape in arch.quantizable_tensors().values()) * (1 + 2 * b)
+    return hidden + qkv + gqa + attn_out + mlp + scores + logits + dequant + ALLOCATOR_SLACK_BYTES

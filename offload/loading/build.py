@@ -28,8 +28,10 @@ from offload.loading.report import memory_report
 from offload.attention.streamed import K_CACHE, V_CACHE, StreamedKVAttention, kv_attachment
 from offload.weights.source import item_tensors, weight_items
 from offload.weights.placed import PlacedWeights
+from offload.weights.quant import quantize
 from placement import Plan, PlanError
 from placement.architecture import Architecture, normalize_dtype
+from placement.quantization import Quantization
 
 log = logging.getLogger(__name__)
 MAX_SEQ_LEN_CAP = 4096   # default cache length when the config allows more (a 128k cache is rarely wanted)
@@ -63,16 +65,25 @@ def is_streamed(item, tiers: dict) -> bool:
     return tiers[item] == "cpu" and item not in READ_IN_PLACE
 
 
+def stored_sizes(arch: Architecture, name: str, dtype: torch.dtype, quantization: Quantization | None) -> list[int]:
+    """Bytes of each tensor that tensor `name` is stored as: itself, or a quantized matrix's packed parts."""
+    shape = arch.all_tensors()[name]
+    if quantization is None or name not in arch.quantizable_tensors():
+        return [math.prod(shape) * dtype.itemsize]
+    parts = quantization.parts(name, shape, str(dtype).replace("torch.", ""))
+    return [math.prod(part_shape) * {"uint8": 1, "int8": 1}.get(part_dtype, dtype.itemsize)
+            for part_shape, part_dtype in parts.values()]
+
+
 def ring_alignment(plan: Plan, arch: Architecture, tiers: dict, dtype: torch.dtype,
-                   kv_items: dict[int, dict[str, tuple]]) -> int:
+                   kv_items: dict[int, dict[str, tuple]], quantization: Quantization | None = None) -> int:
     """The largest tensor alignment (256 down to the element size) whose packed slots fit the plan's
     slot_bytes (the planner counts bytes exactly, alignment padding would add a few per tensor)."""
-    shapes = arch.all_tensors()
 
     def item_sizes(item) -> list[int]:
         names = item_tensors(arch, item).values() if is_streamed(item, tiers) else ()
-        tensor_shapes = [shapes[name] for name in names] + list(kv_items.get(item, {}).values())
-        return [math.prod(shape) * dtype.itemsize for shape in tensor_shapes]
+        kv = [math.prod(shape) * dtype.itemsize for shape in kv_items.get(item, {}).values()]
+        return [n for name in names for n in stored_sizes(arch, name, dtype, quantization)] + kv
 
     streamed = [item_sizes(item) for item in weight_items(arch) if is_streamed(item, tiers) or item in kv_items]
     if not streamed:
@@ -87,10 +98,13 @@ def ring_alignment(plan: Plan, arch: Architecture, tiers: dict, dtype: torch.dty
                     f"item of this checkpoint in {dtype}; was the plan made for another dtype or checkpoint?")
 
 
-def _read_items(checkpoint: Checkpoint, tiers: dict, dtype: torch.dtype, progress: bool):
-    """(item, {key: CPU tensor}) in engine order, read one item at a time. A tied head placed on the
+def _read_items(checkpoint: Checkpoint, tiers: dict, dtype: torch.dtype, progress: bool,
+                quantization: Quantization | None = None):
+    """(item, {key: CPU tensor or QuantizedWeight}) in engine order, read one item at a time (a layer's
+    matrices quantized as they are read: never the whole model in 16 bits). A tied head placed on the
     same tier as the embedding is handed over as the same tensor object, so PlacedWeights stores it once
     (the one host table is then held until the head is reached)."""
+    quantizable = checkpoint.arch.quantizable_tensors() if quantization is not None else {}
     arch = checkpoint.arch
     keep_tied = arch.tie_word_embeddings and tiers["embedding"] == tiers["lm_head"] and \
         is_streamed("embedding", tiers) == is_streamed("lm_head", tiers)
@@ -105,6 +119,8 @@ def _read_items(checkpoint: Checkpoint, tiers: dict, dtype: torch.dtype, progres
                 tensor = checkpoint.read(name, dtype)
                 if keep_tied and item == "embedding":
                     tied[name] = tensor
+            if name in quantizable:
+                tensor = quantize(tensor, quantization, name, dtype)
             tensors[key] = tensor
         if item == "lm_head":
             tied.clear()
@@ -116,7 +132,8 @@ def _read_items(checkpoint: Checkpoint, tiers: dict, dtype: torch.dtype, progres
 def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = None,
          max_seq_len: int | None = None, dtype=None, device=None, plan=None, gpu_layers: int | None = None,
          kv_gpu_layers: int | None = None, cpu_attention: bool | None = None,
-         prefill_chunk_size: int | None = None, progress: bool = True) -> Model:
+         prefill_chunk_size: int | None = None, quantize: str | None = None, group_size: int | None = None,
+         progress: bool = True) -> Model:
     """Load a Hugging Face model folder and place it as a plan says.
 
     Which plan (placement.Plan; `model.plan`, `model.plan.summary()`):
@@ -135,6 +152,9 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
     dtype: None = the checkpoint's, or "float32"/"bfloat16"/"float16". max_batch_size default 1;
     max_seq_len default: the config's max_position_embeddings capped at 4096.
     prefill_chunk_size: tokens per prefill chunk (default: the plan's).
+    quantize: "int4" or "int8": the decoder layers' matrices quantized as they are read (round-to-nearest
+    per group of `group_size` inputs; None: per matrix the largest of 128/64/32 that divides its inputs),
+    held and streamed packed; the plan counts the packed bytes (a plan= made with --quantize carries it).
     Raises CheckpointError for a bad folder, PlanError (a ValueError) when nothing fits the budgets —
     before anything is allocated — and ValueError for bad arguments.
     """
@@ -147,7 +167,10 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
     check_limits(arch, max_batch_size, default_max_seq_len(arch) if max_seq_len is None else max_seq_len)
     if prefill_chunk_size is not None and (not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1):
         raise ValueError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size!r}")
-    chosen = choose_plan(path=checkpoint.path, arch=arch, device=device,
+    if group_size is not None and quantize is None:
+        raise ValueError("group_size is the group of a quantization; give quantize='int4' or 'int8' too")
+    quantization = None if quantize is None else Quantization(scheme=quantize, group_size=group_size).label
+    chosen = choose_plan(path=checkpoint.path, arch=arch, device=device, quantization=quantization,
                          dtype=dtype_name or normalize_dtype(arch.dtype), max_batch_size=max_batch_size,
                          max_seq_len=max_seq_len, default_max_seq_len=default_max_seq_len(arch), plan=plan,
                          gpu_memory=gpu_memory, cpu_memory=cpu_memory, gpu_layers=gpu_layers,
@@ -168,18 +191,18 @@ def build(checkpoint: Checkpoint, plan: Plan, *, device: torch.device, prefill_c
     kv_shape = (max_batch_size, arch.num_kv_heads, max_seq_len, arch.head_dim)
     streamed_kv = {l.index: {"k": kv_shape, "v": kv_shape} for l in plan.layers
                    if l.kv == "cpu" and l.attention == "gpu"}
-    alignment = ring_alignment(plan, arch, tiers, dtype, streamed_kv)
+    quantization = None if plan.quantization is None else Quantization.parse(plan.quantization)
+    alignment = ring_alignment(plan, arch, tiers, dtype, streamed_kv, quantization)
     ledger = MemoryLedger(max_bytes=plan.memory.gpu.total)
     ledger.allocate("workspace", plan.workspace_bytes)     # reserved for activations (chunked prefill)
     model = build_model(arch, device)
     kv_args = dict(max_batch_size=max_batch_size, num_kv_heads=arch.num_kv_heads, max_seq_len=max_seq_len,
                    head_dim=arch.head_dim, dtype=dtype)
     attached = {i: kv_attachment(**kv_args) for i in streamed_kv}   # zeroed; packed into the item's buffer
-    weights = PlacedWeights(_read_items(checkpoint, tiers, dtype, progress), placement=tiers, dtype=dtype,
-                            device=device, prefetch_depth=max(1, plan.prefetch_depth),
+    weights = PlacedWeights(_read_items(checkpoint, tiers, dtype, progress, quantization), placement=tiers,
+                            dtype=dtype, device=device, prefetch_depth=max(1, plan.prefetch_depth),
                             read_in_place=[item for item in READ_IN_PLACE if tiers[item] == "cpu"],
-                            ledger=ledger,
-                            alignment=alignment, attached=attached)
+                            ledger=ledger, alignment=alignment, attached=attached)
     del attached
     try:
         staging = HostStaging(device) if device.type == "cuda" else None   # shared by the host-KV layers

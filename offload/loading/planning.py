@@ -59,7 +59,7 @@ def check_plan_matches(plan: Plan, arch: Architecture, path) -> None:
 
 
 def choose_plan(*, path, arch: Architecture, device, dtype: str, max_batch_size: int,
-                max_seq_len: int | None, default_max_seq_len: int, plan=None, gpu_memory=None,
+                quantization: str | None, max_seq_len: int | None, default_max_seq_len: int, plan=None, gpu_memory=None,
                 cpu_memory=None, gpu_layers=None, kv_gpu_layers=None, cpu_attention=None,
                 prefill_chunk_size: int | None = None, dtype_given: bool = False,
                 max_batch_size_given: bool = False) -> Plan:
@@ -79,13 +79,14 @@ def choose_plan(*, path, arch: Architecture, device, dtype: str, max_batch_size:
                                      ("max_seq_len", max_seq_len, chosen.max_seq_len),
                                      ("max_batch_size", max_batch_size if max_batch_size_given else None,
                                       chosen.max_batch_size),
-                                     ("prefill_chunk_size", prefill_chunk_size, chosen.prefill_chunk_size)):
+                                     ("prefill_chunk_size", prefill_chunk_size, chosen.prefill_chunk_size),
+                                     ("quantize", quantization, chosen.quantization)):
             if given is not None and given != planned:
                 raise ValueError(f"{name}={given!r} disagrees with the plan's {planned!r}; the plan is run "
                                  "exactly (make a new plan, or leave the argument out)")
         return chosen
     workload = planning_workload(max_batch_size, default_max_seq_len if max_seq_len is None else max_seq_len)
-    spec = placement.load_spec(path, dtype=dtype)
+    spec = placement.load_spec(path, dtype=dtype, quantization=quantization)
     has_budget = gpu_memory is not None or cpu_memory is not None
     if overrides or (not has_budget and device.type != "cuda"):
         # manual plan; nothing at all given on the CPU = the plain path: everything on the device

@@ -30,6 +30,7 @@ from offload.devices import canonical_device
 from offload.weights.host_memory import DEFAULT_ALIGNMENT, PackedItem, cast_for_storage
 from offload.loading.memory import MemoryLedger
 from offload.weights.prefetch import Prefetcher, TransferStats
+from offload.weights.quant import flatten, unflatten
 
 GPU, CPU = "gpu", "cpu"                     # the plan's tiers
 TIERS = (GPU, CPU)
@@ -39,7 +40,7 @@ _RESIDENT, _STREAMED, _IN_PLACE = "resident", "streamed", "in place"   # how an 
 class PlacedWeights:
     """Weights placed per item; the engine's weight source.
 
-    items      item -> {name: CPU tensor}, as a mapping or an iterable of (item, tensors) pairs in the
+    items      item -> {name: CPU tensor or QuantizedWeight}, as a mapping or an iterable of (item, tensors) pairs in the
                engine's acquisition order. Consumed one item at a time: an iterable (e.g. a generator
                reading the checkpoint) never has more than one item materialised beyond where it goes.
                A tensor object passed for two items (tied embedding/head) is stored once per way of use.
@@ -105,6 +106,7 @@ class PlacedWeights:
                 raise ValueError(f"weight item {item!r} has no placement; placed items: {list(self.placement)}")
             self.order.append(item)
             mode = self._modes[item]
+            tensors = flatten(tensors)                    # a quantized matrix is stored as its packed parts
             extra = sources.pop(item, {})                 # packed now, not held afterwards
             clash = set(extra) & set(tensors)
             if clash:
@@ -159,10 +161,10 @@ class PlacedWeights:
     def acquire(self, item: Hashable) -> dict[str, torch.Tensor]:
         """The item's tensors, usable on the compute device (streamed: waits for its copy)."""
         if self._mode(item) == _STREAMED:
-            return self.prefetcher.acquire(item)
+            return unflatten(self.prefetcher.acquire(item))
         if item in self.attached:                         # resident weights + streamed attachments
-            return {**self._tensors[item], **self.prefetcher.acquire(item)}
-        return dict(self._tensors[item])
+            return unflatten({**self._tensors[item], **self.prefetcher.acquire(item)})
+        return unflatten(self._tensors[item])
 
     def release(self, item: Hashable) -> None:
         """Every compute reading the item has been launched; a streamed item's buffer may be refilled."""

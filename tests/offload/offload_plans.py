@@ -18,11 +18,11 @@ EVERY_BACKEND = dict(weights="cgcgc", kv="acgca", embedding="cpu", lm_head="cpu"
 
 def layout_plan(path, *, weights: str, kv: str, embedding: str = "gpu", lm_head: str = "gpu",
                 prefetch_depth: int = 2, chunk: int = 5, batch_size: int = 3, max_seq_len: int = 48,
-                dtype: str | None = None):
+                dtype: str | None = None, quantization: str | None = None):
     """A plan with per-layer placements written as strings, one letter per layer:
     weights 'g' resident / 'c' streamed; kv 'g' on the GPU, 'c' on the CPU attended by the CPU, 'a' on
     the CPU attended by the GPU (streamed through the ring)."""
-    spec = placement.load_spec(path, dtype=dtype)
+    spec = placement.load_spec(path, dtype=dtype, quantization=quantization)
     workload = Workload(batch_size=batch_size, prompt_len=max_seq_len - GEN_LEN, gen_len=GEN_LEN)
     assert len(weights) == len(kv) == spec.num_layers, (weights, kv, spec.num_layers)
     kv_bytes = spec.layer_kv_bytes(workload.num_cached_tokens)

@@ -183,3 +183,39 @@ def test_bad_configs(tmp_path, content, message):
         (tmp_path / "config.json").write_text(content)
     with pytest.raises(ConfigError, match=message):
         load_spec(tmp_path)
+
+
+def test_quantized_bytes_are_exact_and_only_the_layers_matrices_are_packed():
+    """int4 at group 64: 0.5 byte a weight plus a 16-bit scale and min per 64; norms, embedding and head
+    keep the model dtype; parameters are counted as before."""
+    spec = load_spec("llama-3.1-8b")
+    int4 = load_spec("llama-3.1-8b", quantization="int4-g64")
+    assert int4.num_params == spec.num_params and int4.quantization.label == "int4-g64"
+    arch = spec.arch
+    matrices = arch.quantizable_tensors()
+    assert len(matrices) == 7 * arch.num_layers and all(".layers." in n for n in matrices)
+    for name, shape in matrices.items():
+        out, inputs = shape
+        assert int4.tensor_bytes[name] == out * inputs // 2 + 2 * (out * inputs // 64) * 2
+    for name in set(spec.tensor_bytes) - set(matrices):
+        assert int4.tensor_bytes[name] == spec.tensor_bytes[name]
+    assert int4.layer_weight_bytes(0) / spec.layer_weight_bytes(0) < 0.3          # what a streamed layer moves
+    int8 = load_spec("llama-3.1-8b", quantization="int8")                         # group 128: 1 + 2/128 bytes
+    name, (out, inputs) = next(iter(matrices.items()))
+    assert int8.tensor_bytes[name] == out * inputs + out * (inputs // 128) * 2
+    with pytest.raises(ConfigError, match="already quantized"):
+        int4.quantized("int8")
+    with pytest.raises(ConfigError, match="group_size 100 does not divide"):
+        load_spec("llama-3.1-8b", quantization="int4-g100")
+
+
+def test_seventy_b_in_4_bits_fits_a_24_gib_card_and_64_gib_of_ram():
+    import placement
+    workload = placement.Workload(batch_size=1, prompt_len=2048, gen_len=512)
+    hardware = placement.Hardware.from_gpu_preset("rtx-4090", cpu_memory="64GiB")
+    with pytest.raises(placement.PlanError, match="does not fit"):
+        placement.plan(load_spec("llama-3.1-70b"), hardware, workload)
+    plan = placement.plan(load_spec("llama-3.1-70b", quantization="int4"), hardware, workload)
+    assert plan.quantization == "int4" and plan.predicted.decode_tokens_per_s > 0
+    assert placement.Plan.from_json(plan.to_json()) == plan
+    assert plan.memory.cpu.total <= 64 << 30 and plan.memory.gpu.total + plan.cuda_reserve_bytes <= 24 << 30

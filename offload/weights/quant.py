@@ -1,0 +1,126 @@
+"""Quantized matrices in the layouts of placement/quantization.py: quantize, pack, dequantize.
+
+A `QuantizedWeight` stands in a layer's weight dict where the dense weight would (family math calls
+`linear` on it, which dequantizes next to the matmul). For storage and streaming it is flattened into its
+plain tensors ("<name>.qweight", "<name>.scales", "<name>.mins"), which PlacedWeights packs like any
+other tensors, so the packed bytes are what sits in RAM and crosses PCIe; `unflatten` rebuilds it from
+whatever holds those tensors (a resident copy or a ring slot's views).
+
+Quantization is round-to-nearest per group: 4-bit asymmetric (codes 0..15, w = code * scale + min),
+8-bit symmetric (codes -127..127, w = code * scale). The scale and min are rounded to the model dtype
+first and the codes chosen against the rounded values, so dequantizing gives the codes' exact grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from placement.quantization import PARTS, Quantization
+
+INT4_LEVELS = 15
+INT8_LEVELS = 127
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A matrix [out, in] packed: 4-bit (`qweight` uint8 [out, in / 2], `scales` and `mins` [out, groups])
+    or 8-bit (`qweight` int8 [out, in], `scales` [out, groups])."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None = None
+
+    def __post_init__(self):
+        q, s = self.qweight, self.scales
+        assert q.dim() == 2 and s.dim() == 2 and s.shape[0] == q.shape[0], (q.shape, s.shape)
+        assert q.dtype == (torch.uint8 if self.mins is not None else torch.int8), (q.dtype, self.mins is None)
+        assert self.mins is None or self.mins.shape == s.shape, (s.shape, self.mins.shape)
+        assert self.in_features % s.shape[1] == 0, (self.in_features, s.shape)
+
+    @property
+    def scheme(self) -> str:
+        return "int8" if self.mins is None else "int4"
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1] * (2 if self.mins is not None else 1)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qweight.shape[0], self.in_features
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.scales.shape[1]
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes [out, in] (uint8 0..15 for 4-bit, int8 for 8-bit)."""
+        if self.mins is None:
+            return self.qweight
+        q = self.qweight                                                    # [out, in / 2]
+        return torch.stack((q & 0xF, q >> 4), dim=-1).view(q.shape[0], -1)  # [out, in]
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense matrix [out, in] in `dtype` (default: the scales' dtype), computed in that dtype."""
+        dtype = dtype or self.scales.dtype
+        out, in_features = self.shape
+        groups = self.scales.shape[1]
+        codes = self.codes().view(out, groups, in_features // groups).to(dtype)     # [out, G, g]
+        w = codes * self.scales.to(dtype)[..., None]
+        if self.mins is not None:
+            w = w + self.mins.to(dtype)[..., None]
+        return w.view(out, in_features)
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The plain tensors it is stored as, keyed "<name>.<part>"."""
+        parts = {"qweight": self.qweight, "scales": self.scales, "mins": self.mins}
+        return {f"{name}.{part}": parts[part] for part in PARTS[self.scheme]}
+
+
+def quantize(weight: torch.Tensor, quantization: Quantization, name: str,
+             dtype: torch.dtype | None = None) -> QuantizedWeight:
+    """Round-to-nearest, per group, of a matrix [out, in]; scales (and mins) in `dtype` (default: the
+    weight's). ConfigError (a ValueError) naming `name` when the group size does not divide `in`."""
+    assert weight.dim() == 2 and weight.is_floating_point(), (name, weight.shape, weight.dtype)
+    dtype = dtype or weight.dtype
+    out, in_features = weight.shape
+    g = quantization.group_size_for(name, tuple(weight.shape))
+    quantization.parts(name, tuple(weight.shape), "float32")           # checks the 4-bit packing too
+    w = weight.detach().to(torch.float32).reshape(out, in_features // g, g)   # [out, G, g]
+    if quantization.scheme == "int8":
+        scales = (w.abs().amax(dim=-1) / INT8_LEVELS).to(dtype)
+        step = torch.where(scales == 0, torch.ones_like(scales), scales).to(torch.float32)[..., None]
+        codes = torch.round(w / step).clamp(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+        return QuantizedWeight(qweight=codes.view(out, in_features), scales=scales)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    mins = low.to(dtype)
+    scales = ((high - mins.to(torch.float32)) / INT4_LEVELS).to(dtype)
+    step = torch.where(scales == 0, torch.ones_like(scales), scales).to(torch.float32)[..., None]
+    codes = torch.round((w - mins.to(torch.float32)[..., None]) / step).clamp(0, INT4_LEVELS).to(torch.uint8)
+    codes = codes.view(out, in_features)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)                   # [out, in / 2]
+    return QuantizedWeight(qweight=packed.contiguous(), scales=scales, mins=mins)
+
+
+def flatten(tensors: dict) -> dict[str, torch.Tensor]:
+    """A weight dict with QuantizedWeights -> plain tensors only (each QuantizedWeight as its parts)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in tensors.items():
+        out.update(value.tensors(name) if isinstance(value, QuantizedWeight) else {name: value})
+    return out
+
+
+def unflatten(tensors: dict[str, torch.Tensor]) -> dict:
+    """Inverse of `flatten`: "<name>.qweight" (with its scales/mins) -> a QuantizedWeight under <name>."""
+    if not any(key.endswith(".qweight") for key in tensors):
+        return dict(tensors)
+    out = {}
+    for key, tensor in tensors.items():
+        name, _, part = key.rpartition(".")
+        if part == "qweight":
+            out[name] = QuantizedWeight(qweight=tensor, scales=tensors[f"{name}.scales"],
+                                        mins=tensors.get(f"{name}.mins"))
+        elif not ((part == "scales" or part == "mins") and f"{name}.qweight" in tensors):
+            out[key] = tensor
+    return out
