@@ -18,6 +18,7 @@ setup(
         "numba>=0.59",
         "numpy",
         "tqdm",
+        "gguf>=0.10",          # GGUF files: llama.cpp's own reader (numpy only)
     ],
     extras_require={
         "test": ["pytest>=7", "transformers>=5.0", "tokenizers>=0.15", "jinja2>=3.1"],

@@ -15,6 +15,7 @@ from pathlib import Path
 from .architecture import DTYPE_BYTES, Architecture, ConfigError, normalize_dtype
 from .headers import SAFETENSORS_DTYPES, TensorInfo, read_checkpoint_headers
 from .jsonfile import read_json_object
+from .gguf_file import find_gguf, read_gguf
 from .quantization import Quantization
 from . import presets
 
@@ -200,6 +201,10 @@ def _load_spec(name_or_path: str | Path, dtype: str | None) -> ModelSpec:
         dtype = normalize_dtype(dtype)
     text = str(name_or_path)
     path = Path(text).expanduser()
+    gguf_path = find_gguf(path)
+    if gguf_path is not None:    # dequantized as it is read: the model dtype's bytes (default: bfloat16)
+        return ModelSpec.from_config(read_gguf(gguf_path).config, name=gguf_path.stem, dtype=dtype,
+                                     path=str(gguf_path))
     if path.is_dir():
         return ModelSpec.from_checkpoint(path, dtype=dtype)
     if path.is_file():

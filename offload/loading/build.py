@@ -14,7 +14,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from offload.loading.checkpoint import Checkpoint, torch_dtype
+from offload.loading.checkpoint import Checkpoint, open_checkpoint, torch_dtype
 from offload.devices import resolve_device
 from offload.generation.engine import Engine
 from offload.attention.host import HostAttention, HostStaging
@@ -158,7 +158,7 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
     Raises CheckpointError for a bad folder, PlanError (a ValueError) when nothing fits the budgets —
     before anything is allocated — and ValueError for bad arguments.
     """
-    checkpoint = Checkpoint(path)
+    checkpoint = open_checkpoint(path)
     arch = checkpoint.arch
     device = resolve_device(device)
     dtype_name = normalize_dtype(str(dtype).replace("torch.", "")) if dtype is not None else None

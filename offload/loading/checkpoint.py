@@ -145,3 +145,14 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {self.arch.model_type}, {len(self.files)} file(s))"
+
+
+def open_checkpoint(path):
+    """A Hugging Face folder (`Checkpoint`) or a .gguf file / a folder holding one (`GGUFCheckpoint`)."""
+    from offload.loading.gguf_checkpoint import GGUFCheckpoint
+    from placement.gguf_file import find_gguf
+    try:
+        gguf_path = find_gguf(path)
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from None
+    return Checkpoint(path) if gguf_path is None else GGUFCheckpoint(gguf_path)

@@ -1,0 +1,78 @@
+"""A .gguf file opened as a checkpoint: the same `arch` / `read` / generation defaults as `Checkpoint`.
+
+Tensors are dequantized by the `gguf` package (every type llama.cpp writes that placement/gguf_file.py
+lists) to float32 and then to the dtype asked for; llama.cpp's q/k row interleaving of Llama models is
+undone, as transformers' GGUF loader does. One tensor at a time, as it is read.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from offload.loading.checkpoint import CheckpointError, torch_dtype
+from placement.architecture import Architecture, ConfigError
+from placement.gguf_file import read_gguf
+
+
+def _unpermute(weights: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's `permute` of q/k rows [heads * D, ...]: each head's halves were interleaved."""
+    half = weights.shape[0] // num_heads // 2
+    return weights.reshape(num_heads, half, 2, *weights.shape[1:]).swapaxes(2, 1).reshape(weights.shape)
+
+
+class GGUFCheckpoint:
+    """A .gguf file opened lazily (the gguf package memory-maps it); `read` returns one dense tensor."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self.model = read_gguf(self.path)
+            self.arch = Architecture.from_config(self.model.config)
+        except ConfigError as error:
+            raise CheckpointError(str(error)) from None
+        expected = self.arch.all_tensors()
+        missing = [name for name in expected if name not in self.model.tensors]
+        if missing:
+            raise CheckpointError(f"{self.path}: the GGUF file lacks tensors {', '.join(missing[:4])}"
+                                  f"{f' ... ({len(missing)} in all)' if len(missing) > 4 else ''}")
+        for name, shape in expected.items():
+            found = tuple(int(n) for n in reversed(self.model.tensors[name].shape.tolist()))   # GGUF: ne[0] last
+            if found != tuple(shape):
+                raise CheckpointError(f"{self.path}: tensor {self.model.tensors[name].name} has shape "
+                                      f"{list(found)}, expected {list(shape)} from its metadata")
+        self._expected = expected
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.arch.eos_token_ids
+
+    @property
+    def sampling_defaults(self) -> dict:
+        return {"temperature": 0.0, "top_k": None, "top_p": None}
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def read(self, name: str, dtype=None) -> torch.Tensor:
+        """One tensor on the CPU, dequantized and converted to `dtype` (default float32)."""
+        import gguf
+        if name not in self._expected:
+            raise KeyError(f"{name!r} is not a tensor of this {self.arch.model_type} architecture")
+        tensor = self.model.tensors[name]
+        try:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except Exception as error:                 # noqa: BLE001 (a truncated or corrupt block)
+            raise CheckpointError(f"{self.path}: cannot read tensor {tensor.name} ({error})") from None
+        values = np.asarray(values, dtype=np.float32).reshape(self._expected[name])
+        if self.model.permutes_qk and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            heads = self.arch.num_heads if ".q_proj." in name else self.arch.num_kv_heads
+            values = _unpermute(values, heads)
+        values = np.ascontiguousarray(values)
+        out = torch.from_numpy(values if values.flags.writeable else values.copy())   # F32 data is the mmap
+        return out if dtype is None else out.to(torch_dtype(dtype))
+
+    def __repr__(self) -> str:
+        return f"GGUFCheckpoint({str(self.path)!r}, {self.arch.model_type})"

@@ -1,0 +1,137 @@
+"""GGUF files (llama.cpp's format): the config.json and the tensor names of the model a .gguf holds.
+
+Read with the `gguf` package (maintained with llama.cpp; numpy only, no torch). The config comes from the
+metadata as transformers' GGUF loader reads it; tensors are named as the Hugging Face checkpoint names them
+(`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`). The runtime reads and dequantizes the
+data (offload/loading/gguf_checkpoint.py); llama.cpp's q/k row permutation of Llama models is undone there.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from placement.config_fields import ConfigError
+
+# general.architecture -> config.json model_type (llama covers Mistral, as llama.cpp writes it)
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+PERMUTED_QK = ("llama",)     # architectures whose q/k rows llama.cpp's converter interleaves
+_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+          "output.weight": "lm_head.weight"}
+_LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+                "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                "ffn_down": "mlp.down_proj"}
+_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def find_gguf(path) -> Path | None:
+    """The .gguf file `path` names: itself, or the only .gguf in a folder without a config.json."""
+    path = Path(path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        files = sorted(path.glob("*.gguf"))
+        if len(files) == 1:
+            return files[0]
+        if len(files) > 1:
+            raise ConfigError(f"{path}: holds {len(files)} .gguf files ({', '.join(f.name for f in files[:4])}); "
+                              "name the one to load")
+    return None
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor, or None for one no supported model reads (rope_freqs)."""
+    if gguf_name in _NAMES:
+        return _NAMES[gguf_name]
+    match = _LAYER.match(gguf_name)
+    if match is None or match.group(2) not in _LAYER_NAMES:
+        return None
+    return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
+
+
+@dataclass(frozen=True)
+class GGUFModel:
+    """What a .gguf holds: its config.json, and its tensors by Hugging Face name."""
+
+    path: Path
+    architecture: str             # the GGUF architecture ("llama", "qwen2", ...)
+    config: dict
+    tensors: dict                 # HF name -> the gguf ReaderTensor
+    metadata: dict                # every scalar / string metadata field (arrays left out)
+
+    @property
+    def permutes_qk(self) -> bool:
+        return self.architecture in PERMUTED_QK
+
+
+def read_gguf(path) -> GGUFModel:
+    """Open `path` (a .gguf) and read its config; ConfigError naming the file for a corrupt file, an
+    architecture or a tensor type this library does not run."""
+    import gguf
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as error:                    # truncated, not a GGUF, bad magic/version
+        raise ConfigError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from None
+    metadata = {}
+    for key, field in reader.fields.items():
+        try:
+            value = field.contents()
+        except Exception:                         # noqa: BLE001 (a field the package cannot decode)
+            continue
+        if not isinstance(value, list):
+            metadata[key] = value
+    architecture = metadata.get("general.architecture")
+    if architecture not in ARCHITECTURES:
+        raise ConfigError(f"{path}: GGUF architecture {architecture!r} is not supported; supported: "
+                          f"{', '.join(ARCHITECTURES)}")
+    tensors = {}
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        if name is None:
+            continue
+        if tensor.tensor_type.name not in SUPPORTED_TYPES:
+            raise ConfigError(f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}, a GGML type this "
+                              f"library does not read; supported: {', '.join(SUPPORTED_TYPES)}")
+        tensors[name] = tensor
+    return GGUFModel(path=path, architecture=architecture, config=_config(path, architecture, metadata, reader,
+                                                                            tensors), tensors=tensors,
+                     metadata=metadata)
+
+
+def _config(path: Path, arch: str, meta: dict, reader, tensors: dict) -> dict:
+    def get(key, default=None, required=True):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None and required:
+            raise ConfigError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return value
+
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = get("vocab_size", None, required=False) or (len(tokens.data) if tokens is not None else None)
+    if vocab is None:
+        vocab = int(tensors["model.embed_tokens.weight"].shape[-1])
+    num_heads = int(get("attention.head_count"))
+    config = {"model_type": ARCHITECTURES[arch], "vocab_size": int(vocab),
+              "hidden_size": int(get("embedding_length")), "intermediate_size": int(get("feed_forward_length")),
+              "num_hidden_layers": int(get("block_count")), "num_attention_heads": num_heads,
+              "num_key_value_heads": int(get("attention.head_count_kv", num_heads)),
+              "max_position_embeddings": int(get("context_length")),
+              "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+              "rope_theta": float(get("rope.freq_base", 10000.0)),
+              "tie_word_embeddings": "lm_head.weight" not in tensors, "torch_dtype": "bfloat16",
+              "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+              "eos_token_id": meta.get("tokenizer.ggml.eos_token_id")}
+    head_dim = get("attention.key_length", None, required=False)
+    if head_dim is not None:
+        config["head_dim"] = int(head_dim)
+    factor, kind = get("rope.scaling.factor", None, required=False), get("rope.scaling.type", None, required=False)
+    if kind in ("linear",) and factor:
+        config["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
+    elif kind not in (None, "none"):
+        raise ConfigError(f"{path}: GGUF rope scaling {kind!r} is not supported; supported: none, linear")
+    if arch == "qwen2":
+        config["use_sliding_window"] = False
+    return config

@@ -1,0 +1,95 @@
+"""Tiny GGUF files written by the `gguf` package from transformers models: what llama.cpp's converter
+writes (metadata, tensor names, q/k rows interleaved for Llama), each matrix in a chosen GGML type
+quantized by the package itself."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+         "lm_head.weight": "output.weight"}
+LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+               "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down"}
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name in NAMES:
+        return NAMES[hf_name]
+    _, _, index, rest = hf_name.split(".", 3)                     # model.layers.<i>.<rest>
+    module, _, kind = rest.rpartition(".")
+    return f"blk.{index}.{LAYER_NAMES[module]}.{kind}"
+
+
+def permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permute of q/k rows (what the runtime undoes)."""
+    return weights.reshape(num_heads, 2, weights.shape[0] // num_heads // 2, *weights.shape[1:]) \
+        .swapaxes(1, 2).reshape(weights.shape)
+
+
+def random_blocks(shape: tuple[int, int], qtype_name: str, seed: int = 0) -> np.ndarray:
+    """Valid random blocks of a K-quant type the gguf package cannot quantize: random codes and scales,
+    with every block's float16 super-scales set to small finite values. [rows, bytes] uint8."""
+    import gguf
+    qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = shape
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    scales = rng.uniform(0.002, 0.02, size=(rows, cols // block, 2)).astype(np.float16).view(np.uint8)
+    if qtype_name == "Q6_K":                                   # d last
+        data[..., -2:] = scales[..., 0:2]
+    else:                                                      # Q4_K / Q5_K: d, dmin first
+        data[..., 0:4] = scales.reshape(rows, cols // block, 4)
+    return data.reshape(rows, -1)
+
+
+def write_gguf(path: Path, hf_model, architecture: str, matrix_type: str = "F32",
+               vocab_tokens: bool = True) -> Path:
+    """`hf_model` (a transformers causal LM) as a GGUF file: 2-D weights in `matrix_type` (quantized by
+    the gguf package), 1-D ones in F32."""
+    import gguf
+    config = hf_model.config
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    if vocab_tokens:      # a byte-level vocabulary: what transformers' GGUF loader expects to find
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list([f"<t{i}>" for i in range(config.vocab_size)])
+        writer.add_token_merges([])
+    qtype = getattr(gguf.GGMLQuantizationType, matrix_type)
+    for name, tensor in hf_model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        values = tensor.detach().float().numpy()
+        if architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            values = permute(values, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
+        if values.ndim == 2 and matrix_type in ("Q4_K", "Q5_K", "Q6_K"):
+            packed = random_blocks(values.shape, matrix_type)
+            writer.add_tensor(gguf_name(name), packed, raw_shape=packed.shape, raw_dtype=qtype)
+        elif values.ndim == 2 and matrix_type != "F32":
+            packed = gguf.quants.quantize(values, qtype)
+            writer.add_tensor(gguf_name(name), packed, raw_shape=packed.shape, raw_dtype=qtype)
+        else:
+            writer.add_tensor(gguf_name(name), np.ascontiguousarray(values))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

