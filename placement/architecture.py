@@ -41,6 +41,7 @@ class Architecture:
     sliding_window_layers: tuple[int, ...] = ()
     attn_logit_softcap: float | None = None   # scores -> cap * tanh(scores / cap) before softmax
     max_cache_len: int | None = None    # positions the model can embed at all (learned positions), or None
+    kv_rebuild_len: int | None = None   # a row's cache is recomputed once the row grows past it (Phi-3 longrope)
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     options: dict = field(default_factory=dict)   # family-specific (see the family's description)
@@ -75,15 +76,6 @@ class Architecture:
     def rotary_dim(self) -> int:
         """Dimensions of each head that RoPE rotates (the rest pass through)."""
         return int(self.head_dim * self.partial_rotary_factor)
-
-    @property
-    def rope_switch_len(self) -> int | None:
-        """Longrope's original context: keys of a row no longer than it are rotated with the short factors,
-        and once the row grows past it every key must be rotated anew with the long ones (transformers
-        recomputes the cache there). None for every other RoPE."""
-        if self.rope_scaling is None or self.rope_scaling["rope_type"] != "longrope":
-            return None
-        return self.rope_scaling["original_max_position_embeddings"]
 
     def window_of(self, layer: int) -> int | None:
         """Sliding-window length of decoder layer `layer`, or None for full attention."""

@@ -14,7 +14,8 @@ at once (they are not: the sum is the conservative part):
 - attention output: N Hq D b
 - MLP intermediates (gate, up, their product; OPT fc1 and its activation): 3 N I b
 - SDPA scores B x Hq x chunk x S and the mask B x chunk x S, both float32 (float32 scores also bound
-  16-bit scores plus probabilities on the math path)
+  16-bit scores plus probabilities on the math path); with soft-capped scores (Gemma 2), computed outside
+  SDPA, also their float32 softmax and its cast
 - logits of the last positions: B x V in float32 plus B x V in the model dtype
 - with quantized weights, the largest matrix dequantized: [out, in] codes (1 byte) + twice the model dtype
 - ALLOCATOR_SLACK_BYTES for allocator rounding and small temporaries
@@ -46,6 +47,8 @@ def workspace_bytes(arch: Architecture, batch_size: int, chunk_tokens: int, max_
     attn_out = N * Hq * D * b
     mlp = 3 * N * I * b
     scores = B * Hq * C * S * 4 + B * C * S * 4
+    if arch.attn_logit_softcap is not None:   # soft-capped scores are computed out of SDPA: + their softmax
+        scores += B * Hq * C * S * (4 + b)
     logits = B * V * (4 + b)
     # quantized matrices are dequantized one at a time next to their matmul: the unpacked codes (1 byte),
     # the codes in the model dtype and the weight

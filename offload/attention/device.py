@@ -76,8 +76,9 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     groups = q.shape[1] // k.shape[1]
     if groups > 1:      # the math path expands k and v to every q head (budgeted in the workspace)
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(2, 3)) * (q.shape[-1] ** -0.5 if scale is None else scale)   # [B, Hq, T, S]
-    scores = torch.tanh(scores / softcap) * softcap
+    scores = torch.matmul(q, k.transpose(2, 3))                                        # [B, Hq, T, S]
+    # in place: the workspace holds the scores and their float32 softmax, no more (placement/workspace.py)
+    scores.mul_(q.shape[-1] ** -0.5 if scale is None else scale).div_(softcap).tanh_().mul_(softcap)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores.masked_fill_(~mask, float("-inf"))
     return torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)

@@ -7,7 +7,7 @@ layer's streamed weights (if any), ahead of use, on the same copy stream/thread.
 `slot_bytes` counts exactly that (streamed weight bytes + KV bytes per slot).
 
 Per call (`attend`, with the layer's acquired tensors, which hold the slot views of the cache):
-  1. the new k, v are written into the device copy in the slot, and SDPA attends there (kv_cache.py);
+  1. the new k, v are written into the device copy in the slot, and SDPA attends there (offload/attention/device.py);
   2. the new k, v are written back to the host cache: device -> pinned staging (non-blocking), one event
      sync, then `cpu_kernels.append_kv` on the host.
 

@@ -20,11 +20,11 @@ DEFAULT_PREFILL_CHUNK = 512
 
 
 class Engine:
-    """Runs a family's math over a weight source and per-layer attention backends (see kv_cache.py).
+    """Runs a family's math over a weight source and per-layer attention backends (see offload/attention/contract.py).
 
     No implicit device sync anywhere in a step: host inputs reach the device through pinned memory with
     non-blocking copies, once per chunk; the only waits are the event syncs of the CPU-attended layers
-    (host_attention.py) and the caller's read of the sampled tokens."""
+    (offload/attention/host.py) and the caller's read of the sampled tokens."""
 
     def __init__(self, *, arch: Architecture, model: FamilyMath, weights: WeightSource,
                  backends: list[AttentionBackend], device, dtype: torch.dtype, max_seq_len: int,

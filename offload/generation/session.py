@@ -77,8 +77,9 @@ class Session:
         # A fully cached conversation (an empty turn after a prefill-only turn or a truncate) re-feeds its
         # last token, rewriting that slot with the same values, to get the logits that follow it.
         start = min(self._num_cached, len(conversation) - 1)   # slots before it stay valid whatever happens
-        if model.arch.rope_switch_len is not None and len(conversation) + max_new_tokens > model.arch.rope_switch_len:
-            start = 0     # longrope may rotate every key anew past its original context: one call's result
+        rebuild = model.arch.kv_rebuild_len
+        if rebuild is not None and start <= rebuild < len(conversation) + max_new_tokens:
+            start = 0     # the cache may be recomputed from its first token in this turn (Phi-3 longrope)
         pending = conversation[start:]
         self._tokens = conversation
         cache_lengths = [start]

@@ -35,10 +35,8 @@ def generate_steps(engine: Engine, rows: list[list[int]], *, starts: list[int], 
     Timings exclude the time the consumer spends between steps.
     """
     B = len(rows)
-    switch = engine.arch.rope_switch_len
-    if switch is not None:
-        assert not any(starts), "a cache that longrope may have to rebuild is filled from slot 0 (Session does)"
-        history = [list(r) for r in rows]           # every token fed so far, to rebuild the cache from
+    switch = engine.arch.kv_rebuild_len
+    history = [list(r) for r in rows] if switch is not None else None   # every token fed, to rebuild from
     t0 = time.perf_counter()
     logits = engine.prefill(rows, starts)                                     # [B, V]
     wait_for_device(engine.device)                       # the prefill time includes its queued GPU work
@@ -55,6 +53,7 @@ def generate_steps(engine: Engine, rows: list[list[int]], *, starts: list[int], 
             if switch is not None and switch in cache_lengths:
                 # a row passes the original context: its keys were rotated with longrope's short factors;
                 # like transformers, recompute the whole batch (rows now past it get the long factors)
+                assert not any(starts), "a cache that may be rebuilt is filled from slot 0 (Session sees to it)"
                 logits = engine.prefill(history, [0] * B)                     # [B, V]
                 cache_lengths[:] = [len(h) for h in history]
             else:

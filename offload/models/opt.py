@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from offload.models.layers import activation, layer_norm, linear, merge_heads, plain_mlp, split_heads
 from placement.architecture import Architecture
+from placement.families.opt import POSITION_OFFSET
 
-POSITION_OFFSET = 2      # OPT's learned position table starts 2 rows in (a fairseq legacy)
 
 
 class OPTModel:

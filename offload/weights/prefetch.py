@@ -64,7 +64,7 @@ class Prefetcher:
         if len(set(order)) != len(order):
             raise ValueError(f"streamed items repeat in the order {list(order)}")
         if not isinstance(prefetch_depth, int) or prefetch_depth < 1:
-            raise ValueError(f"prefetch prefetch_depth must be an integer >= 1, got {prefetch_depth!r}")
+            raise ValueError(f"prefetch depth must be an integer >= 1, got {prefetch_depth!r}")
         self.order = tuple(order)
         self.items = tuple(items)
         self._position = {item: i for i, item in enumerate(self.order)}

@@ -39,12 +39,17 @@ class GemmaFamily(PreNormDecoder):
             config = {**GEMMA3_TEXT_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
         common = common_fields(config)
         num_layers = common["num_layers"]
+        if config.get("use_bidirectional_attention"):
+            raise ConfigError("use_bidirectional_attention is set: an encoder (EmbeddingGemma), not a decoder "
+                              "this library generates with")
         if config.get("layer_types") is not None:
             sliding = window_layers(config, num_layers)
         else:                                   # the transformers defaults: every 2nd / every 6th is global
-            pattern = int(config.get("sliding_window_pattern", 6)) if self.is_gemma3 else 2
+            pattern = config.get("sliding_window_pattern", 6) if self.is_gemma3 else 2
+            if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+                raise ConfigError(f"config field 'sliding_window_pattern' must be a positive integer, got {pattern!r}")
             sliding = tuple(i for i in range(num_layers) if (i + 1) % pattern)
-        window = config.get("sliding_window")
+        window = config.get("sliding_window") or 4096          # transformers' default
         fields = decoder_fields(config, common)
         local_theta = None
         if self.is_gemma3:
@@ -54,16 +59,14 @@ class GemmaFamily(PreNormDecoder):
             local_theta = float(config.get("rope_local_base_freq") or _theta(config, "sliding_attention", 10_000.0))
         softcap = config.get("attn_logit_softcapping", None if self.is_gemma3 else 50.0)
         final_softcap = config.get("final_logit_softcapping", None if self.is_gemma3 else 30.0)
-        options = dict(query_pre_attn_scalar=float(config.get("query_pre_attn_scalar", 256)),
+        options = dict(query_pre_attn_scalar=float(config.get("query_pre_attn_scalar") or 256),
                        final_logit_softcap=None if final_softcap is None else float(final_softcap),
                        attention_bias=bool(config.get("attention_bias", False)), qk_norm=self.is_gemma3,
                        local_rope_theta=local_theta)
-        if window is None and sliding:
-            raise ConfigError("config has sliding-window layers (layer_types) but no 'sliding_window'")
         fields["hidden_act"] = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
         fields["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", True))
         return dict(**common, **fields, sliding_window=int(window) if sliding else None,
-                    sliding_window_layers=sliding if window else (),
+                    sliding_window_layers=sliding,
                     attn_logit_softcap=None if softcap is None else float(softcap), options=options)
 
     def norm_names(self, arch) -> tuple[str, ...]:

@@ -4,7 +4,8 @@ factors up to `original_max_position_embeddings`, long factors past it, cos/sin 
 factor), and a sliding window on every layer when the config sets `sliding_window`.
 
 Options: none beyond the generic fields (rope_scaling carries longrope's factors and
-original_max_position_embeddings; partial_rotary_factor is a generic RoPE field).
+original_max_position_embeddings; partial_rotary_factor is a generic RoPE field; kv_rebuild_len says where
+the cache is recomputed, as transformers' Phi-3 generation does).
 """
 from __future__ import annotations
 
@@ -20,17 +21,15 @@ class Phi3Family(PreNormDecoder):
     def parse(self, config: dict) -> dict:
         common = common_fields(config)
         fields = decoder_fields(config, common)
-        scaling = fields["rope_scaling"]
-        if scaling is not None and scaling["rope_type"] == "longrope":
-            original = scaling.get("original_max_position_embeddings") or \
-                config.get("original_max_position_embeddings") or common["max_position_embeddings"]
-            fields["rope_scaling"] = {**scaling, "original_max_position_embeddings": int(original)}
-        params = config.get("rope_parameters") or {}
-        factor = float(config.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0)))
         window = config.get("sliding_window")
-        return dict(**common, **fields, partial_rotary_factor=factor,
-                    sliding_window=int(window) if window else None,
-                    sliding_window_layers=tuple(range(common["num_layers"])) if window else (), options={})
+        scaling = fields["rope_scaling"]
+        # transformers' Phi3ForCausalLM recomputes the cache when a row first grows past the original
+        # context (its keys were rotated with the short factors)
+        rebuild = scaling["original_max_position_embeddings"] if scaling and scaling["rope_type"] == "longrope" \
+            else None
+        return dict(**common, **fields, sliding_window=int(window) if window else None,
+                    sliding_window_layers=tuple(range(common["num_layers"])) if window else (),
+                    kv_rebuild_len=rebuild, options={})
 
     def attention_tensors(self, arch, p: str) -> dict[str, Shape]:
         h, d = arch.hidden_size, arch.head_dim

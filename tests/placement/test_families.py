@@ -92,7 +92,7 @@ def test_old_spellings_values():
     assert gemma3.options["local_rope_theta"] == 20_000.0 and gemma3.sliding_window_layers == (0, 1)
     phi3 = Architecture.from_config(PHI3_OLD)
     assert phi3.rope_scaling == {"rope_type": "longrope", **PHI3_FACTORS, "original_max_position_embeddings": 32}
-    assert phi3.rotary_dim == 8 and phi3.rope_switch_len == 32
+    assert phi3.rotary_dim == 8 and phi3.kv_rebuild_len == 32
     with pytest.raises(ConfigError, match="unsupported rope scaling type 'yarn'"):
         Architecture.from_config(QWEN3_OLD)
 
@@ -110,3 +110,24 @@ def test_multimodal_gemma3_reads_its_language_model_under_its_prefix():
     assert {f"language_model.{k}": v for k, v in text_only.all_tensors().items()} == arch.all_tensors()
     with pytest.raises(ConfigError, match="text_config"):
         Architecture.from_config({"model_type": "gemma3"})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.2], "long_factor": [2.0, 3.0, 4.0, 5.0]}},
+     "'short_factor': 4 positive numbers"),
+    ({"rope_scaling": {"type": "longrope", "long_factor": [2.0, 3.0, 4.0, 5.0]}}, "'short_factor'"),
+    ({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 4, "long_factor": ["x"] * 4}}, "'long_factor'"),
+])
+def test_bad_longrope_factors_are_one_line_errors(change, message):
+    with pytest.raises(ConfigError, match=message):
+        Architecture.from_config({**PHI3_OLD, **change})
+
+
+def test_bad_gemma_configs_are_one_line_errors():
+    base = {"model_type": "gemma3_text", **TINY, "head_dim": 16}
+    with pytest.raises(ConfigError, match="sliding_window_pattern' must be a positive integer, got 0"):
+        Architecture.from_config({**base, "sliding_window_pattern": 0})
+    with pytest.raises(ConfigError, match="use_bidirectional_attention"):
+        Architecture.from_config({**base, "use_bidirectional_attention": True})
+    gemma2 = Architecture.from_config({"model_type": "gemma2", **TINY, "head_dim": 16, "query_pre_attn_scalar": None})
+    assert gemma2.sliding_window == 4096 and gemma2.options["query_pre_attn_scalar"] == 256   # transformers' defaults

@@ -27,7 +27,7 @@ def _references(model, turns, max_new_tokens, **kwargs):
 
 
 @pytest.mark.parametrize("variant, chunk", [("llama", 512), ("mistral_window", 3), ("opt", 2),
-                                            ("qwen2_window", 4)])
+                                            ("qwen2_window", 4), ("gemma2", 3), ("gemma3", 4), ("qwen3", 5)])
 def test_turns_equal_single_calls_over_the_conversation(checkpoint_factory, variant, chunk):
     model = _load(checkpoint_factory, variant, prefill_chunk_size=chunk)
     want = _references(model, TURNS, 6)
@@ -172,3 +172,21 @@ def test_truncate_after_an_early_stop_and_bad_arguments(checkpoint_factory):
     assert session.num_tokens == 0
     with pytest.raises(ValueError, match="at least one token"):
         session.generate([], max_new_tokens=3)
+
+
+def test_longrope_turns_equal_single_calls_before_and_after_the_original_context(checkpoint_factory):
+    """Phi-3 longrope (original context 16): short turns keep the cache; the turn that may cross 16 is
+    prefilled from the first token (the cache may be recomputed there), later turns keep it again."""
+    model = _load(checkpoint_factory, "phi3_longrope", prefill_chunk_size=4)
+    assert model.arch.kv_rebuild_len == 16
+    turns = [[5, 17, 99], [33, 4], [9, 14, 77, 31], [12, 45], [60, 61]]
+    want = _references(model, turns, 3)
+    session = model.session()
+    prefilled = []
+    for turn in turns:
+        session.generate(turn, max_new_tokens=3)
+        prefilled.append(model.stats.num_prompt_tokens)
+    assert session.tokens == [t for turn, out in zip(turns, want) for t in turn + out]
+    assert prefilled[1] == len(turns[1]) + 1                     # before the switch: only the new tokens
+    assert prefilled[2] == sum(map(len, turns[:3])) + 3 * 2      # may cross 16: the whole conversation
+    assert prefilled[-1] == len(turns[-1]) + 1                   # past it: only the new tokens again

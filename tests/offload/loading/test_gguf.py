@@ -13,7 +13,7 @@ import offload
 from offload.loading.checkpoint import CheckpointError
 from tests.offload.builders import build_checkpoint, hf_logits
 from tests.offload.gguf_builders import write_gguf
-from tests.offload.offload_plans import EVERY_BACKEND, layout_plan
+from tests.offload.offload_plans import layout_plan
 
 pytest.importorskip("gguf")
 PROMPT = [5, 17, 99, 42, 8, 63, 21, 7, 88, 3, 64, 90]

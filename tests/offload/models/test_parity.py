@@ -76,6 +76,13 @@ def test_greedy_ragged_batch_bfloat16(checkpoint_factory, variant):
     ("qwen2_window", {"use_sliding_window": False}),
     ("llama_rope_dynamic", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     ("llama_rope_llama3", {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}),
+    ("gemma2", {"attn_logit_softcapping": 1000.0}),
+    ("gemma2", {"final_logit_softcapping": 1000.0}),
+    ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                       "rope_theta": 1_000_000.0},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}}}),
+    ("phi3", {"partial_rotary_factor": 1.0, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
+    ("phi3_longrope", {"original_max_position_embeddings": 64}),
 ])
 def test_variant_option_changes_the_logits(checkpoint_factory, tmp_path, variant, change):
     """The parity tests above exercise each option: without it, the same weights give other logits."""
