@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 
 from offload.chat import (ChatSetupError, ChatTemplate, ChatTemplateError, ChatTokenizer,  # noqa: E402
                           ContextFullError, Conversation, find_chat_template, run_turn)
+from offload.chat.gguf_tokenizer import tokenizer_from_gguf  # noqa: E402
+from placement.gguf_file import find_gguf  # noqa: E402
 
 COMMANDS = "/reset, /plan, /stats, /quit"
 DEMO_MAX_NEW_TOKENS = 32
@@ -27,7 +29,7 @@ DEMO_MAX_NEW_TOKENS = 32
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", nargs="?", help="a Hugging Face model folder (config.json, "
+    parser.add_argument("model_dir", nargs="?", help="a .gguf file, or a Hugging Face model folder (config.json, "
                         "*.safetensors, tokenizer.json, tokenizer_config.json)")
     parser.add_argument("--demo", action="store_true", help="chat with a tiny random-weight Llama built in a "
                         "temporary folder (replies are random: it shows the pipeline)")
@@ -65,12 +67,19 @@ def note(message: str) -> None:
 def setup(args):
     """(tokenizer, template, model) for the folder; one line on stderr and exit 2 for a user mistake."""
     model_dir = Path(args.model_dir)
-    if not model_dir.is_dir():
-        fail(f"{model_dir}: no such folder (give a Hugging Face model folder, or --demo)")
+    if not model_dir.exists():
+        fail(f"{model_dir}: no such file or folder (give a Hugging Face model folder, a .gguf file, or --demo)")
     try:
-        tokenizer = ChatTokenizer.from_dir(model_dir)
-        template = ChatTemplate(find_chat_template(model_dir), tokenizer.special_tokens)
-    except ChatSetupError as error:
+        gguf_path = find_gguf(model_dir)
+        if gguf_path is not None:                # tokenizer and chat template from the file's metadata
+            tokenizer, template_text = tokenizer_from_gguf(gguf_path)
+        else:
+            if not model_dir.is_dir():
+                fail(f"{model_dir}: not a folder or a .gguf file (give a Hugging Face model folder, a .gguf "
+                     "file, or --demo)")
+            tokenizer, template_text = ChatTokenizer.from_dir(model_dir), find_chat_template(model_dir)
+        template = ChatTemplate(template_text, tokenizer.special_tokens)
+    except (ChatSetupError, ValueError) as error:
         fail(str(error))
     if template.is_fallback:
         note("this model has no chat template: using a plain 'User: ... / Assistant: ...' format")

@@ -121,7 +121,7 @@ def _config(path: Path, arch: str, meta: dict, reader, tensors: dict) -> dict:
               "max_position_embeddings": int(get("context_length")),
               "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
               "rope_theta": float(get("rope.freq_base", 10000.0)),
-              "tie_word_embeddings": "lm_head.weight" not in tensors, "torch_dtype": "bfloat16",
+              "tie_word_embeddings": "lm_head.weight" not in tensors, "torch_dtype": "float32",
               "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
               "eos_token_id": meta.get("tokenizer.ggml.eos_token_id")}
     head_dim = get("attention.key_length", None, required=False)

@@ -202,7 +202,7 @@ def _load_spec(name_or_path: str | Path, dtype: str | None) -> ModelSpec:
     text = str(name_or_path)
     path = Path(text).expanduser()
     gguf_path = find_gguf(path)
-    if gguf_path is not None:    # dequantized as it is read: the model dtype's bytes (default: bfloat16)
+    if gguf_path is not None:    # dequantized as it is read: the model dtype's bytes (default: float32)
         return ModelSpec.from_config(read_gguf(gguf_path).config, name=gguf_path.stem, dtype=dtype,
                                      path=str(gguf_path))
     if path.is_dir():
