@@ -62,15 +62,22 @@ class QuantizedWeight:
         return torch.stack((q & 0xF, q >> 4), dim=-1).view(q.shape[0], -1)  # [out, in]
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense matrix [out, in] in `dtype` (default: the scales' dtype), computed in that dtype."""
+        """The dense matrix [out, in] in `dtype` (default: the scales' dtype), computed in that dtype with one
+        output buffer (the workspace counts it: placement/workspace.py)."""
         dtype = dtype or self.scales.dtype
         out, in_features = self.shape
         groups = self.scales.shape[1]
-        codes = self.codes().view(out, groups, in_features // groups).to(dtype)     # [out, G, g]
-        w = codes * self.scales.to(dtype)[..., None]
+        w = torch.empty(out, in_features, dtype=dtype, device=self.qweight.device)
+        if self.mins is None:
+            w.copy_(self.qweight)
+        else:                              # the nibbles straight into the even and odd columns
+            w[:, 0::2] = self.qweight & 0xF
+            w[:, 1::2] = self.qweight >> 4
+        grouped = w.view(out, groups, in_features // groups)                          # [out, G, g]
+        grouped.mul_(self.scales.to(dtype)[..., None])
         if self.mins is not None:
-            w = w + self.mins.to(dtype)[..., None]
-        return w.view(out, in_features)
+            grouped.add_(self.mins.to(dtype)[..., None])
+        return w
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The plain tensors it is stored as, keyed "<name>.<part>"."""
