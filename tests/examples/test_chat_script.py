@@ -83,7 +83,7 @@ def bad_folders(folder, tmp_path):
     shutil.copytree(folder, mistral)
     (mistral / "chat_template.jinja").write_text(templates.MISTRAL)
     return {
-        "missing folder": ([tmp_path / "nowhere"], "nowhere: no such folder"),
+        "missing folder": ([tmp_path / "nowhere"], "nowhere: no such file or folder"),
         "no tokenizer.json": ([no_tokenizer], "no tokenizer.json"),
         "unsupported model": ([gpt2], "unsupported model_type 'gpt2'"),
         "system prompt the template refuses": ([mistral, "--system", "Be kind."], "rejects a system message"),
