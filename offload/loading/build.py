@@ -169,6 +169,9 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
         raise ValueError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size!r}")
     if group_size is not None and quantize is None:
         raise ValueError("group_size is the group of a quantization; give quantize='int4' or 'int8' too")
+    if quantize is not None and checkpoint.quantized_types:
+        raise ValueError(f"{checkpoint.path}: already quantized ({', '.join(checkpoint.quantized_types)}); "
+                         "load it without quantize=")
     quantization = None if quantize is None else Quantization(scheme=quantize, group_size=group_size).label
     chosen = choose_plan(path=checkpoint.path, arch=arch, device=device, quantization=quantization,
                          dtype=dtype_name or normalize_dtype(arch.dtype), max_batch_size=max_batch_size,

@@ -126,6 +126,11 @@ class Checkpoint:
     def files(self) -> list[Path]:
         return sorted(set(self._files.values()))
 
+    @property
+    def quantized_types(self) -> tuple[str, ...]:
+        """The quantized formats it holds (none: a 16/32-bit checkpoint)."""
+        return ()
+
     # ---- reading ----------------------------------------------------------------------------------
     def read(self, name: str, dtype=None) -> torch.Tensor:
         """One tensor on the CPU, converted to `dtype` (default: as stored), shape checked."""

@@ -56,6 +56,12 @@ class GGUFCheckpoint:
     def files(self) -> list[Path]:
         return [self.path]
 
+    @property
+    def quantized_types(self) -> tuple[str, ...]:
+        """The GGML quantized types of its tensors (F32/F16/BF16 are not)."""
+        kinds = {t.tensor_type.name for t in self.model.tensors.values()}
+        return tuple(sorted(kinds - {"F32", "F16", "BF16"}))
+
     def read(self, name: str, dtype=None) -> torch.Tensor:
         """One tensor on the CPU, dequantized and converted to `dtype` (default float32)."""
         import gguf

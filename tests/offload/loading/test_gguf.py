@@ -79,6 +79,8 @@ def test_bad_gguf_files_are_one_clear_line(sources, tmp_path):
     unknown = write_gguf(tmp_path / "mamba.gguf", sources("llama", **SMALL), "mamba", "F32")
     with pytest.raises(CheckpointError, match="GGUF architecture 'mamba' is not supported; supported: llama"):
         offload.load(unknown, progress=False)
+    with pytest.raises(ValueError, match=r"good.gguf: already quantized \(Q4_0\); load it without quantize="):
+        offload.load(good, quantize="int4", progress=False)
     two = tmp_path / "two"
     two.mkdir()
     (two / "a.gguf").write_bytes(good.read_bytes())
