@@ -7,21 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
-NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-         "lm_head.weight": "output.weight"}
-LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-               "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-               "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down"}
+from placement.gguf_file import LAYER_NAMES, NAMES
+
+HF_NAMES = {hf: name for name, hf in NAMES.items()}                  # written as llama.cpp names them
+HF_LAYER_NAMES = {hf: name for name, hf in LAYER_NAMES.items()}
 
 
 def gguf_name(hf_name: str) -> str:
-    if hf_name in NAMES:
-        return NAMES[hf_name]
+    if hf_name in HF_NAMES:
+        return HF_NAMES[hf_name]
     _, _, index, rest = hf_name.split(".", 3)                     # model.layers.<i>.<rest>
     module, _, kind = rest.rpartition(".")
-    return f"blk.{index}.{LAYER_NAMES[module]}.{kind}"
+    return f"blk.{index}.{HF_LAYER_NAMES[module]}.{kind}"
 
 
 def permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
