@@ -61,6 +61,6 @@ def tokenizer_from_gguf(path) -> tuple[ChatTokenizer, str | None]:
         index = _field(reader, f"tokenizer.ggml.{key}")
         if index is not None and 0 <= int(index) < len(tokens):
             special[name] = tokens[int(index)]
-    stop = [int(i) for i in (_field(reader, "tokenizer.ggml.eos_token_id"), _field(reader, "tokenizer.ggml.eot_token_id"))
+    stop = [int(i) for i in (_field(reader, f"tokenizer.ggml.{key}") for key in ("eos_token_id", "eot_token_id"))
             if i is not None]
     return ChatTokenizer(tokenizer, special, stop), _field(reader, "tokenizer.chat_template")
