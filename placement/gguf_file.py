@@ -17,6 +17,10 @@ from placement.config_fields import ConfigError
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 PERMUTED_QK = ("llama",)     # architectures whose q/k rows llama.cpp's converter interleaves
+# GGML types that convert exactly into our packed layouts (placement/quantization.py), blocks of 32 weights:
+# Q4_0 w = (q - 8) d, Q4_1 w = q d + m, Q8_0 w = q d, with float16 d and m. Exact in a float32 or float16 model.
+PACKED_TYPES = {"Q4_0": "int4-g32", "Q4_1": "int4-g32", "Q8_0": "int8-g32"}
+EXACT_SCALE_DTYPES = ("float32", "float16")
 # GGUF tensor name -> Hugging Face name (llama.cpp's gguf-py tensor_mapping for these architectures)
 NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
          "output.weight": "lm_head.weight"}
@@ -66,6 +70,15 @@ class GGUFModel:
     @property
     def permutes_qk(self) -> bool:
         return self.architecture in PERMUTED_QK
+
+    def packed_quantization(self, matrix_names, dtype: str) -> str | None:
+        """The layout the layers' matrices (`matrix_names`) are held in as they are: "int4-g32" when all are
+        Q4_0/Q4_1, "int8-g32" when all are Q8_0, in a float32 or float16 model (their float16 scales are
+        exact there); None (held dequantized) otherwise."""
+        layouts = {PACKED_TYPES.get(self.tensors[name].tensor_type.name) for name in matrix_names}
+        if dtype not in EXACT_SCALE_DTYPES or len(layouts) != 1 or None in layouts:
+            return None
+        return layouts.pop()
 
 
 def read_gguf(path) -> GGUFModel:

@@ -193,7 +193,12 @@ def load_spec(name_or_path: str | Path, dtype: str | None = None,
 
     Raises ConfigError (a ValueError) with one line naming what is wrong and what would work.
     """
-    return _load_spec(name_or_path, dtype).quantized(quantization)
+    spec = _load_spec(name_or_path, dtype)
+    if isinstance(quantization, str):
+        quantization = Quantization.parse(quantization)
+    if spec.quantization is not None and quantization in (None, spec.quantization):
+        return spec                                       # a GGUF file held packed as it is
+    return spec.quantized(quantization)
 
 
 def _load_spec(name_or_path: str | Path, dtype: str | None) -> ModelSpec:
@@ -202,9 +207,10 @@ def _load_spec(name_or_path: str | Path, dtype: str | None) -> ModelSpec:
     text = str(name_or_path)
     path = Path(text).expanduser()
     gguf_path = find_gguf(path)
-    if gguf_path is not None:    # dequantized as it is read: the model dtype's bytes (default: float32)
-        return ModelSpec.from_config(read_gguf(gguf_path).config, name=gguf_path.stem, dtype=dtype,
-                                     path=str(gguf_path))
+    if gguf_path is not None:    # held packed when its layout allows (gguf_file.py), else dequantized
+        model = read_gguf(gguf_path)
+        spec = ModelSpec.from_config(model.config, name=gguf_path.stem, dtype=dtype, path=str(gguf_path))
+        return spec.quantized(model.packed_quantization(spec.arch.quantizable_tensors(), spec.dtype))
     if path.is_dir():
         return ModelSpec.from_checkpoint(path, dtype=dtype)
     if path.is_file():

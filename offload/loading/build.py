@@ -105,6 +105,8 @@ def _read_items(checkpoint: Checkpoint, tiers: dict, dtype: torch.dtype, progres
     same tier as the embedding is handed over as the same tensor object, so PlacedWeights stores it once
     (the one host table is then held until the head is reached)."""
     quantizable = checkpoint.arch.quantizable_tensors() if quantization is not None else {}
+    held_packed = quantization is not None and \
+        checkpoint.quantization(str(dtype).replace("torch.", "")) == quantization.label
     arch = checkpoint.arch
     keep_tied = arch.tie_word_embeddings and tiers["embedding"] == tiers["lm_head"] and \
         is_streamed("embedding", tiers) == is_streamed("lm_head", tiers)
@@ -115,12 +117,13 @@ def _read_items(checkpoint: Checkpoint, tiers: dict, dtype: torch.dtype, progres
         tensors = {}
         for key, name in item_tensors(arch, item).items():
             tensor = tied.get(name)
-            if tensor is None:
+            if tensor is None and not (held_packed and name in quantizable):
                 tensor = checkpoint.read(name, dtype)
                 if keep_tied and item == "embedding":
                     tied[name] = tensor
-            if name in quantizable:
-                tensor = quantize(tensor, quantization, name, dtype)
+            if name in quantizable:       # packed as the file holds it (exactly), or quantized now
+                tensor = checkpoint.read_quantized(name, dtype) if held_packed else \
+                    quantize(tensor, quantization, name, dtype)
             tensors[key] = tensor
         if item == "lm_head":
             tied.clear()

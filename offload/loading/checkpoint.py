@@ -131,6 +131,10 @@ class Checkpoint:
         """The quantized formats it holds (none: a 16/32-bit checkpoint)."""
         return ()
 
+    def quantization(self, dtype: str) -> str | None:
+        """The packed layout it is held in as it is (none: 16/32-bit tensors, quantized only on request)."""
+        return None
+
     # ---- reading ----------------------------------------------------------------------------------
     def read(self, name: str, dtype=None) -> torch.Tensor:
         """One tensor on the CPU, converted to `dtype` (default: as stored), shape checked."""

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from offload.loading.checkpoint import CheckpointError, torch_dtype
+from offload.weights.quant import QuantizedWeight
 from placement.architecture import Architecture, ConfigError
 from placement.gguf_file import read_gguf
 
@@ -55,6 +56,39 @@ class GGUFCheckpoint:
     @property
     def files(self) -> list[Path]:
         return [self.path]
+
+    def quantization(self, dtype: str) -> str | None:
+        """The packed layout its layers' matrices are held in for a `dtype` model, or None (dequantized)."""
+        return self.model.packed_quantization(self.arch.quantizable_tensors(), dtype)
+
+    def read_quantized(self, name: str, dtype) -> QuantizedWeight:
+        """A Q4_0 / Q4_1 / Q8_0 matrix converted exactly into our packed layout (group 32, float16 scales
+        held in `dtype`): the codes of each 32-weight block and its scale (and min), q/k rows unpermuted."""
+        tensor = self.model.tensors[name]
+        kind = tensor.tensor_type.name
+        rows, cols = self._expected[name]
+        size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[kind]
+        blocks = np.asarray(tensor.data).reshape(rows, cols // 32, size)             # [out, G, bytes]
+        if blocks.shape[-1] != size:
+            raise CheckpointError(f"{self.path}: tensor {tensor.name} is not a {kind} block array")
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0]                          # [out, G]
+        if kind == "Q8_0":
+            codes = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)           # [out, in]
+            parts = dict(qweight=codes, scales=d)
+        else:
+            qs = blocks[..., 4 if kind == "Q4_1" else 2:]                              # [out, G, 16]
+            codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(rows, cols)   # block j, j+16
+            mins = blocks[..., 2:4].copy().view(np.float16)[..., 0] if kind == "Q4_1" else \
+                (-8 * d.astype(np.float32)).astype(np.float16)                        # exact: a power of 2
+            packed = codes[:, 0::2] | (codes[:, 1::2] << 4)                            # our nibble order
+            parts = dict(qweight=packed, scales=d, mins=mins)
+        if self.model.permutes_qk and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            heads = self.arch.num_heads if ".q_proj." in name else self.arch.num_kv_heads
+            parts = {key: _unpermute(value, heads) for key, value in parts.items()}    # whole rows move
+        out = {key: torch.from_numpy(np.ascontiguousarray(value).copy()) for key, value in parts.items()}
+        target = torch_dtype(dtype)
+        return QuantizedWeight(qweight=out["qweight"], scales=out["scales"].to(target),
+                               mins=None if "mins" not in out else out["mins"].to(target))
 
     @property
     def quantized_types(self) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from tests.offload.gguf_builders import write_gguf
 from tests.offload.offload_plans import layout_plan
 
 pytest.importorskip("gguf")
+PACKED = {"Q4_0": "int4-g32", "Q4_1": "int4-g32", "Q8_0": "int8-g32"}
 PROMPT = [5, 17, 99, 42, 8, 63, 21, 7, 88, 3, 64, 90]
 SMALL = dict(num_hidden_layers=2)
 WIDE = dict(num_hidden_layers=1, hidden_size=256, intermediate_size=512, num_attention_heads=4,
@@ -50,6 +51,26 @@ def test_gguf_logits_match_transformers(sources, tmp_path, variant, architecture
     reference = _transformers_gguf(path)
     ours = offload.load(path, dtype="float32", max_seq_len=64, progress=False)
     torch.testing.assert_close(ours.forward([PROMPT])[0], hf_logits(reference, PROMPT), atol=1e-4, rtol=0)
+    # Q4_0 / Q4_1 / Q8_0 layers are held packed as the file has them (exactly); the rest dequantized
+    assert ours.plan.quantization == PACKED.get(matrix_type)
+
+
+def test_packed_gguf_matrices_are_exactly_the_files_values(sources, tmp_path):
+    """Held packed, each matrix dequantizes to exactly what the gguf package dequantizes (q/k rows too)."""
+    from offload.loading.gguf_checkpoint import GGUFCheckpoint
+    for matrix_type in PACKED:
+        path = write_gguf(tmp_path / f"m.{matrix_type}.gguf", sources("llama", **SMALL), "llama", matrix_type)
+        checkpoint = GGUFCheckpoint(path)
+        assert checkpoint.quantization("float32") == PACKED[matrix_type]
+        assert checkpoint.quantization("bfloat16") is None             # its float16 scales would round
+        for name in checkpoint.arch.quantizable_tensors():
+            packed = checkpoint.read_quantized(name, "float32")
+            assert torch.equal(packed.dequantize(torch.float32), checkpoint.read(name, "float32")), name
+        model = offload.load(path, max_seq_len=64, progress=False)              # float32: held packed
+        assert model.engine.weights.resident_bytes == model.plan.memory.gpu.weights
+        layer = model.plan.layers[0].weight_bytes
+        dense = sum(torch.Size(s).numel() * 4 for s in checkpoint.arch.layer_tensors(0).values())
+        assert layer < 0.3 * dense                                             # what a streamed layer moves
 
 
 @pytest.mark.parametrize("matrix_type", ["Q4_K", "Q5_K", "Q6_K"])
@@ -126,6 +147,7 @@ def smollm2():
 def test_smollm2_answers_paris_and_its_tokens_are_transformers(smollm2):
     path, tokenizer, prompts, want = smollm2
     model = offload.load(path, dtype="float32", max_seq_len=160, max_batch_size=4, progress=False)
+    assert model.plan.quantization == "int4-g32"                        # its Q4_1 layers held packed
     got = model.generate(prompts, max_new_tokens=40)
     assert got == want
     assert max(map(len, got)) >= 32
