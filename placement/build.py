@@ -48,16 +48,17 @@ def layer_plans(spec: ModelSpec, workload: Workload, weights_gpu: list[bool], kv
     return tuple(layers)
 
 
-def predict(cost: CostModel, layers, embedding: str, lm_head: str, depth: int,
+def predict(cost: CostModel, layers, embedding: str, lm_head: str, prefetch_depth: int,
             chunk: int) -> Prediction:
     """The cost model's prediction for explicit per-layer placements."""
     kinds = Counter((l.weights, l.kv, l.attention, l.weight_bytes) for l in layers)
     decode = [(n, cost.decode_layer(*k)) for k, n in kinds.items()]
     decode += [(1, cost.embedding(embedding, 1)), (1, cost.final_norm()), (1, cost.lm_head(lm_head))]
-    step = step_time(decode, depth)
+    step = step_time(decode, prefetch_depth)
     body = [(n, cost.prefill_layer(*k, chunk)) for k, n in kinds.items()] + [(1, cost.final_norm())]
     prefill_s = cost.prefill_seconds(body, lm_head=cost.lm_head(lm_head),
-                                     embedding=cost.embedding(embedding, chunk), depth=depth, chunk=chunk)
+                                     embedding=cost.embedding(embedding, chunk), prefetch_depth=prefetch_depth,
+                                     chunk=chunk)
     return Prediction(prefill_s=prefill_s, decode_tokens_per_s=cost.wl.batch_size / step.seconds,
                       bottleneck=step.bottleneck)
 
@@ -71,19 +72,19 @@ def assemble(spec: ModelSpec, workload: Workload, hardware: Hardware, *, layers,
     norm = ItemPlan(weights="gpu", weight_bytes=spec.final_norm_bytes)
     head = ItemPlan(weights=lm_head, weight_bytes=spec.lm_head_bytes, read_bytes=spec.lm_head_read_bytes)
     ring = max([l.streamed_bytes for l in layers] + [head.read_bytes if lm_head == "cpu" else 0])
-    depth = prefetch_depth if ring else 0
-    if ring and depth < 1:
+    prefetch_depth = prefetch_depth if ring else 0
+    if ring and prefetch_depth < 1:
         raise PlanError("streamed items need a prefetch depth of at least 1")
     workspace = workspace_bytes(spec.arch, workload.batch_size, chunk, workload.max_seq_len, spec.dtype,
                              spec.quantization)
     reserve = hardware.cuda_reserve_bytes
-    prediction = predict(CostModel(spec, hardware, workload), layers, embedding, lm_head, depth, chunk)
+    prediction = predict(CostModel(spec, hardware, workload), layers, embedding, lm_head, prefetch_depth, chunk)
     fields = dict(model=spec.name, model_type=spec.arch.model_type, num_params=spec.num_params,
                   num_layers=spec.num_layers, dtype=spec.dtype,
                   quantization=None if spec.quantization is None else spec.quantization.label,
                   tie_word_embeddings=spec.arch.tie_word_embeddings, workload=workload,
-                  layers=layers, embedding=emb, final_norm=norm, lm_head=head, prefetch_depth=depth,
-                  slot_bytes=ring if depth else 0, prefill_chunk_size=chunk,
+                  layers=layers, embedding=emb, final_norm=norm, lm_head=head, prefetch_depth=prefetch_depth,
+                  slot_bytes=ring if prefetch_depth else 0, prefill_chunk_size=chunk,
                   workspace_bytes=workspace, cuda_reserve_bytes=reserve, predicted=prediction,
                   hardware=hardware.name)
     if budget is None:   # record what it needs: build once unchecked-sized, then size the budget

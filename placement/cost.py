@@ -8,10 +8,10 @@ Every item (decoder layer, embedding, final norm, LM head) costs:
   cost their dequantization (the dense weight written and read again);
 - `cpu_s` on the critical path but off the GPU: CPU attention, max(KV bytes / CPU attention bandwidth,
   FLOPs / CPU FLOP/s) plus a round trip for q, k, v and the output; the CPU embedding lookup's rows.
-The copy engine runs ahead of compute through a ring of `depth` buffers, so a step costs
+The copy engine runs ahead of compute through a ring of `prefetch_depth` (d) buffers, so a step costs
 - nothing streamed:  T_c                                     (T_c = sum of gpu_s + cpu_s)
-- depth 1:           T_c + max(0, T_x - R)   (a copy overlaps only the compute of resident items, R)
-- depth >= 2:        max(T_x, T_c + max(0, t_max - (depth - 1) * T_c / s))
+- d = 1:             T_c + max(0, T_x - R)   (a copy overlaps only the compute of resident items, R)
+- d >= 2:            max(T_x, T_c + max(0, t_max - (d - 1) * T_c / s))
   where T_x is the sum of transfers over the s streamed items and t_max the largest one (a big item,
   e.g. a streamed LM head, stalls compute unless deeper prefetch hides it).
 Prefill runs ceil(prompt_len / chunk) chunks, each streams every streamed item again (the LM head only
@@ -47,7 +47,7 @@ class StepTime:
     bottleneck: str
 
 
-def step_time(groups, depth: int) -> StepTime:
+def step_time(groups, prefetch_depth: int) -> StepTime:
     """Time of one pass over items given as (count, ItemCost) pairs with a ring of `depth` buffers."""
     t_x = t_gpu = t_cpu = resident = t_max = 0.0
     num_streamed = 0
@@ -65,10 +65,10 @@ def step_time(groups, depth: int) -> StepTime:
     t_c = t_gpu + t_cpu
     if num_streamed == 0:
         seconds = t_c
-    elif depth <= 1:
+    elif prefetch_depth <= 1:
         seconds = t_c + max(0.0, t_x - resident)
     else:
-        window = (depth - 1) * t_c / num_streamed
+        window = (prefetch_depth - 1) * t_c / num_streamed
         seconds = max(t_x, t_c + max(0.0, t_max - window))
     if num_streamed and t_x >= t_c:
         bottleneck = "pcie"
@@ -153,14 +153,14 @@ class CostModel:
         return self.layer(weights=weights, kv=kv, attention=attention, weight_bytes=weight_bytes,
                           num_rows=chunk, num_keys=(prompt + chunk) / 2)
 
-    def prefill_seconds(self, body, *, lm_head: ItemCost, embedding: ItemCost, depth: int,
+    def prefill_seconds(self, body, *, lm_head: ItemCost, embedding: ItemCost, prefetch_depth: int,
                         chunk: int) -> float:
         """Whole prefill in chunks of `chunk` tokens per row: `body` is (count, ItemCost) of the
         layers and final norm for one chunk, `embedding` is for one chunk; the LM head runs in the
         last chunk only."""
         num_chunks = -(-self.wl.prompt_len // chunk)
         groups = list(body) + [(1, embedding)]
-        chunk_s = step_time(groups, depth).seconds
-        last_s = step_time(groups + [(1, lm_head)], depth).seconds
+        chunk_s = step_time(groups, prefetch_depth).seconds
+        last_s = step_time(groups + [(1, lm_head)], prefetch_depth).seconds
         fill = max([c.transfer_s for n, c in groups + [(1, lm_head)] if n and c.is_streamed], default=0.0)
         return (num_chunks - 1) * chunk_s + last_s + fill

@@ -71,11 +71,11 @@ def manual_plan(spec: ModelSpec, workload: Workload, hardware: Hardware | None =
                     budget=Budget(gpu_bytes=hardware.gpu_bytes, cpu_bytes=hardware.cpu_bytes))
 
 
-def _largest_chunk(spec, workload, hardware, layers, embedding, lm_head, depth) -> int:
+def _largest_chunk(spec, workload, hardware, layers, embedding, lm_head, prefetch_depth) -> int:
     if hardware is None:
         return workload.prompt_len
     probe = assemble(spec, workload, hardware, layers=layers, embedding=embedding, lm_head=lm_head,
-                     prefetch_depth=depth, chunk=workload.prompt_len)
+                     prefetch_depth=prefetch_depth, chunk=workload.prompt_len)
     room = hardware.gpu_bytes - probe.cuda_reserve_bytes - (probe.memory.gpu.total - probe.workspace_bytes)
     for chunk in chunk_candidates(workload.prompt_len):
         if workspace_bytes(spec.arch, workload.batch_size, chunk, workload.max_seq_len, spec.dtype,

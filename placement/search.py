@@ -52,8 +52,8 @@ def plan(spec: ModelSpec, hardware: Hardware, workload: Workload) -> Plan:
             fixed_cpu = emb_b + lm_b - fixed_gpu
             lm_ring = lm_read if lm_p == "cpu" else 0
             for mode in ("cpu", "gpu"):
-                for depth in range(1, MAX_PREFETCH_DEPTH + 1):
-                    for n_w, n_kv, d in _layouts(L, w, kv, gpu_avail - fixed_gpu, lm_ring, mode, depth):
+                for prefetch_depth in range(1, MAX_PREFETCH_DEPTH + 1):
+                    for n_w, n_kv, d in _layouts(L, w, kv, gpu_avail - fixed_gpu, lm_ring, mode, prefetch_depth):
                         if (L - n_w) * w + (L - n_kv) * kv + fixed_cpu > hardware.cpu_bytes:
                             continue
                         counts = _counts(L, n_w, n_kv)
@@ -67,39 +67,39 @@ def plan(spec: ModelSpec, hardware: Hardware, workload: Workload) -> Plan:
                         body = [(c, prefill[(wp, kp, "gpu" if kp == "gpu" else mode)])
                                 for (wp, kp), c in zip(_KINDS, counts)] + [(1, norm)]
                         total = cost.prefill_seconds(body, lm_head=heads[lm_p], embedding=prefill_emb[emb_p],
-                                                     depth=d, chunk=chunk) + gen * step
+                                                     prefetch_depth=d, chunk=chunk) + gen * step
                         rank = (total, d, -n_w, -n_kv, mode == "gpu", emb_p == "cpu", -chunk)
                         if best_key is None or rank < best_key:
                             best_key, best = rank, (chunk, emb_p, lm_p, mode, n_kv, n_w, d)
     if best is None:
         raise PlanError(_no_fit(spec, hardware, workload, chunks[-1]))
-    chunk, emb_p, lm_p, mode, n_kv, n_w, depth = best
+    chunk, emb_p, lm_p, mode, n_kv, n_w, prefetch_depth = best
     layers = layer_plans(spec, workload, weights_gpu=[not s for s in spread(L - n_w, L)],
                          kv_gpu=[i < n_kv for i in range(L)], cpu_attention=mode == "cpu")
     return assemble(spec, workload, hardware, layers=layers, embedding=emb_p, lm_head=lm_p,
-                    prefetch_depth=max(depth, 1), chunk=chunk,
+                    prefetch_depth=max(prefetch_depth, 1), chunk=chunk,
                     budget=Budget(gpu_bytes=hardware.gpu_bytes, cpu_bytes=hardware.cpu_bytes))
 
 
-def _layouts(L: int, w: int, kv: int, room: int, lm_ring: int, mode: str, depth: int):
-    """(n_w, n_kv, depth used) candidates, most resident weights first: for each number n_w of layers
+def _layouts(L: int, w: int, kv: int, room: int, lm_ring: int, mode: str, prefetch_depth: int):
+    """(n_w, n_kv, prefetch_depth used) candidates, most resident weights first: for each number n_w of layers
     with resident weights, the most layers' KV on the GPU that fit in `room` bytes (more GPU KV never
     predicts slower at equal n_w), stopping once all KV fits (fewer resident weights then only lose).
     With all KV on the GPU the attention site is moot: only mode "cpu" yields that layout."""
     for n_w in range(L, -1, -1):
         layer_ring = w if n_w < L else 0
         streams = n_w < L or lm_ring > 0
-        left = room - n_w * w - (depth * max(layer_ring, lm_ring) if streams else 0)
+        left = room - n_w * w - (prefetch_depth * max(layer_ring, lm_ring) if streams else 0)
         if left >= L * kv:
             if mode == "cpu":
-                yield n_w, L, depth if streams else 0
+                yield n_w, L, prefetch_depth if streams else 0
             return
         kv_ring = kv if mode == "gpu" else 0
         streams = streams or kv_ring > 0
-        left = room - n_w * w - (depth * max(layer_ring + kv_ring, lm_ring) if streams else 0)
+        left = room - n_w * w - (prefetch_depth * max(layer_ring + kv_ring, lm_ring) if streams else 0)
         n_kv = min(L - 1, left // kv)
         if n_kv >= 0:
-            yield n_w, n_kv, depth if streams else 0
+            yield n_w, n_kv, prefetch_depth if streams else 0
 
 
 def _counts(L: int, n_w: int, n_kv: int) -> tuple[int, int, int, int]:
