@@ -6,9 +6,10 @@ plain tensors ("<name>.qweight", "<name>.scales", "<name>.mins"), which PlacedWe
 other tensors, so the packed bytes are what sits in RAM and crosses PCIe; `unflatten` rebuilds it from
 whatever holds those tensors (a resident copy or a ring slot's views).
 
-Quantization is round-to-nearest per group: 4-bit asymmetric (codes 0..15, w = code * scale + min),
-8-bit symmetric (codes -127..127, w = code * scale). The scale and min are rounded to the model dtype
-first and the codes chosen against the rounded values, so dequantizing gives the codes' exact grid.
+Quantization is per group: 4-bit asymmetric (codes 0..15, w = code * scale + min; the grid fitted per group,
+see `quantize`), 8-bit symmetric round-to-nearest (codes -127..127, w = code * scale). The scale and min are
+rounded to the model dtype first and the codes chosen against the rounded values, so dequantizing gives the
+codes' exact grid.
 """
 from __future__ import annotations
 
@@ -85,10 +86,46 @@ class QuantizedWeight:
         return {f"{name}.{part}": parts[part] for part in PARTS[self.scheme]}
 
 
+def _int4_codes(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """Nearest codes 0..15 of w [out, G, g] on the grid code * scale + min (scales, mins [out, G])."""
+    step = torch.where(scales == 0, torch.ones_like(scales), scales)[..., None]
+    return torch.round((w - mins[..., None]) / step).clamp(0, INT4_LEVELS)
+
+
+def _fit_int4(w: torch.Tensor, *, fit: bool, clips=(0.0, 0.06), rounds: int = 1):
+    """Per group (w [out, G, g] float32) the 4-bit grid's scale and min: the full range (round-to-nearest),
+    or with `fit` the best of a few clipped ranges, each refined by least squares on its codes (scale and min
+    refit, codes re-rounded), keeping per group whichever has the smallest squared error."""
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    best_scales, best_mins = (high - low) / INT4_LEVELS, low
+    if not fit:
+        return best_scales, best_mins
+    best_err = torch.full_like(low, float("inf"))
+    for clip in clips:
+        span = (high - low) * clip
+        scales, mins = (high - low - 2 * span) / INT4_LEVELS, low + span
+        for _ in range(rounds + 1):
+            codes = _int4_codes(w, scales, mins)                                  # [out, G, g]
+            err = ((codes * scales[..., None] + mins[..., None] - w) ** 2).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scales, best_mins = torch.where(better, scales, best_scales), torch.where(better, mins, best_mins)
+            # least squares w ~ codes * scale + min for these codes (a constant code: keep the grid)
+            q_mean, w_mean = codes.mean(-1), w.mean(-1)
+            var = ((codes - q_mean[..., None]) ** 2).mean(-1)
+            cov = ((codes - q_mean[..., None]) * (w - w_mean[..., None])).mean(-1)
+            fitted = torch.where(var > 0, cov / var.clamp_min(1e-30), scales)
+            scales = torch.where(fitted > 0, fitted, scales)
+            mins = w_mean - scales * q_mean
+    return best_scales, best_mins
+
+
 def quantize(weight: torch.Tensor, quantization: Quantization, name: str,
-             dtype: torch.dtype | None = None) -> QuantizedWeight:
-    """Round-to-nearest, per group, of a matrix [out, in]; scales (and mins) in `dtype` (default: the
-    weight's). ConfigError (a ValueError) naming `name` when the group size does not divide `in`."""
+             dtype: torch.dtype | None = None, *, fit: bool = True) -> QuantizedWeight:
+    """Quantize a matrix [out, in] per group; scales (and mins) in `dtype` (default: the weight's).
+    8-bit: round-to-nearest (symmetric). 4-bit: with `fit` (default) each group's grid is the best of a few
+    clipped ranges refined by least squares (lower error than round-to-nearest on the full range, which
+    `fit=False` gives). ConfigError (a ValueError) naming `name` when the group size does not divide `in`."""
     assert weight.dim() == 2 and weight.is_floating_point(), (name, weight.shape, weight.dtype)
     dtype = dtype or weight.dtype
     out, in_features = weight.shape
@@ -100,12 +137,9 @@ def quantize(weight: torch.Tensor, quantization: Quantization, name: str,
         step = torch.where(scales == 0, torch.ones_like(scales), scales).to(torch.float32)[..., None]
         codes = torch.round(w / step).clamp(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
         return QuantizedWeight(qweight=codes.view(out, in_features), scales=scales)
-    low, high = w.amin(dim=-1), w.amax(dim=-1)
-    mins = low.to(dtype)
-    scales = ((high - mins.to(torch.float32)) / INT4_LEVELS).to(dtype)
-    step = torch.where(scales == 0, torch.ones_like(scales), scales).to(torch.float32)[..., None]
-    codes = torch.round((w - mins.to(torch.float32)[..., None]) / step).clamp(0, INT4_LEVELS).to(torch.uint8)
-    codes = codes.view(out, in_features)
+    scales, mins = _fit_int4(w, fit=fit)
+    scales, mins = scales.to(dtype), mins.to(dtype)
+    codes = _int4_codes(w, scales.to(torch.float32), mins.to(torch.float32)).to(torch.uint8).view(out, in_features)
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)                   # [out, in / 2]
     return QuantizedWeight(qweight=packed.contiguous(), scales=scales, mins=mins)
 

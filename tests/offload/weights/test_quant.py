@@ -17,7 +17,7 @@ def _matrix(out=48, inputs=256, seed=0, dtype=torch.float32):
 @pytest.mark.parametrize("scheme, group", [("int4", 64), ("int4", 128), ("int4", None), ("int8", 32), ("int8", None)])
 def test_round_to_nearest_error_is_at_most_half_a_step(scheme, group, dtype):
     w = _matrix(dtype=dtype)
-    q = quantize(w, Quantization(scheme=scheme, group_size=group), "w")
+    q = quantize(w, Quantization(scheme=scheme, group_size=group), "w", fit=False)       # round-to-nearest
     g = q.group_size
     assert g == (group or 128) and q.shape == tuple(w.shape) and q.scales.dtype == dtype
     deq = q.dequantize(torch.float32)
@@ -25,6 +25,19 @@ def test_round_to_nearest_error_is_at_most_half_a_step(scheme, group, dtype):
     # half a step, plus the rounding of the stored scale/min and of the dequantized value to `dtype`
     slack = 2 * torch.finfo(dtype).eps * w.to(torch.float32).abs() + 1e-6
     assert ((deq - w.to(torch.float32)).abs() <= step / 2 + slack + step * torch.finfo(dtype).eps * 16).all()
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_the_fitted_4_bit_grid_has_a_lower_error_than_round_to_nearest(group):
+    """Per group the best of a few clipped ranges refined by least squares: never worse than the full range
+    (it is one of the candidates), clearly better over a matrix."""
+    w = _matrix(out=256, inputs=512, seed=3)
+    quantization = Quantization(scheme="int4", group_size=group)
+    nearest, fitted = (quantize(w, quantization, "w", fit=fit) for fit in (False, True))
+    error = {name: ((q.dequantize(torch.float32) - w) ** 2).view(256, -1, group).sum(-1)
+             for name, q in (("nearest", nearest), ("fitted", fitted))}
+    assert (error["fitted"] <= error["nearest"] * (1 + 1e-5) + 1e-9).all()
+    assert error["fitted"].sum() < 0.95 * error["nearest"].sum()
 
 
 def test_int4_layout_low_nibble_first_and_values_on_the_grid_are_exact():
