@@ -28,7 +28,7 @@ from offload.loading.report import memory_report
 from offload.attention.streamed import K_CACHE, V_CACHE, StreamedKVAttention, kv_attachment
 from offload.weights.source import item_tensors, weight_items
 from offload.weights.placed import PlacedWeights
-from offload.weights.quant import quantize
+from offload.weights import quant
 from placement import Plan, PlanError
 from placement.architecture import Architecture, normalize_dtype
 from placement.quantization import Quantization
@@ -65,10 +65,10 @@ def is_streamed(item, tiers: dict) -> bool:
     return tiers[item] == "cpu" and item not in READ_IN_PLACE
 
 
-def stored_sizes(arch: Architecture, name: str, dtype: torch.dtype, quantization: Quantization | None) -> list[int]:
-    """Bytes of each tensor that tensor `name` is stored as: itself, or a quantized matrix's packed parts."""
-    shape = arch.all_tensors()[name]
-    if quantization is None or name not in arch.quantizable_tensors():
+def stored_sizes(shape: tuple, name: str, dtype: torch.dtype, quantization: Quantization | None) -> list[int]:
+    """Bytes of each tensor that tensor `name` ([shape]) is stored as: itself, or a quantized matrix's parts
+    (`quantization` None for a tensor that is not quantized)."""
+    if quantization is None:
         return [math.prod(shape) * dtype.itemsize]
     parts = quantization.parts(name, shape, str(dtype).replace("torch.", ""))
     return [math.prod(part_shape) * {"uint8": 1, "int8": 1}.get(part_dtype, dtype.itemsize)
@@ -79,11 +79,14 @@ def ring_alignment(plan: Plan, arch: Architecture, tiers: dict, dtype: torch.dty
                    kv_items: dict[int, dict[str, tuple]], quantization: Quantization | None = None) -> int:
     """The largest tensor alignment (256 down to the element size) whose packed slots fit the plan's
     slot_bytes (the planner counts bytes exactly, alignment padding would add a few per tensor)."""
+    shapes = arch.all_tensors()
+    quantized = arch.quantizable_tensors() if quantization is not None else {}
 
     def item_sizes(item) -> list[int]:
         names = item_tensors(arch, item).values() if is_streamed(item, tiers) else ()
         kv = [math.prod(shape) * dtype.itemsize for shape in kv_items.get(item, {}).values()]
-        return [n for name in names for n in stored_sizes(arch, name, dtype, quantization)] + kv
+        return [n for name in names
+                for n in stored_sizes(shapes[name], name, dtype, quantization if name in quantized else None)] + kv
 
     streamed = [item_sizes(item) for item in weight_items(arch) if is_streamed(item, tiers) or item in kv_items]
     if not streamed:
@@ -123,7 +126,7 @@ def _read_items(checkpoint: Checkpoint, tiers: dict, dtype: torch.dtype, progres
                     tied[name] = tensor
             if name in quantizable:       # packed as the file holds it (exactly), or quantized now
                 tensor = checkpoint.read_quantized(name, dtype) if held_packed else \
-                    quantize(tensor, quantization, name, dtype)
+                    quant.quantize(tensor, quantization, name, dtype)
             tensors[key] = tensor
         if item == "lm_head":
             tied.clear()

@@ -64,13 +64,13 @@ class GGUFCheckpoint:
     def read_quantized(self, name: str, dtype) -> QuantizedWeight:
         """A Q4_0 / Q4_1 / Q8_0 matrix converted exactly into our packed layout (group 32, float16 scales
         held in `dtype`): the codes of each 32-weight block and its scale (and min), q/k rows unpermuted."""
+        import gguf
         tensor = self.model.tensors[name]
         kind = tensor.tensor_type.name
         rows, cols = self._expected[name]
-        size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[kind]
-        blocks = np.asarray(tensor.data).reshape(rows, cols // 32, size)             # [out, G, bytes]
-        if blocks.shape[-1] != size:
-            raise CheckpointError(f"{self.path}: tensor {tensor.name} is not a {kind} block array")
+        block, size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]                       # 32 weights a block
+        assert block == 32 and kind in ("Q4_0", "Q4_1", "Q8_0"), (kind, block)
+        blocks = np.asarray(tensor.data).reshape(rows, cols // block, size)           # [out, G, bytes]
         d = blocks[..., 0:2].copy().view(np.float16)[..., 0]                          # [out, G]
         if kind == "Q8_0":
             codes = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)           # [out, in]
@@ -85,7 +85,7 @@ class GGUFCheckpoint:
         if self.model.permutes_qk and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = self.arch.num_heads if ".q_proj." in name else self.arch.num_kv_heads
             parts = {key: _unpermute(value, heads) for key, value in parts.items()}    # whole rows move
-        out = {key: torch.from_numpy(np.ascontiguousarray(value).copy()) for key, value in parts.items()}
+        out = {key: torch.from_numpy(np.array(value)) for key, value in parts.items()}       # own copies
         target = torch_dtype(dtype)
         return QuantizedWeight(qweight=out["qweight"], scales=out["scales"].to(target),
                                mins=None if "mins" not in out else out["mins"].to(target))

@@ -91,6 +91,9 @@ def _bad_inputs(tmp_path):
         "no model": (["--gpu-memory", "8GiB"], "MODEL is required"),
         "unknown flag": (["llama-3.1-8b", "--gpu-memroy", "8GiB"], "unrecognized"),
         "profile with --gpu": (["llama-3.1-8b", "--gpu", "t4", "--profile"], "--profile"),
+        "unknown quantization": (["llama-3.1-8b", *budget, "--quantize", "int3"], "unknown quantization 'int3'"),
+        "group that does not divide": (["llama-3.1-8b", *budget, "--quantize", "int4-g100"],
+                                       "group_size 100 does not divide"),
     }
 
 
@@ -98,7 +101,7 @@ def _bad_inputs(tmp_path):
     "unknown preset", "missing path", "missing config.json", "malformed config.json",
     "unsupported model_type", "bad gpu size", "bad cpu size", "zero prompt", "negative gen",
     "zero batch", "word batch", "bad dtype", "unknown gpu", "does not fit", "manual over budget",
-    "no model", "unknown flag", "profile with --gpu"])
+    "no model", "unknown flag", "profile with --gpu", "unknown quantization", "group that does not divide"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
     args, message = _bad_inputs(tmp_path)[case]
     r = run(*args)
@@ -148,3 +151,14 @@ def test_warns_when_gpu_memory_exceeds_the_named_card(capsys):
     assert main(["qwen2.5-0.5b", "--gpu", "RTX_4090", "--gpu-memory", "32GiB", "--cpu-memory", "16GiB",
                  "--prompt-len", "64", "--gen-len", "8"]) == 0
     assert "warning: --gpu-memory 32.00 GiB exceeds the 24.00 GiB of a RTX_4090" in capsys.readouterr().err
+
+
+def test_quantize_flag_plans_the_packed_bytes():
+    args = ["llama-3.1-70b", "--gpu", "rtx-4090", "--cpu-memory", "64GiB"]
+    assert run(*args).returncode == 2                                   # bfloat16 does not fit
+    out = run(*args, "--quantize", "int4", "--json")
+    assert out.returncode == 0, out.stderr
+    plan = Plan.from_json(out.stdout)
+    assert plan.quantization == "int4"
+    assert plan.layers[0].weight_bytes == load_spec("llama-3.1-70b", quantization="int4").layer_weight_bytes(0)
+    assert "layers quantized int4" in run(*args, "--quantize", "int4").stdout

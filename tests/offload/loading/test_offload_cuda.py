@@ -86,6 +86,26 @@ def test_generation_makes_no_implicit_sync(llama5):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert got == want and all(len(r) == 4 or (len(r) < 4 and r[-1] == 2) for r in sampled)   # eos id 2
+    plan = layout_plan(llama5, **EVERY_BACKEND, dtype="float32", quantization="int4")
+    quantized = offload.load(llama5, plan=plan, device="cuda", progress=False)
+    want = quantized.generate(PROMPTS, max_new_tokens=NUM_NEW)           # packed weights dequantized on the GPU
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        assert quantized.generate(PROMPTS, max_new_tokens=NUM_NEW) == want
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_quantized_weights_on_cuda_compute_what_the_cpu_computes(llama5):
+    """Packed int4/int8 layers, streamed and resident, dequantized next to their matmul on the GPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for scheme in ("int8", "int4"):
+        plan = layout_plan(llama5, **EVERY_BACKEND, dtype="float32", quantization=scheme)
+        on_gpu = offload.load(llama5, plan=plan, device="cuda", progress=False)
+        on_cpu = offload.load(llama5, plan=plan, device="cpu", progress=False)
+        torch.testing.assert_close(on_gpu.forward([LONG, PROMPTS[2]]), on_cpu.forward([LONG, PROMPTS[2]]),
+                                   atol=1e-4, rtol=0)
+        assert on_gpu.engine.weights.resident_bytes == on_gpu.plan.memory.gpu.weights
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
