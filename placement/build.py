@@ -76,12 +76,12 @@ def assemble(spec: ModelSpec, workload: Workload, hardware: Hardware, *, layers,
     if ring and prefetch_depth < 1:
         raise PlanError("streamed items need a prefetch depth of at least 1")
     workspace = workspace_bytes(spec.arch, workload.batch_size, chunk, workload.max_seq_len, spec.dtype,
-                             spec.quantization)
+                             spec.quantized_shapes)
     reserve = hardware.cuda_reserve_bytes
     prediction = predict(CostModel(spec, hardware, workload), layers, embedding, lm_head, prefetch_depth, chunk)
     fields = dict(model=spec.name, model_type=spec.arch.model_type, num_params=spec.num_params,
                   num_layers=spec.num_layers, dtype=spec.dtype,
-                  quantization=None if spec.quantization is None else spec.quantization.label,
+                  quantization=spec.quantization,
                   tie_word_embeddings=spec.arch.tie_word_embeddings, workload=workload,
                   layers=layers, embedding=emb, final_norm=norm, lm_head=head, prefetch_depth=prefetch_depth,
                   slot_bytes=ring if prefetch_depth else 0, prefill_chunk_size=chunk,

@@ -100,7 +100,7 @@ class CostModel:
         kv_read = B * num_keys * spec.kv_bytes_per_token
         attn_flops = tokens * num_keys * spec.attention_flops_per_key
         read = weight_bytes
-        if spec.quantization is not None:
+        if spec.layouts:
             # each matrix dequantized next to its matmul: packed bytes read, the dense weight written and read
             read += 2 * spec.layer_matmul_params * self.dtype_bytes
         gpu_s = LAYER_OVERHEAD_S + self._gpu(2 * tokens * spec.layer_matmul_params, read)

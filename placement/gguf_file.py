@@ -12,15 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from placement.config_fields import ConfigError
+from placement.quantization import Quantization
 
 # general.architecture -> config.json model_type (llama covers Mistral, as llama.cpp writes it)
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 PERMUTED_QK = ("llama",)     # architectures whose q/k rows llama.cpp's converter interleaves
-# GGML types that convert exactly into our packed layouts (placement/quantization.py), blocks of 32 weights:
-# Q4_0 w = (q - 8) d, Q4_1 w = q d + m, Q8_0 w = q d, with float16 d and m. Exact in a float32 or float16 model.
-PACKED_TYPES = {"Q4_0": "int4-g32", "Q4_1": "int4-g32", "Q8_0": "int8-g32"}
-EXACT_SCALE_DTYPES = ("float32", "float16")
+# GGML type -> the packed layout (placement/quantization.py) its blocks convert into, code for code: the legacy
+# types in blocks of 32 weights with a float16 d (and m): Q4_0 w = (q - 8) d, Q4_1 w = q d + m, Q5_0
+# w = (q - 16) d, Q5_1 w = q d + m, Q8_0 w = q d; the K-quants in super-blocks of 256 whose sub-blocks scale
+# by d * sc (and subtract dmin * m), 6-bit sc and m: Q4_K and Q5_K sub-blocks of 32, Q6_K of 16 (int8 sc,
+# w = (q - 32) d sc). The scales and mins are held in the model dtype: exact in float32 for every type (and
+# in float16 for the legacy ones), rounded to bfloat16 in a bfloat16 model. 5-bit codes take a byte each.
+PACKED_TYPES = {"Q4_0": "int4-g32", "Q4_1": "int4-g32", "Q5_0": "int8-g32", "Q5_1": "int8-asym-g32",
+                "Q8_0": "int8-g32", "Q4_K": "int4-g32", "Q5_K": "int8-asym-g32", "Q6_K": "int8-g16"}
 # GGUF tensor name -> Hugging Face name (llama.cpp's gguf-py tensor_mapping for these architectures)
 NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
          "output.weight": "lm_head.weight"}
@@ -71,14 +76,11 @@ class GGUFModel:
     def permutes_qk(self) -> bool:
         return self.architecture in PERMUTED_QK
 
-    def packed_quantization(self, matrix_names, dtype: str) -> str | None:
-        """The layout the layers' matrices (`matrix_names`) are held in as they are: "int4-g32" when all are
-        Q4_0/Q4_1, "int8-g32" when all are Q8_0, in a float32 or float16 model (their float16 scales are
-        exact there); None (held dequantized) otherwise."""
-        layouts = {PACKED_TYPES.get(self.tensors[name].tensor_type.name) for name in matrix_names}
-        if dtype not in EXACT_SCALE_DTYPES or len(layouts) != 1 or None in layouts:
-            return None
-        return layouts.pop()
+    def packed_layouts(self, matrix_names) -> dict[str, Quantization]:
+        """The layouts the layers' matrices (`matrix_names`) are held in as the file stores them: each
+        quantized one in the layout its type converts into (PACKED_TYPES); float ones are left out (dense)."""
+        types = {name: self.tensors[name].tensor_type.name for name in matrix_names}
+        return {name: Quantization.parse(PACKED_TYPES[kind]) for name, kind in types.items() if kind in PACKED_TYPES}
 
 
 def read_gguf(path) -> GGUFModel:

@@ -79,6 +79,6 @@ def _largest_chunk(spec, workload, hardware, layers, embedding, lm_head, prefetc
     room = hardware.gpu_bytes - probe.cuda_reserve_bytes - (probe.memory.gpu.total - probe.workspace_bytes)
     for chunk in chunk_candidates(workload.prompt_len):
         if workspace_bytes(spec.arch, workload.batch_size, chunk, workload.max_seq_len, spec.dtype,
-                             spec.quantization) <= room:
+                             spec.quantized_shapes) <= room:
             return chunk
     return chunk_candidates(workload.prompt_len)[-1]   # over budget either way: reported by the caller

@@ -9,9 +9,14 @@ A matrix [out, in] with group size g (in / g groups per row) becomes three tenso
           mins     dtype [out, in / g]
     int8  qweight  int8  [out, in]       w = code * scale (symmetric, codes -127..127)
           scales   dtype [out, in / g]
+    int8-asym                            as int8 plus mins [out, in / g]: w = code * scale + min
+                                         (held as files give it: GGUF's 5-bit types, codes 0..31)
 
 `dtype` is the model dtype (bfloat16/float16/float32). For 4-bit at g = 64 that is 0.5625 bytes a weight:
 0.28x of bfloat16, which is also what crosses PCIe when the layer is streamed.
+
+A model's layouts are per tensor (`layouts_label` names a set of them): quantize-on-load gives every matrix
+one layout, a GGUF file gives each the layout its GGML type converts into (placement/gguf_file.py).
 """
 from __future__ import annotations
 
@@ -20,14 +25,16 @@ from dataclasses import dataclass
 
 from placement.config_fields import DTYPE_BYTES, ConfigError
 
-SCHEMES = ("int4", "int8")
+SCHEMES = ("int4", "int8", "int8-asym")
+QUANTIZE_SCHEMES = ("int4", "int8")   # what quantize-on-load writes (int8-asym is only read from files)
 GROUP_SIZES = (128, 64, 32)          # the default: the largest that divides a matrix's input size
-PARTS = {"int4": ("qweight", "scales", "mins"), "int8": ("qweight", "scales")}
+PARTS = {"int4": ("qweight", "scales", "mins"), "int8": ("qweight", "scales"),
+         "int8-asym": ("qweight", "scales", "mins")}
 
 
 @dataclass(frozen=True)
 class Quantization:
-    """A quantization scheme: "int4" or "int8", with a group size (None: per matrix, the largest of
+    """A packed layout: "int4", "int8" or "int8-asym", with a group size (None: per matrix, the largest of
     GROUP_SIZES dividing its input size, else one group per row)."""
 
     scheme: str
@@ -42,10 +49,11 @@ class Quantization:
 
     @classmethod
     def parse(cls, name: str) -> "Quantization":
-        """ "int4", "int4-g64", "int8-g128" (as `label` writes it) -> Quantization."""
+        """ "int4", "int4-g64", "int8-g128", "int8-asym-g32" (as `label` writes it) -> Quantization."""
         scheme, _, group = str(name).strip().lower().partition("-g")
         if group and not group.isdigit():
-            raise ConfigError(f"unknown quantization {name!r}; use int4, int8, or e.g. int4-g64")
+            raise ConfigError(f"unknown quantization {name!r}; use {', '.join(QUANTIZE_SCHEMES)}, or e.g. "
+                              "int4-g64")
         return cls(scheme=scheme, group_size=int(group) if group else None)
 
     @property
@@ -75,10 +83,18 @@ class Quantization:
                 raise ConfigError(f"4-bit packing needs an even input size; {name} has {in_features}")
             return {"qweight": ((out, in_features // 2), "uint8"), "scales": ((out, groups), dtype),
                     "mins": ((out, groups), dtype)}
-        return {"qweight": ((out, in_features), "int8"), "scales": ((out, groups), dtype)}
+        parts = {"qweight": ((out, in_features), "int8"), "scales": ((out, groups), dtype)}
+        return {**parts, "mins": ((out, groups), dtype)} if self.scheme == "int8-asym" else parts
 
     def num_bytes(self, name: str, shape: tuple[int, ...], dtype: str) -> int:
         """Exact bytes of matrix `name` in this layout."""
         size = {"uint8": 1, "int8": 1, **DTYPE_BYTES}
         return sum(math.prod(s) * size[d] for s, d in self.parts(name, shape, dtype).values())
 
+
+
+def layouts_label(layouts) -> str | None:
+    """One name for a model's set of layouts (`layouts`: Quantizations): "int4-g32", "int4-g32+int8-g16";
+    None for none (dense)."""
+    labels = sorted({q.label for q in layouts})
+    return "+".join(labels) if labels else None

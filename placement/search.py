@@ -41,7 +41,7 @@ def plan(spec: ModelSpec, hardware: Hardware, workload: Workload) -> Plan:
     chunks = chunk_candidates(workload.prompt_len)
     for chunk in chunks:
         ws = workspace_bytes(spec.arch, workload.batch_size, chunk, workload.max_seq_len, spec.dtype,
-                             spec.quantization)
+                             spec.quantized_shapes)
         gpu_avail = hardware.gpu_bytes - reserve - ws - norm_b
         if gpu_avail < 0:
             continue
@@ -114,7 +114,7 @@ def _no_fit(spec: ModelSpec, hardware: Hardware, workload: Workload, min_chunk: 
     L = spec.num_layers
     w = max(spec.layer_weight_bytes(i) for i in range(L))
     ws = workspace_bytes(spec.arch, workload.batch_size, min_chunk, workload.max_seq_len, spec.dtype,
-                             spec.quantization)
+                             spec.quantized_shapes)
     base = hardware.cuda_reserve_bytes + ws + spec.final_norm_bytes
     min_gpu = base + max(w, spec.lm_head_read_bytes)
     min_total = base + spec.total_weight_bytes - spec.final_norm_bytes + \

@@ -16,7 +16,7 @@ from .architecture import DTYPE_BYTES, Architecture, ConfigError, normalize_dtyp
 from .headers import SAFETENSORS_DTYPES, TensorInfo, read_checkpoint_headers
 from .jsonfile import read_json_object
 from .gguf_file import find_gguf, read_gguf
-from .quantization import Quantization
+from .quantization import QUANTIZE_SCHEMES, Quantization, layouts_label
 from . import presets
 
 
@@ -34,7 +34,7 @@ class ModelSpec:
     tensor_bytes: dict = field(repr=False)
     source: str = "config"            # "checkpoint" | "config" | "preset"
     path: str | None = None
-    quantization: Quantization | None = None    # the layers' matrices packed as placement/quantization.py says
+    layouts: dict = field(default_factory=dict, repr=False)   # matrix name -> its packed Quantization
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
@@ -105,18 +105,37 @@ class ModelSpec:
                    tensor_bytes=tensor_bytes, source="checkpoint", path=str(directory))
 
     def quantized(self, quantization: Quantization | str | None) -> "ModelSpec":
-        """This model with its decoder layers' matrices in `quantization`'s packed layout (exact bytes);
-        itself for None. ConfigError for a group size that does not divide a matrix's inputs."""
+        """This model with its decoder layers' matrices quantized into `quantization`'s packed layout (exact
+        bytes); itself for None. ConfigError for a group size that does not divide a matrix's inputs, a
+        scheme quantize-on-load does not write, or a model already quantized."""
         if quantization is None:
             return self
         if isinstance(quantization, str):
             quantization = Quantization.parse(quantization)
-        if self.quantization is not None:
-            raise ConfigError(f"{self.name} is already quantized ({self.quantization.label}); load it as it is")
+        if quantization.scheme not in QUANTIZE_SCHEMES:
+            raise ConfigError(f"cannot quantize to {quantization.label}; use one of {', '.join(QUANTIZE_SCHEMES)}")
+        if self.layouts:
+            raise ConfigError(f"{self.name} is already quantized ({self.quantization}); load it as it is")
+        return self.with_layouts({name: quantization for name in self.arch.quantizable_tensors()})
+
+    def with_layouts(self, layouts: dict) -> "ModelSpec":
+        """This model with the named matrices held in the given packed layouts (name -> Quantization)."""
+        shapes = self.arch.all_tensors()
         tensor_bytes = dict(self.tensor_bytes)
-        for name, shape in self.arch.quantizable_tensors().items():
-            tensor_bytes[name] = quantization.num_bytes(name, shape, self.dtype)
-        return dataclasses.replace(self, tensor_bytes=tensor_bytes, quantization=quantization)
+        for name, quantization in layouts.items():
+            tensor_bytes[name] = quantization.num_bytes(name, shapes[name], self.dtype)
+        return dataclasses.replace(self, tensor_bytes=tensor_bytes, layouts=dict(layouts))
+
+    @property
+    def quantization(self) -> str | None:
+        """The name of its packed layouts ("int4-g64", "int4-g32+int8-g16"), None when dense."""
+        return layouts_label(self.layouts.values())
+
+    @property
+    def quantized_shapes(self) -> list[tuple[int, ...]]:
+        """The shapes of its packed matrices (each is dequantized next to its matmul)."""
+        shapes = self.arch.all_tensors()
+        return [shapes[name] for name in self.layouts]
 
     # ---- per-item bytes -----------------------------------------------------------------------
     @property
@@ -196,7 +215,7 @@ def load_spec(name_or_path: str | Path, dtype: str | None = None,
     spec = _load_spec(name_or_path, dtype)
     if isinstance(quantization, str):
         quantization = Quantization.parse(quantization)
-    if spec.quantization is not None and quantization in (None, spec.quantization):
+    if spec.layouts and (quantization is None or quantization.label == spec.quantization):
         return spec                                       # a GGUF file held packed as it is
     return spec.quantized(quantization)
 
@@ -210,7 +229,7 @@ def _load_spec(name_or_path: str | Path, dtype: str | None) -> ModelSpec:
     if gguf_path is not None:    # held packed when its layout allows (gguf_file.py), else dequantized
         model = read_gguf(gguf_path)
         spec = ModelSpec.from_config(model.config, name=gguf_path.stem, dtype=dtype, path=str(gguf_path))
-        return spec.quantized(model.packed_quantization(spec.arch.quantizable_tensors(), spec.dtype))
+        return spec.with_layouts(model.packed_layouts(spec.arch.quantizable_tensors()))
     if path.is_dir():
         return ModelSpec.from_checkpoint(path, dtype=dtype)
     if path.is_file():

@@ -30,7 +30,7 @@ ALLOCATOR_SLACK_BYTES = 64 << 20
 
 
 def workspace_bytes(arch: Architecture, batch_size: int, chunk_tokens: int, max_seq_len: int,
-                    dtype: str, quantization=None) -> int:
+                    dtype: str, quantized_shapes=()) -> int:
     """Upper bound on GPU activation bytes of one chunk of `chunk_tokens` tokens per row for
     `batch_size` rows attending over up to `max_seq_len` positions (see the module docstring)."""
     if min(batch_size, chunk_tokens, max_seq_len) <= 0:
@@ -52,6 +52,5 @@ def workspace_bytes(arch: Architecture, batch_size: int, chunk_tokens: int, max_
     logits = B * V * (4 + b)
     # quantized matrices are dequantized one at a time next to their matmul: the unpacked codes (1 byte),
     # the codes in the model dtype and the weight
-    dequant = 0 if quantization is None else \
-        max(math.prod(shape) for shape in arch.quantizable_tensors().values()) * (1 + 2 * b)
+    dequant = max((math.prod(shape) for shape in quantized_shapes), default=0) * (1 + 2 * b)
     return hidden + qkv + gqa + attn_out + mlp + scores + logits + dequant + ALLOCATOR_SLACK_BYTES

@@ -31,7 +31,7 @@ from offload.weights.placed import PlacedWeights
 from offload.weights import quant
 from placement import Plan, PlanError
 from placement.architecture import Architecture, normalize_dtype
-from placement.quantization import Quantization
+from placement.quantization import QUANTIZE_SCHEMES, Quantization, layouts_label
 
 log = logging.getLogger(__name__)
 MAX_SEQ_LEN_CAP = 4096   # default cache length when the config allows more (a 128k cache is rarely wanted)
@@ -76,17 +76,15 @@ def stored_sizes(shape: tuple, name: str, dtype: torch.dtype, quantization: Quan
 
 
 def ring_alignment(plan: Plan, arch: Architecture, tiers: dict, dtype: torch.dtype,
-                   kv_items: dict[int, dict[str, tuple]], quantization: Quantization | None = None) -> int:
+                   kv_items: dict[int, dict[str, tuple]], layouts: dict | None = None) -> int:
     """The largest tensor alignment (256 down to the element size) whose packed slots fit the plan's
     slot_bytes (the planner counts bytes exactly, alignment padding would add a few per tensor)."""
-    shapes = arch.all_tensors()
-    quantized = arch.quantizable_tensors() if quantization is not None else {}
+    shapes, layouts = arch.all_tensors(), layouts or {}
 
     def item_sizes(item) -> list[int]:
         names = item_tensors(arch, item).values() if is_streamed(item, tiers) else ()
         kv = [math.prod(shape) * dtype.itemsize for shape in kv_items.get(item, {}).values()]
-        return [n for name in names
-                for n in stored_sizes(shapes[name], name, dtype, quantization if name in quantized else None)] + kv
+        return [n for name in names for n in stored_sizes(shapes[name], name, dtype, layouts.get(name))] + kv
 
     streamed = [item_sizes(item) for item in weight_items(arch) if is_streamed(item, tiers) or item in kv_items]
     if not streamed:
@@ -101,15 +99,30 @@ def ring_alignment(plan: Plan, arch: Architecture, tiers: dict, dtype: torch.dty
                     f"item of this checkpoint in {dtype}; was the plan made for another dtype or checkpoint?")
 
 
+def tensor_layouts(checkpoint: Checkpoint, plan: Plan) -> tuple[dict, bool]:
+    """(matrix name -> Quantization, whether the checkpoint holds them so): the file's own packed layouts,
+    or the plan's quantize-on-load scheme for every layer matrix, or none. PlanError when the plan was made
+    for other layouts."""
+    held = checkpoint.layouts
+    if held:
+        if plan.quantization != layouts_label(held.values()):
+            raise PlanError(f"the plan counts the layers as {plan.quantization or 'dense'}, but "
+                            f"{checkpoint.path} holds them as {layouts_label(held.values())}; make the plan for it")
+        return held, True
+    if plan.quantization is None:
+        return {}, False
+    quantization = Quantization.parse(plan.quantization)
+    return {name: quantization for name in checkpoint.arch.quantizable_tensors()}, False
+
+
 def _read_items(checkpoint: Checkpoint, tiers: dict, dtype: torch.dtype, progress: bool,
-                quantization: Quantization | None = None):
+                layouts: dict | None = None, held_packed: bool = False):
     """(item, {key: CPU tensor or QuantizedWeight}) in engine order, read one item at a time (a layer's
-    matrices quantized as they are read: never the whole model in 16 bits). A tied head placed on the
-    same tier as the embedding is handed over as the same tensor object, so PlacedWeights stores it once
-    (the one host table is then held until the head is reached)."""
-    quantizable = checkpoint.arch.quantizable_tensors() if quantization is not None else {}
-    held_packed = quantization is not None and \
-        checkpoint.quantization(str(dtype).replace("torch.", "")) == quantization.label
+    matrices in `layouts` read packed when the file holds them so (`held_packed`), else quantized as they
+    are read: never the whole model in 16 bits). A tied head placed on the same tier as the embedding is
+    handed over as the same tensor object, so PlacedWeights stores it once (the one host table is then held
+    until the head is reached)."""
+    layouts = layouts or {}
     arch = checkpoint.arch
     keep_tied = arch.tie_word_embeddings and tiers["embedding"] == tiers["lm_head"] and \
         is_streamed("embedding", tiers) == is_streamed("lm_head", tiers)
@@ -120,13 +133,13 @@ def _read_items(checkpoint: Checkpoint, tiers: dict, dtype: torch.dtype, progres
         tensors = {}
         for key, name in item_tensors(arch, item).items():
             tensor = tied.get(name)
-            if tensor is None and not (held_packed and name in quantizable):
+            if tensor is None and not (held_packed and name in layouts):
                 tensor = checkpoint.read(name, dtype)
                 if keep_tied and item == "embedding":
                     tied[name] = tensor
-            if name in quantizable:       # packed as the file holds it (exactly), or quantized now
+            if name in layouts:           # packed as the file holds it (exactly), or quantized now
                 tensor = checkpoint.read_quantized(name, dtype) if held_packed else \
-                    quant.quantize(tensor, quantization, name, dtype)
+                    quant.quantize(tensor, layouts[name], name, dtype)
             tensors[key] = tensor
         if item == "lm_head":
             tied.clear()
@@ -178,6 +191,8 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
     if quantize is not None and checkpoint.quantized_types:
         raise ValueError(f"{checkpoint.path}: already quantized ({', '.join(checkpoint.quantized_types)}); "
                          "load it without quantize=")
+    if quantize is not None and quantize not in QUANTIZE_SCHEMES:
+        raise ValueError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANTIZE_SCHEMES)}")
     quantization = None if quantize is None else Quantization(scheme=quantize, group_size=group_size).label
     chosen = choose_plan(path=checkpoint.path, arch=arch, device=device, quantization=quantization,
                          dtype=dtype_name or normalize_dtype(arch.dtype), max_batch_size=max_batch_size,
@@ -200,15 +215,15 @@ def build(checkpoint: Checkpoint, plan: Plan, *, device: torch.device, prefill_c
     kv_shape = (max_batch_size, arch.num_kv_heads, max_seq_len, arch.head_dim)
     streamed_kv = {l.index: {"k": kv_shape, "v": kv_shape} for l in plan.layers
                    if l.kv == "cpu" and l.attention == "gpu"}
-    quantization = None if plan.quantization is None else Quantization.parse(plan.quantization)
-    alignment = ring_alignment(plan, arch, tiers, dtype, streamed_kv, quantization)
+    layouts, held_packed = tensor_layouts(checkpoint, plan)
+    alignment = ring_alignment(plan, arch, tiers, dtype, streamed_kv, layouts)
     ledger = MemoryLedger(max_bytes=plan.memory.gpu.total)
     ledger.allocate("workspace", plan.workspace_bytes)     # reserved for activations (chunked prefill)
     model = build_model(arch, device)
     kv_args = dict(max_batch_size=max_batch_size, num_kv_heads=arch.num_kv_heads, max_seq_len=max_seq_len,
                    head_dim=arch.head_dim, dtype=dtype)
     attached = {i: kv_attachment(**kv_args) for i in streamed_kv}   # zeroed; packed into the item's buffer
-    weights = PlacedWeights(_read_items(checkpoint, tiers, dtype, progress, quantization), placement=tiers,
+    weights = PlacedWeights(_read_items(checkpoint, tiers, dtype, progress, layouts, held_packed), placement=tiers,
                             dtype=dtype, device=device, prefetch_depth=max(1, plan.prefetch_depth),
                             read_in_place=[item for item in READ_IN_PLACE if tiers[item] == "cpu"],
                             ledger=ledger, alignment=alignment, attached=attached)

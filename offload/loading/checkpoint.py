@@ -131,9 +131,11 @@ class Checkpoint:
         """The quantized formats it holds (none: a 16/32-bit checkpoint)."""
         return ()
 
-    def quantization(self, dtype: str) -> str | None:
-        """The packed layout it is held in as it is (none: 16/32-bit tensors, quantized only on request)."""
-        return None
+    @property
+    def layouts(self) -> dict:
+        """The matrices held packed as the file stores them, name -> Quantization (none: 16/32-bit tensors,
+        quantized only on request)."""
+        return {}
 
     # ---- reading ----------------------------------------------------------------------------------
     def read(self, name: str, dtype=None) -> torch.Tensor:

@@ -23,6 +23,54 @@ def _unpermute(weights: np.ndarray, num_heads: int) -> np.ndarray:
     return weights.reshape(num_heads, half, 2, *weights.shape[1:]).swapaxes(2, 1).reshape(weights.shape)
 
 
+def _halves(qs: np.ndarray) -> np.ndarray:
+    """Bytes [N, ..., k] -> their low nibbles then their high nibbles [N, ..., 2k] (GGML's order)."""
+    return np.concatenate([qs & 0xF, qs >> 4], axis=-1)
+
+
+def _float16(raw: np.ndarray) -> np.ndarray:
+    """Two bytes per row [N, 2] -> float16 [N, 1]."""
+    return np.ascontiguousarray(raw).view(np.float16)
+
+
+def _block_codes(kind: str, blocks: np.ndarray):
+    """GGML blocks [N, bytes] -> (codes [N, weights] uint8 0..15 for 4-bit layouts, else int8; scales
+    [N, sub-blocks]; mins [N, sub-blocks] or None) with w = code * scale (+ min) the package's value exactly
+    (the layouts: placement/gguf_file.py PACKED_TYPES; the bit layouts as gguf.quants dequantizes them)."""
+    import gguf
+    n = blocks.shape[0]
+    if kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        d = _float16(blocks[:, 0:2])
+        m = _float16(blocks[:, 2:4]) if kind in ("Q4_1", "Q5_1") else None
+        rest = blocks[:, 4 if m is not None else 2:]
+        if kind == "Q8_0":
+            return np.ascontiguousarray(rest).view(np.int8), d, None
+        if kind in ("Q4_0", "Q4_1"):
+            codes = _halves(rest)                                                    # [N, 32] 0..15
+            return codes, d, m if m is not None else (-8 * d.astype(np.float32)).astype(np.float16)
+        qh = np.ascontiguousarray(rest[:, :4]).view(np.uint32)                      # [N, 1]
+        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)        # [N, 32]
+        codes = (_halves(rest[:, 4:]) | (high << 4)).astype(np.int8)                # 0..31
+        return (codes - 16, d, None) if kind == "Q5_0" else (codes, d, m)
+    if kind in ("Q4_K", "Q5_K"):
+        d, dmin = _float16(blocks[:, 0:2]).astype(np.float32), _float16(blocks[:, 2:4]).astype(np.float32)
+        sc, m = gguf.quants.Q4_K.get_scale_min(np.ascontiguousarray(blocks[:, 4:16]))   # [N, 8] each
+        scales, mins = d * sc.astype(np.float32), -(dmin * m.astype(np.float32))
+        if kind == "Q4_K":
+            codes = _halves(blocks[:, 16:].reshape(n, 4, 32)).reshape(n, 256)          # sub-blocks 2c, 2c+1
+            return codes, scales, mins
+        low = _halves(blocks[:, 48:].reshape(n, 4, 32)).reshape(n, 8, 32)
+        high = (blocks[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+        return (low | (high << 4)).astype(np.int8).reshape(n, 256), scales, mins
+    assert kind == "Q6_K", kind
+    ql = (blocks[:, :128].reshape(n, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0xF
+    qh = (blocks[:, 128:192].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
+    codes = (ql.reshape(n, 8, 32) | (qh.reshape(n, 8, 32) << 4)).astype(np.int8) - 32     # [N, 8, 32]
+    scales = _float16(blocks[:, 208:210]).astype(np.float32) * \
+        np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).astype(np.float32)     # [N, 16]
+    return codes.reshape(n, 256), scales, None
+
+
 class GGUFCheckpoint:
     """A .gguf file opened lazily (the gguf package memory-maps it); `read` returns one dense tensor."""
 
@@ -57,38 +105,34 @@ class GGUFCheckpoint:
     def files(self) -> list[Path]:
         return [self.path]
 
-    def quantization(self, dtype: str) -> str | None:
-        """The packed layout its layers' matrices are held in for a `dtype` model, or None (dequantized)."""
-        return self.model.packed_quantization(self.arch.quantizable_tensors(), dtype)
+    @property
+    def layouts(self) -> dict:
+        """The layers' matrices held packed as the file stores them: name -> Quantization (gguf_file.py)."""
+        return self.model.packed_layouts(self.arch.quantizable_tensors())
 
     def read_quantized(self, name: str, dtype) -> QuantizedWeight:
-        """A Q4_0 / Q4_1 / Q8_0 matrix converted exactly into our packed layout (group 32, float16 scales
-        held in `dtype`): the codes of each 32-weight block and its scale (and min), q/k rows unpermuted."""
+        """A quantized matrix converted code for code into the packed layout its GGML type maps to
+        (placement/gguf_file.py PACKED_TYPES), scales and mins in `dtype`, q/k rows unpermuted."""
         import gguf
         tensor = self.model.tensors[name]
-        kind = tensor.tensor_type.name
         rows, cols = self._expected[name]
-        block, size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]                       # 32 weights a block
-        assert block == 32 and kind in ("Q4_0", "Q4_1", "Q8_0"), (kind, block)
-        blocks = np.asarray(tensor.data).reshape(rows, cols // block, size)           # [out, G, bytes]
-        d = blocks[..., 0:2].copy().view(np.float16)[..., 0]                          # [out, G]
-        if kind == "Q8_0":
-            codes = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)           # [out, in]
-            parts = dict(qweight=codes, scales=d)
-        else:
-            qs = blocks[..., 4 if kind == "Q4_1" else 2:]                              # [out, G, 16]
-            codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(rows, cols)   # block j, j+16
-            mins = blocks[..., 2:4].copy().view(np.float16)[..., 0] if kind == "Q4_1" else \
-                (-8 * d.astype(np.float32)).astype(np.float16)                        # exact: a power of 2
-            packed = codes[:, 0::2] | (codes[:, 1::2] << 4)                            # our nibble order
-            parts = dict(qweight=packed, scales=d, mins=mins)
+        block, size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+        blocks = np.asarray(tensor.data).reshape(rows * (cols // block), size)         # [N, bytes]
+        codes, scales, mins = _block_codes(tensor.tensor_type.name, blocks)             # [N, block], [N, S]
+        parts = {"qweight": codes.reshape(rows, cols), "scales": scales.reshape(rows, -1)}
+        if mins is not None:
+            parts["mins"] = mins.reshape(rows, -1)
+        if codes.dtype == np.uint8:                                                     # 4-bit: our nibbles
+            parts["qweight"] = parts["qweight"][:, 0::2] | (parts["qweight"][:, 1::2] << 4)
         if self.model.permutes_qk and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = self.arch.num_heads if ".q_proj." in name else self.arch.num_kv_heads
             parts = {key: _unpermute(value, heads) for key, value in parts.items()}    # whole rows move
         out = {key: torch.from_numpy(np.array(value)) for key, value in parts.items()}       # own copies
         target = torch_dtype(dtype)
-        return QuantizedWeight(qweight=out["qweight"], scales=out["scales"].to(target),
-                               mins=None if "mins" not in out else out["mins"].to(target))
+        weight = QuantizedWeight(qweight=out["qweight"], scales=out["scales"].to(target),
+                                 mins=None if "mins" not in out else out["mins"].to(target))
+        assert weight.scheme == self.layouts[name].scheme and weight.group_size == self.layouts[name].group_size
+        return weight
 
     @property
     def quantized_types(self) -> tuple[str, ...]:

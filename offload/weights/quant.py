@@ -7,7 +7,8 @@ other tensors, so the packed bytes are what sits in RAM and crosses PCIe; `unfla
 whatever holds those tensors (a resident copy or a ring slot's views).
 
 Quantization is per group: 4-bit asymmetric (codes 0..15, w = code * scale + min; the grid fitted per group,
-see `quantize`), 8-bit symmetric round-to-nearest (codes -127..127, w = code * scale). The scale and min are
+see `quantize`), 8-bit symmetric round-to-nearest (codes -127..127, w = code * scale). 8-bit with mins
+(int8-asym) is only converted from files. The scale and min are
 rounded to the model dtype first and the codes chosen against the rounded values, so dequantizing gives the
 codes' exact grid.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from placement.quantization import PARTS, Quantization
+from placement.quantization import PARTS, QUANTIZE_SCHEMES, Quantization
 
 INT4_LEVELS = 15
 INT8_LEVELS = 127
@@ -26,7 +27,7 @@ INT8_LEVELS = 127
 @dataclass(frozen=True)
 class QuantizedWeight:
     """A matrix [out, in] packed: 4-bit (`qweight` uint8 [out, in / 2], `scales` and `mins` [out, groups])
-    or 8-bit (`qweight` int8 [out, in], `scales` [out, groups])."""
+    or 8-bit (`qweight` int8 [out, in], `scales` [out, groups], and `mins` when asymmetric)."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -35,17 +36,20 @@ class QuantizedWeight:
     def __post_init__(self):
         q, s = self.qweight, self.scales
         assert q.dim() == 2 and s.dim() == 2 and s.shape[0] == q.shape[0], (q.shape, s.shape)
-        assert q.dtype == (torch.uint8 if self.mins is not None else torch.int8), (q.dtype, self.mins is None)
+        assert q.dtype in (torch.uint8, torch.int8), q.dtype
+        assert q.dtype == torch.int8 or self.mins is not None, "4-bit codes need mins"
         assert self.mins is None or self.mins.shape == s.shape, (s.shape, self.mins.shape)
         assert self.in_features % s.shape[1] == 0, (self.in_features, s.shape)
 
     @property
     def scheme(self) -> str:
-        return "int8" if self.mins is None else "int4"
+        if self.qweight.dtype == torch.uint8:
+            return "int4"
+        return "int8" if self.mins is None else "int8-asym"
 
     @property
     def in_features(self) -> int:
-        return self.qweight.shape[1] * (2 if self.mins is not None else 1)
+        return self.qweight.shape[1] * (2 if self.qweight.dtype == torch.uint8 else 1)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -57,7 +61,7 @@ class QuantizedWeight:
 
     def codes(self) -> torch.Tensor:
         """The integer codes [out, in] (uint8 0..15 for 4-bit, int8 for 8-bit)."""
-        if self.mins is None:
+        if self.qweight.dtype == torch.int8:
             return self.qweight
         q = self.qweight                                                    # [out, in / 2]
         return torch.stack((q & 0xF, q >> 4), dim=-1).view(q.shape[0], -1)  # [out, in]
@@ -69,7 +73,7 @@ class QuantizedWeight:
         out, in_features = self.shape
         groups = self.scales.shape[1]
         w = torch.empty(out, in_features, dtype=dtype, device=self.qweight.device)
-        if self.mins is None:
+        if self.qweight.dtype == torch.int8:
             w.copy_(self.qweight)
         else:                              # the nibbles straight into the even and odd columns
             w[:, 0::2] = self.qweight & 0xF
@@ -127,6 +131,7 @@ def quantize(weight: torch.Tensor, quantization: Quantization, name: str,
     clipped ranges refined by least squares (lower error than round-to-nearest on the full range, which
     `fit=False` gives). ConfigError (a ValueError) naming `name` when the group size does not divide `in`."""
     assert weight.dim() == 2 and weight.is_floating_point(), (name, weight.shape, weight.dtype)
+    assert quantization.scheme in QUANTIZE_SCHEMES, quantization
     dtype = dtype or weight.dtype
     out, in_features = weight.shape
     g = quantization.group_size_for(name, tuple(weight.shape))

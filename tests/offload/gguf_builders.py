@@ -45,9 +45,10 @@ def random_blocks(shape: tuple[int, int], qtype_name: str, seed: int = 0) -> np.
 
 
 def write_gguf(path: Path, hf_model, architecture: str, matrix_type: str = "F32",
-               vocab_tokens: bool = True) -> Path:
+               vocab_tokens: bool = True, type_of: dict[str, str] | None = None) -> Path:
     """`hf_model` (a transformers causal LM) as a GGUF file: 2-D weights in `matrix_type` (quantized by
-    the gguf package), 1-D ones in F32."""
+    the gguf package; K-quants random valid blocks), or in `type_of[module]` for the modules it names (as
+    llama.cpp's Q4_K_M mixes Q4_K with Q6_K for v_proj / down_proj), 1-D ones in F32."""
     import gguf
     config = hf_model.config
     writer = gguf.GGUFWriter(str(path), architecture)
@@ -70,17 +71,18 @@ def write_gguf(path: Path, hf_model, architecture: str, matrix_type: str = "F32"
         writer.add_tokenizer_model("gpt2")
         writer.add_token_list([f"<t{i}>" for i in range(config.vocab_size)])
         writer.add_token_merges([])
-    qtype = getattr(gguf.GGMLQuantizationType, matrix_type)
     for name, tensor in hf_model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
+        kind = next((t for module, t in (type_of or {}).items() if f".{module}." in name), matrix_type)
+        qtype = getattr(gguf.GGMLQuantizationType, kind)
         values = tensor.detach().float().numpy()
         if architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             values = permute(values, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
-        if values.ndim == 2 and matrix_type in ("Q4_K", "Q5_K", "Q6_K"):
-            packed = random_blocks(values.shape, matrix_type)
+        if values.ndim == 2 and kind in ("Q4_K", "Q5_K", "Q6_K"):
+            packed = random_blocks(values.shape, kind, seed=len(name))
             writer.add_tensor(gguf_name(name), packed, raw_shape=packed.shape, raw_dtype=qtype)
-        elif values.ndim == 2 and matrix_type != "F32":
+        elif values.ndim == 2 and kind != "F32":
             packed = gguf.quants.quantize(values, qtype)
             writer.add_tensor(gguf_name(name), packed, raw_shape=packed.shape, raw_dtype=qtype)
         else:

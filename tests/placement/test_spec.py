@@ -190,7 +190,7 @@ def test_quantized_bytes_are_exact_and_only_the_layers_matrices_are_packed():
     keep the model dtype; parameters are counted as before."""
     spec = load_spec("llama-3.1-8b")
     int4 = load_spec("llama-3.1-8b", quantization="int4-g64")
-    assert int4.num_params == spec.num_params and int4.quantization.label == "int4-g64"
+    assert int4.num_params == spec.num_params and int4.quantization == "int4-g64"
     arch = spec.arch
     matrices = arch.quantizable_tensors()
     assert len(matrices) == 7 * arch.num_layers and all(".layers." in n for n in matrices)
@@ -207,6 +207,8 @@ def test_quantized_bytes_are_exact_and_only_the_layers_matrices_are_packed():
         int4.quantized("int8")
     with pytest.raises(ConfigError, match="group_size 100 does not divide"):
         load_spec("llama-3.1-8b", quantization="int4-g100")
+    with pytest.raises(ConfigError, match="cannot quantize to int8-asym; use one of int4, int8"):
+        load_spec("llama-3.1-8b", quantization="int8-asym")       # a layout GGUF files give, not written
 
 
 def test_seventy_b_in_4_bits_fits_a_24_gib_card_and_64_gib_of_ram():

@@ -16,7 +16,9 @@ from tests.offload.gguf_builders import write_gguf
 from tests.offload.offload_plans import layout_plan
 
 pytest.importorskip("gguf")
-PACKED = {"Q4_0": "int4-g32", "Q4_1": "int4-g32", "Q8_0": "int8-g32"}
+PACKED = {"Q4_0": "int4-g32", "Q4_1": "int4-g32", "Q8_0": "int8-g32", "Q5_0": "int8-g32", "Q5_1": "int8-asym-g32",
+          "Q4_K": "int4-g32", "Q5_K": "int8-asym-g32", "Q6_K": "int8-g16"}
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
 PROMPT = [5, 17, 99, 42, 8, 63, 21, 7, 88, 3, 64, 90]
 SMALL = dict(num_hidden_layers=2)
 WIDE = dict(num_hidden_layers=1, hidden_size=256, intermediate_size=512, num_attention_heads=4,
@@ -51,26 +53,28 @@ def test_gguf_logits_match_transformers(sources, tmp_path, variant, architecture
     reference = _transformers_gguf(path)
     ours = offload.load(path, dtype="float32", max_seq_len=64, progress=False)
     torch.testing.assert_close(ours.forward([PROMPT])[0], hf_logits(reference, PROMPT), atol=1e-4, rtol=0)
-    # Q4_0 / Q4_1 / Q8_0 layers are held packed as the file has them (exactly); the rest dequantized
+    # quantized layers are held packed as the file has them (exactly); float ones dense
     assert ours.plan.quantization == PACKED.get(matrix_type)
 
 
-def test_packed_gguf_matrices_are_exactly_the_files_values(sources, tmp_path):
+@pytest.mark.parametrize("matrix_type", list(PACKED))
+def test_packed_gguf_matrices_are_exactly_the_files_values(sources, tmp_path, matrix_type):
     """Held packed, each matrix dequantizes to exactly what the gguf package dequantizes (q/k rows too)."""
     from offload.loading.gguf_checkpoint import GGUFCheckpoint
-    for matrix_type in PACKED:
-        path = write_gguf(tmp_path / f"m.{matrix_type}.gguf", sources("llama", **SMALL), "llama", matrix_type)
-        checkpoint = GGUFCheckpoint(path)
-        assert checkpoint.quantization("float32") == PACKED[matrix_type]
-        assert checkpoint.quantization("bfloat16") is None             # its float16 scales would round
-        for name in checkpoint.arch.quantizable_tensors():
-            packed = checkpoint.read_quantized(name, "float32")
-            assert torch.equal(packed.dequantize(torch.float32), checkpoint.read(name, "float32")), name
-        model = offload.load(path, max_seq_len=64, progress=False)              # float32: held packed
-        assert model.engine.weights.resident_bytes == model.plan.memory.gpu.weights
-        layer = model.plan.layers[0].weight_bytes
-        dense = sum(torch.Size(s).numel() * 4 for s in checkpoint.arch.layer_tensors(0).values())
-        assert layer < 0.3 * dense                                             # what a streamed layer moves
+    source = sources("llama", **(WIDE if matrix_type in K_QUANTS else SMALL))
+    path = write_gguf(tmp_path / f"m.{matrix_type}.gguf", source, "llama", matrix_type)
+    checkpoint = GGUFCheckpoint(path)
+    assert {q.label for q in checkpoint.layouts.values()} == {PACKED[matrix_type]}
+    assert set(checkpoint.layouts) == set(checkpoint.arch.quantizable_tensors())
+    for name in checkpoint.arch.quantizable_tensors():
+        packed = checkpoint.read_quantized(name, "float32")
+        assert torch.equal(packed.dequantize(torch.float32), checkpoint.read(name, "float32")), name
+    model = offload.load(path, max_seq_len=64, progress=False)              # float32: held packed
+    assert model.engine.weights.resident_bytes == model.plan.memory.gpu.weights
+    layer = model.plan.layers[0].weight_bytes
+    dense = sum(torch.Size(s).numel() * 4 for s in checkpoint.arch.layer_tensors(0).values())
+    # what a streamed layer moves: 4-bit codes (with float32 scales and mins per 32) or 8-bit ones
+    assert layer < (0.2 if PACKED[matrix_type].startswith("int4") else 0.33) * dense
 
 
 @pytest.mark.parametrize("matrix_type", ["Q4_K", "Q5_K", "Q6_K"])
@@ -80,6 +84,29 @@ def test_k_quants_from_random_valid_blocks_match_transformers(sources, tmp_path,
     ours = offload.load(path, dtype="float32", max_seq_len=64, progress=False)
     # random K-quant blocks give logits in the tens: compare to float32 accumulation-order noise
     torch.testing.assert_close(ours.forward([PROMPT])[0], hf_logits(reference, PROMPT), atol=1e-4, rtol=1e-4)
+    assert ours.plan.quantization == PACKED[matrix_type]
+
+
+def test_a_q4_k_m_mix_is_held_packed_per_matrix_streamed_and_in_bfloat16(sources, tmp_path):
+    """Q4_K_M's mix (Q4_K, Q6_K for v_proj and down_proj): each matrix in its own layout, exact against
+    transformers resident and with a layer streamed through the ring; a bfloat16 model holds the same."""
+    source = sources("llama", **{**WIDE, "num_hidden_layers": 2})
+    path = write_gguf(tmp_path / "m.Q4_K_M.gguf", source, "llama", "Q4_K", type_of={"v_proj": "Q6_K",
+                                                                                     "down_proj": "Q6_K"})
+    expected = hf_logits(_transformers_gguf(path), PROMPT)
+    resident = offload.load(path, dtype="float32", max_seq_len=64, progress=False)
+    assert resident.plan.quantization == "int4-g32+int8-g16"
+    torch.testing.assert_close(resident.forward([PROMPT])[0], expected, atol=1e-4, rtol=1e-4)
+    streamed = offload.load(path, progress=False, plan=layout_plan(path, weights="gc", kv="gc", dtype="float32"))
+    torch.testing.assert_close(streamed.forward([PROMPT])[0], expected, atol=1e-4, rtol=1e-4)
+    assert streamed.engine.weights.streamed_bytes_per_cycle == streamed.plan.layers[1].weight_bytes
+    half = offload.load(path, dtype="bfloat16", max_seq_len=64, progress=False)
+    assert half.plan.quantization == "int4-g32+int8-g16"     # the same codes, the scales rounded to bfloat16
+    for name in half.arch.quantizable_tensors():
+        exact, rounded = (half.checkpoint.read_quantized(name, dtype) for dtype in ("float32", "bfloat16"))
+        assert torch.equal(exact.qweight, rounded.qweight) and torch.equal(exact.scales.bfloat16(), rounded.scales)
+    agree = (half.forward([PROMPT])[0].float().argmax(-1) == expected.argmax(-1)).float().mean()
+    assert agree >= 0.75, agree
 
 
 def test_a_folder_holding_one_gguf_loads_and_plans(sources, tmp_path):
