@@ -21,7 +21,8 @@ setup(
         "gguf>=0.10",          # GGUF files: llama.cpp's own reader (numpy only)
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=5.0", "accelerate>=0.30", "tokenizers>=0.15", "jinja2>=3.1"],
+        "test": ["pytest>=7", "transformers>=5.0", "accelerate>=0.30", "tokenizers>=0.15", "jinja2>=3.1",
+                 "compressed-tensors>=0.12"],
         "chat": ["tokenizers>=0.15", "jinja2>=3.1"],
         "bench": ["transformers>=4.45", "accelerate>=0.30"],
     },

@@ -15,7 +15,9 @@ from placement.config_fields import ConfigError
 from placement.quantization import Quantization
 
 # general.architecture -> config.json model_type (llama covers Mistral, as llama.cpp writes it)
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3_text",
+                 "phi3": "phi3"}
+NORM_SHIFTED = ("gemma2", "gemma3")      # llama.cpp's converter stores Gemma's norm weights + 1
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 PERMUTED_QK = ("llama",)     # architectures whose q/k rows llama.cpp's converter interleaves
 # GGML type -> the packed layout (placement/quantization.py) its blocks convert into, code for code: the legacy
@@ -34,6 +36,12 @@ LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layer
                "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
                "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                "ffn_down": "mlp.down_proj"}
+# the architectures whose layers name some tensors otherwise (Gemma's four norms; Phi-3's fused matrices)
+ARCHITECTURE_LAYER_NAMES = {
+    "gemma2": {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}}
+ARCHITECTURE_LAYER_NAMES["gemma3"] = ARCHITECTURE_LAYER_NAMES["gemma2"]
 _LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -52,14 +60,19 @@ def find_gguf(path) -> Path | None:
     return None
 
 
-def hf_name(gguf_name: str) -> str | None:
+def layer_names(architecture: str) -> dict[str, str]:
+    """GGUF layer tensor name -> Hugging Face module name, for `architecture`."""
+    return {**LAYER_NAMES, **ARCHITECTURE_LAYER_NAMES.get(architecture, {})}
+
+
+def hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
     """The Hugging Face name of a GGUF tensor, or None for one no supported model reads (rope_freqs)."""
     if gguf_name in NAMES:
         return NAMES[gguf_name]
-    match = _LAYER.match(gguf_name)
-    if match is None or match.group(2) not in LAYER_NAMES:
+    match, names = _LAYER.match(gguf_name), layer_names(architecture)
+    if match is None or match.group(2) not in names:
         return None
-    return f"model.layers.{match.group(1)}.{LAYER_NAMES[match.group(2)]}.{match.group(3)}"
+    return f"model.layers.{match.group(1)}.{names[match.group(2)]}.{match.group(3)}"
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,10 @@ class GGUFModel:
     @property
     def permutes_qk(self) -> bool:
         return self.architecture in PERMUTED_QK
+
+    def shifts_norm(self, name: str) -> bool:
+        """Whether tensor `name` (a Hugging Face name) is stored + 1 (Gemma's norm weights)."""
+        return self.architecture in NORM_SHIFTED and name.endswith("norm.weight")
 
     def packed_layouts(self, matrix_names) -> dict[str, Quantization]:
         """The layouts the layers' matrices (`matrix_names`) are held in as the file stores them: each
@@ -106,7 +123,7 @@ def read_gguf(path) -> GGUFModel:
                           f"{', '.join(ARCHITECTURES)}")
     tensors = {}
     for tensor in reader.tensors:
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, architecture)
         if name is None:
             continue
         if tensor.tensor_type.name not in SUPPORTED_TYPES:
@@ -146,8 +163,31 @@ def _config(path: Path, arch: str, meta: dict, reader, tensors: dict) -> dict:
     factor, kind = get("rope.scaling.factor", None, required=False), get("rope.scaling.type", None, required=False)
     if kind in ("linear",) and factor:
         config["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
-    elif kind not in (None, "none"):
+    elif kind not in (None, "none") and not (arch == "phi3" and kind in ("longrope", "su")):
         raise ConfigError(f"{path}: GGUF rope scaling {kind!r} is not supported; supported: none, linear")
     if arch == "qwen2":
         config["use_sliding_window"] = False
+    window = get("attention.sliding_window", None, required=False)
+    if arch in NORM_SHIFTED:
+        head_dim = config.get("head_dim") or config["hidden_size"] // num_heads
+        # llama.cpp scales queries by 1/sqrt(head_dim), by 1/sqrt(hidden / heads) in the 27B models
+        big = config["num_hidden_layers"] == {"gemma2": 46, "gemma3": 62}[arch]
+        config.update(head_dim=head_dim, sliding_window=int(window or 4096), hidden_activation="gelu_pytorch_tanh",
+                      query_pre_attn_scalar=config["hidden_size"] // num_heads if big else head_dim)
+        if arch == "gemma2":
+            config.update(attn_logit_softcapping=get("attn_logit_softcapping", None, required=False),
+                          final_logit_softcapping=get("final_logit_softcapping", None, required=False))
+        else:             # llama.cpp's Gemma 3: local layers at base 10000, a global one in six
+            config.update(rope_local_base_freq=10000.0, sliding_window_pattern=6)
+    if arch == "phi3":
+        config["sliding_window"] = int(window) if window else None
+        rotary = get("rope.dimension_count", None, required=False)
+        head_dim = config["hidden_size"] // num_heads
+        if rotary and int(rotary) != head_dim:
+            config["partial_rotary_factor"] = int(rotary) / head_dim
+        factors = {t.name: [float(x) for x in t.data] for t in reader.tensors if t.name.startswith("rope_factors_")}
+        if factors:       # Phi-3.5 / Phi-3 128k: longrope, its factors stored as tensors
+            config["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
+            config["rope_scaling"] = {"rope_type": "longrope", "short_factor": factors["rope_factors_short.weight"],
+                                      "long_factor": factors["rope_factors_long.weight"]}
     return config

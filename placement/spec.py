@@ -16,6 +16,7 @@ from .architecture import DTYPE_BYTES, Architecture, ConfigError, normalize_dtyp
 from .headers import SAFETENSORS_DTYPES, TensorInfo, read_checkpoint_headers
 from .jsonfile import read_json_object
 from .gguf_file import find_gguf, read_gguf
+from .compressed_tensors import packed_matrices
 from .quantization import QUANTIZE_SCHEMES, Quantization, layouts_label
 from . import presets
 
@@ -91,7 +92,8 @@ class ModelSpec:
             return cls.from_config(config, name=_name_of(directory, config_path), dtype=dtype,
                                    path=str(directory))
         arch = Architecture.from_config(config)
-        found = _match_tensors(arch, headers, directory)
+        packed = packed_matrices(config, arch.all_tensors(), headers, directory)   # compressed-tensors
+        found = _match_tensors(arch, headers, directory, skip=packed)
         if dtype is None:
             by_dtype: Counter = Counter()
             for info in found.values():
@@ -101,8 +103,12 @@ class ModelSpec:
         else:
             size = DTYPE_BYTES[normalize_dtype(dtype)]
             tensor_bytes = {n: _numel(info.shape) * size for n, info in found.items()}
-        return cls(name=_name_of(directory, config_path), arch=arch, dtype=dtype,
+        shapes, quantizable = arch.all_tensors(), arch.quantizable_tensors()
+        tensor_bytes.update({n: _numel(shapes[n]) * DTYPE_BYTES[normalize_dtype(dtype)] for n in packed})
+        spec = cls(name=_name_of(directory, config_path), arch=arch, dtype=dtype,
                    tensor_bytes=tensor_bytes, source="checkpoint", path=str(directory))
+        # the layers' packed matrices held as they are; any other (a quantized head) is dequantized
+        return spec.with_layouts({n: q for n, q in packed.items() if n in quantizable})
 
     def quantized(self, quantization: Quantization | str | None) -> "ModelSpec":
         """This model with its decoder layers' matrices quantized into `quantization`'s packed layout (exact
@@ -245,9 +251,11 @@ def _read_config(path: Path) -> dict:
     return read_json_object(path, ConfigError, missing="not found (a checkpoint directory needs a config.json)")
 
 
-def _match_tensors(arch: Architecture, headers: dict[str, TensorInfo], where: Path) -> dict:
+def _match_tensors(arch: Architecture, headers: dict[str, TensorInfo], where: Path, skip=()) -> dict:
     found = {}
     for name, shape in arch.all_tensors().items():
+        if name in skip:
+            continue
         info = headers.get(name)
         if info is None and name.startswith("model."):
             info = headers.get(name[len("model."):])

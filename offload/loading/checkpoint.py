@@ -11,8 +11,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from offload.loading.compressed_tensors import unpack
+from offload.weights.quant import QuantizedWeight
+from placement import compressed_tensors as compressed
 from placement.architecture import Architecture, ConfigError, normalize_dtype
+from placement.headers import read_checkpoint_headers
 from placement.jsonfile import read_json_object
+from placement.quantization import layouts_label
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -60,6 +65,7 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}             # shard path -> open safe_open handle
         self._files = self._locate_files()                 # tensor name -> shard path
         self._expected = self.arch.all_tensors()           # name -> shape
+        self._packed = self._packed_matrices()             # name -> Quantization (compressed-tensors)
         self._check_tensors()
 
     # ---- generation defaults ----------------------------------------------------------------------
@@ -107,12 +113,24 @@ class Checkpoint:
             self._handles[file] = handle
         return handle
 
+    def _packed_matrices(self) -> dict:
+        """The matrices a compressed-tensors checkpoint stores packed, and our layout for each."""
+        if compressed.quantization_config(self.config) is None:
+            return {}
+        try:
+            return compressed.packed_matrices(self.config, self._expected, read_checkpoint_headers(self.path),
+                                              self.path)
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+
     def _check_tensors(self) -> None:
-        missing = [name for name in self._expected if name not in self._files]
+        missing = [name for name in self._expected if name not in self._files and name not in self._packed]
         if missing:
             shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
             raise CheckpointError(f"{self.path}: checkpoint is missing tensors: {shown}")
         for name, shape in self._expected.items():
+            if name in self._packed:                       # shapes checked from the headers
+                continue
             file = self._files[name]
             handle = self._open(file)
             if name not in handle.keys():
@@ -129,26 +147,43 @@ class Checkpoint:
     @property
     def quantized_types(self) -> tuple[str, ...]:
         """The quantized formats it holds (none: a 16/32-bit checkpoint)."""
-        return ()
+        label = layouts_label(self._packed.values())
+        return () if label is None else (f"{compressed.FORMAT} {label}",)
 
     @property
     def layouts(self) -> dict:
-        """The matrices held packed as the file stores them, name -> Quantization (none: 16/32-bit tensors,
-        quantized only on request)."""
-        return {}
+        """The layers' matrices held packed as the file stores them, name -> Quantization (a
+        compressed-tensors checkpoint; none for 16/32-bit tensors, quantized only on request)."""
+        quantizable = self.arch.quantizable_tensors()
+        return {name: layout for name, layout in self._packed.items() if name in quantizable}
+
+    def read_quantized(self, name: str, dtype) -> QuantizedWeight:
+        """A pack-quantized matrix converted code for code into its layout, scales and mins in `dtype`."""
+        base = name[:-len("weight")]
+        parts = {suffix: self._get(base + suffix) if base + suffix in self._files else None
+                 for suffix in (compressed.PACKED, compressed.SCALE, compressed.ZERO_POINT)}
+        return unpack(parts[compressed.PACKED], parts[compressed.SCALE], parts[compressed.ZERO_POINT],
+                      self._packed[name], tuple(self._expected[name]), torch_dtype(dtype))
 
     # ---- reading ----------------------------------------------------------------------------------
     def read(self, name: str, dtype=None) -> torch.Tensor:
         """One tensor on the CPU, converted to `dtype` (default: as stored), shape checked."""
         if name not in self._expected:
             raise KeyError(f"{name!r} is not a tensor of this {self.arch.model_type} architecture")
-        file = self._files[name]
-        try:
-            tensor = self._open(file).get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from e
+        if name in self._packed:          # a packed matrix dequantized (exactly, in float32)
+            weight = self.read_quantized(name, torch.float32)
+            scale_dtype = self._get(name[:-len("weight")] + compressed.SCALE).dtype
+            return weight.dequantize(torch.float32).to(torch_dtype(dtype) if dtype is not None else scale_dtype)
+        tensor = self._get(name)
         assert tuple(tensor.shape) == tuple(self._expected[name]), (name, tensor.shape)
         return tensor if dtype is None else tensor.to(torch_dtype(dtype))
+
+    def _get(self, name: str) -> torch.Tensor:
+        file = self._files[name]
+        try:
+            return self._open(file).get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from e
 
     def read_many(self, names, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
         """Several tensors, each converted and moved to `device` before the next is read."""

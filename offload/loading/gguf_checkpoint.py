@@ -154,6 +154,8 @@ class GGUFCheckpoint:
         if self.model.permutes_qk and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = self.arch.num_heads if ".q_proj." in name else self.arch.num_kv_heads
             values = _unpermute(values, heads)
+        if self.model.shifts_norm(name):
+            values = values - 1                          # stored + 1 (as transformers' loader undoes it)
         values = np.ascontiguousarray(values)
         out = torch.from_numpy(values if values.flags.writeable else values.copy())   # F32 data is the mmap
         return out if dtype is None else out.to(torch_dtype(dtype))

@@ -79,9 +79,10 @@ class QuantizedWeight:
             w[:, 0::2] = self.qweight & 0xF
             w[:, 1::2] = self.qweight >> 4
         grouped = w.view(out, groups, in_features // groups)                          # [out, G, g]
-        grouped.mul_(self.scales.to(dtype)[..., None])
-        if self.mins is not None:
-            grouped.add_(self.mins.to(dtype)[..., None])
+        if self.mins is None:
+            grouped.mul_(self.scales.to(dtype)[..., None])
+        else:        # one rounding of code * scale + min (a 16-bit dtype computes it in float32)
+            torch.addcmul(self.mins.to(dtype)[..., None], grouped, self.scales.to(dtype)[..., None], out=grouped)
         return w
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
@@ -170,3 +171,50 @@ def unflatten(tensors: dict[str, torch.Tensor]) -> dict:
         elif not ((part == "scales" or part == "mins") and f"{name}.qweight" in tensors):
             out[key] = tensor
     return out
+
+
+def quantize_integer(weight: torch.Tensor, bits: int, group_size: int, *, symmetric: bool = True,
+                     dtype: torch.dtype | None = None, fit: bool = True):
+    """Per group of `group_size` inputs, integer codes with an integer zero point, the convention of
+    compressed-tensors (and GPTQ/AWQ): w = (q - zp) * scale, q in -2^(bits-1) .. 2^(bits-1) - 1.
+    Returns (q int8 [out, in], scale [out, G] in `dtype` (default the weight's), zp int8 [out, G] or None
+    when symmetric). The scale is rounded to `dtype` before the codes are chosen. Round-to-nearest on the
+    min-max range (symmetric: scale = absmax / (2^bits - 1) * 2); with `fit` (4-bit) also a 6%-clipped
+    range, and each refit by least squares on its codes, the one with the smallest error kept per group."""
+    assert bits in (4, 8) and weight.dim() == 2 and weight.shape[1] % group_size == 0, (bits, weight.shape)
+    dtype = dtype or weight.dtype
+    out, in_features = weight.shape
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    w = weight.detach().to(torch.float32).reshape(out, in_features // group_size, group_size)   # [out, G, g]
+    zero = torch.zeros(w.shape[:2])
+
+    def rounded(scale):                                # the stored scale, never zero
+        scale = scale.to(dtype).to(torch.float32)
+        return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+    def codes(scale, zp):                              # [out, G, g]
+        return (torch.round(w / scale[..., None]) + zp[..., None]).clamp(qmin, qmax)
+
+    def grid(low, high):                               # (scale, zp) whose grid spans low..high
+        if symmetric:
+            return rounded(torch.maximum(-low, high) / ((qmax - qmin) / 2)), zero
+        scale = rounded((high - low) / (qmax - qmin))
+        return scale, torch.round(qmin - low / scale).clamp(qmin, qmax)
+
+    low, high = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+    best = grid(low, high)
+    if fit and bits == 4:
+        best_err = torch.full_like(low, float("inf"))
+        for clip in (0.0, 0.06):
+            scale, zp = grid(low * (1 - clip), high * (1 - clip))
+            for _ in range(2):
+                q = codes(scale, zp) - zp[..., None]                                # q - zp
+                err = ((q * scale[..., None] - w) ** 2).sum(-1)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best = torch.where(better, scale, best[0]), torch.where(better, zp, best[1])
+                qq = (q * q).sum(-1)                   # least squares w ~ (q - zp) * scale, zp kept
+                scale = torch.where(qq > 0, rounded((q * w).sum(-1) / qq.clamp_min(1e-30)), scale)
+    scale, zp = best
+    q = codes(scale, zp).to(torch.int8).view(out, in_features)
+    return q, scale.to(dtype), None if symmetric else zp.to(torch.int8)

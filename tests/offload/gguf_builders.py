@@ -7,18 +7,17 @@ from pathlib import Path
 
 import numpy as np
 
-from placement.gguf_file import LAYER_NAMES, NAMES
+from placement.gguf_file import NAMES, NORM_SHIFTED, layer_names
 
 HF_NAMES = {hf: name for name, hf in NAMES.items()}                  # written as llama.cpp names them
-HF_LAYER_NAMES = {hf: name for name, hf in LAYER_NAMES.items()}
 
 
-def gguf_name(hf_name: str) -> str:
+def gguf_name(hf_name: str, architecture: str = "llama") -> str:
     if hf_name in HF_NAMES:
         return HF_NAMES[hf_name]
     _, _, index, rest = hf_name.split(".", 3)                     # model.layers.<i>.<rest>
     module, _, kind = rest.rpartition(".")
-    return f"blk.{index}.{HF_LAYER_NAMES[module]}.{kind}"
+    return f"blk.{index}.{ {hf: name for name, hf in layer_names(architecture).items()}[module]}.{kind}"
 
 
 def permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
@@ -59,14 +58,32 @@ def write_gguf(path: Path, hf_model, architecture: str, matrix_type: str = "F32"
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    rope = config.rope_parameters
+    if "full_attention" in rope:            # Gemma 3: the global layers' RoPE (llama.cpp fixes the local one)
+        assert rope["sliding_attention"]["rope_theta"] == 10000.0, rope
+        rope = rope["full_attention"]
+        if rope.get("rope_type") == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(rope["factor"])
+    writer.add_rope_freq_base(rope["rope_theta"])
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * getattr(config, "partial_rotary_factor", 1.0)))
+    if getattr(config, "sliding_window", None) and architecture in ("gemma2", "gemma3", "phi3"):
+        writer.add_sliding_window(config.sliding_window)
+    if architecture == "gemma2":                 # what llama.cpp's converter writes for Gemma 2
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    if architecture == "phi3" and rope.get("rope_type") == "longrope":    # factors as tensors, as llama.cpp
+        writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
+        for kind in ("long", "short"):
+            writer.add_tensor(f"rope_factors_{kind}.weight", np.array(rope[f"{kind}_factor"], dtype=np.float32))
     writer.add_vocab_size(config.vocab_size)
     writer.add_bos_token_id(config.bos_token_id)
     writer.add_eos_token_id(config.eos_token_id)
+    if config.pad_token_id is not None:
+        writer.add_pad_token_id(config.pad_token_id)
     if vocab_tokens:      # a byte-level vocabulary: what transformers' GGUF loader expects to find
         writer.add_tokenizer_model("gpt2")
         writer.add_token_list([f"<t{i}>" for i in range(config.vocab_size)])
@@ -77,16 +94,18 @@ def write_gguf(path: Path, hf_model, architecture: str, matrix_type: str = "F32"
         kind = next((t for module, t in (type_of or {}).items() if f".{module}." in name), matrix_type)
         qtype = getattr(gguf.GGMLQuantizationType, kind)
         values = tensor.detach().float().numpy()
+        if architecture in NORM_SHIFTED and name.endswith("norm.weight"):
+            values = values + 1
         if architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             values = permute(values, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
         if values.ndim == 2 and kind in ("Q4_K", "Q5_K", "Q6_K"):
             packed = random_blocks(values.shape, kind, seed=len(name))
-            writer.add_tensor(gguf_name(name), packed, raw_shape=packed.shape, raw_dtype=qtype)
+            writer.add_tensor(gguf_name(name, architecture), packed, raw_shape=packed.shape, raw_dtype=qtype)
         elif values.ndim == 2 and kind != "F32":
             packed = gguf.quants.quantize(values, qtype)
-            writer.add_tensor(gguf_name(name), packed, raw_shape=packed.shape, raw_dtype=qtype)
+            writer.add_tensor(gguf_name(name, architecture), packed, raw_shape=packed.shape, raw_dtype=qtype)
         else:
-            writer.add_tensor(gguf_name(name), np.ascontiguousarray(values))
+            writer.add_tensor(gguf_name(name, architecture), np.ascontiguousarray(values))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

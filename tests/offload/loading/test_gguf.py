@@ -190,3 +190,43 @@ def test_smollm2_offloaded_streams_and_attends_on_the_cpu(smollm2):
     model = offload.load(path, plan=plan, progress=False)
     assert model.generate(prompts[:2], max_new_tokens=40) == want[:2]
     assert model.stats.host_to_device_bytes > 0
+
+
+# (variant, architecture, config overrides): each family as llama.cpp's converter writes it; Gemma's queries
+# scaled by 1/sqrt(head_dim) as llama.cpp does (transformers' GGUF loader defaults query_pre_attn_scalar to 256
+# and is told the true one), Gemma 3 with llama.cpp's fixed pattern (a global layer in six)
+FAMILIES = [("gemma2_default_caps", "gemma2", {}),
+            ("gemma3", "gemma3", dict(num_hidden_layers=6, layer_types=None, rope_parameters=None, sliding_window=4)),
+            ("phi3", "phi3", dict(partial_rotary_factor=1.0))]   # (its GGUF loader drops rope.dimension_count)
+
+
+@pytest.mark.parametrize("matrix_type", ["F32", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("variant, architecture, overrides", FAMILIES)
+def test_gemma_and_phi3_gguf_files_match_transformers(sources, tmp_path, variant, architecture, overrides,
+                                                      matrix_type):
+    head_dim = 64 if matrix_type == "Q4_K" else 16                     # K-quant rows: multiples of 256
+    gemma = dict(query_pre_attn_scalar=head_dim) if architecture.startswith("gemma") else {}
+    wide = dict(hidden_size=256, intermediate_size=512) if matrix_type == "Q4_K" else {}
+    hf = sources(variant, **overrides, **wide, **gemma, head_dim=head_dim)
+    path = write_gguf(tmp_path / f"{architecture}.{matrix_type}.gguf", hf, architecture, matrix_type)
+    from transformers import AutoModelForCausalLM
+    reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                     **gemma).eval()
+    ours = offload.load(path, dtype="float32", max_seq_len=64, progress=False)
+    assert ours.arch.model_type == {"gemma3": "gemma3_text"}.get(architecture, architecture)
+    torch.testing.assert_close(ours.forward([PROMPT])[0], hf_logits(reference, PROMPT), atol=1e-4, rtol=1e-4)
+    if matrix_type == "F32":          # the GGUF written from it is the source model itself
+        torch.testing.assert_close(ours.forward([PROMPT])[0], hf_logits(hf, PROMPT), atol=1e-4, rtol=0)
+    else:
+        assert ours.plan.quantization == PACKED[matrix_type]
+
+
+def test_phi3_longrope_factors_come_from_the_gguf_tensors(sources, tmp_path):
+    """transformers' GGUF loader reads neither Phi-3's rope_factors tensors nor a partial rotary dimension: the
+    reference is the source model, written as F32 (past its original context of 16 the long factors apply)."""
+    hf = sources("phi3_longrope")
+    path = write_gguf(tmp_path / "phi3.gguf", hf, "phi3", "F32")
+    ours = offload.load(path, dtype="float32", max_seq_len=64, progress=False)
+    assert ours.arch.rope_scaling["rope_type"] == "longrope" and ours.arch.partial_rotary_factor == 0.75
+    prompt = PROMPT * 2                                                      # 24 tokens > 16
+    torch.testing.assert_close(ours.forward([prompt])[0], hf_logits(hf, prompt), atol=1e-4, rtol=0)
