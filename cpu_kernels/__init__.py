@@ -1,4 +1,4 @@
-"""Numba attention kernels for layers whose KV cache lives in CPU RAM.
+"""Numba kernels for the CPU side: attention over a KV cache in CPU RAM, and matmuls with packed weights.
 
     out = cpu_kernels.attention(q, k_cache, v_cache, lengths, scale=None, sliding_window=None,
                                 softcap=None)
@@ -6,7 +6,12 @@
 
 q and out are float32 [B, Hq, T, D]; caches are contiguous [B, Hkv, S_max, D] float32, bfloat16 or
 float16 tensors on the CPU (pinned or not). numpy/numba at the core, torch only at this edge.
+
+    y = cpu_kernels.quantized_linear(x, qweight, scales, mins=None)    # x float32 [M, K] -> [M, N]
+
+multiplies a few rows by a matrix packed per group (4-bit or 8-bit codes), reading it once.
 """
+from .linear import quantized_linear
 from .ops import append_kv, attention
 
-__all__ = ["attention", "append_kv"]
+__all__ = ["attention", "append_kv", "quantized_linear"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cpu_kernels import quantized_linear
 from offload.weights.quant import QuantizedWeight
 
 ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
@@ -21,9 +22,18 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
+KERNEL_MAX_ROWS = 4     # up to this many rows a packed matrix on the CPU is multiplied without dequantizing
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     # x: [..., in], weight: [out, in] (dense, or packed: dequantized here, next to its matmul) -> [..., out]
     if isinstance(weight, QuantizedWeight):
+        rows = x.numel() // x.shape[-1]
+        if x.device.type == "cpu" and weight.qweight.device.type == "cpu" and rows <= KERNEL_MAX_ROWS:
+            # decode on the CPU: the packed codes read once (cpu_kernels), in float32
+            out = quantized_linear(x.reshape(rows, -1).to(torch.float32), weight.qweight, weight.scales,
+                                   weight.mins).to(x.dtype).view(*x.shape[:-1], -1)      # [..., out]
+            return out if bias is None else out + bias
         weight = weight.dequantize(x.dtype)
     return F.linear(x, weight, bias)
 
