@@ -5,9 +5,10 @@ report the same memory breakdown and the same prediction for the same layout.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
-from .cost import CostModel, step_time
+from .cost import CostModel, best_decode_step, step_time
 from .hardware import Hardware
 from .plans import Budget, ItemPlan, LayerPlan, Plan, PlanError, Prediction
 from .spec import ModelSpec
@@ -48,11 +49,36 @@ def layer_plans(spec: ModelSpec, workload: Workload, weights_gpu: list[bool], kv
     return tuple(layers)
 
 
+def with_cpu_compute(layers, count: int) -> tuple[LayerPlan, ...]:
+    """The layers with `count` of those whose weights, KV and attention are all on the cpu marked to run their
+    decode steps there (spread evenly among them, so their CPU time interleaves with the others' copies)."""
+    eligible = [i for i, l in enumerate(layers) if (l.weights, l.kv, l.attention) == ("cpu", "cpu", "cpu")]
+    chosen = {i for i, flag in zip(eligible, spread(count, len(eligible))) if flag} if eligible else set()
+    return tuple(dataclasses.replace(l, compute="cpu" if i in chosen else "gpu") for i, l in enumerate(layers))
+
+
+def cpu_compute_count(cost: CostModel, layers, embedding: str, lm_head: str, prefetch_depth: int,
+                      cpu_compute: bool | None) -> int:
+    """How many of the all-cpu layers to compute on the CPU in decode (cost.best_decode_step)."""
+    eligible = [l for l in layers if (l.weights, l.kv, l.attention) == ("cpu", "cpu", "cpu")]
+    if not eligible:
+        return 0
+    others = Counter((l.weights, l.kv, l.attention, l.weight_bytes) for l in layers if l not in eligible)
+    groups = [(n, cost.decode_layer(*k)) for k, n in others.items()]
+    groups += [(1, cost.embedding(embedding, 1)), (1, cost.final_norm()), (1, cost.lm_head(lm_head))]
+    w = max(l.weight_bytes for l in eligible)
+    return best_decode_step(groups, len(eligible), cost.decode_layer("cpu", "cpu", "cpu", w),
+                            cost.decode_layer_on_cpu(w), prefetch_depth, cpu_compute)[1]
+
+
 def predict(cost: CostModel, layers, embedding: str, lm_head: str, prefetch_depth: int,
             chunk: int) -> Prediction:
     """The cost model's prediction for explicit per-layer placements."""
     kinds = Counter((l.weights, l.kv, l.attention, l.weight_bytes) for l in layers)
-    decode = [(n, cost.decode_layer(*k)) for k, n in kinds.items()]
+    on_cpu = Counter(l.weight_bytes for l in layers if l.compute == "cpu")
+    streamed = Counter((l.weights, l.kv, l.attention, l.weight_bytes) for l in layers if l.compute != "cpu")
+    decode = [(n, cost.decode_layer(*k)) for k, n in streamed.items()]
+    decode += [(n, cost.decode_layer_on_cpu(b)) for b, n in on_cpu.items()]
     decode += [(1, cost.embedding(embedding, 1)), (1, cost.final_norm()), (1, cost.lm_head(lm_head))]
     step = step_time(decode, prefetch_depth)
     body = [(n, cost.prefill_layer(*k, chunk)) for k, n in kinds.items()] + [(1, cost.final_norm())]
@@ -115,4 +141,4 @@ def need_message(spec: ModelSpec, workload: Workload, hardware: Hardware, min_gp
             f"{fs(hardware.cpu_bytes)} CPU; short: " + ", ".join(short))
 
 
-__all__ = ["chunk_candidates", "spread", "layer_plans", "predict", "assemble", "need_message"]
+__all__ = ["chunk_candidates", "spread", "layer_plans", "with_cpu_compute", "cpu_compute_count", "predict", "assemble", "need_message"]

@@ -50,6 +50,9 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+CPU_COMPUTE = {"on": True, "off": False, "auto": None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Plan where the weights and KV cache of an LLM live (GPU memory "
                 "or CPU RAM) and predict prefill time and decode speed.",
@@ -75,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "layers' weights on the GPU, the rest streamed (llama.cpp -ngl)")
     p.add_argument("--kv-gpu-layers", type=_non_negative_int, metavar="M", help="manual plan: the KV "
                    "cache of the first M layers on the GPU, the rest on the CPU (0 is llama.cpp -nkvo)")
+    p.add_argument("--cpu-compute", choices=CPU_COMPUTE, default="auto", help="decode the layers whose weights, "
+                   "KV and attention are on the CPU there, where their weights lie: on, off, or auto (where the "
+                   "cost model predicts it faster; default)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (for offload.load(plan=...))")
     p.add_argument("--list-presets", action="store_true", help="list the bundled model presets and exit")
     return p
@@ -150,9 +156,9 @@ def run(argv: list[str] | None = None) -> int:
     _warn_budgets(args, hw)
     if args.gpu_layers is not None or args.kv_gpu_layers is not None:
         result = manual_plan(spec, workload, hw, gpu_layers=args.gpu_layers,
-                             kv_gpu_layers=args.kv_gpu_layers)
+                             kv_gpu_layers=args.kv_gpu_layers, cpu_compute=CPU_COMPUTE[args.cpu_compute])
     else:
-        result = make_plan(spec, hw, workload)
+        result = make_plan(spec, hw, workload, cpu_compute=CPU_COMPUTE[args.cpu_compute])
     print(result.to_json() if args.json else result.summary())
     return 0
 

@@ -7,7 +7,10 @@ Every item (decoder layer, embedding, final norm, LM head) costs:
   for attention (when it runs on the GPU), plus a per-layer launch overhead; quantized matrices also
   cost their dequantization (the dense weight written and read again);
 - `cpu_s` on the critical path but off the GPU: CPU attention, max(KV bytes / CPU attention bandwidth,
-  FLOPs / CPU FLOP/s) plus a round trip for q, k, v and the output; the CPU embedding lookup's rows.
+  FLOPs / CPU FLOP/s) plus a round trip for q, k, v and the output; the CPU embedding lookup's rows;
+  a layer computed on the CPU in decode (compute "cpu"): its weights read at the CPU's memory speed (the
+  attention bandwidth stands in for it) or its FLOPs, its attention, the hidden states' round trip and a
+  per-layer dispatch overhead, with nothing streamed.
 The copy engine runs ahead of compute through a ring of `prefetch_depth` (d) buffers, so a step costs
 - nothing streamed:  T_c                                     (T_c = sum of gpu_s + cpu_s)
 - d = 1:             T_c + max(0, T_x - R)   (a copy overlaps only the compute of resident items, R)
@@ -28,6 +31,7 @@ from .workload import Workload
 
 LAYER_OVERHEAD_S = 60e-6        # kernel launches of one decoder layer (eager PyTorch)
 ROUND_TRIP_S = 30e-6            # q, k, v to the host, CPU attention dispatch, output back
+CPU_LAYER_OVERHEAD_S = 1e-3     # one decoder layer's ops dispatched on the CPU (eager PyTorch, 2 cores)
 MAX_PREFETCH_DEPTH = 4
 
 
@@ -145,6 +149,16 @@ class CostModel:
         return self.layer(weights=weights, kv=kv, attention=attention, weight_bytes=weight_bytes,
                           num_rows=1, num_keys=self.decode_context)
 
+    def decode_layer_on_cpu(self, weight_bytes: int) -> ItemCost:
+        """A decode step of a layer computed where its weights lie (weights, KV and attention on the CPU)."""
+        spec, hw, B = self.spec, self.hw, self.wl.batch_size
+        matmul_s = max(weight_bytes / hw.cpu_attention_bytes_per_s, 2 * B * spec.layer_matmul_params / hw.cpu_flops)
+        attention = B * self.decode_context
+        attention_s = max(attention * spec.kv_bytes_per_token / hw.cpu_attention_bytes_per_s,
+                          attention * spec.attention_flops_per_key / hw.cpu_flops)
+        hidden = 2 * B * spec.arch.hidden_size * self.dtype_bytes / hw.pcie_bytes_per_s   # there and back
+        return ItemCost(0.0, 0.0, CPU_LAYER_OVERHEAD_S + matmul_s + attention_s + hidden, False)
+
     def prefill_layer(self, weights: str, kv: str, attention: str, weight_bytes: int,
                       chunk: int) -> ItemCost:
         prompt = self.wl.prompt_len
@@ -164,3 +178,26 @@ class CostModel:
         last_s = step_time(groups + [(1, lm_head)], prefetch_depth).seconds
         fill = max([c.transfer_s for n, c in groups + [(1, lm_head)] if n and c.is_streamed], default=0.0)
         return (num_chunks - 1) * chunk_s + last_s + fill
+
+
+def best_decode_step(groups, eligible: int, streamed: ItemCost, on_cpu: ItemCost, prefetch_depth: int,
+                     cpu_compute: bool | None) -> tuple[StepTime, int]:
+    """(step time, k): a decode step over `groups` (count, ItemCost) plus `eligible` all-cpu layers, k of them
+    computed on the CPU (`on_cpu`) and the rest streamed (`streamed`). cpu_compute True: k = eligible; False:
+    k = 0; None: the best k. Moving a layer to the CPU takes its copy off PCIe and adds CPU time to the
+    compute chain, so the best k balances the two: tried are 0, all, and the balance point's neighbours."""
+    if cpu_compute is False or eligible == 0:
+        candidates = {0}
+    elif cpu_compute:
+        candidates = {eligible}
+    else:
+        all_groups = list(groups) + [(eligible, streamed)]
+        t_x = sum(n * c.transfer_s for n, c in all_groups if c.is_streamed)
+        t_c = sum(n * (c.gpu_s + c.cpu_s) for n, c in all_groups)
+        per_layer = streamed.transfer_s + on_cpu.cpu_s - (streamed.gpu_s + streamed.cpu_s)
+        balance = (t_x - t_c) / per_layer if per_layer > 0 else eligible
+        middle = int(min(max(balance, 0), eligible))
+        candidates = {0, eligible, middle, min(middle + 1, eligible)}
+    timed = [(step_time(list(groups) + [(eligible - k, streamed), (k, on_cpu)], prefetch_depth), k)
+             for k in sorted(candidates)]
+    return min(timed, key=lambda pair: (pair[0].seconds, pair[1]))

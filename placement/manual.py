@@ -2,7 +2,8 @@
 on the GPU (-nkvo is M = 0)", with the same memory breakdown and prediction as the planner."""
 from __future__ import annotations
 
-from .build import assemble, chunk_candidates, layer_plans
+from .build import assemble, chunk_candidates, cpu_compute_count, layer_plans, with_cpu_compute
+from .cost import CostModel
 from .hardware import GENERIC_GPU, GPU_FLOPS_EFFICIENCY, GPU_MEM_EFFICIENCY, Hardware
 from .plans import Budget, Plan, PlanError
 from .sizes import format_size
@@ -21,7 +22,7 @@ def manual_plan(spec: ModelSpec, workload: Workload, hardware: Hardware | None =
                 gpu_layers: int | None = None, kv_gpu_layers: int | None = None,
                 cpu_attention: bool = True, prefetch_depth: int = 2, *,
                 embedding: str | None = None, lm_head: str | None = None,
-                prefill_chunk_size: int | None = None) -> Plan:
+                prefill_chunk_size: int | None = None, cpu_compute: bool | None = None) -> Plan:
     """A plan with the weights of the first `gpu_layers` layers and the KV cache of the first
     `kv_gpu_layers` layers on the GPU (None: all). CPU-resident KV is attended on the CPU when
     `cpu_attention`, else copied to the GPU through the ring. Streamed items go through a ring of
@@ -31,6 +32,9 @@ def manual_plan(spec: ModelSpec, workload: Workload, hardware: Hardware | None =
     embedding lookup runs on the CPU and the LM head streams, as llama.cpp keeps the output layer off
     the GPU unless everything fits (tied models: both follow the LM head). `prefill_chunk_size`
     defaults to the largest chunk that fits the hardware (the whole prompt without one).
+
+    `cpu_compute`: layers whose weights, KV and attention are on the CPU run their decode steps there
+    (True, as llama.cpp does), never (False), or as many as the cost model predicts faster (None).
 
     With a `hardware` its budgets are checked (PlanError when exceeded) and its speeds predict; without
     one, REFERENCE_HARDWARE predicts and the plan's budget records exactly what it needs.
@@ -54,6 +58,9 @@ def manual_plan(spec: ModelSpec, workload: Workload, hardware: Hardware | None =
     elif not isinstance(prefill_chunk_size, int) or prefill_chunk_size <= 0:
         raise PlanError(f"prefill_chunk_size must be a positive int, got {prefill_chunk_size!r}")
     chunk = min(prefill_chunk_size, workload.prompt_len)
+    cost = CostModel(spec, hardware or REFERENCE_HARDWARE, workload)
+    depth = prefetch_depth if any(l.is_streamed for l in layers) or lm_head == "cpu" else 0
+    layers = with_cpu_compute(layers, cpu_compute_count(cost, layers, embedding, lm_head, depth, cpu_compute))
     if hardware is None:
         return assemble(spec, workload, REFERENCE_HARDWARE, layers=layers, embedding=embedding,
                         lm_head=lm_head, prefetch_depth=prefetch_depth, chunk=chunk)

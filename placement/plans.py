@@ -41,7 +41,11 @@ def _check_bytes(where: str, value) -> None:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One decoder layer: where its weights and KV cache live, where it attends, and their bytes."""
+    """One decoder layer: where its weights and KV cache live, where it attends, where its decode steps are
+    computed, and their bytes.
+
+    compute "cpu": a layer whose weights, KV and attention are all on the cpu is computed there during
+    decode steps (only its hidden states cross PCIe); prefill chunks still stream its weights to the gpu."""
 
     index: int
     weights: str
@@ -49,12 +53,16 @@ class LayerPlan:
     attention: str
     weight_bytes: int
     kv_bytes: int          # K and V for batch_size x (prompt_len + gen_len) tokens, model dtype
+    compute: str = "gpu"   # where decode steps run
 
     def __post_init__(self):
-        for key in ("weights", "kv", "attention"):
+        for key in ("weights", "kv", "attention", "compute"):
             _check_placement(f"layer {self.index} {key}", getattr(self, key))
         if self.attention == "cpu" and self.kv != "cpu":
             raise PlanError(f"layer {self.index}: attention on the cpu needs its kv on the cpu")
+        if self.compute == "cpu" and (self.weights, self.kv, self.attention) != ("cpu", "cpu", "cpu"):
+            raise PlanError(f"layer {self.index}: computing on the cpu needs its weights, kv and attention on the "
+                            f"cpu (got weights {self.weights}, kv {self.kv}, attention {self.attention})")
         _check_bytes(f"layer {self.index} weight_bytes", self.weight_bytes)
         _check_bytes(f"layer {self.index} kv_bytes", self.kv_bytes)
 
@@ -70,8 +78,8 @@ class LayerPlan:
         return (self.weight_bytes if self.weights == "cpu" else 0) + kv
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "weights": self.weights, "kv": self.kv,
-                "attention": self.attention, "weight_bytes": self.weight_bytes, "kv_bytes": self.kv_bytes}
+        return {"index": self.index, "weights": self.weights, "kv": self.kv, "attention": self.attention,
+                "compute": self.compute, "weight_bytes": self.weight_bytes, "kv_bytes": self.kv_bytes}
 
 
 @dataclass(frozen=True)

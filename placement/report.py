@@ -9,7 +9,7 @@ def _params(n: int) -> str:
 
 
 def _layer_rows(plan) -> list[tuple[str, ...]]:
-    """One row per run of consecutive identical layers: range, weights, kv, attention, sizes."""
+    """One row per run of consecutive identical layers: range, weights, kv, attention, decode compute, sizes."""
     rows, start = [], 0
     layers = plan.layers
     for i in range(1, len(layers) + 1):
@@ -17,15 +17,15 @@ def _layer_rows(plan) -> list[tuple[str, ...]]:
             continue
         first, last = layers[start], layers[i - 1]
         span = f"{first.index}" if first is last else f"{first.index}-{last.index}"
-        rows.append((span, str(i - start), first.weights, first.kv, first.attention,
+        rows.append((span, str(i - start), first.weights, first.kv, first.attention, first.compute,
                      format_size(first.weight_bytes), format_size(first.kv_bytes)))
         start = i
     return rows
 
 
 def _same(a, b) -> bool:
-    return (a.weights, a.kv, a.attention, a.weight_bytes, a.kv_bytes) == \
-        (b.weights, b.kv, b.attention, b.weight_bytes, b.kv_bytes)
+    return (a.weights, a.kv, a.attention, a.compute, a.weight_bytes, a.kv_bytes) == \
+        (b.weights, b.kv, b.attention, b.compute, b.weight_bytes, b.kv_bytes)
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
@@ -48,8 +48,8 @@ def format_plan(plan) -> str:
     lines.append(f"workload  batch {wl.batch_size}, prompt {wl.prompt_len} + generate {wl.gen_len} tokens "
                  f"(prefill in chunks of {plan.prefill_chunk_size})")
     lines.append("")
-    lines += _table(("layers", "count", "weights", "kv", "attention", "weights/layer", "kv/layer"),
-                    _layer_rows(plan), right={1, 5, 6})
+    lines += _table(("layers", "count", "weights", "kv", "attention", "decode on", "weights/layer", "kv/layer"),
+                    _layer_rows(plan), right={1, 6, 7})
     items = [("embedding", plan.embedding), ("final_norm", plan.final_norm), ("lm_head", plan.lm_head)]
     item_rows = []
     for name, item in items:

@@ -8,8 +8,8 @@ layers evenly between them. The objective is the whole workload: prefill time + 
 """
 from __future__ import annotations
 
-from .build import assemble, chunk_candidates, layer_plans, need_message, spread
-from .cost import MAX_PREFETCH_DEPTH, CostModel, step_time
+from .build import assemble, chunk_candidates, layer_plans, need_message, spread, with_cpu_compute
+from .cost import MAX_PREFETCH_DEPTH, CostModel, best_decode_step
 from .hardware import Hardware
 from .plans import Budget, Plan, PlanError
 from .spec import ModelSpec
@@ -17,11 +17,13 @@ from .workload import Workload
 from .workspace import workspace_bytes
 
 _KINDS = (("gpu", "gpu"), ("cpu", "gpu"), ("gpu", "cpu"), ("cpu", "cpu"))   # (weights, kv)
+ALL_CPU = ("cpu", "cpu", "cpu")      # weights, kv, attention: the layers that may decode on the CPU
 
 
-def plan(spec: ModelSpec, hardware: Hardware, workload: Workload) -> Plan:
+def plan(spec: ModelSpec, hardware: Hardware, workload: Workload, cpu_compute: bool | None = None) -> Plan:
     """The best plan by predicted time for `workload`; PlanError saying what is needed and how short
-    the budgets are when nothing fits."""
+    the budgets are when nothing fits. `cpu_compute`: layers with weights, KV and attention on the cpu
+    run their decode steps there (True), never (False), or where predicted faster (None; build.with_cpu_compute)."""
     L = spec.num_layers
     w = max(spec.layer_weight_bytes(i) for i in range(L))
     kv = spec.layer_kv_bytes(workload.num_cached_tokens)
@@ -32,13 +34,41 @@ def plan(spec: ModelSpec, hardware: Hardware, workload: Workload) -> Plan:
     cost = CostModel(spec, hardware, workload)
     decode = {(wp, kp, a): cost.decode_layer(wp, kp, a, w) for wp, kp in _KINDS for a in ("gpu", "cpu")
               if not (a == "cpu" and kp == "gpu")}
+    on_cpu = cost.decode_layer_on_cpu(w)          # an all-cpu layer computed where it lies
     norm = cost.final_norm()
     heads = {p: cost.lm_head(p) for p in ("gpu", "cpu")}
     item_choices = [("gpu", "gpu"), ("cpu", "cpu")] if tied else \
         [("gpu", "gpu"), ("cpu", "gpu"), ("gpu", "cpu"), ("cpu", "cpu")]
-    gen, best, best_key = workload.gen_len, None, None
+    gen = workload.gen_len
+    best: list = [None, None]                  # rank, layout
     decode_memo: dict = {}
     chunks = chunk_candidates(workload.prompt_len)
+
+    def consider(chunk, emb_p, lm_p, mode, n_w, n_kv, d) -> int:
+        """Rank one layout (keeping the best); returns how many of its layers decode on the CPU."""
+        fixed_cpu = (emb_b if emb_p == "cpu" else 0) + (lm_b if lm_p == "cpu" else 0)
+        if (L - n_w) * w + (L - n_kv) * kv + fixed_cpu > hardware.cpu_bytes:
+            return 0
+        counts = _counts(L, n_w, n_kv)
+        key = (n_w, n_kv, mode, emb_p, lm_p, d)
+        memo = decode_memo.get(key)
+        if memo is None:
+            groups = [(c, decode[(wp, kp, "gpu" if kp == "gpu" else mode)])
+                      for (wp, kp), c in zip(_KINDS, counts) if (wp, kp, mode) != ALL_CPU]
+            groups += [(1, cost.embedding(emb_p, 1)), (1, norm), (1, heads[lm_p])]
+            eligible = counts[3] if mode == "cpu" else 0
+            timed, on_cpu_count = best_decode_step(groups, eligible, decode[ALL_CPU], on_cpu, d, cpu_compute)
+            memo = decode_memo[key] = (timed.seconds, on_cpu_count)
+        step, on_cpu_count = memo
+        body = [(c, prefill[(wp, kp, "gpu" if kp == "gpu" else mode)])
+                for (wp, kp), c in zip(_KINDS, counts)] + [(1, norm)]
+        total = cost.prefill_seconds(body, lm_head=heads[lm_p], embedding=prefill_emb[emb_p],
+                                     prefetch_depth=d, chunk=chunk) + gen * step
+        rank = (total, d, -n_w, -n_kv, mode == "gpu", emb_p == "cpu", -chunk)
+        if best[0] is None or rank < best[0]:
+            best[:] = [rank, (chunk, emb_p, lm_p, mode, n_kv, n_w, d, on_cpu_count)]
+        return on_cpu_count
+
     for chunk in chunks:
         ws = workspace_bytes(spec.arch, workload.batch_size, chunk, workload.max_seq_len, spec.dtype,
                              spec.quantized_shapes)
@@ -49,42 +79,35 @@ def plan(spec: ModelSpec, hardware: Hardware, workload: Workload) -> Plan:
         prefill_emb = {p: cost.embedding(p, chunk) for p in ("gpu", "cpu")}
         for emb_p, lm_p in item_choices:
             fixed_gpu = (emb_b if emb_p == "gpu" else 0) + (lm_b if lm_p == "gpu" else 0)
-            fixed_cpu = emb_b + lm_b - fixed_gpu
             lm_ring = lm_read if lm_p == "cpu" else 0
             for mode in ("cpu", "gpu"):
                 for prefetch_depth in range(1, MAX_PREFETCH_DEPTH + 1):
                     for n_w, n_kv, d in _layouts(L, w, kv, gpu_avail - fixed_gpu, lm_ring, mode, prefetch_depth):
-                        if (L - n_w) * w + (L - n_kv) * kv + fixed_cpu > hardware.cpu_bytes:
-                            continue
-                        counts = _counts(L, n_w, n_kv)
-                        key = (n_w, n_kv, mode, emb_p, lm_p, d)
-                        step = decode_memo.get(key)
-                        if step is None:
-                            groups = [(c, decode[(wp, kp, "gpu" if kp == "gpu" else mode)])
-                                      for (wp, kp), c in zip(_KINDS, counts)]
-                            groups += [(1, cost.embedding(emb_p, 1)), (1, norm), (1, heads[lm_p])]
-                            step = decode_memo[key] = step_time(groups, d).seconds
-                        body = [(c, prefill[(wp, kp, "gpu" if kp == "gpu" else mode)])
-                                for (wp, kp), c in zip(_KINDS, counts)] + [(1, norm)]
-                        total = cost.prefill_seconds(body, lm_head=heads[lm_p], embedding=prefill_emb[emb_p],
-                                                     prefetch_depth=d, chunk=chunk) + gen * step
-                        rank = (total, d, -n_w, -n_kv, mode == "gpu", emb_p == "cpu", -chunk)
-                        if best_key is None or rank < best_key:
-                            best_key, best = rank, (chunk, emb_p, lm_p, mode, n_kv, n_w, d)
-    if best is None:
+                        candidates = [n_kv]
+                        if mode == "cpu" and cpu_compute is not False and n_w < L and n_kv > 0:
+                            # layers decode on the CPU only with their KV there: all KV on the CPU gives the
+                            # most of them (k); then the most GPU KV that still leaves k
+                            k = consider(chunk, emb_p, lm_p, mode, n_w, 0, d)
+                            if k:
+                                candidates += [next((n for n in range(n_kv - 1, 0, -1)
+                                                     if _counts(L, n_w, n)[3] >= k), 0)]
+                        for n in candidates:
+                            consider(chunk, emb_p, lm_p, mode, n_w, n, d)
+    if best[1] is None:
         raise PlanError(_no_fit(spec, hardware, workload, chunks[-1]))
-    chunk, emb_p, lm_p, mode, n_kv, n_w, prefetch_depth = best
+    chunk, emb_p, lm_p, mode, n_kv, n_w, prefetch_depth, on_cpu_count = best[1]
     layers = layer_plans(spec, workload, weights_gpu=[not s for s in spread(L - n_w, L)],
                          kv_gpu=[i < n_kv for i in range(L)], cpu_attention=mode == "cpu")
-    return assemble(spec, workload, hardware, layers=layers, embedding=emb_p, lm_head=lm_p,
-                    prefetch_depth=max(prefetch_depth, 1), chunk=chunk,
+    return assemble(spec, workload, hardware, layers=with_cpu_compute(layers, on_cpu_count), embedding=emb_p,
+                    lm_head=lm_p, prefetch_depth=max(prefetch_depth, 1), chunk=chunk,
                     budget=Budget(gpu_bytes=hardware.gpu_bytes, cpu_bytes=hardware.cpu_bytes))
 
 
 def _layouts(L: int, w: int, kv: int, room: int, lm_ring: int, mode: str, prefetch_depth: int):
     """(n_w, n_kv, prefetch_depth used) candidates, most resident weights first: for each number n_w of layers
     with resident weights, the most layers' KV on the GPU that fit in `room` bytes (more GPU KV never
-    predicts slower at equal n_w), stopping once all KV fits (fewer resident weights then only lose).
+    predicts slower at equal n_w, unless layers decode on the CPU, which needs their KV there: `plan` then
+    tries less GPU KV too), stopping once all KV fits.
     With all KV on the GPU the attention site is moot: only mode "cpu" yields that layout."""
     for n_w in range(L, -1, -1):
         layer_ring = w if n_w < L else 0

@@ -174,3 +174,14 @@ def test_pinned_bandwidth_on_cuda():
     bandwidth = measure_host_to_device_bandwidth("cuda", num_bytes=64 << 20, num_repeats=3)
     assert bandwidth.is_pinned and bandwidth.description.startswith("pinned host -> cuda")
     assert bandwidth.bytes_per_second > 0
+
+
+def test_cpu_decode_quick_prints_every_row():
+    pytest.importorskip("transformers")
+    result = run_script("benchmarks/cpu_decode.py", "--quick", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "memory read bandwidth" in out and "ours tok/s" in out and "of BW" in out
+    rows = [line for line in out.splitlines() if line.startswith("SmolLM2-135M")]
+    assert [row.split()[1] for row in rows] == ["bf16", "int8", "int4"], out
+    assert all(float(row.split()[3 if "(GGUF)" not in row else 4]) > 0 for row in rows), out

@@ -9,7 +9,8 @@ and the output [B, Hq, T, D] comes back; the cache itself never crosses PCIe:
                                                     -- attention --> out (float32)
     out              <--H2D--  out (compute dtype)
 
-On the CPU fallback (compute device = CPU) there are no copies: the kernels take the tensors directly.
+On the CPU fallback (compute device = CPU), and for a layer computed on the CPU (q arrives on the CPU),
+there are no copies: the kernels take the tensors directly.
 All HostAttention layers of a model share one `HostStaging` (the calls run one after another on one
 compute stream; see `HostStaging` for why sharing is safe).
 """
@@ -115,13 +116,15 @@ class HostAttention(OwnedCache):
         """Append k_new/v_new [B, Hkv, T, D] to the host cache at the chunk's start, attend q [B, Hq, T, D]
         over each row's first `lengths[b]` positions on the host; returns [B, Hq, T, D] on q's device."""
         B, Hq, T, D = q.shape
-        assert same_device(q.device, self.device), (q.device, self.device)
+        # q on the compute device, or on the CPU for a layer computed there (compute "cpu": no copies)
+        assert same_device(q.device, self.device) or q.device.type == "cpu", (q.device, self.device)
+        copying = self.is_copying and q.device.type != "cpu"
         assert B <= self.max_batch_size and (B, T) == (chunk.batch_size, chunk.num_tokens), (q.shape, chunk)
         assert chunk.num_keys <= self.max_seq_len, (chunk.lengths, self.max_seq_len)
         start, lengths = chunk.start, chunk.lengths                       # [B] each, host
         cache_dtype = self.k_cache.dtype
         kv_dtype = cache_dtype if k_new.dtype == cache_dtype else torch.float32
-        if self.is_copying:
+        if copying:
             host = self.staging.to_host({"q": (q, torch.float32), "k": (k_new, kv_dtype),
                                          "v": (v_new, kv_dtype)})
             q_h, k_h, v_h = host["q"], host["k"], host["v"]
@@ -131,6 +134,6 @@ class HostAttention(OwnedCache):
         cpu_kernels.append_kv(k_cache, v_cache, k_h, v_h, start)
         out = cpu_kernels.attention(q_h, k_cache, v_cache, lengths, scale=self.scale,
                                     sliding_window=self.sliding_window, softcap=self.softcap)   # [B, Hq, T, D] f32
-        if self.is_copying:
+        if copying:
             return self.staging.to_device(out, q.dtype)
         return out.to(q.dtype)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from offload.devices import canonical_device, to_device
-from offload.attention.host import HostStaging
+from offload.devices import canonical_device, same_device, to_device
+from offload.attention.host import HostAttention, HostStaging
 from offload.attention.contract import AttentionBackend, Chunk
 from offload.models.base import FamilyMath
 from offload.weights.source import LM_HEAD, WeightSource
@@ -24,14 +24,23 @@ class Engine:
 
     No implicit device sync anywhere in a step: host inputs reach the device through pinned memory with
     non-blocking copies, once per chunk; the only waits are the event syncs of the CPU-attended layers
-    (offload/attention/host.py) and the caller's read of the sampled tokens."""
+    (offload/attention/host.py), the hidden states going to the CPU for layers computed there (decode
+    steps of `cpu_layers`), and the caller's read of the sampled tokens."""
 
     def __init__(self, *, arch: Architecture, model: FamilyMath, weights: WeightSource,
                  backends: list[AttentionBackend], device, dtype: torch.dtype, max_seq_len: int,
                  max_batch_size: int, prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
-                 staging: HostStaging | None = None):
+                 staging: HostStaging | None = None, cpu_layers=(), host_model: FamilyMath | None = None):
         if len(backends) != arch.num_layers:
             raise ValueError(f"{len(backends)} attention backends for {arch.num_layers} layers")
+        # the layers whose decode steps run on the CPU where their weights lie (plan: compute "cpu"); they
+        # attend on the CPU and their weights are streamed (prefill) and read in place (decode)
+        self.cpu_layers = frozenset(cpu_layers)
+        for i in self.cpu_layers:
+            if not (isinstance(backends[i], HostAttention) and weights.is_streamed(i)):
+                raise ValueError(f"layer {i} is computed on the cpu: it needs host attention and streamed weights")
+        self.host_model = host_model or model         # the family math on the CPU (its RoPE tables there)
+        self._skips_announced = False
         if prefill_chunk_size < 1:
             raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
         self.arch, self.model, self.weights, self.backends = arch, model, weights, backends
@@ -47,12 +56,22 @@ class Engine:
 
     # ---- one chunk through the decoder stack ----------------------------------------------------------
     def run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, start: torch.Tensor,
-                   seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+                   seq_lens: torch.Tensor | None = None, decode: bool = False) -> torch.Tensor:
         """input_ids, positions [B, T] int64 (CPU), start [B] (CPU) -> hidden states [B, T, H] on device.
 
         Row b's tokens go to cache slots start[b] .. start[b]+T-1; `positions` are what RoPE / learned
         positions see (equal to the slot for valid tokens; padded tokens may carry any valid position).
+        `decode`: a decode step, in which the cpu layers run on the CPU (their ring turns skipped).
         """
+        on_host = self.cpu_layers if decode else frozenset()
+        if on_host:
+            # this step's and the next one's ring turns of the cpu layers pass without copies
+            for i in on_host:
+                self.weights.announce_skips(i, 2)
+            self._skips_announced = True
+        elif self._skips_announced:            # leaving decode: drop the announced turns, restart the cycle
+            self.weights.reset()
+            self._skips_announced = False
         B, T = input_ids.shape
         assert positions.shape == (B, T) and start.shape == (B,), (input_ids.shape, positions.shape, start.shape)
         assert input_ids.device.type == positions.device.type == start.device.type == "cpu"
@@ -67,13 +86,25 @@ class Engine:
         h = to_device(h, self.device) if h.device.type == "cpu" else h   # h: [B, T, H]
         positions = to_device(positions, self.device)
         ctx = self.model.prepare(positions, self.dtype, None if seq_lens is None else to_device(seq_lens, self.device))
+        host_ctx = None
         for i, backend in enumerate(self.backends):
+            if i in on_host:                   # computed where its weights lie: only h crosses
+                self.weights.skip(i)
+                if host_ctx is None:
+                    host_ctx = self.host_model.prepare(positions.cpu(), self.dtype,
+                                                       None if seq_lens is None else seq_lens.cpu())
+                h = h.cpu()
+                lw = self.weights.host_tensors(i)
+                q, k, v = self.host_model.attention_inputs(lw, h, host_ctx, i)
+                h = self.host_model.attention_output(lw, h, backend.attend(q, k, v, chunk, lw))
+                continue
+            h = h if same_device(h.device, self.device) else to_device(h, self.device)
             lw = self.weights.acquire(i)
             q, k, v = self.model.attention_inputs(lw, h, ctx, i)       # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]
             attn = backend.attend(q, k, v, chunk, lw)                  # [B, Hq, T, D]
             h = self.model.attention_output(lw, h, attn)
             self.weights.release(i)
-        return h
+        return h if same_device(h.device, self.device) else to_device(h, self.device)
 
     def logits(self, h: torch.Tensor, *, to_host: bool = False) -> torch.Tensor:
         """Final norm + LM head on hidden states [B, K, H] -> float32 logits [B, K, V].
@@ -151,7 +182,7 @@ class Engine:
         """One new token per row (host ids) at slot lengths[b] -> float32 logits [B, V] on the device."""
         start = torch.tensor(lengths, dtype=torch.long)
         ids = torch.tensor(tokens, dtype=torch.long).reshape(-1, 1)               # [B, 1]
-        h = self.run_layers(ids, start[:, None], start)
+        h = self.run_layers(ids, start[:, None], start, decode=True)
         return self.logits(h)[:, 0]
 
     # ---- control and accounting -------------------------------------------------------------------------
@@ -160,6 +191,7 @@ class Engine:
         exception, KeyboardInterrupt, or a generator closed mid-step). KV slots written by the
         interrupted step lie past every row's valid length: harmless."""
         self.weights.reset()
+        self._skips_announced = False
 
     def close(self) -> None:
         """Free what the engine holds: the weight source's resident weights and ring (its host side too)

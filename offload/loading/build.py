@@ -152,7 +152,7 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
          max_seq_len: int | None = None, dtype=None, device=None, plan=None, gpu_layers: int | None = None,
          kv_gpu_layers: int | None = None, cpu_attention: bool | None = None,
          prefill_chunk_size: int | None = None, quantize: str | None = None, group_size: int | None = None,
-         progress: bool = True) -> Model:
+         cpu_compute: bool | None = None, progress: bool = True) -> Model:
     """Load a Hugging Face model folder and place it as a plan says.
 
     Which plan (placement.Plan; `model.plan`, `model.plan.summary()`):
@@ -171,6 +171,9 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
     dtype: None = the checkpoint's, or "float32"/"bfloat16"/"float16". max_batch_size default 1;
     max_seq_len default: the config's max_position_embeddings capped at 4096.
     prefill_chunk_size: tokens per prefill chunk (default: the plan's).
+    cpu_compute: layers whose weights, KV and attention are on the CPU run their decode steps there, where
+    their weights lie (only hidden states cross PCIe; prefill chunks still stream them): True (all of them,
+    as llama.cpp does), False (none: always streamed), None (the planner decides by its cost model).
     quantize: "int4" or "int8": the decoder layers' matrices quantized as they are read (round-to-nearest
     per group of `group_size` inputs; None: per matrix the largest of 128/64/32 that divides its inputs),
     held and streamed packed; the plan counts the packed bytes (a plan= made with --quantize carries it).
@@ -200,7 +203,7 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
                          gpu_memory=gpu_memory, cpu_memory=cpu_memory, gpu_layers=gpu_layers,
                          kv_gpu_layers=kv_gpu_layers, cpu_attention=cpu_attention,
                          prefill_chunk_size=prefill_chunk_size, dtype_given=dtype_name is not None,
-                         max_batch_size_given=max_batch_given)
+                         max_batch_size_given=max_batch_given, cpu_compute=cpu_compute)
     return build(checkpoint, chosen, device=device, prefill_chunk_size=prefill_chunk_size, progress=progress)
 
 
@@ -232,9 +235,12 @@ def build(checkpoint: Checkpoint, plan: Plan, *, device: torch.device, prefill_c
         staging = HostStaging(device) if device.type == "cuda" else None   # shared by the host-KV layers
         backends = _build_backends(arch, plan, weights, ledger, device=device, staging=staging,
                                    scale=model.attention_scale, kv_args=kv_args)
+        cpu_layers = [layer.index for layer in plan.layers if layer.compute == "cpu"]
+        host_model = build_model(arch, torch.device("cpu")) if cpu_layers and device.type != "cpu" else None
         engine = Engine(arch=arch, model=model, weights=weights, backends=backends, device=device, dtype=dtype,
                         max_seq_len=max_seq_len, max_batch_size=max_batch_size, staging=staging,
-                        prefill_chunk_size=prefill_chunk_size or plan.prefill_chunk_size)
+                        prefill_chunk_size=prefill_chunk_size or plan.prefill_chunk_size,
+                        cpu_layers=cpu_layers, host_model=host_model)
     except BaseException:
         weights.close()
         raise

@@ -195,6 +195,15 @@ class PlacedWeights:
         packed = self.prefetcher.items[self.streamed_items.index(item)]
         return {name: view for name, view in packed.tensors().items() if name in self.attached[item]}
 
+    def host_tensors(self, item: Hashable) -> dict:
+        """A streamed item's weights where they lie in host memory (views into its packed host buffer, packed
+        matrices as QuantizedWeights), for computing it on the CPU without a copy; its attachments left out."""
+        if self._mode(item) != _STREAMED:
+            raise KeyError(f"weight item {item!r} is not streamed: its weights are not kept in host memory")
+        packed = self.prefetcher.items[self.streamed_items.index(item)]
+        return unflatten({name: view for name, view in packed.tensors().items()
+                          if name not in self.attached.get(item, {})})
+
     def _mode(self, item: Hashable) -> str:
         if self._is_closed:
             raise RuntimeError("the weight source is closed")

@@ -21,9 +21,16 @@ def test_human_output():
     assert r.returncode == 0, r.stderr
     out = r.stdout
     for expected in ("llama-3.1-8b", "8.00 GiB", "16.00 GiB", "layers", "weights", "kv cache", "buffers",
-                     "workspace", "total", "budget", "predicted prefill", "tokens/s", "bottleneck: pcie"):
+                     "workspace", "total", "budget", "predicted prefill", "tokens/s", "decode on"):
         assert expected in out
     assert "Traceback" not in r.stderr
+    # some layers decode on the CPU (auto): the CPU's work balances the PCIe copies of the streamed rest
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0][0].isdigit()]
+    assert any(row[5] == "cpu" for row in rows) and "bottleneck: cpu" in out
+    off = run("llama-3.1-8b", "--gpu", "rtx-4070", "--gpu-memory", "8GiB", "--cpu-memory", "16GiB",
+              "--prompt-len", "1024", "--gen-len", "128", "--cpu-compute", "off")
+    rows = [line.split() for line in off.stdout.splitlines() if line.split()[:1] and line.split()[0][0].isdigit()]
+    assert rows and all(row[5] == "gpu" for row in rows) and "bottleneck: pcie" in off.stdout
 
 
 def test_json_output_round_trips():

@@ -117,13 +117,18 @@ def test_everything_resident_when_it_fits():
 
 def test_small_gpu_streams_and_is_pcie_bound():
     spec = load_spec("llama-2-70b")
-    p = plan(spec, hardware(24, 192), Workload(batch_size=1, prompt_len=512, gen_len=128))
+    workload = Workload(batch_size=1, prompt_len=512, gen_len=128)
+    p = plan(spec, hardware(24, 192), workload, cpu_compute=False)
     assert 0 < p.num_gpu_layers < spec.num_layers
     assert p.prefetch_depth >= 1
     assert p.predicted.bottleneck == "pcie"
     # decode cannot beat streaming the CPU-resident weights once per token over PCIe
     streamed = p.memory.cpu.weights - (p.embedding.weight_bytes if p.embedding.weights == "cpu" else 0)
     assert p.predicted.decode_tokens_per_s <= GPU_PRESETS["rtx-4090"].pcie_bytes_per_s / streamed
+    # computing some of those layers on the CPU where they lie takes their copies off PCIe: faster
+    auto = plan(spec, hardware(24, 192), workload)
+    assert any(l.compute == "cpu" for l in auto.layers)
+    assert auto.predicted.decode_tokens_per_s > p.predicted.decode_tokens_per_s
 
 
 def test_long_contexts_move_kv_to_the_cpu():

@@ -1,0 +1,79 @@
+"""Layers computed on the CPU where their weights lie (plan compute "cpu"): decode steps read the weights in
+place (no copy through the ring) and attend on the CPU, prefill chunks still stream them; the tokens are
+transformers' and the all-resident path's, in every family, quantized layout, ragged batch and session."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import offload
+import placement
+from placement import PlanError
+from placement.plans import LayerPlan
+from tests.offload.builders import hf_greedy
+from tests.offload.loading.test_offload_parity import LONG, PROMPTS
+
+NUM_NEW = 10
+
+
+def _load(path, **kwargs):
+    return offload.load(path, dtype="float32", max_batch_size=3, max_seq_len=48, prefill_chunk_size=5,
+                        progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2_tied", "mistral_window", "opt", "qwen3", "gemma2", "gemma3",
+                                     "phi3_longrope"])
+def test_cpu_computed_layers_decode_transformers_tokens(checkpoint_factory, variant):
+    path, hf = checkpoint_factory(variant)
+    model = _load(path, gpu_layers=1, kv_gpu_layers=1, cpu_compute=True)
+    assert [l.compute for l in model.plan.layers][1:] == ["cpu"] * (model.arch.num_layers - 1)
+    assert model.plan.layers[0].compute == "gpu"
+    for prompt in PROMPTS[:2]:
+        assert model.generate([prompt], max_new_tokens=NUM_NEW)[0] == hf_greedy(hf, prompt, NUM_NEW), prompt
+    # ragged batch, then a prefill again (leaving decode restarts the ring's cycle): the same as one device
+    resident = _load(path)
+    assert model.generate(PROMPTS, max_new_tokens=NUM_NEW) == resident.generate(PROMPTS, max_new_tokens=NUM_NEW)
+    torch.testing.assert_close(model.forward([LONG]), resident.forward([LONG]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_decode_steps_copy_nothing_of_the_cpu_layers(llama5, quantize):
+    streamed = _load(llama5, gpu_layers=2, kv_gpu_layers=2, cpu_compute=False, quantize=quantize)
+    on_cpu = _load(llama5, gpu_layers=2, kv_gpu_layers=2, cpu_compute=True, quantize=quantize)
+    want = streamed.generate(PROMPTS, max_new_tokens=NUM_NEW)
+    on_cpu.engine.weights.reset_stats()
+    assert on_cpu.generate(PROMPTS, max_new_tokens=NUM_NEW) == want
+    layers = [l for l in on_cpu.plan.layers if l.compute == "cpu"]
+    assert len(layers) == 3
+    # prefill (chunks of 5 tokens) streams them; the decode steps copy only the LM head
+    weights = on_cpu.engine.weights
+    size = {item: weights.prefetcher.items[k].num_bytes for k, item in enumerate(weights.streamed_items)}
+    num_chunks = -(-max(map(len, PROMPTS)) // 5)
+    assert weights.stats.bytes_copied == num_chunks * sum(size[l.index] for l in layers) + NUM_NEW * size["lm_head"]
+
+
+def test_a_session_keeps_its_cache_across_turns(llama5):
+    resident = _load(llama5).session()
+    on_cpu = _load(llama5, gpu_layers=1, kv_gpu_layers=0, cpu_compute=True).session()
+    for turn in (PROMPTS[0], PROMPTS[1], PROMPTS[2]):
+        assert on_cpu.generate(turn, max_new_tokens=6) == resident.generate(turn, max_new_tokens=6)
+
+
+def test_plans_say_where_decode_runs(llama5):
+    spec = placement.load_spec("llama-3.1-8b")
+    hw = placement.Hardware.from_gpu_preset("rtx-4090", cpu_memory="64GiB", gpu_memory="8GiB")
+    workload = placement.Workload(batch_size=1, prompt_len=512, gen_len=128)
+    plans = {mode: placement.plan(spec, hw, workload, cpu_compute=mode) for mode in (False, None, True)}
+    total = {mode: p.predicted.prefill_s + workload.gen_len / p.predicted.decode_tokens_per_s
+             for mode, p in plans.items()}
+    assert not any(l.compute == "cpu" for l in plans[False].layers)
+    assert all(l.compute == "cpu" for l in plans[True].layers if (l.weights, l.kv, l.attention) == ("cpu",) * 3)
+    # auto: some layers decode on the CPU while the others stream, and the whole workload is predicted faster
+    assert 0 < sum(l.compute == "cpu" for l in plans[None].layers) and total[None] < min(total[False], total[True])
+    assert "decode on" in plans[None].summary()
+    again = placement.Plan.from_json(plans[None].to_json())
+    assert [l.compute for l in again.layers] == [l.compute for l in plans[None].layers]
+    with pytest.raises(PlanError, match="layer 3: computing on the cpu needs its weights, kv and attention on the cpu"):
+        LayerPlan(index=3, weights="cpu", kv="gpu", attention="gpu", weight_bytes=1, kv_bytes=1, compute="cpu")
+    with pytest.raises(ValueError, match="cpu_compute must be True, False or None, got 'yes'"):
+        _load(llama5, gpu_layers=1, cpu_compute="yes")
