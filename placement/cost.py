@@ -90,6 +90,8 @@ class CostModel:
         self.dtype_bytes = spec.kv_bytes_per_token // (2 * arch.num_kv_heads * arch.head_dim)
         # decode attends over the average cache length of the generation
         self.decode_context = workload.prompt_len + workload.gen_len / 2
+        # a layer's ops dispatched: CUDA kernel launches, or on the CPU stand-in the CPU's own dispatch
+        self.layer_overhead_s = CPU_LAYER_OVERHEAD_S if hardware.is_cpu_only else LAYER_OVERHEAD_S
 
     # ---- building blocks ----------------------------------------------------------------------
     def _gpu(self, flops: float, num_bytes: float) -> float:
@@ -107,7 +109,7 @@ class CostModel:
         if spec.layouts:
             # each matrix dequantized next to its matmul: packed bytes read, the dense weight written and read
             read += 2 * spec.layer_matmul_params * self.dtype_bytes
-        gpu_s = LAYER_OVERHEAD_S + self._gpu(2 * tokens * spec.layer_matmul_params, read)
+        gpu_s = self.layer_overhead_s + self._gpu(2 * tokens * spec.layer_matmul_params, read)
         cpu_s = transfer_s = 0.0
         if weights == "cpu":
             transfer_s += weight_bytes / hw.pcie_bytes_per_s
@@ -127,19 +129,19 @@ class CostModel:
     def embedding(self, weights: str, num_rows: int) -> ItemCost:
         rows_bytes = self.wl.batch_size * num_rows * self.spec.arch.hidden_size * self.dtype_bytes
         if weights == "gpu":
-            return ItemCost(0.0, LAYER_OVERHEAD_S / 4 + self._gpu(0, 2 * rows_bytes), 0.0, False)
+            return ItemCost(0.0, self.layer_overhead_s / 4 + self._gpu(0, 2 * rows_bytes), 0.0, False)
         # CPU gather, rows sent over PCIe on the critical path
         cpu_s = rows_bytes / self.hw.cpu_attention_bytes_per_s + rows_bytes / self.hw.pcie_bytes_per_s
-        return ItemCost(0.0, LAYER_OVERHEAD_S / 4, cpu_s, False)
+        return ItemCost(0.0, self.layer_overhead_s / 4, cpu_s, False)
 
     def final_norm(self) -> ItemCost:
-        return ItemCost(0.0, LAYER_OVERHEAD_S / 4 + self._gpu(0, self.spec.final_norm_bytes), 0.0, False)
+        return ItemCost(0.0, self.layer_overhead_s / 4 + self._gpu(0, self.spec.final_norm_bytes), 0.0, False)
 
     def lm_head(self, weights: str) -> ItemCost:
         """Logits of the last position of every row (prefill computes them once, in its last chunk)."""
         spec = self.spec
         read = spec.lm_head_read_bytes
-        gpu_s = LAYER_OVERHEAD_S / 2 + self._gpu(self.wl.batch_size * spec.lm_head_flops_per_token, read)
+        gpu_s = self.layer_overhead_s / 2 + self._gpu(self.wl.batch_size * spec.lm_head_flops_per_token, read)
         if weights == "gpu":
             return ItemCost(0.0, gpu_s, 0.0, False)
         return ItemCost(read / self.hw.pcie_bytes_per_s, gpu_s, 0.0, True)

@@ -69,9 +69,8 @@ class Engine:
             for i in on_host:
                 self.weights.announce_skips(i, 2)
             self._skips_announced = True
-        elif self._skips_announced:            # leaving decode: drop the announced turns, restart the cycle
-            self.weights.reset()
-            self._skips_announced = False
+        else:
+            self._leave_decode()
         B, T = input_ids.shape
         assert positions.shape == (B, T) and start.shape == (B,), (input_ids.shape, positions.shape, start.shape)
         assert input_ids.device.type == positions.device.type == start.device.type == "cpu"
@@ -106,6 +105,13 @@ class Engine:
             self.weights.release(i)
         return h if same_device(h.device, self.device) else to_device(h, self.device)
 
+    def _leave_decode(self) -> None:
+        """After decode steps that announced the cpu layers' skips ahead: drop those announcements (restart
+        the ring's cycle, between steps) so that prefill streams those layers again."""
+        if self._skips_announced:
+            self.weights.reset()
+            self._skips_announced = False
+
     def logits(self, h: torch.Tensor, *, to_host: bool = False) -> torch.Tensor:
         """Final norm + LM head on hidden states [B, K, H] -> float32 logits [B, K, V].
 
@@ -139,6 +145,7 @@ class Engine:
         assert B == len(starts) and min(num_tokens) >= 1, (B, len(starts), num_tokens)
         T_max = max(num_tokens)
         num_chunks = -(-T_max // C)
+        self._leave_decode()                   # before announcing this prefill's own skips
         if not all_logits and num_chunks > 1:
             # only the last chunk needs logits: a streamed head is not copied for the others
             for item in ("final_norm", "lm_head"):

@@ -208,3 +208,25 @@ def test_the_default_detected_budget_holds_with_room_to_spare(wide):
     free, total = torch.cuda.mem_get_info()
     assert model.plan.memory.gpu.total + model.plan.cuda_reserve_bytes <= model.plan.budget.gpu_bytes
     assert model.plan.budget.gpu_bytes <= free + torch.cuda.memory_reserved() - before[1]
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_cpu_computed_layers_on_cuda_match_resident_and_copy_nothing_in_decode(llama5, quantize):
+    """Layers decoded on the CPU while the GPU runs the rest: hidden states cross, weights are read in place
+    (pinned host views), the KV is attended where it lies; the tokens are the all-GPU path's."""
+    kwargs = dict(device="cuda", dtype="float32", max_batch_size=3, max_seq_len=48, prefill_chunk_size=5,
+                  progress=False, quantize=quantize)
+    resident = offload.load(llama5, **kwargs)
+    model = offload.load(llama5, gpu_layers=2, kv_gpu_layers=2, cpu_compute=True, **kwargs)
+    assert [l.compute for l in model.plan.layers] == ["gpu", "gpu", "cpu", "cpu", "cpu"]
+    want = resident.generate(PROMPTS, max_new_tokens=NUM_NEW)
+    model.generate([PROMPTS[0]], max_new_tokens=1)                      # warm: prefill only
+    weights = model.engine.weights
+    weights.reset_stats()
+    assert model.generate(PROMPTS, max_new_tokens=NUM_NEW) == want
+    size = {item: weights.prefetcher.items[k].num_bytes for k, item in enumerate(weights.streamed_items)}
+    num_chunks = -(-max(map(len, PROMPTS)) // 5)
+    assert weights.stats.bytes_copied == num_chunks * sum(size[i] for i in (2, 3, 4)) + NUM_NEW * size["lm_head"]
+    torch.testing.assert_close(model.forward([LONG]), resident.forward([LONG]), atol=1e-4, rtol=0)
+    model.close()
+    resident.close()
