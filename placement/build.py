@@ -68,7 +68,7 @@ def cpu_compute_count(cost: CostModel, layers, embedding: str, lm_head: str, pre
     groups += [(1, cost.embedding(embedding, 1)), (1, cost.final_norm()), (1, cost.lm_head(lm_head))]
     w = max(l.weight_bytes for l in eligible)
     return best_decode_step(groups, len(eligible), cost.decode_layer("cpu", "cpu", "cpu", w),
-                            cost.decode_layer_on_cpu(w), prefetch_depth, cpu_compute)[1]
+                            cost.decode_layer_on_cpu(w), prefetch_depth, cpu_compute, exhaustive=True)[1]
 
 
 def predict(cost: CostModel, layers, embedding: str, lm_head: str, prefetch_depth: int,

@@ -46,7 +46,7 @@ def check_config(qc: dict, where) -> None:
         problem = (f"{weights.get('type')} weights" if weights.get("type") != "int" else
                    f"{weights.get('num_bits')}-bit weights" if weights.get("num_bits") not in BITS else
                    f"strategy {weights.get('strategy')!r}" if weights.get("strategy") not in STRATEGIES else
-                   f"activation ordering {weights.get('actorder')!r}" if weights.get("actorder") == "group" else
+                   f"activation ordering {weights.get('actorder')!r}" if weights.get("actorder") in (True, "group") else
                    "quantized activations" if group.get("input_activations") else None)
         if problem:
             raise ConfigError(f"{where}: compressed-tensors group {name!r} has {problem}; supported: int "
@@ -65,6 +65,7 @@ def packed_matrices(config: dict, shapes: dict, headers: dict, where) -> dict[st
     weights = [group.get("weights") or {} for group in (qc.get("config_groups") or {}).values()]
     group_sizes = {w.get("group_size") for w in weights if w.get("strategy") == "group"}
     per_channel = any(w.get("strategy") == "channel" for w in weights)
+    configured_bits = {w.get("num_bits") for w in weights} & set(BITS)
     layouts = {}
     for name, shape in shapes.items():
         base = name[:-len("weight")] if name.endswith(".weight") else None
@@ -73,20 +74,28 @@ def packed_matrices(config: dict, shapes: dict, headers: dict, where) -> dict[st
             continue
         out, inputs = shape
         scale = headers.get(f"{base}{SCALE}")
-        bits = packed.shape[-1] * 32 // inputs if len(packed.shape) == 2 else 0
-        if packed.dtype != "I32" or bits not in BITS or packed.shape != (out, -(-inputs * bits // 32)):
+        fitting = [b for b in sorted(configured_bits or BITS) if packed.shape == (out, -(-inputs * b // 32))]
+        if packed.dtype != "I32" or not fitting:
             raise ConfigError(f"{where}: {base}{PACKED} has shape {list(packed.shape)} ({packed.dtype}), not "
                               f"the int32 [{out}, {inputs} * bits / 32] of a 4- or 8-bit {list(shape)} matrix")
+        bits = fitting[0]
+        if f"{base}weight_g_idx" in headers:
+            raise ConfigError(f"{where}: {base}weight_g_idx: activation-ordered (g_idx) weights are not supported")
         if scale is None or len(scale.shape) != 2 or scale.shape[0] != out or inputs % scale.shape[1]:
             raise ConfigError(f"{where}: {base}{SCALE} has shape {list(scale.shape) if scale else 'none'}; "
                               f"expected [{out}, groups] with groups dividing {inputs}")
         group = inputs // scale.shape[1]
+        zero_point = headers.get(f"{base}{ZERO_POINT}")
+        if zero_point is not None and (zero_point.dtype != "I32" or
+                                       zero_point.shape != (-(-out * bits // 32), scale.shape[1])):
+            raise ConfigError(f"{where}: {base}{ZERO_POINT} has shape {list(zero_point.shape)} ({zero_point.dtype}); "
+                              f"expected int32 [{-(-out * bits // 32)}, {scale.shape[1]}] (packed along the outputs)")
         if group not in group_sizes and not (per_channel and group == inputs):
             raise ConfigError(f"{where}: {base}{SCALE} has shape {list(scale.shape)} (groups of {group} inputs); "
                               f"its quantization_config says {'channel' if per_channel else ''}"
                               f"{' or ' if per_channel and group_sizes else ''}"
                               f"{'group_size ' + ', '.join(map(str, sorted(group_sizes))) if group_sizes else ''}")
-        asymmetric = f"{base}{ZERO_POINT}" in headers
+        asymmetric = zero_point is not None
         scheme = "int4" if bits == 4 else "int8-asym" if asymmetric else "int8"
         layouts[name] = Quantization(scheme=scheme, group_size=group)
     return layouts

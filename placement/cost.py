@@ -183,15 +183,18 @@ class CostModel:
 
 
 def best_decode_step(groups, eligible: int, streamed: ItemCost, on_cpu: ItemCost, prefetch_depth: int,
-                     cpu_compute: bool | None) -> tuple[StepTime, int]:
+                     cpu_compute: bool | None, exhaustive: bool = False) -> tuple[StepTime, int]:
     """(step time, k): a decode step over `groups` (count, ItemCost) plus `eligible` all-cpu layers, k of them
     computed on the CPU (`on_cpu`) and the rest streamed (`streamed`). cpu_compute True: k = eligible; False:
     k = 0; None: the best k. Moving a layer to the CPU takes its copy off PCIe and adds CPU time to the
-    compute chain, so the best k balances the two: tried are 0, all, and the balance point's neighbours."""
+    compute chain, so the best k balances the two: tried are 0, all, and the balance point's neighbours (the
+    planner's search), or with `exhaustive` every k (the layout it settles on)."""
     if cpu_compute is False or eligible == 0:
         candidates = {0}
     elif cpu_compute:
         candidates = {eligible}
+    elif exhaustive:
+        candidates = set(range(eligible + 1))
     else:
         all_groups = list(groups) + [(eligible, streamed)]
         t_x = sum(n * c.transfer_s for n, c in all_groups if c.is_streamed)

@@ -8,7 +8,8 @@ layers evenly between them. The objective is the whole workload: prefill time + 
 """
 from __future__ import annotations
 
-from .build import assemble, chunk_candidates, layer_plans, need_message, spread, with_cpu_compute
+from .build import (assemble, chunk_candidates, cpu_compute_count, layer_plans, need_message, spread,
+                    with_cpu_compute)
 from .cost import MAX_PREFETCH_DEPTH, CostModel, best_decode_step
 from .hardware import Hardware
 from .plans import Budget, Plan, PlanError
@@ -95,9 +96,11 @@ def plan(spec: ModelSpec, hardware: Hardware, workload: Workload, cpu_compute: b
                             consider(chunk, emb_p, lm_p, mode, n_w, n, d)
     if best[1] is None:
         raise PlanError(_no_fit(spec, hardware, workload, chunks[-1]))
-    chunk, emb_p, lm_p, mode, n_kv, n_w, prefetch_depth, on_cpu_count = best[1]
+    chunk, emb_p, lm_p, mode, n_kv, n_w, prefetch_depth, _ = best[1]
     layers = layer_plans(spec, workload, weights_gpu=[not s for s in spread(L - n_w, L)],
                          kv_gpu=[i < n_kv for i in range(L)], cpu_attention=mode == "cpu")
+    # the search ranked layouts by a few candidate counts; the one it settles on gets the best count of all
+    on_cpu_count = cpu_compute_count(cost, layers, emb_p, lm_p, prefetch_depth, cpu_compute)
     return assemble(spec, workload, hardware, layers=with_cpu_compute(layers, on_cpu_count), embedding=emb_p,
                     lm_head=lm_p, prefetch_depth=max(prefetch_depth, 1), chunk=chunk,
                     budget=Budget(gpu_bytes=hardware.gpu_bytes, cpu_bytes=hardware.cpu_bytes))

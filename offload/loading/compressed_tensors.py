@@ -21,7 +21,7 @@ def _codes(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     [rows, ceil(count / 2)] (two 4-bit codes a byte) or [rows, count] (8-bit)."""
     assert words.dtype == torch.int32 and words.dim() == 2, (words.dtype, words.shape)
     width = -(-count // 2) if bits == 4 else count
-    return words.contiguous().view(torch.uint8)[:, :width]
+    return words.clone(memory_format=torch.contiguous_format).view(torch.uint8)[:, :width]
 
 
 def _signed(stored: torch.Tensor, bits: int) -> torch.Tensor:
@@ -58,9 +58,14 @@ def _words(stored: torch.Tensor) -> torch.Tensor:
 
 
 def _stored(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed values q [rows, count] -> stored codes as bytes (q + 2^(bits-1); two 4-bit ones a byte)."""
+    """Signed values q [rows, count] -> stored codes as bytes (q + 2^(bits-1); two 4-bit ones a byte, an odd
+    count's last high nibble 0, as the package pads)."""
     u = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
-    return u if bits == 8 else u[:, 0::2] | (u[:, 1::2] << 4)
+    if bits == 8:
+        return u
+    if u.shape[1] % 2:
+        u = torch.nn.functional.pad(u, (0, 1))
+    return u[:, 0::2] | (u[:, 1::2] << 4)
 
 
 def pack(q: torch.Tensor, bits: int, zero_point: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -69,8 +74,6 @@ def pack(q: torch.Tensor, bits: int, zero_point: torch.Tensor | None = None) -> 
     tensors = {"weight_packed": _words(_stored(q, bits)),
                "weight_shape": torch.tensor(list(q.shape), dtype=torch.int64)}
     if zero_point is not None:
-        zp = zero_point.t()                                                      # [G, out]
-        if bits == 4 and zp.shape[1] % 2:
-            zp = torch.nn.functional.pad(zp, (0, 1))
-        tensors["weight_zero_point"] = _words(_stored(zp, bits)).t().contiguous()  # [out * bits / 32, G]
+        stored = _stored(zero_point.t(), bits)                                   # [G, out (/ 2)]
+        tensors["weight_zero_point"] = _words(stored).t().contiguous()           # [out * bits / 32, G]
     return tensors

@@ -116,8 +116,9 @@ def _write(checkpoint: Checkpoint, folder: Path, bits: int, group: int | None, s
         (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": sum(sizes)},
                                                      "weight_map": weight_map}, indent=2))
     config = dict(checkpoint.config)
+    # every other Linear stays dense; "lm_head" always (a tied head has no tensor of its own, but is a Linear)
     ignore = sorted({name[:-len(".weight")] for name, shape in shapes.items()
-                     if len(shape) == 2 and name not in matrices and name.endswith(".weight")})
+                     if len(shape) == 2 and name not in matrices and name.endswith(".weight")} | {"lm_head"})
     config["quantization_config"] = quantization_config(bits, group, symmetric, ignore)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     for path in sorted(checkpoint.path.iterdir()):          # tokenizer, chat template, generation config

@@ -71,10 +71,11 @@ def test_plans_count_the_packed_bytes(tmp_path):
     assert spec.layer_weight_bytes(0) < 0.3 * dense.layer_weight_bytes(0)
 
 
-@pytest.mark.parametrize("scheme, symmetric", [("int4", True), ("int8", True), ("int4", False)])
-def test_quantize_writes_what_transformers_and_we_load_alike(tmp_path, scheme, symmetric):
+@pytest.mark.parametrize("scheme, symmetric, variant", [("int4", True, "llama"), ("int8", True, "llama"),
+                                                        ("int4", False, "llama"), ("int4", True, "llama_tied")])
+def test_quantize_writes_what_transformers_and_we_load_alike(tmp_path, scheme, symmetric, variant):
     source = tmp_path / "source"
-    hf = build_checkpoint(source, "llama")
+    hf = build_checkpoint(source, variant)
     (source / "tokenizer_config.json").write_text("{}")                 # the tokenizer files come along
     written = offload.quantize(source, tmp_path / "out", scheme, symmetric=symmetric, progress=False)
     assert (written / "tokenizer_config.json").is_file() and not list(tmp_path.glob(".out.partial*"))
@@ -162,3 +163,24 @@ def test_inconsistent_packed_shapes_are_one_clear_line(tmp_path):
     with pytest.raises(CheckpointError, match=r"weight_scale has shape \[64, 5\]; expected \[64, groups\] with "
                                               "groups dividing 96"):
         offload.load(folder, progress=False)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("out, inputs, group", [(7, 12, 12), (3, 64, 32), (33, 96, 32)])
+def test_odd_shapes_unpack_as_the_package_packs(bits, out, inputs, group):
+    """The package's own pack_to_int32 (words and zero points along the outputs) read back by our unpack."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from offload.loading.compressed_tensors import pack, unpack
+    from placement.quantization import Quantization
+    gen = torch.Generator().manual_seed(out * inputs + bits)
+    low, high = -(1 << (bits - 1)), (1 << (bits - 1))
+    q = torch.randint(low, high, (out, inputs), generator=gen).to(torch.int8)
+    zp = torch.randint(low, high, (out, inputs // group), generator=gen).to(torch.int8)
+    scale = torch.rand(out, inputs // group, generator=gen) + 0.5
+    packed, packed_zp = pack_to_int32(q, bits), pack_to_int32(zp, bits, packed_dim=0)
+    ours = pack(q, bits, zp)
+    assert torch.equal(ours["weight_packed"], packed) and torch.equal(ours["weight_zero_point"], packed_zp)
+    layout = Quantization(scheme="int4" if bits == 4 else "int8-asym", group_size=group)
+    weight = unpack(packed, scale, packed_zp, layout, (out, inputs), torch.float32)
+    want = (q.double() - zp.double().repeat_interleave(group, 1)) * scale.double().repeat_interleave(group, 1)
+    torch.testing.assert_close(weight.dequantize(torch.float32).double(), want, rtol=1e-6, atol=1e-4)  # float32
