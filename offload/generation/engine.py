@@ -37,8 +37,12 @@ class Engine:
         # attend on the CPU and their weights are streamed (prefill) and read in place (decode)
         self.cpu_layers = frozenset(cpu_layers)
         for i in self.cpu_layers:
-            if not (isinstance(backends[i], HostAttention) and weights.is_streamed(i)):
-                raise ValueError(f"layer {i} is computed on the cpu: it needs host attention and streamed weights")
+            if not isinstance(backends[i], HostAttention):
+                raise ValueError(f"layer {i} is computed on the cpu: it needs host attention")
+            try:
+                weights.host_tensors(i)                   # its host copy exists (and its views are made once)
+            except KeyError:
+                raise ValueError(f"layer {i} is computed on the cpu: its weights must be streamed") from None
         self.host_model = host_model or model         # the family math on the CPU (its RoPE tables there)
         self._skips_announced = False
         if prefill_chunk_size < 1:
@@ -83,6 +87,7 @@ class Engine:
         h = self.model.embed(w, to_device(input_ids, table_device), to_device(positions, table_device))
         self.weights.release("embedding")
         h = to_device(h, self.device) if h.device.type == "cpu" else h   # h: [B, T, H]
+        host_positions, host_seq_lens = positions, seq_lens             # for the cpu layers' RoPE
         positions = to_device(positions, self.device)
         ctx = self.model.prepare(positions, self.dtype, None if seq_lens is None else to_device(seq_lens, self.device))
         host_ctx = None
@@ -90,8 +95,7 @@ class Engine:
             if i in on_host:                   # computed where its weights lie: only h crosses
                 self.weights.skip(i)
                 if host_ctx is None:
-                    host_ctx = self.host_model.prepare(positions.cpu(), self.dtype,
-                                                       None if seq_lens is None else seq_lens.cpu())
+                    host_ctx = self.host_model.prepare(host_positions, self.dtype, host_seq_lens)
                 h = h.cpu()
                 lw = self.weights.host_tensors(i)
                 q, k, v = self.host_model.attention_inputs(lw, h, host_ctx, i)

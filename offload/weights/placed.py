@@ -80,6 +80,7 @@ class PlacedWeights:
         self._is_closed = False
         self.order: list[Hashable] = []
         self._tensors: dict[Hashable, dict[str, torch.Tensor]] = {}   # resident and host items
+        self._host_views: dict[Hashable, dict] = {}       # streamed items' host views (host_tensors)
         self.prefetcher: Prefetcher | None = None
         self.streamed_items: tuple[Hashable, ...] = ()    # items in the ring's cycle (weights or attachments)
         sources = {item: dict(tensors) for item, tensors in (attached or {}).items()}
@@ -200,9 +201,12 @@ class PlacedWeights:
         matrices as QuantizedWeights), for computing it on the CPU without a copy; its attachments left out."""
         if self._mode(item) != _STREAMED:
             raise KeyError(f"weight item {item!r} is not streamed: its weights are not kept in host memory")
-        packed = self.prefetcher.items[self.streamed_items.index(item)]
-        return unflatten({name: view for name, view in packed.tensors().items()
-                          if name not in self.attached.get(item, {})})
+        views = self._host_views.get(item)
+        if views is None:                                 # made once: the packed buffer never moves
+            packed = self.prefetcher.items[self.streamed_items.index(item)]
+            views = self._host_views[item] = unflatten({name: view for name, view in packed.tensors().items()
+                                                        if name not in self.attached.get(item, {})})
+        return dict(views)
 
     def _mode(self, item: Hashable) -> str:
         if self._is_closed:
@@ -238,6 +242,7 @@ class PlacedWeights:
         if self.prefetcher is not None:
             self.prefetcher.close()
         self._tensors = {}
+        self._host_views = {}
 
     def __enter__(self) -> "PlacedWeights":
         return self

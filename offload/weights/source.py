@@ -41,6 +41,10 @@ class WeightSource(Protocol):
     def is_streamed(self, item: Item) -> bool:
         """True when the item reaches the device through the prefetch ring."""
 
+    def host_tensors(self, item: Item) -> dict:
+        """A streamed item's weights where they lie in host memory, to compute it on the CPU (KeyError for an
+        item not kept there)."""
+
     @property
     def prefetch_depth(self) -> int:
         """Ring slots (0 when nothing is streamed): how many streamed items can be held at once."""

@@ -84,3 +84,18 @@ def test_plans_say_where_decode_runs(llama5):
         LayerPlan(index=3, weights="cpu", kv="gpu", attention="gpu", weight_bytes=1, kv_bytes=1, compute="cpu")
     with pytest.raises(ValueError, match="cpu_compute must be True, False or None, got 'yes'"):
         _load(llama5, gpu_layers=1, cpu_compute="yes")
+
+
+def test_an_engine_refuses_cpu_layers_it_cannot_compute_there(llama5):
+    """A cpu layer needs host attention and its weights kept in host memory (streamed)."""
+    from offload.generation.engine import Engine
+    model = _load(llama5, gpu_layers=2, kv_gpu_layers=0, cpu_compute=False)     # layers 0-1 resident, all KV cpu
+    e = model.engine
+    args = dict(arch=e.arch, model=e.model, weights=e.weights, backends=e.backends, device=e.device, dtype=e.dtype,
+                max_seq_len=e.max_seq_len, max_batch_size=3)
+    with pytest.raises(ValueError, match="layer 0 is computed on the cpu: its weights must be streamed"):
+        Engine(**args, cpu_layers=[0])
+    resident_kv = _load(llama5, gpu_layers=2, kv_gpu_layers=5, cpu_compute=False).engine
+    with pytest.raises(ValueError, match="layer 3 is computed on the cpu: it needs host attention"):
+        Engine(**{**args, "backends": resident_kv.backends}, cpu_layers=[3])
+    assert Engine(**args, cpu_layers=[2, 3, 4]).cpu_layers == {2, 3, 4}
