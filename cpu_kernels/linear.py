@@ -1,60 +1,107 @@
-"""Torch-facing entry point: `quantized_linear`, a few rows times a packed matrix, on the CPU.
+"""Torch-facing entry points: a few rows times a packed matrix, on the CPU.
+
+    matrix = PackedMatrix.of(qweight, scales, mins)     # checked once; numpy views of the tensors
+    y = matrix(x)                                       # x float32 [M, K] -> float32 [M, N]
+    y = quantized_linear(x, qweight, scales, mins)      # the same, in one call
 
 The matrix stays packed (4-bit codes two to a byte, or 8-bit codes) and is read once per call; nothing of
-its dense size is allocated. Checks its inputs (ValueError naming shapes and dtypes) and runs the Numba
-kernel with the GIL released; threads follow `numba.set_num_threads`.
+its dense size is allocated, and its scales are read in their stored dtype (float32, bfloat16, float16).
+A `PackedMatrix` holds zero-copy views, so a caller that keeps it (offload's QuantizedWeight does) pays
+the checks and the views once, not per token. The Numba kernels run with the GIL released; threads follow
+`numba.set_num_threads`.
 """
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
 import numpy as np
 import torch
 
-from ._linear_kernel import int4_linear, int8_linear
+from ._checks import cache_view
+from ._linear_kernel import int4_linear, int8_linear, split_rows
 from .ops import _LAUNCH_LOCK, _needs_launch_lock
+
+BLOCKS_PER_THREAD = 16     # outputs handed out in blocks (the kernels' lane sums live per block)
+
+@dataclass(frozen=True)
+class PackedMatrix:
+    """W [N, K] packed per group, as numpy views of its tensors (which it keeps alive)."""
+
+    codes: np.ndarray              # uint8 [N, K/2] (4-bit, low nibble first) or int8 [N, K]
+    scales: np.ndarray             # [N, G]: float32, or uint16 (bfloat16 bits) / int16 (float16 bits)
+    mins: np.ndarray               # [N, G] like scales, or [1, 1] unused (8-bit without mins)
+    has_mins: bool
+    tensors: tuple                 # the torch tensors the views alias
+
+    @classmethod
+    def of(cls, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None) -> "PackedMatrix":
+        """qweight uint8 [N, K / 2] (4-bit, w = code * scale + min, `mins` required) or int8 [N, K] (w = code *
+        scale, + min when `mins` is given); scales and mins [N, G] float32/bfloat16/float16, G dividing K
+        (ValueError naming the shapes and dtypes otherwise). Non-contiguous tensors are copied once."""
+        for name, tensor in (("qweight", qweight), ("scales", scales), ("mins", mins)):
+            if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.dim() != 2
+                                       or tensor.device.type != "cpu"):
+                raise ValueError(f"{name} must be a 2-D CPU tensor, got {getattr(tensor, 'shape', type(tensor))}")
+        if qweight.dtype not in (torch.uint8, torch.int8) or (qweight.dtype == torch.uint8 and mins is None):
+            raise ValueError(f"qweight must be uint8 (4-bit, with mins) or int8, got {qweight.dtype}")
+        for name, tensor in (("scales", scales), ("mins", mins)):
+            if tensor is not None and tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise ValueError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
+        outputs, width = qweight.shape
+        packed = 2 if qweight.dtype == torch.uint8 else 1
+        groups = scales.shape[1]
+        if scales.shape[0] != outputs or groups == 0 or (width * packed) % groups \
+                or (packed == 2 and (width * packed // groups) % 2) or (mins is not None and mins.shape != scales.shape):
+            raise ValueError(f"shapes do not fit: qweight {tuple(qweight.shape)} [N, K{' / 2' if packed == 2 else ''}], "
+                             f"scales {tuple(scales.shape)} [N, G] (G dividing K"
+                             f"{' into even groups' if packed == 2 else ''}), mins "
+                             f"{None if mins is None else tuple(mins.shape)}")
+        tensors = tuple(t.detach().contiguous() for t in (qweight, scales, mins) if t is not None)
+        views = [tensors[0].numpy()] + [cache_view(t, fp16_as_int16=True) for t in tensors[1:]]
+        if mins is None:
+            views.append(np.zeros((1, 1), dtype=views[1].dtype))
+        return cls(codes=views[0], scales=views[1], mins=views[2], has_mins=mins is not None, tensors=tensors)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, K)."""
+        return self.codes.shape[0], self.codes.shape[1] * (2 if self.codes.dtype == np.uint8 else 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x float32 [M, K] (CPU) -> x @ W.T float32 [M, N]."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.device.type != "cpu":
+            raise ValueError(f"x must be a 2-D CPU tensor, got {getattr(x, 'shape', type(x))}")
+        if x.dtype != torch.float32:
+            raise ValueError(f"x must be float32, got {x.dtype} with shape {tuple(x.shape)}")
+        outputs, inputs = self.shape
+        if x.shape[1] != inputs:
+            raise ValueError(f"shapes do not fit: x {tuple(x.shape)} [M, K] and the matrix [N, K] = {self.shape}")
+        rows = x.shape[0]
+        x_np = x.detach().contiguous().numpy()
+        groups = self.scales.shape[1]
+        four_bit = self.codes.dtype == np.uint8
+        halves = (rows, inputs // 2 if four_bit else 0)
+        x_even, x_odd = np.empty(halves, dtype=np.float32), np.empty(halves, dtype=np.float32)
+        sums = np.empty((rows, groups), dtype=np.float32)
+        split_rows(x_np, groups, x_even, x_odd, sums)           # x_even, x_odd: [M, 0] for 8-bit codes
+        out = torch.empty((rows, outputs), dtype=torch.float32)
+        blocks = min(outputs, numba.get_num_threads() * BLOCKS_PER_THREAD)
+        if four_bit:
+            _run(int4_linear, x_even, x_odd, sums, self.codes, self.scales, self.mins, blocks, out.numpy())
+        else:
+            _run(int8_linear, x_np, sums, self.codes, self.scales, self.mins, self.has_mins, blocks, out.numpy())
+        return out
+
 
 def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                      mins: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] float32 @ W.T -> float32 [M, N], W [N, K] given packed per group (placement/quantization.py):
-    qweight uint8 [N, K / 2] (4-bit, w = code * scale + min, `mins` required) or int8 [N, K] (w = code *
-    scale, + min when `mins` is given); scales and mins [N, G] in any float dtype, G dividing K."""
-    for name, tensor in (("x", x), ("qweight", qweight), ("scales", scales), ("mins", mins)):
-        if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.dim() != 2
-                                   or tensor.device.type != "cpu"):
-            raise ValueError(f"{name} must be a 2-D CPU tensor, got {getattr(tensor, 'shape', type(tensor))}")
-    if x.dtype != torch.float32:
-        raise ValueError(f"x must be float32, got {x.dtype} with shape {tuple(x.shape)}")
-    if qweight.dtype not in (torch.uint8, torch.int8) or (qweight.dtype == torch.uint8 and mins is None):
-        raise ValueError(f"qweight must be uint8 (4-bit, with mins) or int8, got {qweight.dtype}")
-    rows, inputs = x.shape
-    outputs, width = qweight.shape
-    packed = 2 if qweight.dtype == torch.uint8 else 1
-    groups = scales.shape[1] if scales.dim() == 2 else 0
-    if width * packed != inputs or scales.shape[0] != outputs or groups == 0 or inputs % groups \
-            or (packed == 2 and (inputs // groups) % 2) or (mins is not None and mins.shape != scales.shape):
-        raise ValueError(f"shapes do not fit: x {tuple(x.shape)} [M, K], qweight {tuple(qweight.shape)} "
-                         f"[N, K{' / 2' if packed == 2 else ''}], scales {tuple(scales.shape)} [N, G] "
-                         f"(G dividing K{' into even groups' if packed == 2 else ''}), mins "
-                         f"{None if mins is None else tuple(mins.shape)}")
-    x_np = x.detach().contiguous().numpy()
-    size = inputs // groups
-    scales_np = scales.detach().to(torch.float32).contiguous().numpy()
-    if mins is None:
-        mins_np = np.zeros_like(scales_np)
-        sums = np.zeros((rows, groups), dtype=np.float32)
-    else:
-        mins_np = mins.detach().to(torch.float32).contiguous().numpy()
-        sums = x_np.reshape(rows, groups, size).sum(axis=-1, dtype=np.float32)
-    out = torch.empty((rows, outputs), dtype=torch.float32)
-    codes = qweight.detach().contiguous().numpy()
-    if packed == 2:
-        args = (int4_linear, np.ascontiguousarray(x_np[:, 0::2]), np.ascontiguousarray(x_np[:, 1::2]), sums,
-                codes, scales_np, mins_np, out.numpy())
-    else:
-        args = (int8_linear, x_np, sums, codes, scales_np, mins_np, out.numpy())
-    _run(*args)
-    return out
+    """x [M, K] float32 @ W.T -> float32 [M, N]; W as `PackedMatrix.of` takes it."""
+    return PackedMatrix.of(qweight, scales, mins)(x)
 
 
 def _run(kernel, *args) -> None:
-    """Run a kernel (even work items: Numba's default chunking), serialised where the threading layer needs it."""
+    """Run a kernel, serialised where the threading layer needs it."""
     if _needs_launch_lock():
         with _LAUNCH_LOCK:
             kernel(*args)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cpu_kernels import quantized_linear
 from offload.weights.quant import QuantizedWeight
 
 ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
@@ -31,8 +30,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.
         rows = x.numel() // x.shape[-1]
         if x.device.type == "cpu" and weight.qweight.device.type == "cpu" and rows <= KERNEL_MAX_ROWS:
             # decode on the CPU: the packed codes read once (cpu_kernels), in float32
-            out = quantized_linear(x.reshape(rows, -1).to(torch.float32), weight.qweight, weight.scales,
-                                   weight.mins).to(x.dtype).view(*x.shape[:-1], -1)      # [..., out]
+            out = weight.cpu_matrix()(x.reshape(rows, -1).to(torch.float32)).to(x.dtype).view(*x.shape[:-1], -1)
             return out if bias is None else out + bias
         weight = weight.dequantize(x.dtype)
     return F.linear(x, weight, bias)

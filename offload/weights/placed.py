@@ -81,6 +81,7 @@ class PlacedWeights:
         self.order: list[Hashable] = []
         self._tensors: dict[Hashable, dict[str, torch.Tensor]] = {}   # resident and host items
         self._host_views: dict[Hashable, dict] = {}       # streamed items' host views (host_tensors)
+        self._resident_views: dict[Hashable, dict] = {}   # resident items' weight dicts (acquire)
         self.prefetcher: Prefetcher | None = None
         self.streamed_items: tuple[Hashable, ...] = ()    # items in the ring's cycle (weights or attachments)
         sources = {item: dict(tensors) for item, tensors in (attached or {}).items()}
@@ -165,7 +166,10 @@ class PlacedWeights:
             return unflatten(self.prefetcher.acquire(item))
         if item in self.attached:                         # resident weights + streamed attachments
             return unflatten({**self._tensors[item], **self.prefetcher.acquire(item)})
-        return unflatten(self._tensors[item])
+        views = self._resident_views.get(item)
+        if views is None:                                 # made once (a QuantizedWeight keeps its CPU matrix)
+            views = self._resident_views[item] = unflatten(self._tensors[item])
+        return dict(views)
 
     def release(self, item: Hashable) -> None:
         """Every compute reading the item has been launched; a streamed item's buffer may be refilled."""
@@ -243,6 +247,7 @@ class PlacedWeights:
             self.prefetcher.close()
         self._tensors = {}
         self._host_views = {}
+        self._resident_views = {}
 
     def __enter__(self) -> "PlacedWeights":
         return self

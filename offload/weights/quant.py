@@ -14,7 +14,7 @@ codes' exact grid.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,7 @@ class QuantizedWeight:
     qweight: torch.Tensor
     scales: torch.Tensor
     mins: torch.Tensor | None = None
+    _cpu_matrix: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         q, s = self.qweight, self.scales
@@ -58,6 +59,13 @@ class QuantizedWeight:
     @property
     def group_size(self) -> int:
         return self.in_features // self.scales.shape[1]
+
+    def cpu_matrix(self):
+        """Its cpu_kernels.PackedMatrix (views of its host tensors, checked once and kept with it)."""
+        if self._cpu_matrix is None:
+            from cpu_kernels import PackedMatrix
+            object.__setattr__(self, "_cpu_matrix", PackedMatrix.of(self.qweight, self.scales, self.mins))
+        return self._cpu_matrix
 
     def codes(self) -> torch.Tensor:
         """The integer codes [out, in] (uint8 0..15 for 4-bit, int8 for 8-bit)."""
