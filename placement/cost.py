@@ -31,8 +31,10 @@ from .workload import Workload
 
 LAYER_OVERHEAD_S = 60e-6        # kernel launches of one decoder layer (eager PyTorch)
 ROUND_TRIP_S = 30e-6            # q, k, v to the host, CPU attention dispatch, output back
-CPU_LAYER_OVERHEAD_S = 1e-3     # one decoder layer's ops dispatched on the CPU (eager PyTorch, 2 cores)
 MAX_PREFETCH_DEPTH = 4
+# up to this many rows a matmul on the CPU reads its matrix as held (packed: never dequantized) and a
+# llama-like layer's decode step runs fused (offload/models/cpu_decoder.py)
+CPU_DECODE_MAX_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,10 @@ class StepTime:
     bottleneck: str
 
 
-def step_time(groups, prefetch_depth: int) -> StepTime:
-    """Time of one pass over items given as (count, ItemCost) pairs with a ring of `depth` buffers."""
+def step_time(groups, prefetch_depth: int, serial: bool = False) -> StepTime:
+    """Time of one pass over items given as (count, ItemCost) pairs with a ring of `depth` buffers.
+    `serial`: copies and compute share one machine (the CPU standing in for the GPU: its "PCIe" is a
+    memcpy reading the same RAM on the same cores), so they add up instead of overlapping."""
     t_x = t_gpu = t_cpu = resident = t_max = 0.0
     num_streamed = 0
     for count, cost in groups:
@@ -67,8 +71,8 @@ def step_time(groups, prefetch_depth: int) -> StepTime:
         else:
             resident += count * (cost.gpu_s + cost.cpu_s)
     t_c = t_gpu + t_cpu
-    if num_streamed == 0:
-        seconds = t_c
+    if num_streamed == 0 or serial:
+        seconds = t_c + t_x
     elif prefetch_depth <= 1:
         seconds = t_c + max(0.0, t_x - resident)
     else:
@@ -91,7 +95,11 @@ class CostModel:
         # decode attends over the average cache length of the generation
         self.decode_context = workload.prompt_len + workload.gen_len / 2
         # a layer's ops dispatched: CUDA kernel launches, or on the CPU stand-in the CPU's own dispatch
-        self.layer_overhead_s = CPU_LAYER_OVERHEAD_S if hardware.is_cpu_only else LAYER_OVERHEAD_S
+        # how the CPU multiplies this model's layer matrices in decode (Hardware.cpu_matmul_bytes_per_s)
+        schemes = {quantization.scheme for quantization in spec.layouts.values()}
+        self.cpu_matmul_kind = "int4" if "int4" in schemes else "int8" if schemes else "dense"
+        self.layer_overhead_s = (hardware.cpu_layer_overhead_s(self.cpu_matmul_kind) if hardware.is_cpu_only
+                                 else LAYER_OVERHEAD_S)
 
     # ---- building blocks ----------------------------------------------------------------------
     def _gpu(self, flops: float, num_bytes: float) -> float:
@@ -106,10 +114,16 @@ class CostModel:
         kv_read = B * num_keys * spec.kv_bytes_per_token
         attn_flops = tokens * num_keys * spec.attention_flops_per_key
         read = weight_bytes
-        if spec.layouts:
-            # each matrix dequantized next to its matmul: packed bytes read, the dense weight written and read
-            read += 2 * spec.layer_matmul_params * self.dtype_bytes
-        gpu_s = self.layer_overhead_s + self._gpu(2 * tokens * spec.layer_matmul_params, read)
+        if hw.is_cpu_only and tokens <= CPU_DECODE_MAX_ROWS:
+            # the CPU stand-in decoding: its matmuls read the matrices as held, at the CPU's rate for them
+            matmul_s = max(2 * tokens * spec.layer_matmul_params / hw.gpu_flops,
+                           weight_bytes / hw.cpu_matmul_bytes_per_s(self.cpu_matmul_kind))
+            gpu_s = self.layer_overhead_s + matmul_s
+        else:
+            if spec.layouts:
+                # each matrix dequantized next to its matmul: packed bytes read, the dense weight written and read
+                read += 2 * spec.layer_matmul_params * self.dtype_bytes
+            gpu_s = self.layer_overhead_s + self._gpu(2 * tokens * spec.layer_matmul_params, read)
         cpu_s = transfer_s = 0.0
         if weights == "cpu":
             transfer_s += weight_bytes / hw.pcie_bytes_per_s
@@ -154,12 +168,14 @@ class CostModel:
     def decode_layer_on_cpu(self, weight_bytes: int) -> ItemCost:
         """A decode step of a layer computed where its weights lie (weights, KV and attention on the CPU)."""
         spec, hw, B = self.spec, self.hw, self.wl.batch_size
-        matmul_s = max(weight_bytes / hw.cpu_attention_bytes_per_s, 2 * B * spec.layer_matmul_params / hw.cpu_flops)
+        matmul_s = max(weight_bytes / hw.cpu_matmul_bytes_per_s(self.cpu_matmul_kind),
+                       2 * B * spec.layer_matmul_params / hw.cpu_flops)
         attention = B * self.decode_context
         attention_s = max(attention * spec.kv_bytes_per_token / hw.cpu_attention_bytes_per_s,
                           attention * spec.attention_flops_per_key / hw.cpu_flops)
         hidden = 2 * B * spec.arch.hidden_size * self.dtype_bytes / hw.pcie_bytes_per_s   # there and back
-        return ItemCost(0.0, 0.0, CPU_LAYER_OVERHEAD_S + matmul_s + attention_s + hidden, False)
+        overhead_s = hw.cpu_layer_overhead_s(self.cpu_matmul_kind)
+        return ItemCost(0.0, 0.0, overhead_s + matmul_s + attention_s + hidden, False)
 
     def prefill_layer(self, weights: str, kv: str, attention: str, weight_bytes: int,
                       chunk: int) -> ItemCost:
@@ -176,19 +192,20 @@ class CostModel:
         last chunk only."""
         num_chunks = -(-self.wl.prompt_len // chunk)
         groups = list(body) + [(1, embedding)]
-        chunk_s = step_time(groups, prefetch_depth).seconds
-        last_s = step_time(groups + [(1, lm_head)], prefetch_depth).seconds
+        serial = self.hw.is_cpu_only
+        chunk_s = step_time(groups, prefetch_depth, serial).seconds
+        last_s = step_time(groups + [(1, lm_head)], prefetch_depth, serial).seconds
         fill = max([c.transfer_s for n, c in groups + [(1, lm_head)] if n and c.is_streamed], default=0.0)
         return (num_chunks - 1) * chunk_s + last_s + fill
 
 
 def best_decode_step(groups, eligible: int, streamed: ItemCost, on_cpu: ItemCost, prefetch_depth: int,
-                     cpu_compute: bool | None, exhaustive: bool = False) -> tuple[StepTime, int]:
+                     cpu_compute: bool | None, exhaustive: bool = False, serial: bool = False) -> tuple[StepTime, int]:
     """(step time, k): a decode step over `groups` (count, ItemCost) plus `eligible` all-cpu layers, k of them
     computed on the CPU (`on_cpu`) and the rest streamed (`streamed`). cpu_compute True: k = eligible; False:
     k = 0; None: the best k. Moving a layer to the CPU takes its copy off PCIe and adds CPU time to the
     compute chain, so the best k balances the two: tried are 0, all, and the balance point's neighbours (the
-    planner's search), or with `exhaustive` every k (the layout it settles on)."""
+    planner's search), or with `exhaustive` every k (the layout it settles on); `serial` as in step_time."""
     if cpu_compute is False or eligible == 0:
         candidates = {0}
     elif cpu_compute:
@@ -203,6 +220,6 @@ def best_decode_step(groups, eligible: int, streamed: ItemCost, on_cpu: ItemCost
         balance = (t_x - t_c) / per_layer if per_layer > 0 else eligible
         middle = int(min(max(balance, 0), eligible))
         candidates = {0, eligible, middle, min(middle + 1, eligible)}
-    timed = [(step_time(list(groups) + [(eligible - k, streamed), (k, on_cpu)], prefetch_depth), k)
+    timed = [(step_time(list(groups) + [(eligible - k, streamed), (k, on_cpu)], prefetch_depth, serial), k)
              for k in sorted(candidates)]
     return min(timed, key=lambda pair: (pair[0].seconds, pair[1]))

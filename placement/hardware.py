@@ -30,6 +30,12 @@ GPU_FLOPS_EFFICIENCY = 0.60              # large 16-bit matmuls reach ~60% of th
 GPU_MEM_EFFICIENCY = 0.85                # streaming reads reach ~85% of the memory bandwidth
 DEFAULT_CPU_ATTENTION_BYTES_PER_S = 20e9 # a desktop with dual-channel DDR4/DDR5
 DEFAULT_CPU_FLOPS = 200e9                # ~8 cores running vectorised float32 kernels
+DEFAULT_CPU_LAYER_OVERHEAD_S = 1e-3      # one decoder layer's decode step dispatched on the CPU (2 cores)
+# Packed matmuls on the CPU are bound by unpacking, not by RAM, on a few cores: bytes of weights as held
+# (codes and scales) per s per FLOP/s of cpu_flops (cpu_kernels on a 2-core Zen 3: int8 ~6 GB/s and int4
+# ~3.2 GB/s per core against 25 GFLOP/s per core). `--profile` measures them instead.
+CPU_PACKED_MATMUL_BYTES_PER_FLOP = {"int8": 6e9 / 25e9, "int4": 3.2e9 / 25e9}
+CPU_MATMUL_KINDS = ("dense", "int8", "int4")
 CPU_MEMORY_HEADROOM = 0.90               # detected budget: 90% of the RAM available now
 
 
@@ -92,6 +98,11 @@ class Hardware:
     cpu_flops: float = DEFAULT_CPU_FLOPS
     is_cpu_only: bool = False            # no CUDA: the CPU stands in for the "gpu" tier
     cuda_reserve_bytes: int | None = None  # None: CUDA_RESERVE_BYTES, or 0 when is_cpu_only
+    # decode steps computed on the CPU, per kind of CPU_MATMUL_KINDS measured by --profile: ((kind, bytes/s
+    # of weights as held), ...) and ((kind, seconds of one layer's fixed cost), ...); a kind left out is
+    # estimated (cpu_matmul_bytes_per_s, cpu_layer_overhead_s)
+    cpu_matmul_rates: tuple = ()
+    cpu_layer_overheads: tuple = ()
 
     def __post_init__(self):
         for key in ("gpu_bytes", "cpu_bytes"):
@@ -103,11 +114,34 @@ class Hardware:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise HardwareError(f"Hardware.{key} must be a positive number, got {value!r}")
+        for key in ("cpu_matmul_rates", "cpu_layer_overheads"):
+            pairs = tuple(tuple(pair) for pair in getattr(self, key))       # JSON gives lists
+            object.__setattr__(self, key, pairs)
+            for pair in pairs:
+                if len(pair) != 2 or pair[0] not in CPU_MATMUL_KINDS or not isinstance(pair[1], (int, float)) \
+                        or not 0 < pair[1] < float("inf"):
+                    raise HardwareError(f"Hardware.{key}: {pair!r} is not a (kind, positive number) pair with a "
+                                        f"kind of {CPU_MATMUL_KINDS}")
         if self.cuda_reserve_bytes is None:
             object.__setattr__(self, "cuda_reserve_bytes",
                                0 if self.is_cpu_only else CUDA_RESERVE_BYTES)
         elif self.cuda_reserve_bytes < 0:
             raise HardwareError(f"Hardware.cuda_reserve_bytes must be >= 0, got {self.cuda_reserve_bytes}")
+
+    def cpu_matmul_bytes_per_s(self, kind: str) -> float:
+        """Bytes of weights (as held) per second a decode matmul on the CPU reads: "dense" (16/32-bit floats,
+        bound by RAM), "int8" or "int4" (packed, bound by unpacking); measured or estimated."""
+        measured = dict(self.cpu_matmul_rates)
+        if kind in measured:
+            return measured[kind]
+        if kind == "dense":
+            return self.cpu_attention_bytes_per_s
+        return min(self.cpu_attention_bytes_per_s, CPU_PACKED_MATMUL_BYTES_PER_FLOP[kind] * self.cpu_flops)
+
+    def cpu_layer_overhead_s(self, kind: str = "dense") -> float:
+        """Seconds one decoder layer's decode step costs on the CPU beyond its matmuls and attention (the
+        Python and kernel-launch cost of its ops), for layers whose matrices are of `kind`."""
+        return dict(self.cpu_layer_overheads).get(kind, DEFAULT_CPU_LAYER_OVERHEAD_S)
 
     def with_budgets(self, gpu_bytes: int | None = None, cpu_bytes: int | None = None) -> "Hardware":
         """The same speeds with other budgets (None keeps a budget)."""

@@ -1,7 +1,8 @@
 """`--profile`: a few seconds of real measurements of this machine, cached in the user's cache dir.
 
 Measures CPU memory bandwidth (a float32 matrix-vector product over a large matrix, as decode attention
-streams the KV cache) and CPU FLOP/s (numpy matmul); with CUDA also pinned host->device bandwidth, GPU
+streams the KV cache), CPU FLOP/s (numpy matmul), the CPU's decode matmul rate and per-layer overhead for
+dense, int8 and int4 matrices (for layers computed on the CPU); with CUDA also pinned host->device bandwidth, GPU
 16-bit matmul FLOP/s and device memory bandwidth (torch). Without CUDA the "gpu" tier is the CPU and its
 "PCIe" is a host memcpy. Results live in `cache_path()` ($XDG_CACHE_HOME/offload or ~/.cache/offload),
 keyed by host name, and `Hardware.detect` uses them from then on.
@@ -33,6 +34,14 @@ class MeasuredSpeeds:
     is_cpu_only: bool
     device_name: str
     measured_at: float = 0.0
+    # decode steps computed on the CPU (offload/generation/cpu_speed.py): ((kind, bytes/s), ...) of its
+    # matmuls and ((kind, seconds), ...) of a layer's fixed cost; empty in profiles made before them
+    cpu_matmul_rates: tuple = ()
+    cpu_layer_overheads: tuple = ()
+
+    def __post_init__(self):
+        for key in ("cpu_matmul_rates", "cpu_layer_overheads"):          # JSON gives lists
+            object.__setattr__(self, key, tuple(tuple(pair) for pair in getattr(self, key)))
 
     def apply(self, hardware: Hardware) -> Hardware:
         """`hardware` with these speeds. A CPU-only measurement applied to a Hardware with a real
@@ -40,11 +49,14 @@ class MeasuredSpeeds:
         name = hardware.name if "profiled" in hardware.name else f"{hardware.name}, profiled"
         if self.is_cpu_only and not hardware.is_cpu_only:
             return dataclasses.replace(hardware, cpu_attention_bytes_per_s=self.cpu_attention_bytes_per_s,
-                                       cpu_flops=self.cpu_flops, name=f"{hardware.name}, CPU profiled")
+                                       cpu_flops=self.cpu_flops, cpu_matmul_rates=self.cpu_matmul_rates,
+                                       cpu_layer_overheads=self.cpu_layer_overheads,
+                                       name=f"{hardware.name}, CPU profiled")
         return dataclasses.replace(hardware, pcie_bytes_per_s=self.pcie_bytes_per_s,
                                    gpu_flops=self.gpu_flops, gpu_mem_bytes_per_s=self.gpu_mem_bytes_per_s,
                                    cpu_attention_bytes_per_s=self.cpu_attention_bytes_per_s,
-                                   cpu_flops=self.cpu_flops, name=name)
+                                   cpu_flops=self.cpu_flops, cpu_matmul_rates=self.cpu_matmul_rates,
+                                   cpu_layer_overheads=self.cpu_layer_overheads, name=name)
 
 
 def cache_dir() -> Path:
@@ -84,10 +96,17 @@ def store_profile(speeds: MeasuredSpeeds) -> Path:
 
 
 def measure(*, cpu_bytes: int = 256 << 20, gpu_bytes: int = 256 << 20,
-            use_cuda: bool | None = None, device_index: int | None = None) -> MeasuredSpeeds:
-    """Measure this machine (about 2-5 s at the default sizes). `use_cuda=None`: if available; the GPU
-    measured is CUDA device `device_index` (default: the current one)."""
+            use_cuda: bool | None = None, device_index: int | None = None,
+            cpu_decode: bool = True) -> MeasuredSpeeds:
+    """Measure this machine (about 5-10 s at the default sizes). `use_cuda=None`: if available; the GPU
+    measured is CUDA device `device_index` (default: the current one); `cpu_decode`: also the CPU's own
+    decode steps (offload/generation/cpu_speed.py: matmul rates and layer overhead per kind of matrix)."""
     import numpy as np
+
+    rates = overheads = ()
+    if cpu_decode:
+        from offload.generation.cpu_speed import measure_cpu_decode
+        rates, overheads = measure_cpu_decode(total_bytes=min(cpu_bytes, 96 << 20))
 
     cpu_bw = _best_rate(lambda m, v: m @ v, *_gemv_operands(np, cpu_bytes), num_bytes=cpu_bytes)
     n = 512
@@ -101,11 +120,13 @@ def measure(*, cpu_bytes: int = 256 << 20, gpu_bytes: int = 256 << 20,
         memcpy = _best_rate(np.copyto, dst, src, num_bytes=cpu_bytes)
         return MeasuredSpeeds(pcie_bytes_per_s=memcpy, gpu_flops=cpu_flops, gpu_mem_bytes_per_s=cpu_bw,
                               cpu_attention_bytes_per_s=cpu_bw, cpu_flops=cpu_flops,
-                              is_cpu_only=True, device_name="cpu", measured_at=time.time())
+                              is_cpu_only=True, device_name="cpu", measured_at=time.time(),
+                              cpu_matmul_rates=rates, cpu_layer_overheads=overheads)
     pcie, flops, mem, name = _measure_cuda(gpu_bytes, device_index)
     return MeasuredSpeeds(pcie_bytes_per_s=pcie, gpu_flops=flops, gpu_mem_bytes_per_s=mem,
                           cpu_attention_bytes_per_s=cpu_bw, cpu_flops=cpu_flops, is_cpu_only=False,
-                          device_name=name, measured_at=time.time())
+                          device_name=name, measured_at=time.time(), cpu_matmul_rates=rates,
+                          cpu_layer_overheads=overheads)
 
 
 def _gemv_operands(np, num_bytes: int):

@@ -58,7 +58,8 @@ def plan(spec: ModelSpec, hardware: Hardware, workload: Workload, cpu_compute: b
                       for (wp, kp), c in zip(_KINDS, counts) if (wp, kp, mode) != ALL_CPU]
             groups += [(1, cost.embedding(emb_p, 1)), (1, norm), (1, heads[lm_p])]
             eligible = counts[3] if mode == "cpu" else 0
-            timed, on_cpu_count = best_decode_step(groups, eligible, decode[ALL_CPU], on_cpu, d, cpu_compute)
+            timed, on_cpu_count = best_decode_step(groups, eligible, decode[ALL_CPU], on_cpu, d, cpu_compute,
+                                                   serial=hardware.is_cpu_only)
             memo = decode_memo[key] = (timed.seconds, on_cpu_count)
         step, on_cpu_count = memo
         body = [(c, prefill[(wp, kp, "gpu" if kp == "gpu" else mode)])

@@ -13,6 +13,7 @@ from offload.devices import canonical_device, same_device, to_device
 from offload.attention.host import HostAttention, HostStaging
 from offload.attention.contract import AttentionBackend, Chunk
 from offload.models.base import FamilyMath
+from offload.models.cpu_decoder import CpuDecoderSteps
 from offload.weights.source import LM_HEAD, WeightSource
 from placement.architecture import Architecture
 
@@ -44,6 +45,9 @@ class Engine:
             except KeyError:
                 raise ValueError(f"layer {i} is computed on the cpu: its weights must be streamed") from None
         self.host_model = host_model or model         # the family math on the CPU (its RoPE tables there)
+        # decode steps of layers on the CPU as one fused call each, where the family's math allows
+        self.cpu_steps = CpuDecoderSteps(self.host_model, dtype) if CpuDecoderSteps.supports(self.host_model, dtype) \
+            else None
         self._skips_announced = False
         if prefill_chunk_size < 1:
             raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
@@ -98,14 +102,24 @@ class Engine:
                     host_ctx = self.host_model.prepare(host_positions, self.dtype, host_seq_lens)
                 h = h.cpu()
                 lw = self.weights.host_tensors(i)
+                fused = self.cpu_steps and self.cpu_steps.step(i, lw, h, host_ctx, backend, chunk)
+                if fused is not None:
+                    h = fused
+                    continue
                 q, k, v = self.host_model.attention_inputs(lw, h, host_ctx, i)
                 h = self.host_model.attention_output(lw, h, backend.attend(q, k, v, chunk, lw))
                 continue
             h = h if same_device(h.device, self.device) else to_device(h, self.device)
             lw = self.weights.acquire(i)
-            q, k, v = self.model.attention_inputs(lw, h, ctx, i)       # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]
-            attn = backend.attend(q, k, v, chunk, lw)                  # [B, Hq, T, D]
-            h = self.model.attention_output(lw, h, attn)
+            fused = None
+            if decode and self.cpu_steps is not None and self.device.type == "cpu":    # the CPU fallback
+                fused = self.cpu_steps.step(i, lw, h, ctx, backend, chunk)
+            if fused is not None:
+                h = fused
+            else:
+                q, k, v = self.model.attention_inputs(lw, h, ctx, i)   # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]
+                attn = backend.attend(q, k, v, chunk, lw)              # [B, Hq, T, D]
+                h = self.model.attention_output(lw, h, attn)
             self.weights.release(i)
         return h if same_device(h.device, self.device) else to_device(h, self.device)
 
@@ -208,6 +222,8 @@ class Engine:
         """Free what the engine holds: the weight source's resident weights and ring (its host side too)
         and the attention backends' caches. Idempotent."""
         self.weights.close()
+        if self.cpu_steps is not None:
+            self.cpu_steps.close()                  # its views of the weights and caches
         self.backends, self.staging = [], None
 
     def transfer_counters(self) -> tuple[int, float]:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.weights.quant import QuantizedWeight
+from placement.cost import CPU_DECODE_MAX_ROWS
 
 ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
                "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -21,14 +22,13 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
-KERNEL_MAX_ROWS = 4     # up to this many rows a packed matrix on the CPU is multiplied without dequantizing
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     # x: [..., in], weight: [out, in] (dense, or packed: dequantized here, next to its matmul) -> [..., out]
     if isinstance(weight, QuantizedWeight):
         rows = x.numel() // x.shape[-1]
-        if x.device.type == "cpu" and weight.qweight.device.type == "cpu" and rows <= KERNEL_MAX_ROWS:
+        if x.device.type == "cpu" and weight.qweight.device.type == "cpu" and rows <= CPU_DECODE_MAX_ROWS:
             # decode on the CPU: the packed codes read once (cpu_kernels), in float32
             out = weight.cpu_matrix()(x.reshape(rows, -1).to(torch.float32)).to(x.dtype).view(*x.shape[:-1], -1)
             return out if bias is None else out + bias

@@ -71,10 +71,19 @@ def test_profile_measures_caches_and_is_used_by_detect(tmp_path, monkeypatch):
     # any machine moves more than 100 MB/s through memory and does more than 100 MFLOP/s
     assert measured.cpu_attention_bytes_per_s > 1e8 and measured.cpu_flops > 1e8
     assert measured.pcie_bytes_per_s > 1e8
+    # the CPU's own decode steps: a rate and a layer overhead per kind of matrix
+    assert [kind for kind, _ in measured.cpu_matmul_rates] == ["dense", "int8", "int4"]
+    assert all(rate > 1e8 for _, rate in measured.cpu_matmul_rates)
+    assert [kind for kind, _ in measured.cpu_layer_overheads] == ["dense", "int8", "int4"]
+    assert all(0 < seconds < 1 for _, seconds in measured.cpu_layer_overheads)
     profile.store_profile(measured)
     assert profile.load_profile() == measured
     hw = Hardware.detect(gpu_memory="4GiB", cpu_memory="4GiB")
     assert hw.cpu_attention_bytes_per_s == measured.cpu_attention_bytes_per_s
+    for kind, rate in measured.cpu_matmul_rates:
+        assert hw.cpu_matmul_bytes_per_s(kind) == rate
+    for kind, seconds in measured.cpu_layer_overheads:
+        assert hw.cpu_layer_overhead_s(kind) == seconds
     assert "profiled" in hw.name
     profile.cache_path().write_text("{ broken")
     assert profile.load_profile() is None                 # an unreadable cache is ignored

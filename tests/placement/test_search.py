@@ -1,8 +1,10 @@
 """The planner: budgets respected across a sweep, exact byte accounting, monotone in GPU memory."""
+import dataclasses
+
 import pytest
 
 from placement import Hardware, PlanError, Workload, load_spec, plan, workspace_bytes
-from placement.hardware import GPU_PRESETS
+from placement.hardware import GPU_PRESETS, HardwareError
 
 GiB = 1 << 30
 MODELS = ["llama-3.1-8b", "llama-2-70b", "qwen2.5-0.5b", "opt-350m", "mistral-nemo-12b"]
@@ -165,3 +167,48 @@ def test_plans_an_80_layer_model():
             hw = hardware(gpu_gib, 256)
             p = plan(spec, hw, Workload(batch_size=4, prompt_len=4096, gen_len=1024))
             check_accounting(p, spec, hw, p.workload)
+
+
+def test_cpu_decode_costs_follow_the_measured_rate_and_overhead_of_the_matrix_kind():
+    """A layer decoded on the CPU costs its weight bytes at the rate measured for its kind of matrix (dense,
+    int8, int4: --profile) plus that kind's layer overhead; kinds not measured are estimated."""
+    from placement.cost import CostModel
+    spec = load_spec("qwen2.5-0.5b")
+    workload = Workload(batch_size=1, prompt_len=128, gen_len=16)
+    measured = dataclasses.replace(hardware(24, 64), cpu_matmul_rates=(("dense", 4e9), ("int4", 1e9)),
+                                   cpu_layer_overheads=(("dense", 2e-3), ("int4", 5e-3)))
+    small, large = 64 << 20, 128 << 20          # both read slower than the layer's FLOPs take
+    dense = CostModel(spec, measured, workload)
+    assert dense.cpu_matmul_kind == "dense"
+    assert dense.decode_layer_on_cpu(large).cpu_s - dense.decode_layer_on_cpu(small).cpu_s \
+        == pytest.approx((large - small) / 4e9, rel=1e-6)
+    int4 = CostModel(spec.quantized("int4"), measured, workload)
+    assert int4.cpu_matmul_kind == "int4"
+    assert int4.decode_layer_on_cpu(large).cpu_s - int4.decode_layer_on_cpu(small).cpu_s \
+        == pytest.approx((large - small) / 1e9, rel=1e-6)
+    # the same bytes at the int4 rate, plus int4's overhead in place of dense's
+    assert int4.decode_layer_on_cpu(small).cpu_s - dense.decode_layer_on_cpu(small).cpu_s \
+        == pytest.approx(small / 1e9 - small / 4e9 + 5e-3 - 2e-3, rel=1e-4)
+    # on the CPU stand-in (no GPU) a decode step's "gpu" layers are CPU matmuls too: at the same rates
+    stand_in = dataclasses.replace(measured, is_cpu_only=True)
+    model = CostModel(spec.quantized("int4"), stand_in, workload)
+
+    def gpu_tier_step(weight_bytes):
+        return model.layer(weights="gpu", kv="gpu", attention="gpu", weight_bytes=weight_bytes, num_rows=1,
+                           num_keys=128).gpu_s
+    assert gpu_tier_step(large) - gpu_tier_step(small) == pytest.approx((large - small) / 1e9, rel=1e-6)
+    assert model.layer_overhead_s == 5e-3
+    # int8 was not measured: estimated from the CPU's FLOP/s, never above its memory bandwidth
+    assert 0 < measured.cpu_matmul_bytes_per_s("int8") <= measured.cpu_attention_bytes_per_s
+    with pytest.raises(HardwareError, match="cpu_matmul_rates"):
+        dataclasses.replace(measured, cpu_matmul_rates=(("int3", 1e9),))
+
+
+def test_copies_and_compute_add_up_on_the_cpu_stand_in():
+    """Without a GPU the "PCIe" copy is a memcpy on the same cores and RAM as the compute: no overlap."""
+    from placement.cost import ItemCost, step_time
+    streamed = ItemCost(transfer_s=2.0, gpu_s=1.0, cpu_s=0.0, is_streamed=True)
+    resident = ItemCost(transfer_s=0.0, gpu_s=3.0, cpu_s=0.0, is_streamed=False)
+    groups = [(2, streamed), (1, resident)]
+    assert step_time(groups, 2, serial=True).seconds == pytest.approx(4.0 + 5.0)
+    assert step_time(groups, 2).seconds < 9.0               # a GPU overlaps them

@@ -148,17 +148,23 @@ def test_session_turns_equal_single_calls_under_an_offloaded_plan(llama5):
 
 
 class Interrupt:
-    """Wraps the family's attention_output to raise `error` at its `at`-th call (once)."""
+    """Raises `error` at the `at`-th layer computed (once): wraps the family's attention_output and the
+    fused CPU decode step (which decode steps on the CPU run instead)."""
 
     def __init__(self, model, error, at):
-        self.inner, self.error, self.at, self.num_calls = model.engine.model.attention_output, error, at, 0
-        model.engine.model.attention_output = self
+        self.error, self.at, self.num_calls = error, at, 0
+        engine = model.engine
+        engine.model.attention_output = self._wrapped(engine.model.attention_output)
+        if engine.cpu_steps is not None:
+            engine.cpu_steps.step = self._wrapped(engine.cpu_steps.step)
 
-    def __call__(self, *args):
-        self.num_calls += 1
-        if self.num_calls == self.at:
-            raise self.error
-        return self.inner(*args)
+    def _wrapped(self, inner):
+        def call(*args):
+            self.num_calls += 1
+            if self.num_calls == self.at:
+                raise self.error
+            return inner(*args)
+        return call
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("boom")], ids=["ctrl_c", "exception"])

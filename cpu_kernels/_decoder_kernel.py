@@ -1,0 +1,170 @@
+"""One decode step of a llama-like decoder layer on the CPU, as one Numba call: for a few rows of one new
+token each, RMSNorm, the q/k/v projections (+ biases), RoPE, the KV append and attention over the cache,
+o_proj + residual, RMSNorm, the SwiGLU MLP + residual.
+
+Called once per layer instead of ~40 eager torch ops (each a Python dispatch: on 2 cores that cost ~1 ms a
+layer, more than a small model's matmuls). Activations are float32 arrays; `mode` rounds every value that
+the eager math holds in the model dtype (bfloat16 / float16) at the same points, so the step computes what
+offload/models/decoder.py computes (transformers' order of operations and casts), up to summation order.
+
+Matrices arrive as tuples (codes, scales, mins, has_mins, bias): packed 4-bit (uint8 codes), packed 8-bit
+(int8 codes), or dense (float32, or uint16 bfloat16 / int16 float16 bits; scales and mins unused). `bias` is
+float32 [N], empty when the layer has none. The kind is chosen by type when Numba compiles (`matmul_rows`).
+"""
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+from ._append_kernel import append_rows
+from ._attention_kernel import attend
+from ._bits import narrow_bf16, narrow_f16, widen_bf16, widen_f16
+from ._linear_kernel import dense_linear, int4_linear, int8_linear, split_rows
+
+F32, BF16, F16 = 0, 1, 2     # the model dtype: what `mode` rounds activations to
+
+
+@njit(inline="always")
+def rnd(value, mode):
+    """value rounded to the model dtype (nearest even), as a float32."""
+    if mode == BF16:
+        return widen_bf16(narrow_bf16(value))
+    if mode == F16:
+        return widen_f16(narrow_f16(value))
+    return value
+
+
+@njit(nogil=True, cache=True)
+def _finish(out, bias, mode, packed):
+    # out [M, N] raw float32 products -> what the eager linear holds: a dense matmul rounds acc + bias
+    # once (addmm); a packed one is rounded, then its bias added in the model dtype (eager: out.to(dtype) + b)
+    rows, outputs = out.shape
+    has_bias = bias.shape[0] > 0
+    for m in range(rows):
+        for n in range(outputs):
+            value = out[m, n]
+            if packed:
+                value = rnd(value, mode)
+            if has_bias:
+                value = value + bias[n]
+            out[m, n] = rnd(value, mode)
+
+
+def matmul_rows(x, matrix, blocks, mode, out):
+    """out [M, N] f32 = x [M, K] f32 @ W.T (+ bias), rounded as the eager linear; Numba code only."""
+    raise NotImplementedError("matmul_rows is only callable from Numba-compiled code")
+
+
+@overload(matmul_rows)
+def _matmul_rows_by_kind(x, matrix, blocks, mode, out):
+    codes = matrix.types[0]
+    if codes.dtype == types.uint8:                        # 4-bit, two codes a byte
+
+        def int4(x, matrix, blocks, mode, out):
+            codes, scales, mins, _, bias = matrix
+            rows, inputs = x.shape
+            groups = scales.shape[1]
+            x_even = np.empty((rows, inputs // 2), np.float32)
+            x_odd = np.empty((rows, inputs // 2), np.float32)
+            sums = np.empty((rows, groups), np.float32)
+            split_rows(x, groups, x_even, x_odd, sums)
+            int4_linear(x_even, x_odd, sums, codes, scales, mins, blocks, out)
+            _finish(out, bias, mode, True)
+        return int4
+    if codes.dtype == types.int8:
+
+        def int8(x, matrix, blocks, mode, out):
+            codes, scales, mins, has_mins, bias = matrix
+            rows = x.shape[0]
+            groups = scales.shape[1]
+            no_columns = np.empty((rows, 0), np.float32)
+            sums = np.empty((rows, groups), np.float32)
+            split_rows(x, groups, no_columns, no_columns, sums)
+            int8_linear(x, sums, codes, scales, mins, has_mins, blocks, out)
+            _finish(out, bias, mode, True)
+        return int8
+
+    def dense(x, matrix, blocks, mode, out):
+        weight, _, _, _, bias = matrix
+        dense_linear(x, weight, blocks, out)
+        _finish(out, bias, mode, False)
+    return dense
+
+
+@njit(nogil=True, cache=True)
+def _rms_norm(h, weight, eps, mode, out):
+    # transformers' LlamaRMSNorm: normalise in float32, cast to the dtype, then times the weight (in the dtype)
+    rows, width = h.shape
+    for m in range(rows):
+        total = np.float32(0.0)
+        for k in range(width):
+            total += h[m, k] * h[m, k]
+        inv = np.float32(1.0) / np.sqrt(total / np.float32(width) + np.float32(eps))
+        for k in range(width):
+            out[m, k] = rnd(weight[k] * rnd(h[m, k] * inv, mode), mode)
+
+
+@njit(nogil=True, cache=True)
+def _rope(x, heads, head_dim, cos, sin, mode):
+    # x [M, heads * D] in place: x * cos + rotate_half(x) * sin, each product and the sum in the dtype
+    rows = x.shape[0]
+    half = head_dim // 2
+    for m in range(rows):
+        for h in range(heads):
+            base = h * head_dim
+            for d in range(half):
+                x1 = x[m, base + d]
+                x2 = x[m, base + half + d]
+                x[m, base + d] = rnd(rnd(x1 * cos[m, d], mode) + rnd(-x2 * sin[m, d], mode), mode)
+                x[m, base + half + d] = rnd(rnd(x2 * cos[m, half + d], mode) + rnd(x1 * sin[m, half + d], mode),
+                                            mode)
+
+
+@njit(nogil=True, cache=True)
+def decode_layer(h, w_in, w_post, eps, q_m, k_m, v_m, o_m, gate_m, up_m, down_m, cos, sin,
+                 num_heads, num_kv_heads, head_dim, k_append, v_append, append_mode, k_cache, v_cache,
+                 positions, scale, window, mode, blocks, out):
+    """h [M, H] f32 (values in the model dtype) -> out [M, H] f32: the layer's output hidden states.
+
+    w_in, w_post [H] f32: the norms' weights; *_m: matrices (see the module docstring); cos, sin [M, D] f32
+    (this token's RoPE, in the dtype); k_append / v_append: the caches [B, Hkv, S_max, D] as append_rows takes
+    them (float32 or uint16 bits, `append_mode`), k_cache / v_cache: the same caches as attend takes them;
+    positions [M] int64: each row's slot (its length before this token); scale, window (0: none)."""
+    rows, hidden = h.shape
+    x = np.empty((rows, hidden), np.float32)
+    _rms_norm(h, w_in, eps, mode, x)
+    q = np.empty((rows, num_heads * head_dim), np.float32)
+    k = np.empty((rows, num_kv_heads * head_dim), np.float32)
+    v = np.empty((rows, num_kv_heads * head_dim), np.float32)
+    matmul_rows(x, q_m, blocks, mode, q)
+    matmul_rows(x, k_m, blocks, mode, k)
+    matmul_rows(x, v_m, blocks, mode, v)
+    _rope(q, num_heads, head_dim, cos, sin, mode)
+    _rope(k, num_kv_heads, head_dim, cos, sin, mode)
+    append_rows(k_append, v_append, k.reshape(rows, num_kv_heads, 1, head_dim),
+                v.reshape(rows, num_kv_heads, 1, head_dim), positions, append_mode)
+    attn = np.empty((rows, num_heads, 1, head_dim), np.float32)
+    attend(q.reshape(rows, num_heads, 1, head_dim), k_cache, v_cache, positions + 1, np.float32(scale), window,
+           np.float32(0.0), attn, 1)
+    merged = attn.reshape(rows, num_heads * head_dim)
+    for m in range(rows):
+        for j in range(num_heads * head_dim):
+            merged[m, j] = rnd(merged[m, j], mode)
+    o = np.empty((rows, hidden), np.float32)
+    matmul_rows(merged, o_m, blocks, mode, o)
+    for m in range(rows):
+        for j in range(hidden):
+            o[m, j] = rnd(h[m, j] + o[m, j], mode)            # o is now the residual stream
+    _rms_norm(o, w_post, eps, mode, x)
+    inner = gate_m[0].shape[0]
+    gate = np.empty((rows, inner), np.float32)
+    up = np.empty((rows, inner), np.float32)
+    matmul_rows(x, gate_m, blocks, mode, gate)
+    matmul_rows(x, up_m, blocks, mode, up)
+    for m in range(rows):
+        for j in range(inner):
+            g = gate[m, j]
+            gate[m, j] = rnd(rnd(g / (np.float32(1.0) + np.exp(-g)), mode) * up[m, j], mode)   # silu(g) * up
+    matmul_rows(gate, down_m, blocks, mode, out)
+    for m in range(rows):
+        for j in range(hidden):
+            out[m, j] = rnd(o[m, j] + out[m, j], mode)

@@ -1,0 +1,127 @@
+"""Decode steps of a llama-like layer computed on the CPU as one fused Numba call (cpu_kernels'
+`decode_layer`) instead of ~40 eager torch ops: a layer's per-token cost on the CPU becomes its weight reads,
+not Python dispatch.
+
+Used by the engine for a decode step (one token per row, at most CPU_DECODE_MAX_ROWS rows) of a layer
+whose weights, hidden states and KV cache are all in CPU memory: the layers a plan computes on the CPU,
+and every layer on the CPU fallback. It covers `DecoderModel` itself (Llama, Mistral, Qwen2: RMSNorm, full-width RoPE, SiLU
+MLP, optional biases, sliding windows); other families and everything else take the eager path, which
+computes the same numbers (the fused step rounds to the model dtype where the eager math does).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from cpu_kernels._checks import cache_view
+from cpu_kernels._decoder_kernel import BF16, F16, F32, decode_layer
+from cpu_kernels._append_kernel import COPY, TO_BF16, TO_F16
+from cpu_kernels.linear import BLOCKS_PER_THREAD, _run
+from offload.attention.device import TorchAttention
+from offload.attention.host import HostAttention
+from offload.models.decoder import DecoderModel
+from offload.weights.quant import QuantizedWeight
+from placement.cost import CPU_DECODE_MAX_ROWS
+
+MODES = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16}
+APPEND_MODES = {torch.float32: COPY, torch.bfloat16: TO_BF16, torch.float16: TO_F16}
+MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_UNUSED = np.zeros((1, 1), np.float32)
+_NO_BIAS = np.zeros(0, np.float32)
+
+
+class CpuDecoderSteps:
+    """The fused decode step for one model's layers; prepared arrays (numpy views) are made once per layer."""
+
+    def __init__(self, model: DecoderModel, dtype: torch.dtype):
+        self.model, self.arch, self.dtype, self.mode = model, model.arch, dtype, MODES[dtype]
+        self._layers: dict[int, tuple] = {}        # layer -> (its weight objects, prepared arguments)
+        self._caches: dict[int, tuple] = {}        # id(backend) -> (backend, cache views)
+        self._rope: tuple | None = None            # (ctx, cos, sin) of the current step
+
+    @staticmethod
+    def supports(model, dtype: torch.dtype) -> bool:
+        """True for a DecoderModel (not a subclass: those change the math) with SiLU, in a float dtype."""
+        return type(model) is DecoderModel and model.arch.hidden_act in ("silu", "swish") and dtype in MODES
+
+    def step(self, layer: int, lw: dict, h: torch.Tensor, ctx, backend, chunk) -> torch.Tensor | None:
+        """Layer `layer`'s decode step on the CPU: h [B, 1, H] -> [B, 1, H] (its KV appended and attended),
+        or None when this step is not one the fused kernel covers (the caller runs the eager math)."""
+        B, T, H = h.shape
+        if T != 1 or B > CPU_DECODE_MAX_ROWS or h.device.type != "cpu" or h.dtype != self.dtype:
+            return None
+        caches = self._cache_views(backend)
+        prepared = self._prepared(layer, lw)
+        if caches is None or prepared is None:
+            return None
+        cos, sin = self._cos_sin(ctx)
+        if cos.shape != (B, self.arch.head_dim):
+            return None                                    # partial rotary: the eager path
+        arch = self.arch
+        x = h.reshape(B, H).to(torch.float32).numpy()
+        out = np.empty((B, H), np.float32)
+        positions = chunk.start.numpy().astype(np.int64)
+        k_append, v_append, k_cache, v_cache, append_mode, scale, window = caches
+        blocks = numba.get_num_threads() * BLOCKS_PER_THREAD
+        _run(decode_layer, x, *prepared, cos, sin, arch.num_heads, arch.num_kv_heads, arch.head_dim,
+             k_append, v_append, append_mode, k_cache, v_cache, positions, scale, window, self.mode, blocks, out)
+        return torch.from_numpy(out).to(self.dtype).view(B, 1, H)
+
+    def close(self) -> None:
+        """Drop the prepared views (they keep the weights' and caches' memory alive)."""
+        self._layers, self._caches, self._rope = {}, {}, None
+
+    def _cos_sin(self, ctx) -> tuple[np.ndarray, np.ndarray]:
+        # ctx: (cos, sin) [B, 1, 1, R] in the dtype, one per step: converted once for all layers
+        if self._rope is None or self._rope[0] is not ctx:
+            cos, sin = ctx
+            self._rope = (ctx, cos[:, 0, 0].to(torch.float32).cpu().numpy(), sin[:, 0, 0].to(torch.float32).cpu().numpy())
+        return self._rope[1], self._rope[2]
+
+    def _cache_views(self, backend):
+        entry = self._caches.get(id(backend))
+        if entry is not None and entry[0] is backend:
+            return entry[1]
+        views = None
+        if isinstance(backend, (HostAttention, TorchAttention)) and backend.softcap is None \
+                and backend.k_cache.device.type == "cpu" and backend.k_cache.is_contiguous() \
+                and backend.k_cache.dtype in APPEND_MODES:
+            k, v = backend.k_cache, backend.v_cache
+            scale = backend.scale if backend.scale is not None else self.arch.head_dim ** -0.5
+            views = (cache_view(k, fp16_as_int16=False), cache_view(v, fp16_as_int16=False),
+                     cache_view(k, fp16_as_int16=True), cache_view(v, fp16_as_int16=True),
+                     APPEND_MODES[k.dtype], float(scale), int(backend.sliding_window or 0))
+        self._caches[id(backend)] = (backend, views)
+        return views
+
+    def _prepared(self, layer: int, lw: dict):
+        weights = tuple(lw.get(f"{name}.weight") for name in MATRICES)
+        entry = self._layers.get(layer)
+        if entry is not None and all(a is b for a, b in zip(entry[0], weights)):
+            return entry[1]
+        prepared = None
+        if all(_on_cpu(w) for w in weights):
+            matrices = tuple(_matrix(w, lw.get(f"{name}.bias")) for name, w in zip(MATRICES, weights))
+            norms = tuple(lw[name].to(torch.float32).numpy() for name in
+                          ("input_layernorm.weight", "post_attention_layernorm.weight"))
+            prepared = (*norms, float(self.arch.rms_norm_eps), *matrices)
+        self._layers[layer] = (weights, prepared)
+        return prepared
+
+
+def _on_cpu(weight) -> bool:
+    if isinstance(weight, QuantizedWeight):
+        return weight.qweight.device.type == "cpu"
+    return isinstance(weight, torch.Tensor) and weight.device.type == "cpu" and weight.is_contiguous() \
+        and weight.dtype in MODES
+
+
+def _matrix(weight, bias) -> tuple:
+    """(codes, scales, mins, has_mins, bias) as decode_layer takes a matrix."""
+    bias_np = _NO_BIAS if bias is None else bias.to(torch.float32).numpy()
+    if isinstance(weight, QuantizedWeight):
+        matrix = weight.cpu_matrix()
+        return matrix.codes, matrix.scales, matrix.mins, matrix.has_mins, bias_np
+    return cache_view(weight, fp16_as_int16=True), _UNUSED, _UNUSED, False, bias_np

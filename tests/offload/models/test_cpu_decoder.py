@@ -1,0 +1,146 @@
+"""The fused CPU decode step (offload/models/cpu_decoder.py) against the eager family math it replaces:
+the same layer, weights and KV cache history, one decode step at a time, rows at different positions.
+
+With HostAttention both attend in float32 over the cache, so a 16-bit model agrees to the bit wherever the
+products agree: packed matrices share their kernel, dense ones sum in another order, and SiLU's exp is
+LLVM's where torch's is Sleef's (1 ulp apart in float32, so after rounding to float16 about 1 value in 6000
+differs by one step, and what follows it in that row). All but a few elements are exact and none is off by
+more than two rounding steps at its row's scale; float32 agrees to rounding.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload.attention.contract import Chunk
+from offload.attention.device import TorchAttention
+from offload.attention.host import HostAttention
+from offload.models import build_model
+from offload.models.cpu_decoder import CpuDecoderSteps
+from offload.weights.quant import quantize
+from placement.architecture import Architecture
+from placement.cost import CPU_DECODE_MAX_ROWS
+from placement.quantization import Quantization
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INNER, MAX_LEN = 64, 4, 2, 16, 160, 32
+
+
+def _layer(dtype, *, bias=False, kind="dense", window=None, model_type="llama", seed=0):
+    config = dict(model_type=model_type, vocab_size=256, hidden_size=HIDDEN, intermediate_size=INNER,
+                  num_hidden_layers=1, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                  max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
+                  attention_bias=bias, mlp_bias=bias)
+    if window:
+        config.update(model_type="mistral", sliding_window=window)
+    arch = Architecture.from_config(config)
+    gen = torch.Generator().manual_seed(seed)
+    prefix = arch.layer_prefix(0)
+    weights = {}
+    for name, shape in arch.layer_tensors(0).items():
+        value = torch.randn(shape, generator=gen) * (0.25 if len(shape) == 2 else 0.3)
+        if name.endswith("norm.weight"):
+            value += 1.0
+        value = value.to(dtype)
+        if len(shape) == 2 and kind != "dense":
+            value = quantize(value, Quantization(kind, 32), name)
+        weights[name[len(prefix):]] = value
+    return arch, build_model(arch), weights
+
+
+def _run_both(arch, model, weights, dtype, backend_class, steps=5, rows=3):
+    """(fused, eager) hidden states of every step, each [rows, 1, H]."""
+    fused_steps = CpuDecoderSteps(model, dtype)
+    backends = [backend_class(max_batch_size=rows, max_seq_len=MAX_LEN, num_kv_heads=arch.num_kv_heads,
+                              head_dim=arch.head_dim, dtype=dtype, device="cpu",
+                              sliding_window=arch.window_of(0)) for _ in range(2)]
+    gen = torch.Generator().manual_seed(1)
+    results = []
+    for step in range(steps):
+        h = torch.randn(rows, 1, arch.hidden_size, generator=gen).to(dtype)
+        start = torch.tensor([step + 3 * b for b in range(rows)])          # ragged positions
+        ctx = model.prepare(start[:, None], dtype)
+        got = fused_steps.step(0, weights, h, ctx, backends[0], Chunk(start=start, num_tokens=1, device=torch.device("cpu")))
+        assert got is not None, "the fused step declined a step it covers"
+        chunk = Chunk(start=start, num_tokens=1, device=torch.device("cpu"))
+        q, k, v = model.attention_inputs(weights, h, ctx, 0)
+        want = model.attention_output(weights, h, backends[1].attend(q, k, v, chunk, weights))
+        results.append((got, want))
+    return results
+
+
+@pytest.mark.parametrize("kind", ["dense", "int8", "int4"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_steps_match_the_eager_math_to_the_bit(dtype, bias, kind):
+    arch, model, weights = _layer(dtype, bias=bias, kind=kind)
+    results = _run_both(arch, model, weights, dtype, HostAttention)
+    got = torch.cat([g for g, _ in results]).float()
+    want = torch.cat([w for _, w in results]).float()
+    differ = got != want
+    assert differ.float().mean() < 0.02, f"{int(differ.sum())} of {differ.numel()} elements differ"
+    step = torch.finfo(dtype).eps * want.abs().amax(dim=-1, keepdim=True)     # one rounding step at the row's scale
+    assert ((got - want).abs() <= 2 * step).all()
+
+
+@pytest.mark.parametrize("backend_class", [HostAttention, TorchAttention])
+@pytest.mark.parametrize("kind", ["dense", "int4"])
+def test_float32_steps_match_the_eager_math(backend_class, kind):
+    """Also against TorchAttention (the CPU fallback's cache): SDPA in float32 is the same math."""
+    arch, model, weights = _layer(torch.float32, bias=True, kind=kind)
+    for got, want in _run_both(arch, model, weights, torch.float32, backend_class):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_sliding_window_is_applied():
+    arch, model, weights = _layer(torch.float32, window=4)
+    assert arch.window_of(0) == 4
+    for got, want in _run_both(arch, model, weights, torch.float32, HostAttention, steps=8):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_declines_what_it_does_not_cover():
+    arch, model, weights = _layer(torch.float32)
+    steps = CpuDecoderSteps(model, torch.float32)
+    backend = HostAttention(max_batch_size=CPU_DECODE_MAX_ROWS + 1, max_seq_len=MAX_LEN, num_kv_heads=KV_HEADS,
+                            head_dim=HEAD_DIM, dtype=torch.float32, device="cpu")
+    for rows, tokens in ((CPU_DECODE_MAX_ROWS + 1, 1), (1, 2)):              # too many rows; a prefill chunk
+        start = torch.zeros(rows, dtype=torch.long)
+        positions = start[:, None] + torch.arange(tokens)
+        h = torch.randn(rows, tokens, HIDDEN)
+        chunk = Chunk(start=start, num_tokens=tokens, device=torch.device("cpu"))
+        assert steps.step(0, weights, h, model.prepare(positions, torch.float32), backend, chunk) is None
+    capped = HostAttention(max_batch_size=1, max_seq_len=MAX_LEN, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                           dtype=torch.float32, device="cpu", softcap=30.0)
+    start = torch.zeros(1, dtype=torch.long)
+    chunk = Chunk(start=start, num_tokens=1, device=torch.device("cpu"))
+    assert steps.step(0, weights, torch.randn(1, 1, HIDDEN), model.prepare(start[:, None], torch.float32),
+                      capped, chunk) is None
+    # families whose math differs (Qwen3's q/k norms, Gemma, Phi-3, OPT) are not covered at all
+    qwen3 = build_model(Architecture.from_config(dict(
+        model_type="qwen3", vocab_size=256, hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=1,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, max_position_embeddings=128,
+        rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu")))
+    assert not CpuDecoderSteps.supports(qwen3, torch.float32)
+    assert CpuDecoderSteps.supports(model, torch.bfloat16)
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(gpu_layers=1, kv_gpu_layers=1, cpu_compute=True)])
+def test_the_engine_decodes_with_it_and_matches_transformers(checkpoint_factory, monkeypatch, kwargs):
+    """On the CPU fallback (every layer) and for the layers a plan computes on the CPU, decode steps run
+    fused (counted), and greedy generation still gives transformers' tokens."""
+    import offload
+    from tests.offload.builders import hf_greedy
+    path, hf = checkpoint_factory("llama_bias")
+    fused = []
+    original = CpuDecoderSteps.step
+
+    def counted(self, layer, *args):
+        out = original(self, layer, *args)
+        fused.append(out is not None)
+        return out
+    monkeypatch.setattr(CpuDecoderSteps, "step", counted)
+    model = offload.load(path, dtype="float32", max_seq_len=64, progress=False, **kwargs)
+    prompts = [[1, 5, 9, 2, 7], [3, 4]]
+    got = model.generate(prompts, max_new_tokens=6)
+    assert fused and all(fused), "decode steps declined by the fused path"
+    assert all(got[b] == hf_greedy(hf, prompt, 6) for b, prompt in enumerate(prompts))
