@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .hardware import Hardware
+from .hardware import DEFAULT_CPU_LAYER_OVERHEAD_S, Hardware
 from .spec import ModelSpec
 from .workload import Workload
 
@@ -35,6 +35,7 @@ MAX_PREFETCH_DEPTH = 4
 # up to this many rows a matmul on the CPU reads its matrix as held (packed: never dequantized) and a
 # llama-like layer's decode step runs fused (offload/models/cpu_decoder.py)
 CPU_DECODE_MAX_ROWS = 4
+FUSED_CPU_MATH = "offload.models.decoder:DecoderModel"   # the family math the fused CPU step covers
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,15 @@ class CostModel:
         # how the CPU multiplies this model's layer matrices in decode (Hardware.cpu_matmul_bytes_per_s)
         schemes = {quantization.scheme for quantization in spec.layouts.values()}
         self.cpu_matmul_kind = "int4" if "int4" in schemes else "int8" if schemes else "dense"
-        self.layer_overhead_s = (hardware.cpu_layer_overhead_s(self.cpu_matmul_kind) if hardware.is_cpu_only
-                                 else LAYER_OVERHEAD_S)
+        # a decode step on the CPU runs fused (offload/models/cpu_decoder.py: what --profile measures) for
+        # the plain llama-like decoder with SiLU, full RoPE and no soft-cap, a few rows at a time; otherwise
+        # its eager ops cost the default overhead
+        self.cpu_step_fused = (arch.family.math == FUSED_CPU_MATH and arch.hidden_act in ("silu", "swish")
+                               and arch.rotary_dim == arch.head_dim and arch.attn_logit_softcap is None
+                               and workload.batch_size <= CPU_DECODE_MAX_ROWS)
+        self.cpu_layer_overhead_s = (hardware.cpu_layer_overhead_s(self.cpu_matmul_kind) if self.cpu_step_fused
+                                     else DEFAULT_CPU_LAYER_OVERHEAD_S)
+        self.layer_overhead_s = self.cpu_layer_overhead_s if hardware.is_cpu_only else LAYER_OVERHEAD_S
 
     # ---- building blocks ----------------------------------------------------------------------
     def _gpu(self, flops: float, num_bytes: float) -> float:
@@ -174,8 +182,7 @@ class CostModel:
         attention_s = max(attention * spec.kv_bytes_per_token / hw.cpu_attention_bytes_per_s,
                           attention * spec.attention_flops_per_key / hw.cpu_flops)
         hidden = 2 * B * spec.arch.hidden_size * self.dtype_bytes / hw.pcie_bytes_per_s   # there and back
-        overhead_s = hw.cpu_layer_overhead_s(self.cpu_matmul_kind)
-        return ItemCost(0.0, 0.0, overhead_s + matmul_s + attention_s + hidden, False)
+        return ItemCost(0.0, 0.0, self.cpu_layer_overhead_s + matmul_s + attention_s + hidden, False)
 
     def prefill_layer(self, weights: str, kv: str, attention: str, weight_bytes: int,
                       chunk: int) -> ItemCost:

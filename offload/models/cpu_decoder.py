@@ -5,8 +5,10 @@ not Python dispatch.
 Used by the engine for a decode step (one token per row, at most CPU_DECODE_MAX_ROWS rows) of a layer
 whose weights, hidden states and KV cache are all in CPU memory: the layers a plan computes on the CPU,
 and every layer on the CPU fallback. It covers `DecoderModel` itself (Llama, Mistral, Qwen2: RMSNorm, full-width RoPE, SiLU
-MLP, optional biases, sliding windows); other families and everything else take the eager path, which
-computes the same numbers (the fused step rounds to the model dtype where the eager math does).
+MLP, optional biases, sliding windows); other families and everything else take the eager path. It
+computes what the eager math computes with HostAttention (rounding to the model dtype at the same points);
+against TorchAttention in bf16/f16 (the CPU fallback's cache) it attends in float32 where SDPA rounds its
+probabilities to the model dtype.
 """
 from __future__ import annotations
 
@@ -53,8 +55,10 @@ class CpuDecoderSteps:
         if T != 1 or B > CPU_DECODE_MAX_ROWS or h.device.type != "cpu" or h.dtype != self.dtype:
             return None
         caches = self._cache_views(backend)
+        if caches is None or B > backend.max_batch_size or chunk.num_keys > backend.max_seq_len:
+            return None                          # (the kernels index the caches unchecked)
         prepared = self._prepared(layer, lw)
-        if caches is None or prepared is None:
+        if prepared is None:
             return None
         cos, sin = self._cos_sin(ctx)
         if cos.shape != (B, self.arch.head_dim):
@@ -85,9 +89,11 @@ class CpuDecoderSteps:
         if entry is not None and entry[0] is backend:
             return entry[1]
         views = None
+        arch = self.arch
         if isinstance(backend, (HostAttention, TorchAttention)) and backend.softcap is None \
-                and backend.k_cache.device.type == "cpu" and backend.k_cache.is_contiguous() \
-                and backend.k_cache.dtype in APPEND_MODES:
+                and all(c.device.type == "cpu" and c.is_contiguous() and c.dtype in APPEND_MODES
+                        and c.shape[1] == arch.num_kv_heads and c.shape[3] == arch.head_dim
+                        for c in (backend.k_cache, backend.v_cache)):
             k, v = backend.k_cache, backend.v_cache
             scale = backend.scale if backend.scale is not None else self.arch.head_dim ** -0.5
             views = (cache_view(k, fp16_as_int16=False), cache_view(v, fp16_as_int16=False),

@@ -198,6 +198,13 @@ def test_cpu_decode_costs_follow_the_measured_rate_and_overhead_of_the_matrix_ki
                            num_keys=128).gpu_s
     assert gpu_tier_step(large) - gpu_tier_step(small) == pytest.approx((large - small) / 1e9, rel=1e-6)
     assert model.layer_overhead_s == 5e-3
+    # --profile measured the fused llama-like step; a family decoded eagerly (Gemma) costs the default overhead
+    from placement.hardware import DEFAULT_CPU_LAYER_OVERHEAD_S
+    assert dense.cpu_step_fused and dense.cpu_layer_overhead_s == 2e-3
+    gemma = CostModel(load_spec("gemma-2-2b"), measured, workload)
+    assert not gemma.cpu_step_fused and gemma.cpu_layer_overhead_s == DEFAULT_CPU_LAYER_OVERHEAD_S
+    batched = CostModel(spec, measured, Workload(batch_size=8, prompt_len=128, gen_len=16))
+    assert not batched.cpu_step_fused                    # more rows than the fused step takes
     # int8 was not measured: estimated from the CPU's FLOP/s, never above its memory bandwidth
     assert 0 < measured.cpu_matmul_bytes_per_s("int8") <= measured.cpu_attention_bytes_per_s
     with pytest.raises(HardwareError, match="cpu_matmul_rates"):

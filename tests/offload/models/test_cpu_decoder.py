@@ -122,6 +122,9 @@ def test_declines_what_it_does_not_cover():
         rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu")))
     assert not CpuDecoderSteps.supports(qwen3, torch.float32)
     assert CpuDecoderSteps.supports(model, torch.bfloat16)
+    # the planner's cost model names the same family math as the one the fused step covers
+    from placement.cost import FUSED_CPU_MATH
+    assert FUSED_CPU_MATH == f"{type(model).__module__}:{type(model).__name__}" == arch.family.math
 
 
 @pytest.mark.parametrize("kwargs", [{}, dict(gpu_layers=1, kv_gpu_layers=1, cpu_compute=True)])
