@@ -34,7 +34,7 @@ class MeasuredSpeeds:
     is_cpu_only: bool
     device_name: str
     measured_at: float = 0.0
-    # decode steps computed on the CPU (offload/generation/cpu_speed.py): ((kind, bytes/s), ...) of its
+    # decode steps computed on the CPU (cpu_kernels/speed.py): ((kind, bytes/s), ...) of its
     # matmuls and ((kind, seconds), ...) of a layer's fixed cost; empty in profiles made before them
     cpu_matmul_rates: tuple = ()
     cpu_layer_overheads: tuple = ()
@@ -100,12 +100,12 @@ def measure(*, cpu_bytes: int = 256 << 20, gpu_bytes: int = 256 << 20,
             cpu_decode: bool = True) -> MeasuredSpeeds:
     """Measure this machine (about 5-10 s at the default sizes). `use_cuda=None`: if available; the GPU
     measured is CUDA device `device_index` (default: the current one); `cpu_decode`: also the CPU's own
-    decode steps (offload/generation/cpu_speed.py: matmul rates and layer overhead per kind of matrix)."""
+    decode steps (cpu_kernels/speed.py: matmul rates and layer overhead per kind of matrix)."""
     import numpy as np
 
     rates = overheads = ()
     if cpu_decode:
-        from offload.generation.cpu_speed import measure_cpu_decode
+        from cpu_kernels.speed import measure_cpu_decode
         rates, overheads = measure_cpu_decode(total_bytes=min(cpu_bytes, 96 << 20))
 
     cpu_bw = _best_rate(lambda m, v: m @ v, *_gemv_operands(np, cpu_bytes), num_bytes=cpu_bytes)

@@ -1,0 +1,112 @@
+"""How fast this CPU runs decode steps itself: what `offload-plan --profile` learns for layers computed on
+the CPU, measured with the kernels the runtime runs there.
+
+Per kind of layer matrix ("dense": bfloat16; "int8", "int4": packed per group of 32, bf16 scales):
+- the matmul rate: bytes of weights as held read per second by one-row products over matrices that do not
+  fit in the caches (the dense and packed kernels of `_linear_kernel.py`);
+- the layer overhead: one fused decode step (`decode_layer`, what offload/models/cpu_decoder.py calls for
+  a Llama-like layer, with the same conversions of the hidden states around it) of a tiny layer whose
+  weights are small enough that only the dispatch of its work counts. Families the fused step does not
+  cover run their eager math, which costs more per layer (the cost model keeps its default for them).
+"""
+from __future__ import annotations
+
+import time
+
+import numba
+import numpy as np
+import torch
+
+from ._append_kernel import TO_BF16
+from ._decoder_kernel import BF16, decode_layer
+from ._linear_kernel import dense_linear
+from .linear import BLOCKS_PER_THREAD, PackedMatrix
+
+KINDS = ("dense", "int8", "int4")
+GROUP = 32
+
+
+def _bf16_bits(shape, rng: np.random.Generator, scale: float) -> np.ndarray:
+    values = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * scale)
+    return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def _matrix(kind: str, rows: int, cols: int, rng: np.random.Generator) -> tuple:
+    """(codes, scales, mins, has_mins, bias) as decode_layer takes a matrix, random."""
+    no_bias = np.zeros(0, np.float32)
+    if kind == "dense":
+        return _bf16_bits((rows, cols), rng, 0.02), np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32), \
+            False, no_bias
+    scales = np.abs(_bf16_bits((rows, cols // GROUP), rng, 0.01))
+    if kind == "int8":
+        codes = rng.integers(-127, 128, (rows, cols), dtype=np.int8)
+        return codes, scales, np.zeros((1, 1), np.uint16), False, no_bias
+    codes = rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8)
+    return codes, scales, _bf16_bits((rows, cols // GROUP), rng, 0.01), True, no_bias
+
+
+def _held_bytes(matrix: tuple) -> int:
+    codes, scales, mins, has_mins, _ = matrix
+    return codes.nbytes + (scales.nbytes if codes.dtype != np.uint16 else 0) + (mins.nbytes if has_mins else 0)
+
+
+def matmul_rate(kind: str, *, total_bytes: int = 96 << 20, repeats: int = 3) -> float:
+    """Bytes of weights (as held) per second of one-row decode products with `kind` matrices: four matrices
+    of `total_bytes` together, each read once per pass, the fastest of `repeats` passes."""
+    rng = np.random.default_rng(0)
+    cols = 4096
+    per_row = _held_bytes(_matrix(kind, 32, cols, rng)) / 32
+    rows = max(32, int(total_bytes / 4 / per_row) // 32 * 32)
+    matrices = [_matrix(kind, rows, cols, rng) for _ in range(4)]
+    x = torch.from_numpy(rng.standard_normal((1, cols), dtype=np.float32))
+    out = np.empty((1, rows), np.float32)
+    blocks = numba.get_num_threads() * BLOCKS_PER_THREAD
+    packed = [PackedMatrix.of(torch.from_numpy(codes), torch.from_numpy(scales.view(np.int16)).view(torch.bfloat16),
+                              torch.from_numpy(mins.view(np.int16)).view(torch.bfloat16) if has_mins else None)
+              for codes, scales, mins, has_mins, _ in matrices] if kind != "dense" else []
+
+    def one_pass():
+        if kind == "dense":
+            for codes, *_ in matrices:
+                dense_linear(x.numpy(), codes, blocks, out)
+        for matrix in packed:
+            matrix(x)
+    one_pass()                                               # warm-up (compiles)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        one_pass()
+        best = min(best, time.perf_counter() - start)
+    return sum(_held_bytes(m) for m in matrices) / best
+
+
+def layer_overhead(kind: str, *, steps: int = 200) -> float:
+    """Seconds of one fused decode step of a tiny bfloat16 layer of `kind` matrices (median of `steps`)."""
+    hidden, heads, kv_heads, head_dim, inner, max_len = 256, 4, 2, 64, 512, 64
+    rng = np.random.default_rng(0)
+    shapes = [(heads * head_dim, hidden), (kv_heads * head_dim, hidden), (kv_heads * head_dim, hidden),
+              (hidden, heads * head_dim), (inner, hidden), (inner, hidden), (hidden, inner)]
+    matrices = [_matrix(kind, rows, cols, rng) for rows, cols in shapes]
+    norm = np.ones(hidden, np.float32)
+    k_cache, v_cache = (np.zeros((1, kv_heads, max_len, head_dim), np.uint16) for _ in range(2))
+    cos, sin = np.ones((1, head_dim), np.float32), np.zeros((1, head_dim), np.float32)
+    h = torch.from_numpy(rng.standard_normal((1, 1, hidden), dtype=np.float32)).to(torch.bfloat16)
+    blocks = numba.get_num_threads() * BLOCKS_PER_THREAD
+    times = []
+    for step in range(steps):
+        start = time.perf_counter()
+        x = h.reshape(1, hidden).to(torch.float32).numpy()      # as CpuDecoderSteps.step converts
+        out = np.empty((1, hidden), np.float32)
+        decode_layer(x, norm, norm, 1e-5, *matrices, cos, sin, heads, kv_heads, head_dim, k_cache, v_cache,
+                     TO_BF16, k_cache, v_cache, np.array([step % max_len], np.int64), head_dim ** -0.5, 0, BF16,
+                     blocks, out)
+        torch.from_numpy(out).to(torch.bfloat16).view(1, 1, hidden)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_cpu_decode(total_bytes: int = 96 << 20) -> tuple[tuple, tuple]:
+    """((kind, matmul bytes/s), ...), ((kind, layer overhead s), ...) for every kind (a few seconds);
+    `total_bytes`: the matrices' size per kind (more than the CPU's caches hold, for a true rate)."""
+    return (tuple((kind, matmul_rate(kind, total_bytes=total_bytes)) for kind in KINDS),
+            tuple((kind, layer_overhead(kind)) for kind in KINDS))
