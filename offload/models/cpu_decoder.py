@@ -66,7 +66,7 @@ class CpuDecoderSteps:
         arch = self.arch
         x = h.reshape(B, H).to(torch.float32).numpy()
         out = np.empty((B, H), np.float32)
-        positions = chunk.start.numpy().astype(np.int64)
+        positions = np.ascontiguousarray(chunk.start.numpy(), dtype=np.int64)     # a view: start is int64
         k_append, v_append, k_cache, v_cache, append_mode, scale, window = caches
         blocks = numba.get_num_threads() * BLOCKS_PER_THREAD
         _run(decode_layer, x, *prepared, cos, sin, arch.num_heads, arch.num_kv_heads, arch.head_dim,

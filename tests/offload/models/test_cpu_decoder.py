@@ -109,6 +109,13 @@ def test_declines_what_it_does_not_cover():
         h = torch.randn(rows, tokens, HIDDEN)
         chunk = Chunk(start=start, num_tokens=tokens, device=torch.device("cpu"))
         assert steps.step(0, weights, h, model.prepare(positions, torch.float32), backend, chunk) is None
+    # more rows than the backend's cache holds, or a position past its end: the kernels would index out of it
+    small = HostAttention(max_batch_size=1, max_seq_len=4, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                          dtype=torch.float32, device="cpu")
+    for start in (torch.zeros(2, dtype=torch.long), torch.tensor([4])):
+        chunk = Chunk(start=start, num_tokens=1, device=torch.device("cpu"))
+        h = torch.randn(len(start), 1, HIDDEN)
+        assert steps.step(0, weights, h, model.prepare(start[:, None], torch.float32), small, chunk) is None
     capped = HostAttention(max_batch_size=1, max_seq_len=MAX_LEN, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
                            dtype=torch.float32, device="cpu", softcap=30.0)
     start = torch.zeros(1, dtype=torch.long)
