@@ -139,7 +139,7 @@ def main(argv=None) -> None:
     smol_folder = Path(default_model())
     rows = [("SmolLM2-135M", "bf16", smol_folder, dict(dtype="bfloat16"), "bf16"),
             ("SmolLM2-135M", "int8", smol_folder, dict(dtype="bfloat16", quantize="int8"), None),
-            ("SmolLM2-135M", "int4 (GGUF)", smollm2_gguf(), dict(dtype="float32"), "gguf")]
+            ("SmolLM2-135M", "int4 (GGUF)", smollm2_gguf(), dict(dtype="bfloat16"), "gguf")]
     if not args.quick:
         one_b = build_random_checkpoint(ONE_B, "bfloat16", args.workdir, label="llama-1.2b")
         ggufs = {kind: build_random_gguf(one_b, kind, smollm2_gguf(), args.workdir) for kind in ("Q8_0", "Q4_0")}

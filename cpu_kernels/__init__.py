@@ -10,9 +10,10 @@ float16 tensors on the CPU (pinned or not). numpy/numba at the core, torch only 
     y = cpu_kernels.quantized_linear(x, qweight, scales, mins=None)    # x float32 [M, K] -> [M, N]
 
 multiplies a few rows by a matrix packed per group (4-bit or 8-bit codes), reading it once;
-`PackedMatrix.of(qweight, scales, mins)` keeps the checked views for repeated calls (`matrix(x)`).
+`PackedMatrix.of(qweight, scales, mins)` keeps the checked views for repeated calls (`matrix(x)`);
+`dense_linear_rows(x, weight)` does the same for a dense float32/bfloat16/float16 matrix.
 """
-from .linear import PackedMatrix, quantized_linear
+from .linear import PackedMatrix, dense_linear_rows, quantized_linear
 from .ops import append_kv, attention
 
-__all__ = ["attention", "append_kv", "quantized_linear", "PackedMatrix"]
+__all__ = ["attention", "append_kv", "quantized_linear", "PackedMatrix", "dense_linear_rows"]

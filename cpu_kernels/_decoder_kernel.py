@@ -18,7 +18,7 @@ from numba.extending import overload
 from ._append_kernel import append_rows
 from ._attention_kernel import attend
 from ._bits import narrow_bf16, narrow_f16, widen_bf16, widen_f16
-from ._linear_kernel import dense_linear, int4_linear, int8_linear, split_rows
+from ._linear_kernel import dense_linear, packed_linear
 
 F32, BF16, F16 = 0, 1, 2     # the model dtype: what `mode` rounds activations to
 
@@ -56,32 +56,13 @@ def matmul_rows(x, matrix, blocks, mode, out):
 
 @overload(matmul_rows)
 def _matmul_rows_by_kind(x, matrix, blocks, mode, out):
-    codes = matrix.types[0]
-    if codes.dtype == types.uint8:                        # 4-bit, two codes a byte
+    if matrix.types[0].dtype in (types.uint8, types.int8):      # packed: 4-bit (two codes a byte) or 8-bit
 
-        def int4(x, matrix, blocks, mode, out):
-            codes, scales, mins, _, bias = matrix
-            rows, inputs = x.shape
-            groups = scales.shape[1]
-            x_even = np.empty((rows, inputs // 2), np.float32)
-            x_odd = np.empty((rows, inputs // 2), np.float32)
-            sums = np.empty((rows, groups), np.float32)
-            split_rows(x, groups, x_even, x_odd, sums)
-            int4_linear(x_even, x_odd, sums, codes, scales, mins, blocks, out)
-            _finish(out, bias, mode, True)
-        return int4
-    if codes.dtype == types.int8:
-
-        def int8(x, matrix, blocks, mode, out):
+        def packed(x, matrix, blocks, mode, out):
             codes, scales, mins, has_mins, bias = matrix
-            rows = x.shape[0]
-            groups = scales.shape[1]
-            no_columns = np.empty((rows, 0), np.float32)
-            sums = np.empty((rows, groups), np.float32)
-            split_rows(x, groups, no_columns, no_columns, sums)
-            int8_linear(x, sums, codes, scales, mins, has_mins, blocks, out)
+            packed_linear(x, codes, scales, mins, has_mins, mode != F32, blocks, out)
             _finish(out, bias, mode, True)
-        return int8
+        return packed
 
     def dense(x, matrix, blocks, mode, out):
         weight, _, _, _, bias = matrix

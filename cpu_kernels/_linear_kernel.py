@@ -1,25 +1,26 @@
-"""Numba kernels: y = x @ W.T for a few rows x and a matrix W packed per group (the layouts of
-placement/quantization.py), read once from RAM and never dequantized into memory.
+"""Numba kernels: y = x @ W.T for a few rows x and a matrix W, read once from RAM: packed per group (the
+layouts of placement/quantization.py, never dequantized into memory) or dense (float32 / 16-bit).
 
-Per output n and group g: y[m, n] += scale[n, g] * sum_k x[m, k] * code[n, k] (+ min[n, g] * the group's sum
-of x[m], computed once per call). Scales and mins are read as stored: float32, or 16-bit bit patterns (uint16
-bfloat16, int16 float16; `widen`).
+`packed_linear` is the entry point for packed matrices. In 16-bit models, whose activations are bfloat16 or
+float16 already, groups of a multiple of 32 inputs (every GGUF layout, the planner's default group sizes)
+take the integer path of _int_dot.py: the activations quantized to int16 per run of 32 (an error of 2^-16
+of the run's largest, 2^8 finer than bfloat16), codes times activations as 16-bit integer products, each
+run's sum scaled in float32 (measured on 2 cores, 8192 x 8192 at M = 1: 4-bit ~15 GB/s of codes and scales,
+~8.5 with float products; 8-bit ~18-19 GB/s, the memory's limit).
 
-Speed comes from the shape of the inner loop. A group is short (16 bytes of 4-bit codes for a group of 32),
-so a dot product per group would end in a horizontal sum every 32 weights and run LLVM's vector loop for a
-single iteration, or not at all. Instead each thread keeps float32 partial sums (lanes), one per position
-in a run of bytes, and adds each run's scaled products lane-wise: the loop over a run has a constant
-trip count and no reduction, so it becomes a few AVX instructions; the lanes are summed once per output.
-A group is a power-of-two number of runs (its scale found by a shift); other group sizes take the plain
-per-group loop. Codes widen through uint8 / int8 (never int64, which AVX2 cannot convert to float in
-vectors), and the indices inside a row are unsigned: Numba wraps negative indices around, and a select
-per element on an index LLVM cannot prove non-negative keeps the loop scalar (5x slower). Measured on 2
-cores at M = 1 (5632 x 2048): 4-bit ~11 G weights/s (5.7 with a dot per group), 8-bit ~12 G weights/s.
+Float32 models and other group sizes take the float kernels below, exact in float32: per output n and group g,
+y[m, n] += scale[n, g] * sum_k x[m, k] * code[n, k] (+ min[n, g] * the group's sum of x[m]). Scales and mins
+are read as stored: float32, or 16-bit bit patterns (uint16 bfloat16, int16 float16; `widen`). Their speed
+comes from the shape of the inner loop: each thread keeps float32 partial sums (lanes), one per position in
+a run of bytes, and adds each run's scaled products lane-wise (a dot per group would end in a horizontal sum
+every 32 weights); codes widen through uint8 / int8, and the indices inside a row are unsigned (Numba wraps
+negative indices around, and a select per element keeps the loop scalar, 5x slower). ~11-12 G weights/s.
 """
 import numpy as np
 from numba import njit, prange
 
 from ._bits import widen
+from ._int_dot import RUN, packed_dot, quantize_rows
 
 LANES_4BIT = 16         # partial sums per output: runs of 16 bytes of 4-bit codes (32 codes)
 LANES_8BIT = 32         # runs of 32 8-bit codes (16 measured 5x slower: LLVM's choice of vector loop)
@@ -131,29 +132,77 @@ def int8_linear(x, sums, qweight, scales, mins, has_mins, blocks, out):
                 out[m, n] = tail
 
 
-LANES_DENSE = 32        # runs of 32 weights for float32 / 16-bit dense matrices
+@njit(nogil=True, cache=True)
+def packed_linear(x, codes, scales, mins, has_mins, integer, blocks, out):
+    """x [M, K] f32 @ W.T -> out [M, N] f32, W packed: codes uint8 [N, K/2] (4-bit, with mins) or int8 [N, K]
+    (with mins when `has_mins`), scales / mins [N, G] (mins [1, 1] unused without them).
+
+    With `integer` (16-bit models), groups of a multiple of 32 inputs take the integer path (_int_dot.py:
+    activations as int16 per run of 32); otherwise the float kernels above (exact float32 products)."""
+    rows, inputs = x.shape
+    groups = scales.shape[1]
+    size = inputs // groups
+    four_bit = codes.shape[1] != inputs
+    if integer and inputs % RUN == 0 and size % RUN == 0:
+        xq = np.empty((rows, inputs), np.int16)
+        xs = np.empty((rows, inputs // RUN), np.float32)
+        sums = np.empty((rows, inputs // RUN), np.float32)
+        quantize_rows(x, four_bit, xq, xs, sums)
+        _int_linear(xq, xs, sums, codes, scales, mins, has_mins, runs_shift(size, RUN), size // RUN, blocks, out)
+        return
+    sums = np.empty((rows, groups), np.float32)
+    halves = inputs // 2 if four_bit else 0
+    x_even = np.empty((rows, halves), np.float32)
+    x_odd = np.empty((rows, halves), np.float32)
+    split_rows(x, groups, x_even, x_odd, sums)
+    if four_bit:
+        int4_linear(x_even, x_odd, sums, codes, scales, mins, blocks, out)
+    else:
+        int8_linear(x, sums, codes, scales, mins, has_mins, blocks, out)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _int_linear(xq, xs, sums, codes, scales, mins, has_mins, shift, runs_per_group, blocks, out):
+    # shift >= 0: a group is 2**shift runs, found by the kernel; else each block first repeats a row's scales
+    # and mins per run (groups of a number of runs that is not a power of two)
+    rows = xq.shape[0]
+    outputs = codes.shape[0]
+    runs = xs.shape[1]
+    per_block = (outputs + blocks - 1) // blocks
+    for block in prange(blocks):
+        expand = 1 if shift < 0 else 0
+        run_scales = np.empty((expand, runs * expand), scales.dtype)
+        run_mins = np.empty((expand, runs * expand), mins.dtype)
+        for n in range(block * per_block, min(outputs, (block + 1) * per_block)):
+            if shift < 0:
+                for r in range(runs):
+                    run_scales[0, r] = scales[n, r // runs_per_group]
+                    if has_mins:
+                        run_mins[0, r] = mins[n, r // runs_per_group]
+            for m in range(rows):
+                if shift >= 0 and has_mins:
+                    total = packed_dot(codes, n, xq, xs, sums, m, scales, mins, n, shift)
+                elif shift >= 0:
+                    total = packed_dot(codes, n, xq, xs, sums, m, scales, None, n, shift)
+                elif has_mins:
+                    total = packed_dot(codes, n, xq, xs, sums, m, run_scales, run_mins, 0, 0)
+                else:
+                    total = packed_dot(codes, n, xq, xs, sums, m, run_scales, None, 0, 0)
+                out[m, n] = total
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=True)
 def dense_linear(x, weight, blocks, out):
     """x [M, K] f32, weight [N, K] float32 or 16-bit bits (uint16 bfloat16, int16 float16), `blocks` as in
-    int4_linear -> out [M, N] f32, accumulated in float32."""
+    int4_linear -> out [M, N] f32, accumulated in float32: one dot product per output (a dense row has no
+    groups, so LLVM's reduction loop, with its own partial sums, runs over the whole row)."""
     rows, inputs = x.shape
     outputs = weight.shape[0]
-    runs = np.uint64(inputs // LANES_DENSE)
     per_block = (outputs + blocks - 1) // blocks
     for block in prange(blocks):
-        lanes = np.empty(LANES_DENSE, np.float32)
         for n in range(block * per_block, min(outputs, (block + 1) * per_block)):
             for m in range(rows):
-                lanes[:] = 0.0
-                for r in range(runs):
-                    base = r * np.uint64(LANES_DENSE)
-                    for j in range(np.uint64(LANES_DENSE)):
-                        lanes[j] += x[m, base + j] * widen(weight[n, base + j])
-                tail = np.float32(0.0)
-                for k in range(runs * np.uint64(LANES_DENSE), np.uint64(inputs)):
-                    tail += x[m, k] * widen(weight[n, k])
-                for j in range(LANES_DENSE):
-                    tail += lanes[j]
-                out[m, n] = tail
+                total = np.float32(0.0)
+                for k in range(np.uint64(inputs)):
+                    total += x[m, k] * widen(weight[n, k])
+                out[m, n] = total

@@ -70,7 +70,7 @@ def matmul_rate(kind: str, *, total_bytes: int = 96 << 20, repeats: int = 3) -> 
             for codes, *_ in matrices:
                 dense_linear(x.numpy(), codes, blocks, out)
         for matrix in packed:
-            matrix(x)
+            matrix(x, integer=True)                         # as in a 16-bit model
     one_pass()                                               # warm-up (compiles)
     best = float("inf")
     for _ in range(repeats):

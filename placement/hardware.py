@@ -31,10 +31,11 @@ GPU_MEM_EFFICIENCY = 0.85                # streaming reads reach ~85% of the mem
 DEFAULT_CPU_ATTENTION_BYTES_PER_S = 20e9 # a desktop with dual-channel DDR4/DDR5
 DEFAULT_CPU_FLOPS = 200e9                # ~8 cores running vectorised float32 kernels
 DEFAULT_CPU_LAYER_OVERHEAD_S = 1e-3      # one decoder layer's decode step dispatched on the CPU (2 cores)
-# Packed matmuls on the CPU are bound by unpacking, not by RAM, on a few cores: bytes of weights as held
-# (codes and scales) per s per FLOP/s of cpu_flops (cpu_kernels on a 2-core Zen 3: int8 ~6 GB/s and int4
-# ~3.2 GB/s per core against 25 GFLOP/s per core). `--profile` measures them instead.
-CPU_PACKED_MATMUL_BYTES_PER_FLOP = {"int8": 6e9 / 25e9, "int4": 3.2e9 / 25e9}
+# Packed matmuls on the CPU can be bound by unpacking, not by RAM, on a few cores: bytes of weights as held
+# (codes and scales) per s per FLOP/s of cpu_flops (cpu_kernels' integer path, which 16-bit models take, on
+# a 2-core Zen 3: int8 ~10 GB/s and int4 ~6.5 GB/s per core against 25 GFLOP/s per core; float32 models
+# take the exact float kernels, ~40% slower). `--profile` measures them instead.
+CPU_PACKED_MATMUL_BYTES_PER_FLOP = {"int8": 10e9 / 25e9, "int4": 6.5e9 / 25e9}
 CPU_MATMUL_KINDS = ("dense", "int8", "int4")
 CPU_MEMORY_HEADROOM = 0.90               # detected budget: 90% of the RAM available now
 
