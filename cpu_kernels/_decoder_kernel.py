@@ -9,7 +9,9 @@ offload/models/decoder.py computes (transformers' order of operations and casts)
 
 Matrices arrive as tuples (codes, scales, mins, has_mins, bias): packed 4-bit (uint8 codes), packed 8-bit
 (int8 codes), or dense (float32, or uint16 bfloat16 / int16 float16 bits; scales and mins unused). `bias` is
-float32 [N], empty when the layer has none. The kind is chosen by type when Numba compiles (`matmul_rows`).
+float32 [N], empty when the layer has none. The kind is chosen by type when Numba compiles (`matmul_rows`);
+packed matrices take the integer path (int16 activations, `packed_linear`) in 16-bit modes, as the eager
+linear does.
 """
 import numpy as np
 from numba import njit, types

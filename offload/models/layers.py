@@ -23,23 +23,21 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     # x: [..., in], weight: [out, in] (dense, or packed: dequantized here, next to its matmul) -> [..., out]
+    rows = x.numel() // max(x.shape[-1], 1)
+    on_cpu = x.device.type == "cpu" and rows <= CPU_DECODE_MAX_ROWS       # decode on the CPU: Numba kernels
     if isinstance(weight, QuantizedWeight):
-        rows = x.numel() // x.shape[-1]
-        if x.device.type == "cpu" and weight.qweight.device.type == "cpu" and rows <= CPU_DECODE_MAX_ROWS:
-            # decode on the CPU: the packed codes read once (cpu_kernels); 16-bit activations as int16 there
+        if on_cpu and weight.qweight.device.type == "cpu":
+            # the packed codes read once (cpu_kernels); a 16-bit model's activations as int16 there
             out = weight.cpu_matrix()(x.reshape(rows, -1).to(torch.float32), x.dtype != torch.float32)
             out = out.to(x.dtype).view(*x.shape[:-1], -1)
             return out if bias is None else out + bias
         weight = weight.dequantize(x.dtype)
-    elif x.device.type == "cpu" and weight.device.type == "cpu" and x.numel() <= CPU_DECODE_MAX_ROWS * x.shape[-1] \
-            and weight.dtype == x.dtype and weight.is_contiguous():
-        # decode on the CPU, dense: a Numba dot per output, summed in float32 and rounded once with the bias
-        # (as torch's addmm); faster than torch's GEMV on a few rows
-        out = dense_linear_rows(x.reshape(-1, x.shape[-1]).to(torch.float32), weight)
+    elif on_cpu and weight.device.type == "cpu" and weight.dtype == x.dtype and weight.is_contiguous():
+        # dense: a dot per output summed in float32, rounded once with the bias (as torch's addmm); faster
+        # than torch's GEMV on a few rows
+        out = dense_linear_rows(x.reshape(rows, -1).to(torch.float32), weight)
         out = out if bias is None else out + bias.to(torch.float32)
         return out.to(x.dtype).view(*x.shape[:-1], -1)
     return F.linear(x, weight, bias)
