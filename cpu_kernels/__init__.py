@@ -10,7 +10,8 @@ float16 tensors on the CPU (pinned or not). numpy/numba at the core, torch only 
     y = cpu_kernels.quantized_linear(x, qweight, scales, mins=None, integer=False)   # x f32 [M, K] -> [M, N]
 
 multiplies a few rows by a matrix packed per group (4-bit or 8-bit codes), reading it once (`integer`:
-x quantized to int16 per run of 32 inputs and multiplied as integers, for 16-bit models; else exact float32);
+x quantized per run of 32 inputs (int8 for 4-bit codes, int16 for 8-bit) and multiplied as integers, for
+16-bit models; else exact float32);
 `PackedMatrix.of(qweight, scales, mins)` keeps the checked views for repeated calls (`matrix(x)`);
 `dense_linear_rows(x, weight)` does the same for a dense float32/bfloat16/float16 matrix.
 """

@@ -10,8 +10,9 @@ offload/models/decoder.py computes (transformers' order of operations and casts)
 Matrices arrive as tuples (codes, scales, mins, has_mins, bias): packed 4-bit (uint8 codes), packed 8-bit
 (int8 codes), or dense (float32, or uint16 bfloat16 / int16 float16 bits; scales and mins unused). `bias` is
 float32 [N], empty when the layer has none. The kind is chosen by type when Numba compiles (`matmul_rows`);
-packed matrices take the integer path (int16 activations, `packed_linear`) in 16-bit modes, as the eager
-linear does.
+packed matrices take the integer path (`packed_linear`) in 16-bit modes, as the eager linear does. q, k and v
+(and gate and up) of one packed layout are computed together (`matmul_rows_many`): their input quantized once,
+one parallel loop.
 """
 import numpy as np
 from numba import njit, types
@@ -20,7 +21,7 @@ from numba.extending import overload
 from ._append_kernel import append_rows
 from ._attention_kernel import attend
 from ._bits import narrow_bf16, narrow_f16, widen_bf16, widen_f16
-from ._linear_kernel import dense_linear, packed_linear
+from ._linear_kernel import dense_linear, packed_linear, packed_linear_many
 
 F32, BF16, F16 = 0, 1, 2     # the model dtype: what `mode` rounds activations to
 
@@ -73,6 +74,48 @@ def _matmul_rows_by_kind(x, matrix, blocks, mode, out):
     return dense
 
 
+def _column(matrices, field):
+    """(matrices[0][field], matrices[1][field], ...) for two or three matrices; Numba code only."""
+    raise NotImplementedError("_column is only callable from Numba-compiled code")
+
+
+@overload(_column)
+def _column_of(matrices, field):
+    if len(matrices) == 2:
+        return lambda matrices, field: (matrices[0][field], matrices[1][field])
+    return lambda matrices, field: (matrices[0][field], matrices[1][field], matrices[2][field])
+
+
+def matmul_rows_many(x, matrices, blocks, mode, outs):
+    """matmul_rows for two or three matrices that read the same x (q, k, v; gate, up); Numba code only."""
+    raise NotImplementedError("matmul_rows_many is only callable from Numba-compiled code")
+
+
+@overload(matmul_rows_many)
+def _matmul_rows_many_by_kind(x, matrices, blocks, mode, outs):
+    same = all(kind == matrices.types[0] for kind in matrices.types)
+    if same and matrices.types[0].types[0].dtype in (types.uint8, types.int8):
+        # one packed layout: x quantized once, one parallel loop over all the outputs
+
+        def shared(x, matrices, blocks, mode, outs):
+            packed_linear_many(x, _column(matrices, 0), _column(matrices, 1), _column(matrices, 2),
+                               _column(matrices, 3), mode != F32, blocks, outs)
+            for i in range(len(matrices)):
+                _finish(outs[i], matrices[i][4], mode, True)
+        return shared
+    if len(matrices) == 2:
+        def each_of_two(x, matrices, blocks, mode, outs):
+            matmul_rows(x, matrices[0], blocks, mode, outs[0])
+            matmul_rows(x, matrices[1], blocks, mode, outs[1])
+        return each_of_two
+
+    def each_of_three(x, matrices, blocks, mode, outs):
+        matmul_rows(x, matrices[0], blocks, mode, outs[0])
+        matmul_rows(x, matrices[1], blocks, mode, outs[1])
+        matmul_rows(x, matrices[2], blocks, mode, outs[2])
+    return each_of_three
+
+
 @njit(nogil=True, cache=True)
 def _rms_norm(h, weight, eps, mode, out):
     # transformers' LlamaRMSNorm: normalise in float32, cast to the dtype, then times the weight (in the dtype)
@@ -118,9 +161,7 @@ def decode_layer(h, w_in, w_post, eps, q_m, k_m, v_m, o_m, gate_m, up_m, down_m,
     q = np.empty((rows, num_heads * head_dim), np.float32)
     k = np.empty((rows, num_kv_heads * head_dim), np.float32)
     v = np.empty((rows, num_kv_heads * head_dim), np.float32)
-    matmul_rows(x, q_m, blocks, mode, q)
-    matmul_rows(x, k_m, blocks, mode, k)
-    matmul_rows(x, v_m, blocks, mode, v)
+    matmul_rows_many(x, (q_m, k_m, v_m), blocks, mode, (q, k, v))
     _rope(q, num_heads, head_dim, cos, sin, mode)
     _rope(k, num_kv_heads, head_dim, cos, sin, mode)
     append_rows(k_append, v_append, k.reshape(rows, num_kv_heads, 1, head_dim),
@@ -141,8 +182,7 @@ def decode_layer(h, w_in, w_post, eps, q_m, k_m, v_m, o_m, gate_m, up_m, down_m,
     inner = gate_m[0].shape[0]
     gate = np.empty((rows, inner), np.float32)
     up = np.empty((rows, inner), np.float32)
-    matmul_rows(x, gate_m, blocks, mode, gate)
-    matmul_rows(x, up_m, blocks, mode, up)
+    matmul_rows_many(x, (gate_m, up_m), blocks, mode, (gate, up))
     for m in range(rows):
         for j in range(inner):
             g = gate[m, j]

@@ -1,28 +1,36 @@
-"""One output of a packed matrix as integer dot products: the codes of a row times activations quantized to
-int16 per run of 32 inputs, in LLVM IR that the x86 backend turns into `vpmaddwd` (16 products and 8 pair
-sums in one instruction; SSE2 and other CPUs get the equivalent code of their own).
+"""One output of a packed matrix as integer dot products: the codes of a row times activations quantized per
+run of 32 inputs, in LLVM IR that the x86 backend turns into `vpmaddwd` / `vpmaddubsw` (SSE2 and other CPUs
+get the equivalent code of their own).
 
 Why: widening each 4-bit code to float32 (zero-extend, convert, multiply-add: ~0.9 instructions a weight) made
-the float kernels compute-bound at about half the memory bandwidth on 2 cores; as 16-bit integers a run of
-32 weights costs ~12 instructions, so a row is read at memory speed. llama.cpp does the same with 8-bit
-activations; 16-bit keeps the error ~2^-16 of each run's largest activation, 256x finer than bfloat16.
+the float kernels compute-bound at about half the memory bandwidth on 2 cores; as small integers a run of 32
+weights costs ~10 instructions, so a row is read at memory speed.
 
-    quantize_rows(x, four_bit, xq, xs, sums)      # x [M, K] f32 -> xq int16 [M, K], xs, sums [M, K/32] f32
-    packed_dot(codes, n, xq, xs, sums, m, scales, mins or None, s, shift) -> float32   # W[n] . x[m]
+The activations' precision follows the weights':
+- 8-bit codes meet int16 activations (an error of 2^-16 of each run's largest, 256x finer than bfloat16);
+  a run is two `vpmaddwd` (16 products and 8 pair sums each).
+- 4-bit codes meet int8 activations (2^-8 of the run's largest; the weights' own step is 1/15 of their range,
+  16x coarser; llama.cpp uses 8 bits for every layout). With AVX2, a run is one `vpmaddubsw` (32 unsigned
+  codes times 32 signed activations, 16 pair sums of at most 2 * 15 * 127: never saturated) and one
+  `vpmaddwd` by ones; elsewhere the same integers through portable widening IR, so results match exactly.
+
+    quantize_rows(x, four_bit, xq, xs, sums)    # x [M, K] f32 -> xq [M, K] int8 (four_bit) / int16, xs, sums [M, K/32]
+    packed_dot(codes, n, xq, m, run_scales, s, block_scales or None, block_shift) -> float32   # W[n] . x[m]
 
 A run is 32 inputs: 32 int8 codes, or 16 bytes of 4-bit codes (byte j: input 2j in its low nibble, 2j+1 in
-its high one; xq holds a 4-bit run's even inputs first, then its odd ones, to match). Run r belongs to group
-r >> shift (groups of 32 << shift inputs); its partial sum is scaled by scale[group] * xs[r] in float32, and
-min[group] * sums[r] is added (w = code * scale + min). Four accumulators hide the latency of the adds.
+its high one; xq holds a 4-bit run's even inputs first, then its odd ones, to match). The caller folds the
+weights' scale and the activations' scale of each run into run_scales (and adds mins * sums itself). Four
+accumulators hide the latency of the adds.
 """
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-RUN = 32                      # inputs per run: one int16 scale of the activations
+RUN = 32                      # inputs per run: one scale of the activations
 INT16_MAX = np.float32(32767.0)
+INT8_MAX = np.float32(127.0)
 ACCUMULATORS = 4
 
 # reassociation and FMA contraction, but NaN and inf kept meaningful (a non-finite activation gives NaN)
@@ -36,11 +44,13 @@ def _vec(element, count):
 
 @njit(nogil=True, cache=True)
 def quantize_rows(x, four_bit, xq, xs, sums):
-    """x [M, K] f32 (K a multiple of 32) -> xq [M, K] int16 (4-bit: each run's even inputs, then its odd
-    ones), xs [M, K/32] f32 (each run's scale: x ~ xq * xs) and sums [M, K/32] f32 (each run's sum of x).
-    A run of zeros gets scale 0; a run holding inf or NaN gets a NaN scale (its outputs become NaN)."""
+    """x [M, K] f32 (K a multiple of 32) -> xq [M, K] (int8 for 4-bit codes: each run's even inputs, then its
+    odd ones; int16 for 8-bit codes), xs [M, K/32] f32 (each run's scale: x ~ xq * xs) and sums [M, K/32] f32
+    (each run's sum of x). A run of zeros gets scale 0; a run holding inf or NaN gets a NaN scale (its
+    outputs become NaN)."""
     rows, inputs = x.shape
     half = RUN // 2
+    limit = INT8_MAX if four_bit else INT16_MAX
     for m in range(rows):
         for r in range(inputs // RUN):
             base = r * RUN
@@ -51,47 +61,54 @@ def quantize_rows(x, four_bit, xq, xs, sums):
                 total += x[m, base + j]
             sums[m, r] = total
             finite = peak < np.float32(np.inf) and total == total     # no inf, no NaN (NaN reaches the sum)
-            inv = INT16_MAX / peak if finite and peak > 0 else np.float32(0.0)
-            xs[m, r] = peak / INT16_MAX if finite else np.float32(np.nan)
+            inv = limit / peak if finite and peak > 0 else np.float32(0.0)
+            xs[m, r] = peak / limit if finite else np.float32(np.nan)
             if four_bit:
                 for j in range(half):
-                    xq[m, base + j] = np.int16(np.rint(x[m, base + 2 * j] * inv))
-                    xq[m, base + half + j] = np.int16(np.rint(x[m, base + 2 * j + 1] * inv))
+                    xq[m, base + j] = np.rint(x[m, base + 2 * j] * inv)
+                    xq[m, base + half + j] = np.rint(x[m, base + 2 * j + 1] * inv)
             else:
                 for j in range(RUN):
-                    xq[m, base + j] = np.int16(np.rint(x[m, base + j] * inv))
+                    xq[m, base + j] = np.rint(x[m, base + j] * inv)
 
 
-def _widen_ir(builder, value, dtype):
-    """A loaded scale or min -> float32: float32 as is, uint16 as bfloat16 bits, int16 as float16 bits."""
-    if dtype == types.float32:
-        return value
-    if dtype == types.uint16:
-        bits = builder.shl(builder.zext(value, _I32), ir.Constant(_I32, 16))
-        return builder.bitcast(bits, _F32)
-    return builder.fpext(builder.bitcast(value, ir.HalfType()), _F32)
+def activations_for(codes, rows, inputs):
+    """An empty [rows, inputs] array for quantize_rows' activations: int8 for 4-bit codes (uint8), else int16."""
+    return np.empty((rows, inputs), np.int8 if codes.dtype == np.uint8 else np.int16)
+
+
+@overload(activations_for)
+def _activations_for(codes, rows, inputs):
+    # in Numba code the element type follows the codes' type, so each caller compiles to one array type
+    dtype = np.int8 if codes.dtype == types.uint8 else np.int16
+    return lambda codes, rows, inputs: np.empty((rows, inputs), dtype)
 
 
 def _matrix_ok(array, dtypes) -> bool:
     return isinstance(array, types.Array) and array.ndim == 2 and array.layout == "C" and array.dtype in dtypes
 
 
+def _has_avx2(context) -> bool:
+    """Whether the code Numba generates here may use AVX2 (its target machine's features)."""
+    features = getattr(context.codegen(), "_tm_features", "") or ""
+    return "+avx2" in features.split(",")
+
+
 @intrinsic
-def packed_dot(typingctx, codes, n, xq, xs, sums, m, scales, mins, s, shift):
+def packed_dot(typingctx, codes, n, xq, m, run_scales, s, block_scales, block_shift):
     """Row n of the packed matrix times row m of the activations: the sum over runs r of
-    scale[s, r >> shift] * xs[m, r] * (codes[n] . xq[m] over run r) (+ min[s, r >> shift] * sums[m, r]),
-    s: the row of scales and mins (n, or 0 for a row's scales repeated per run).
-    Every array is 2-D and C-contiguous; rows are addressed in place (a row view per call would cost two
-    atomic reference counts each, more than a short row's products)."""
-    scale_types = (types.float32, types.uint16, types.int16)
-    has_mins = not isinstance(mins, types.NoneType)
-    if not (_matrix_ok(codes, (types.uint8, types.int8)) and _matrix_ok(xq, (types.int16,))
-            and _matrix_ok(xs, (types.float32,)) and _matrix_ok(sums, (types.float32,))
-            and _matrix_ok(scales, scale_types)
-            and (not has_mins or (_matrix_ok(mins, scale_types) and mins.dtype == scales.dtype))
-            and all(isinstance(i, types.Integer) for i in (n, m, s, shift))):
+    run_scales[s, r] * (codes[n] . xq[m] over run r), each run's sum also times block_scales[0, b >> block_shift]
+    (b = r // 4, a block of 4 runs) unless block_scales is None. 4-bit codes (uint8) take int8 activations,
+    8-bit codes (int8) int16 ones. Every array is 2-D and C-contiguous; rows are addressed in place (a row
+    view per call would cost two atomic reference counts each, more than a short row's products)."""
+    four_bit = isinstance(codes, types.Array) and codes.dtype == types.uint8
+    blocked = not isinstance(block_scales, types.NoneType)
+    if not (_matrix_ok(codes, (types.uint8, types.int8))
+            and _matrix_ok(xq, (types.int8,) if four_bit else (types.int16,))
+            and _matrix_ok(run_scales, (types.float32,))
+            and (not blocked or _matrix_ok(block_scales, (types.float32,)))
+            and all(isinstance(i, types.Integer) for i in (n, m, s, block_shift))):
         return None
-    four_bit = codes.dtype == types.uint8
 
     def codegen(context, builder, signature, args):
         def index_arg(position):
@@ -103,15 +120,15 @@ def packed_dot(typingctx, codes, n, xq, xs, sums, m, scales, mins, s, shift):
             width = builder.extract_value(array.shape, 1)
             return builder.gep(array.data, [builder.mul(row_index, width)])
 
-        n_value, m_value, s_value = index_arg(1), index_arg(5), index_arg(8)
-        code_ptr = builder.bitcast(row(0, n_value), _I8.as_pointer())
-        xq_ptr, xs_ptr, sums_ptr = row(2, m_value), row(3, m_value), row(4, m_value)
-        scale_ptr = row(6, s_value)
-        min_ptr = row(7, s_value) if has_mins else None
-        xs_array = context.make_array(signature.args[3])(context, builder, args[3])
-        runs = builder.extract_value(xs_array.shape, 1)               # xs: one per run
+        code_ptr = builder.bitcast(row(0, index_arg(1)), _I8.as_pointer())
+        xq_ptr = row(2, index_arg(3))
+        scale_ptr = row(4, index_arg(5))
+        block_ptr = row(6, ir.Constant(cgutils.intp_t, 0)) if blocked else None
+        shift_value = index_arg(7)
+        scales_array = context.make_array(signature.args[4])(context, builder, args[4])
+        runs = builder.extract_value(scales_array.shape, 1)
         index = runs.type
-        shift_value = index_arg(9)
+        avx2 = four_bit and _has_avx2(context)
 
         def const(value):
             return ir.Constant(index, value)
@@ -128,52 +145,67 @@ def packed_dot(typingctx, codes, n, xq, xs, sums, m, scales, mins, s, shift):
             odd = builder.shuffle_vector(products, products, ir.Constant(_vec(_I32, 8), list(range(1, 16, 2))))
             return builder.add(even, odd)
 
+        def x86(name, result, *operands):
+            function = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(result, [value.type for value in operands]), name)
+            return builder.call(function, list(operands))
+
+        def nibbles(r):
+            # 16 bytes of 4-bit codes -> <32 x i8>: the low nibbles (even inputs), then the high ones (odd)
+            packed = load(code_ptr, builder.mul(r, const(RUN // 2)), _vec(_I8, 16))
+            shifted = builder.bitcast(builder.lshr(builder.bitcast(packed, _vec(_I16, 8)),
+                                                   ir.Constant(_vec(_I16, 8), [4] * 8)), _vec(_I8, 16))
+            both = builder.shuffle_vector(packed, shifted, ir.Constant(_vec(_I32, 32), list(range(32))))
+            return builder.and_(both, ir.Constant(_vec(_I8, 32), [15] * 32))
+
+        def run_dots(r, x_at):
+            # <8 x i32> partial sums of run r's 32 products
+            if four_bit:
+                codes32, x32 = nibbles(r), load(xq_ptr, x_at, _vec(_I8, 32))
+                if avx2:
+                    pairs = x86("llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), codes32, x32)
+                    return x86("llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), pairs, ir.Constant(_vec(_I16, 16), [1] * 16))
+                wide_codes, wide_x = builder.zext(codes32, _vec(_I16, 32)), builder.sext(x32, _vec(_I16, 32))
+                halves = [[builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 16), list(range(start, start + 16))))
+                           for v in (wide_codes, wide_x)] for start in (0, 16)]
+                return builder.add(pair_sums(*halves[0]), pair_sums(*halves[1]))
+            x_low, x_high = load(xq_ptr, x_at, _vec(_I16, 16)), load(xq_ptr, builder.add(x_at, const(16)), _vec(_I16, 16))
+            w_low = builder.sext(load(code_ptr, x_at, _vec(_I8, 16)), _vec(_I16, 16))
+            w_high = builder.sext(load(code_ptr, builder.add(x_at, const(16)), _vec(_I8, 16)), _vec(_I16, 16))
+            return builder.add(pair_sums(w_low, x_low), pair_sums(w_high, x_high))
+
         accumulators = [cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 8), None))
                         for _ in range(ACCUMULATORS)]
-        min_accumulators = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(ACCUMULATORS)]
 
-        def run(r, slot):
-            x_at = builder.mul(r, const(RUN))
-            x_low, x_high = load(xq_ptr, x_at, _vec(_I16, 16)), load(xq_ptr, builder.add(x_at, const(16)), _vec(_I16, 16))
-            if four_bit:
-                packed = load(code_ptr, builder.mul(r, const(RUN // 2)), _vec(_I8, 16))
-                low = builder.and_(packed, ir.Constant(_vec(_I8, 16), [15] * 16))
-                high = builder.lshr(packed, ir.Constant(_vec(_I8, 16), [4] * 16))
-                w_low, w_high = builder.zext(low, _vec(_I16, 16)), builder.zext(high, _vec(_I16, 16))
-            else:
-                w_low = builder.sext(load(code_ptr, x_at, _vec(_I8, 16)), _vec(_I16, 16))
-                w_high = builder.sext(load(code_ptr, builder.add(x_at, const(16)), _vec(_I8, 16)), _vec(_I16, 16))
-            dots = builder.sitofp(builder.add(pair_sums(w_low, x_low), pair_sums(w_high, x_high)), _vec(_F32, 8))
-            group = builder.lshr(r, shift_value)
-            scale = _widen_ir(builder, builder.load(builder.gep(scale_ptr, [group])), scales.dtype)
-            scale = builder.fmul(scale, builder.load(builder.gep(xs_ptr, [r])), flags=_FLAGS)
-            splat = builder.insert_element(ir.Constant(_vec(_F32, 8), None), scale, ir.Constant(_I32, 0))
-            splat = builder.shuffle_vector(splat, splat, ir.Constant(_vec(_I32, 8), [0] * 8))
-            total = builder.fadd(builder.load(accumulators[slot]), builder.fmul(dots, splat, flags=_FLAGS),
+        def splat(scale):
+            vector = builder.insert_element(ir.Constant(_vec(_F32, 8), None), scale, ir.Constant(_I32, 0))
+            return builder.shuffle_vector(vector, vector, ir.Constant(_vec(_I32, 8), [0] * 8))
+
+        def run(r, slot, block_scale=None):
+            dots = builder.sitofp(run_dots(r, builder.mul(r, const(RUN))), _vec(_F32, 8))
+            if block_scale is not None:
+                dots = builder.fmul(dots, block_scale, flags=_FLAGS)
+            scale = splat(builder.load(builder.gep(scale_ptr, [r])))
+            total = builder.fadd(builder.load(accumulators[slot]), builder.fmul(dots, scale, flags=_FLAGS),
                                  flags=_FLAGS)
             builder.store(total, accumulators[slot])
 
         blocks = builder.udiv(runs, const(ACCUMULATORS))
         with cgutils.for_range(builder, blocks) as loop:
+            block_scale = None
+            if blocked:
+                block_scale = splat(builder.load(builder.gep(block_ptr, [builder.lshr(loop.index, shift_value)])))
             for slot in range(ACCUMULATORS):
-                run(builder.add(builder.mul(loop.index, const(ACCUMULATORS)), const(slot)), slot)
+                run(builder.add(builder.mul(loop.index, const(ACCUMULATORS)), const(slot)), slot, block_scale)
         done = builder.mul(blocks, const(ACCUMULATORS))
         with cgutils.for_range(builder, builder.sub(runs, done)) as loop:
             run(builder.add(done, loop.index), 0)
-        if has_mins:              # its own loop, which LLVM vectorises: sum over runs of min[group] * sums[r]
-            with cgutils.for_range(builder, runs) as loop:
-                group = builder.lshr(loop.index, shift_value)
-                low_bound = _widen_ir(builder, builder.load(builder.gep(min_ptr, [group])), mins.dtype)
-                term = builder.fmul(low_bound, builder.load(builder.gep(sums_ptr, [loop.index])), flags=_FLAGS)
-                builder.store(builder.fadd(builder.load(min_accumulators[0]), term, flags=_FLAGS),
-                              min_accumulators[0])
         vector = builder.load(accumulators[0])
-        scalar = builder.load(min_accumulators[0])
         for slot in range(1, ACCUMULATORS):
             vector = builder.fadd(vector, builder.load(accumulators[slot]), flags=_FLAGS)
-            scalar = builder.fadd(scalar, builder.load(min_accumulators[slot]), flags=_FLAGS)
-        for lane in range(8):
+        scalar = builder.extract_element(vector, ir.Constant(_I32, 0))
+        for lane in range(1, 8):
             scalar = builder.fadd(scalar, builder.extract_element(vector, ir.Constant(_I32, lane)), flags=_FLAGS)
         return scalar
 
-    return types.float32(codes, n, xq, xs, sums, m, scales, mins, s, shift), codegen
+    return types.float32(codes, n, xq, m, run_scales, s, block_scales, block_shift), codegen

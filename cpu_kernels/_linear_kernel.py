@@ -3,10 +3,10 @@ layouts of placement/quantization.py, never dequantized into memory) or dense (f
 
 `packed_linear` is the entry point for packed matrices. In 16-bit models, whose activations are bfloat16 or
 float16 already, groups of a multiple of 32 inputs (every GGUF layout, the planner's default group sizes)
-take the integer path of _int_dot.py: the activations quantized to int16 per run of 32 (an error of 2^-16
-of the run's largest, 2^8 finer than bfloat16), codes times activations as 16-bit integer products, each
-run's sum scaled in float32 (measured on 2 cores, 8192 x 8192 at M = 1: 4-bit ~15 GB/s of codes and scales,
-~8.5 with float products; 8-bit ~18-19 GB/s, the memory's limit).
+take the integer path of _int_dot.py: the activations quantized per run of 32 (int8 against 4-bit codes,
+int16 against 8-bit ones), codes times activations as integer products, each run's sum scaled in float32
+(measured on 2 cores, a 1.2B model's matrices at M = 1 out of cache: 4-bit ~20-23 GB/s of codes and scales,
+8-bit ~22, the memory's limit; the float products reach about half that).
 
 Float32 models and other group sizes take the float kernels below, exact in float32: per output n and group g,
 y[m, n] += scale[n, g] * sum_k x[m, k] * code[n, k] (+ min[n, g] * the group's sum of x[m]). Scales and mins
@@ -20,9 +20,11 @@ import numpy as np
 from numba import njit, prange
 
 from ._bits import widen
-from ._int_dot import RUN, packed_dot, quantize_rows
+from ._int_dot import RUN, activations_for, packed_dot, quantize_rows
 
 LANES_4BIT = 16         # partial sums per output: runs of 16 bytes of 4-bit codes (32 codes)
+# reassociation for the mins' sums (vectorised), but NaN and inf kept meaningful (_int_dot.py)
+_INT_FLAGS = {"reassoc", "contract", "nsz", "arcp"}
 LANES_8BIT = 32         # runs of 32 8-bit codes (16 measured 5x slower: LLVM's choice of vector loop)
 
 
@@ -138,57 +140,106 @@ def packed_linear(x, codes, scales, mins, has_mins, integer, blocks, out):
     (with mins when `has_mins`), scales / mins [N, G] (mins [1, 1] unused without them).
 
     With `integer` (16-bit models), groups of a multiple of 32 inputs take the integer path (_int_dot.py:
-    activations as int16 per run of 32); otherwise the float kernels above (exact float32 products)."""
+    activations as int8 (4-bit codes) or int16 (8-bit codes) per run of 32); otherwise the float kernels
+    above (exact float32 products)."""
+    packed_linear_many(x, (codes,), (scales,), (mins,), (has_mins,), integer, blocks, (out,))
+
+
+@njit(nogil=True, cache=True)
+def packed_linear_many(x, codes, scales, mins, has_mins, integer, blocks, outs):
+    """packed_linear for several matrices of one layout that read the same x (q, k and v; gate and up):
+    codes, scales, mins, has_mins and outs are tuples, one per matrix. The integer path quantizes x once and hands the
+    outputs of all of them out in one parallel loop of `blocks` blocks (one thread launch, not one each)."""
     rows, inputs = x.shape
-    groups = scales.shape[1]
-    size = inputs // groups
-    four_bit = codes.shape[1] != inputs
-    if integer and inputs % RUN == 0 and size % RUN == 0:
-        xq = np.empty((rows, inputs), np.int16)
+    runs_fit = integer and inputs % RUN == 0
+    for i in range(len(codes)):
+        runs_fit = runs_fit and (inputs // scales[i].shape[1]) % RUN == 0
+    four_bit = codes[0].shape[1] != inputs
+    if runs_fit:
         xs = np.empty((rows, inputs // RUN), np.float32)
         sums = np.empty((rows, inputs // RUN), np.float32)
+        xq = activations_for(codes[0], rows, inputs)
         quantize_rows(x, four_bit, xq, xs, sums)
-        _int_linear(xq, xs, sums, codes, scales, mins, has_mins, runs_shift(size, RUN), size // RUN, blocks, out)
+        _int_linear(xq, xs, sums, codes, scales, mins, has_mins, blocks, outs)
         return
-    sums = np.empty((rows, groups), np.float32)
-    halves = inputs // 2 if four_bit else 0
-    x_even = np.empty((rows, halves), np.float32)
-    x_odd = np.empty((rows, halves), np.float32)
-    split_rows(x, groups, x_even, x_odd, sums)
-    if four_bit:
-        int4_linear(x_even, x_odd, sums, codes, scales, mins, blocks, out)
-    else:
-        int8_linear(x, sums, codes, scales, mins, has_mins, blocks, out)
+    for i in range(len(codes)):
+        groups = scales[i].shape[1]
+        sums = np.empty((rows, groups), np.float32)
+        halves = inputs // 2 if four_bit else 0
+        x_even = np.empty((rows, halves), np.float32)
+        x_odd = np.empty((rows, halves), np.float32)
+        split_rows(x, groups, x_even, x_odd, sums)
+        if four_bit:
+            int4_linear(x_even, x_odd, sums, codes[i], scales[i], mins[i], blocks, outs[i])
+        else:
+            int8_linear(x, sums, codes[i], scales[i], mins[i], has_mins[i], blocks, outs[i])
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def _int_linear(xq, xs, sums, codes, scales, mins, has_mins, shift, runs_per_group, blocks, out):
-    # shift >= 0: a group is 2**shift runs, found by the kernel; else each block first repeats a row's scales
-    # and mins per run (groups of a number of runs that is not a power of two)
+@njit(parallel=True, nogil=True, cache=True, fastmath=_INT_FLAGS)
+def _int_linear(xq, xs, sums, codes, scales, mins, has_mins, blocks, outs):
+    # xq, xs, sums: quantize_rows' output; codes, scales, mins, has_mins, outs: one per matrix, whose outputs
+    # are handed out in one sequence of blocks
     rows = xq.shape[0]
-    outputs = codes.shape[0]
     runs = xs.shape[1]
-    per_block = (outputs + blocks - 1) // blocks
-    for block in prange(blocks):
-        expand = 1 if shift < 0 else 0
-        run_scales = np.empty((expand, runs * expand), scales.dtype)
-        run_mins = np.empty((expand, runs * expand), mins.dtype)
-        for n in range(block * per_block, min(outputs, (block + 1) * per_block)):
-            if shift < 0:
-                for r in range(runs):
-                    run_scales[0, r] = scales[n, r // runs_per_group]
-                    if has_mins:
-                        run_mins[0, r] = mins[n, r // runs_per_group]
+    count = len(codes)
+    ends = np.empty(count, np.int64)                 # the matrices' outputs, end to end
+    most_groups = 1
+    total = 0
+    for i in range(count):
+        total += codes[i].shape[0]
+        ends[i] = total
+        most_groups = max(most_groups, scales[i].shape[1])
+    group_sums = np.zeros((count, rows, most_groups), np.float32)      # x's sums per group, for the mins
+    for i in range(count):
+        if has_mins[i]:
+            per_group = runs // scales[i].shape[1]
             for m in range(rows):
-                if shift >= 0 and has_mins:
-                    total = packed_dot(codes, n, xq, xs, sums, m, scales, mins, n, shift)
-                elif shift >= 0:
-                    total = packed_dot(codes, n, xq, xs, sums, m, scales, None, n, shift)
-                elif has_mins:
-                    total = packed_dot(codes, n, xq, xs, sums, m, run_scales, run_mins, 0, 0)
+                for r in range(runs):
+                    group_sums[i, m, r // per_group] += sums[m, r]
+    per_block = (total + blocks - 1) // blocks
+    for block in prange(blocks):
+        run_scales = np.empty((1, runs), np.float32)
+        wide = np.empty((1, most_groups), np.float32)
+        low, high = block * per_block, min(total, (block + 1) * per_block)
+        for i in range(count):
+            first = ends[i] - codes[i].shape[0]
+            if low < ends[i] and high > first:
+                _int_outputs(xq, xs, group_sums[i], codes[i], scales[i], mins[i], has_mins[i],
+                             max(low, first) - first, min(high, ends[i]) - first, run_scales, wide, outs[i])
+
+
+@njit(nogil=True, cache=True, fastmath=_INT_FLAGS)
+def _int_outputs(xq, xs, group_sums, codes, scales, mins, has_mins, first, last, run_scales, wide, out):
+    # outputs first..last-1 of one matrix. Groups of one run: each run's weight scale times its activation
+    # scale goes to packed_dot as run_scales. Groups of 4 << b runs: the activation scales (xs) and the
+    # widened weight scales as block scales (one per 4 runs, so a run costs no scale arithmetic). Other
+    # groups: run_scales filled group by group. The mins meet the activations' sums per group.
+    rows, runs = xs.shape
+    groups = scales.shape[1]
+    runs_per_group = runs // groups
+    block_shift = runs_shift(runs_per_group, 4)
+    for n in range(first, last):
+        if block_shift >= 0:
+            for g in range(groups):
+                wide[0, g] = widen(scales[n, g])
+        for m in range(rows):
+            if block_shift >= 0:
+                dot = packed_dot(codes, n, xq, m, xs, m, wide, block_shift)
+            else:
+                if runs_per_group == 1:
+                    for r in range(runs):
+                        run_scales[0, r] = widen(scales[n, r]) * xs[m, r]
                 else:
-                    total = packed_dot(codes, n, xq, xs, sums, m, run_scales, None, 0, 0)
-                out[m, n] = total
+                    step = np.uint64(runs_per_group)          # unsigned: no negative-index wrapping
+                    for g in range(np.uint64(groups)):
+                        scale = widen(scales[n, g])
+                        for r in range(g * step, (g + np.uint64(1)) * step):
+                            run_scales[0, r] = scale * xs[m, r]
+                dot = packed_dot(codes, n, xq, m, run_scales, 0, None, 0)
+            if has_mins:
+                for g in range(groups):
+                    dot += widen(mins[n, g]) * group_sums[m, g]
+            out[m, n] = dot
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=True)

@@ -70,8 +70,8 @@ class PackedMatrix:
         return self.codes.shape[0], self.codes.shape[1] * (2 if self.codes.dtype == np.uint8 else 1)
 
     def __call__(self, x: torch.Tensor, integer: bool = False) -> torch.Tensor:
-        """x float32 [M, K] (CPU) -> x @ W.T float32 [M, N]. `integer`: x may be quantized to int16 per run of
-        32 inputs (for 16-bit models: see _linear_kernel.py); else float32 products, exact to rounding."""
+        """x float32 [M, K] (CPU) -> x @ W.T float32 [M, N]. `integer`: x may be quantized per run of 32
+        inputs (for 16-bit models: see _int_dot.py); else float32 products, exact to rounding."""
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.device.type != "cpu":
             raise ValueError(f"x must be a 2-D CPU tensor, got {getattr(x, 'shape', type(x))}")
         if x.dtype != torch.float32:

@@ -33,9 +33,9 @@ DEFAULT_CPU_FLOPS = 200e9                # ~8 cores running vectorised float32 k
 DEFAULT_CPU_LAYER_OVERHEAD_S = 1e-3      # one decoder layer's decode step dispatched on the CPU (2 cores)
 # Packed matmuls on the CPU can be bound by unpacking, not by RAM, on a few cores: bytes of weights as held
 # (codes and scales) per s per FLOP/s of cpu_flops (cpu_kernels' integer path, which 16-bit models take, on
-# a 2-core Zen 3: int8 ~10 GB/s and int4 ~6.5 GB/s per core against 25 GFLOP/s per core; float32 models
-# take the exact float kernels, ~40% slower). `--profile` measures them instead.
-CPU_PACKED_MATMUL_BYTES_PER_FLOP = {"int8": 10e9 / 25e9, "int4": 6.5e9 / 25e9}
+# a 2-core Zen 3: int8 and int4 ~10-13 GB/s per core against 25 GFLOP/s per core; float32 models take the
+# exact float kernels, about half as fast). `--profile` measures them instead.
+CPU_PACKED_MATMUL_BYTES_PER_FLOP = {"int8": 10e9 / 25e9, "int4": 10e9 / 25e9}
 CPU_MATMUL_KINDS = ("dense", "int8", "int4")
 CPU_MEMORY_HEADROOM = 0.90               # detected budget: 90% of the RAM available now
 

@@ -29,7 +29,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.
     on_cpu = x.device.type == "cpu" and rows <= CPU_DECODE_MAX_ROWS       # decode on the CPU: Numba kernels
     if isinstance(weight, QuantizedWeight):
         if on_cpu and weight.qweight.device.type == "cpu":
-            # the packed codes read once (cpu_kernels); a 16-bit model's activations as int16 there
+            # the packed codes read once (cpu_kernels); a 16-bit model's activations as integers there
             out = weight.cpu_matrix()(x.reshape(rows, -1).to(torch.float32), x.dtype != torch.float32)
             out = out.to(x.dtype).view(*x.shape[:-1], -1)
             return out if bias is None else out + bias

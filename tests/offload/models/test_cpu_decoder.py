@@ -17,12 +17,18 @@ from offload.attention.device import TorchAttention
 from offload.attention.host import HostAttention
 from offload.models import build_model
 from offload.models.cpu_decoder import CpuDecoderSteps
-from offload.weights.quant import quantize
+from offload.weights.quant import QuantizedWeight, quantize
 from placement.architecture import Architecture
 from placement.cost import CPU_DECODE_MAX_ROWS
 from placement.quantization import Quantization
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INNER, MAX_LEN = 64, 4, 2, 16, 160, 32
+
+
+# a layer of several layouts, as GGUF files mix them (Q4_K_M: v and down in Q6_K): q/k/v of one type but
+# with and without mins (computed together), gate and up of two types (computed one by one)
+MIXED = dict(q_proj="int8", k_proj="int8-asym", v_proj="int8", o_proj="int4", gate_proj="int4", up_proj="int8",
+             down_proj="int8-asym")
 
 
 def _layer(dtype, *, bias=False, kind="dense", window=None, model_type="llama", seed=0):
@@ -42,7 +48,11 @@ def _layer(dtype, *, bias=False, kind="dense", window=None, model_type="llama", 
             value += 1.0
         value = value.to(dtype)
         if len(shape) == 2 and kind != "dense":
-            value = quantize(value, Quantization(kind, 32), name)
+            layout = MIXED[name.split(".")[-2]] if kind == "mixed" else kind
+            value = quantize(value, Quantization(layout.removesuffix("-asym"), 32), name)
+            if layout == "int8-asym":
+                value = QuantizedWeight(qweight=value.qweight, scales=value.scales,
+                                        mins=(torch.randn(value.scales.shape, generator=gen) * 0.05).to(dtype))
         weights[name[len(prefix):]] = value
     return arch, build_model(arch), weights
 
@@ -68,7 +78,7 @@ def _run_both(arch, model, weights, dtype, backend_class, steps=5, rows=3):
     return results
 
 
-@pytest.mark.parametrize("kind", ["dense", "int8", "int4"])
+@pytest.mark.parametrize("kind", ["dense", "int8", "int4", "mixed"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16_bit_steps_match_the_eager_math_to_the_bit(dtype, bias, kind):
@@ -76,14 +86,15 @@ def test_16_bit_steps_match_the_eager_math_to_the_bit(dtype, bias, kind):
     results = _run_both(arch, model, weights, dtype, HostAttention)
     got = torch.cat([g for g, _ in results]).float()
     want = torch.cat([w for _, w in results]).float()
-    differ = got != want
-    assert differ.float().mean() < 0.02, f"{int(differ.sum())} of {differ.numel()} elements differ"
+    differ = (got != want).reshape(-1, arch.hidden_size)               # [steps * rows, H]
+    rows_touched = int(differ.any(-1).sum())                             # a rounding step reaches a whole row
+    assert rows_touched <= 2, f"{int(differ.sum())} elements in {rows_touched} of {differ.shape[0]} rows differ"
     step = torch.finfo(dtype).eps * want.abs().amax(dim=-1, keepdim=True)     # one rounding step at the row's scale
     assert ((got - want).abs() <= 2 * step).all()
 
 
 @pytest.mark.parametrize("backend_class", [HostAttention, TorchAttention])
-@pytest.mark.parametrize("kind", ["dense", "int4"])
+@pytest.mark.parametrize("kind", ["dense", "int4", "mixed"])
 def test_float32_steps_match_the_eager_math(backend_class, kind):
     """Also against TorchAttention (the CPU fallback's cache): SDPA in float32 is the same math."""
     arch, model, weights = _layer(torch.float32, bias=True, kind=kind)
