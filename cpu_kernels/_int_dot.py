@@ -64,9 +64,13 @@ def quantize_rows(x, four_bit, xq, xs, sums):
             inv = limit / peak if finite and peak > 0 else np.float32(0.0)
             xs[m, r] = peak / limit if finite else np.float32(np.nan)
             if four_bit:
+                # runs in pairs (A, B): A's even inputs, B's even, A's odd, B's odd; a last lone run: even, odd
+                lone = r % 2 == 0 and r + 1 == inputs // RUN
+                even_at = base if lone else (r - r % 2) * RUN + (r % 2) * half
+                odd_at = even_at + (half if lone else RUN)
                 for j in range(half):
-                    xq[m, base + j] = np.rint(x[m, base + 2 * j] * inv)
-                    xq[m, base + half + j] = np.rint(x[m, base + 2 * j + 1] * inv)
+                    xq[m, even_at + j] = np.rint(x[m, base + 2 * j] * inv)
+                    xq[m, odd_at + j] = np.rint(x[m, base + 2 * j + 1] * inv)
             else:
                 for j in range(RUN):
                     xq[m, base + j] = np.rint(x[m, base + j] * inv)
@@ -98,7 +102,9 @@ def _has_avx2(context) -> bool:
 def packed_dot(typingctx, codes, n, xq, m, run_scales, s, block_scales, block_shift):
     """Row n of the packed matrix times row m of the activations: the sum over runs r of
     run_scales[s, r] * (codes[n] . xq[m] over run r), each run's sum also times block_scales[0, b >> block_shift]
-    (b = r // 4, a block of 4 runs) unless block_scales is None. 4-bit codes (uint8) take int8 activations,
+    (b = r // 4, a block of 4 runs) unless block_scales is None. For 4-bit codes with block scales,
+    run_scales holds each run's scale 4 times in a row ([s, 4 r .. 4 r + 3]: two runs' scales are then one
+    8-lane load). 4-bit codes (uint8) take int8 activations,
     8-bit codes (int8) int16 ones. Every array is 2-D and C-contiguous; rows are addressed in place (a row
     view per call would cost two atomic reference counts each, more than a short row's products)."""
     four_bit = isinstance(codes, types.Array) and codes.dtype == types.uint8
@@ -122,11 +128,13 @@ def packed_dot(typingctx, codes, n, xq, m, run_scales, s, block_scales, block_sh
 
         code_ptr = builder.bitcast(row(0, index_arg(1)), _I8.as_pointer())
         xq_ptr = row(2, index_arg(3))
-        scale_ptr = row(4, index_arg(5))
+        scale_ptr = row(4, index_arg(5))              # 4-bit with block scales: each run's 4 times (see pair)
         block_ptr = row(6, ir.Constant(cgutils.intp_t, 0)) if blocked else None
         shift_value = index_arg(7)
         scales_array = context.make_array(signature.args[4])(context, builder, args[4])
         runs = builder.extract_value(scales_array.shape, 1)
+        if four_bit and blocked:
+            runs = builder.udiv(runs, ir.Constant(runs.type, 4))
         index = runs.type
         avx2 = four_bit and _has_avx2(context)
 
@@ -158,6 +166,33 @@ def packed_dot(typingctx, codes, n, xq, m, run_scales, s, block_scales, block_sh
             both = builder.shuffle_vector(packed, shifted, ir.Constant(_vec(_I32, 32), list(range(32))))
             return builder.and_(both, ir.Constant(_vec(_I8, 32), [15] * 32))
 
+        def quad_sums(codes32, x32):
+            # <32 x i8> unsigned codes, signed activations -> <8 x i32> sums of 4 adjacent products (portable)
+            wide_codes, wide_x = builder.zext(codes32, _vec(_I16, 32)), builder.sext(x32, _vec(_I16, 32))
+            halves = [[builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 16), list(range(start, start + 16))))
+                       for v in (wide_codes, wide_x)] for start in (0, 16)]
+            sums = builder.shuffle_vector(pair_sums(*halves[0]), pair_sums(*halves[1]),
+                                          ir.Constant(_vec(_I32, 16), list(range(16))))
+            even = builder.shuffle_vector(sums, sums, ir.Constant(_vec(_I32, 8), list(range(0, 16, 2))))
+            odd = builder.shuffle_vector(sums, sums, ir.Constant(_vec(_I32, 8), list(range(1, 16, 2))))
+            return builder.add(even, odd)
+
+        def pair_dots(p):
+            # 32 bytes of codes (runs 2p, 2p + 1): low nibbles [A's even inputs, B's even], high ones the odd;
+            # xq holds the pair as A even, B even, A odd, B odd -> <8 x i32>, 4 partial sums per run
+            packed = load(code_ptr, builder.mul(p, const(RUN)), _vec(_I8, 32))
+            mask = ir.Constant(_vec(_I8, 32), [15] * 32)
+            low = builder.and_(packed, mask)
+            high = builder.and_(builder.bitcast(builder.lshr(builder.bitcast(packed, _vec(_I16, 16)),
+                                                             ir.Constant(_vec(_I16, 16), [4] * 16)), _vec(_I8, 32)), mask)
+            x_at = builder.mul(p, const(2 * RUN))
+            x_even, x_odd = load(xq_ptr, x_at, _vec(_I8, 32)), load(xq_ptr, builder.add(x_at, const(RUN)), _vec(_I8, 32))
+            if avx2:       # each 16-bit pair sum is at most 2 * 15 * 127, so two of them add without overflow
+                both = builder.add(x86("llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), low, x_even),
+                                   x86("llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), high, x_odd))
+                return x86("llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), both, ir.Constant(_vec(_I16, 16), [1] * 16))
+            return builder.add(quad_sums(low, x_even), quad_sums(high, x_odd))
+
         def run_dots(r, x_at):
             # <8 x i32> partial sums of run r's 32 products
             if four_bit:
@@ -181,25 +216,63 @@ def packed_dot(typingctx, codes, n, xq, m, run_scales, s, block_scales, block_sh
             vector = builder.insert_element(ir.Constant(_vec(_F32, 8), None), scale, ir.Constant(_I32, 0))
             return builder.shuffle_vector(vector, vector, ir.Constant(_vec(_I32, 8), [0] * 8))
 
-        def run(r, slot, block_scale=None):
-            dots = builder.sitofp(run_dots(r, builder.mul(r, const(RUN))), _vec(_F32, 8))
-            if block_scale is not None:
-                dots = builder.fmul(dots, block_scale, flags=_FLAGS)
-            scale = splat(builder.load(builder.gep(scale_ptr, [r])))
+        def accumulate(slot, dots, scale):
             total = builder.fadd(builder.load(accumulators[slot]), builder.fmul(dots, scale, flags=_FLAGS),
                                  flags=_FLAGS)
             builder.store(total, accumulators[slot])
 
-        blocks = builder.udiv(runs, const(ACCUMULATORS))
-        with cgutils.for_range(builder, blocks) as loop:
-            block_scale = None
-            if blocked:
-                block_scale = splat(builder.load(builder.gep(block_ptr, [builder.lshr(loop.index, shift_value)])))
-            for slot in range(ACCUMULATORS):
-                run(builder.add(builder.mul(loop.index, const(ACCUMULATORS)), const(slot)), slot, block_scale)
-        done = builder.mul(blocks, const(ACCUMULATORS))
-        with cgutils.for_range(builder, builder.sub(runs, done)) as loop:
-            run(builder.add(done, loop.index), 0)
+        def run(r, slot, block_scale=None):
+            dots = builder.sitofp(run_dots(r, builder.mul(r, const(RUN))), _vec(_F32, 8))
+            if block_scale is not None:
+                dots = builder.fmul(dots, block_scale, flags=_FLAGS)
+            accumulate(slot, dots, splat(builder.load(builder.gep(scale_ptr, [r]))))
+
+        def pair(p, slot, block_scale=None):
+            # 4-bit runs 2p and 2p + 1 at once: lanes 0-3 of the sums are the first run's, 4-7 the second's
+            dots = builder.sitofp(pair_dots(p), _vec(_F32, 8))
+            if block_scale is not None:
+                dots = builder.fmul(dots, block_scale, flags=_FLAGS)
+            if blocked:                            # the widened row: one 8-lane load
+                scale = load(scale_ptr, builder.mul(p, const(8)), _vec(_F32, 8))
+            else:
+                two = load(scale_ptr, builder.mul(p, const(2)), _vec(_F32, 2))
+                scale = builder.shuffle_vector(two, two, ir.Constant(_vec(_I32, 8), [0, 0, 0, 0, 1, 1, 1, 1]))
+            accumulate(slot, dots, scale)
+
+        if four_bit:
+            pairs = builder.lshr(runs, const(1))
+            blocks = builder.udiv(pairs, const(ACCUMULATORS))
+            with cgutils.for_range(builder, blocks) as loop:
+                for slot in range(ACCUMULATORS):
+                    p = builder.add(builder.mul(loop.index, const(ACCUMULATORS)), const(slot))
+                    if blocked and slot % 2 == 0:          # a block is 4 runs: pairs 2b and 2b + 1
+                        group = builder.lshr(p, builder.add(shift_value, const(1)))
+                        block_scale = splat(builder.load(builder.gep(block_ptr, [group])))
+                    pair(p, slot, block_scale if blocked else None)
+            done = builder.mul(blocks, const(ACCUMULATORS))
+            with cgutils.for_range(builder, builder.sub(pairs, done)) as loop:
+                p = builder.add(done, loop.index)
+                block_scale = None
+                if blocked:
+                    group = builder.lshr(p, builder.add(shift_value, const(1)))
+                    block_scale = splat(builder.load(builder.gep(block_ptr, [group])))
+                pair(p, 0, block_scale)
+            odd = builder.icmp_unsigned("!=", builder.and_(runs, const(1)), const(0))
+            with builder.if_then(odd):              # a last run of its own (never with block scales)
+                last = builder.sub(runs, const(1))
+                dots = builder.sitofp(run_dots(last, builder.mul(last, const(RUN))), _vec(_F32, 8))
+                accumulate(1, dots, splat(builder.load(builder.gep(scale_ptr, [last]))))
+        else:
+            blocks = builder.udiv(runs, const(ACCUMULATORS))
+            with cgutils.for_range(builder, blocks) as loop:
+                block_scale = None
+                if blocked:
+                    block_scale = splat(builder.load(builder.gep(block_ptr, [builder.lshr(loop.index, shift_value)])))
+                for slot in range(ACCUMULATORS):
+                    run(builder.add(builder.mul(loop.index, const(ACCUMULATORS)), const(slot)), slot, block_scale)
+            done = builder.mul(blocks, const(ACCUMULATORS))
+            with cgutils.for_range(builder, builder.sub(runs, done)) as loop:
+                run(builder.add(done, loop.index), 0)
         vector = builder.load(accumulators[0])
         for slot in range(1, ACCUMULATORS):
             vector = builder.fadd(vector, builder.load(accumulators[slot]), flags=_FLAGS)

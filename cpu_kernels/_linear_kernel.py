@@ -196,6 +196,11 @@ def _int_linear(xq, xs, sums, codes, scales, mins, has_mins, blocks, outs):
             for m in range(rows):
                 for r in range(runs):
                     group_sums[i, m, r // per_group] += sums[m, r]
+    xs_wide = np.empty((rows, runs * 4), np.float32)   # each run's scale 4 times (4-bit block scales)
+    for m in range(rows):
+        for r in range(runs):
+            for w in range(4):
+                xs_wide[m, r * 4 + w] = xs[m, r]
     per_block = (total + blocks - 1) // blocks
     for block in prange(blocks):
         run_scales = np.empty((1, runs), np.float32)
@@ -204,18 +209,19 @@ def _int_linear(xq, xs, sums, codes, scales, mins, has_mins, blocks, outs):
         for i in range(count):
             first = ends[i] - codes[i].shape[0]
             if low < ends[i] and high > first:
-                _int_outputs(xq, xs, group_sums[i], codes[i], scales[i], mins[i], has_mins[i],
+                _int_outputs(xq, xs, xs_wide, group_sums[i], codes[i], scales[i], mins[i], has_mins[i],
                              max(low, first) - first, min(high, ends[i]) - first, run_scales, wide, outs[i])
 
 
 @njit(nogil=True, cache=True, fastmath=_INT_FLAGS)
-def _int_outputs(xq, xs, group_sums, codes, scales, mins, has_mins, first, last, run_scales, wide, out):
-    # outputs first..last-1 of one matrix. Groups of one run: each run's weight scale times its activation
-    # scale goes to packed_dot as run_scales. Groups of 4 << b runs: the activation scales (xs) and the
-    # widened weight scales as block scales (one per 4 runs, so a run costs no scale arithmetic). Other
-    # groups: run_scales filled group by group. The mins meet the activations' sums per group.
+def _int_outputs(xq, xs, xs_wide, group_sums, codes, scales, mins, has_mins, first, last, run_scales, wide, out):
+    # outputs first..last-1 of one matrix. Groups of 4 << b runs: the activation scales (xs, or xs_wide for
+    # 4-bit codes: see packed_dot) and the widened weight scales as block scales (one per 4 runs, so a run
+    # costs no scale arithmetic). Other groups: each run's weight scale times its activation scale as
+    # run_scales. The mins meet the activations' sums per group.
     rows, runs = xs.shape
     groups = scales.shape[1]
+    four_bit = codes.shape[1] != xq.shape[1]
     runs_per_group = runs // groups
     block_shift = runs_shift(runs_per_group, 4)
     for n in range(first, last):
@@ -223,7 +229,9 @@ def _int_outputs(xq, xs, group_sums, codes, scales, mins, has_mins, first, last,
             for g in range(groups):
                 wide[0, g] = widen(scales[n, g])
         for m in range(rows):
-            if block_shift >= 0:
+            if block_shift >= 0 and four_bit:
+                dot = packed_dot(codes, n, xq, m, xs_wide, m, wide, block_shift)
+            elif block_shift >= 0:
                 dot = packed_dot(codes, n, xq, m, xs, m, wide, block_shift)
             else:
                 if runs_per_group == 1:
