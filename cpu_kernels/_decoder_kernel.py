@@ -83,7 +83,9 @@ def _column(matrices, field):
 def _column_of(matrices, field):
     if len(matrices) == 2:
         return lambda matrices, field: (matrices[0][field], matrices[1][field])
-    return lambda matrices, field: (matrices[0][field], matrices[1][field], matrices[2][field])
+    if len(matrices) == 3:
+        return lambda matrices, field: (matrices[0][field], matrices[1][field], matrices[2][field])
+    return None                                     # other counts: a typing error, not a wrong tuple
 
 
 def matmul_rows_many(x, matrices, blocks, mode, outs):
@@ -93,6 +95,8 @@ def matmul_rows_many(x, matrices, blocks, mode, outs):
 
 @overload(matmul_rows_many)
 def _matmul_rows_many_by_kind(x, matrices, blocks, mode, outs):
+    if len(matrices) not in (2, 3):
+        return None                                 # a typing error naming matmul_rows_many
     same = all(kind == matrices.types[0] for kind in matrices.types)
     if same and matrices.types[0].types[0].dtype in (types.uint8, types.int8):
         # one packed layout: x quantized once, one parallel loop over all the outputs

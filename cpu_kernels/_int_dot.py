@@ -10,16 +10,19 @@ The activations' precision follows the weights':
 - 8-bit codes meet int16 activations (an error of 2^-16 of each run's largest, 256x finer than bfloat16);
   a run is two `vpmaddwd` (16 products and 8 pair sums each).
 - 4-bit codes meet int8 activations (2^-8 of the run's largest; the weights' own step is 1/15 of their range,
-  16x coarser; llama.cpp uses 8 bits for every layout). With AVX2, a run is one `vpmaddubsw` (32 unsigned
-  codes times 32 signed activations, 16 pair sums of at most 2 * 15 * 127: never saturated) and one
-  `vpmaddwd` by ones; elsewhere the same integers through portable widening IR, so results match exactly.
+  16x coarser; llama.cpp uses 8 bits for every layout). Runs go two at a time: with AVX2 a pair is one
+  32-byte load of codes, two `vpmaddubsw` (32 unsigned codes times 32 signed activations each, 16 pair sums
+  of at most 2 * 15 * 127, added as 16-bit sums: never saturated) and one `vpmaddwd` by ones; elsewhere the
+  same integers through portable widening IR, so results match exactly.
 
     quantize_rows(x, four_bit, xq, xs, sums)    # x [M, K] f32 -> xq [M, K] int8 (four_bit) / int16, xs, sums [M, K/32]
     packed_dot(codes, n, xq, m, run_scales, s, block_scales or None, block_shift) -> float32   # W[n] . x[m]
 
 A run is 32 inputs: 32 int8 codes, or 16 bytes of 4-bit codes (byte j: input 2j in its low nibble, 2j+1 in
-its high one; xq holds a 4-bit run's even inputs first, then its odd ones, to match). The caller folds the
-weights' scale and the activations' scale of each run into run_scales (and adds mins * sums itself). Four
+its high one). To match, xq holds each pair of 4-bit runs (A, B) as A's even inputs, B's even, A's odd, B's
+odd (the low nibbles of the pair's 32 bytes, then the high ones); a last run without a partner as its even
+inputs, then its odd ones. The caller folds the weights' and the activations' scales of each run into
+run_scales, or passes the weights' per block of 4 runs (block_scales), and adds mins * sums itself. Four
 accumulators hide the latency of the adds.
 """
 import numpy as np
@@ -44,8 +47,8 @@ def _vec(element, count):
 
 @njit(nogil=True, cache=True)
 def quantize_rows(x, four_bit, xq, xs, sums):
-    """x [M, K] f32 (K a multiple of 32) -> xq [M, K] (int8 for 4-bit codes: each run's even inputs, then its
-    odd ones; int16 for 8-bit codes), xs [M, K/32] f32 (each run's scale: x ~ xq * xs) and sums [M, K/32] f32
+    """x [M, K] f32 (K a multiple of 32) -> xq [M, K] (int8 for 4-bit codes, laid out per pair of runs as the
+    module docstring says; int16 for 8-bit codes, in order), xs [M, K/32] f32 (each run's scale: x ~ xq * xs) and sums [M, K/32] f32
     (each run's sum of x). A run of zeros gets scale 0; a run holding inf or NaN gets a NaN scale (its
     outputs become NaN)."""
     rows, inputs = x.shape
@@ -104,8 +107,7 @@ def packed_dot(typingctx, codes, n, xq, m, run_scales, s, block_scales, block_sh
     run_scales[s, r] * (codes[n] . xq[m] over run r), each run's sum also times block_scales[0, b >> block_shift]
     (b = r // 4, a block of 4 runs) unless block_scales is None. For 4-bit codes with block scales,
     run_scales holds each run's scale 4 times in a row ([s, 4 r .. 4 r + 3]: two runs' scales are then one
-    8-lane load). 4-bit codes (uint8) take int8 activations,
-    8-bit codes (int8) int16 ones. Every array is 2-D and C-contiguous; rows are addressed in place (a row
+    8-lane load). 4-bit codes (uint8) take int8 activations, 8-bit codes (int8) int16 ones. Every array is 2-D and C-contiguous; rows are addressed in place (a row
     view per call would cost two atomic reference counts each, more than a short row's products)."""
     four_bit = isinstance(codes, types.Array) and codes.dtype == types.uint8
     blocked = not isinstance(block_scales, types.NoneType)

@@ -23,9 +23,10 @@ from ._bits import widen
 from ._int_dot import RUN, activations_for, packed_dot, quantize_rows
 
 LANES_4BIT = 16         # partial sums per output: runs of 16 bytes of 4-bit codes (32 codes)
-# reassociation for the mins' sums (vectorised), but NaN and inf kept meaningful (_int_dot.py)
-_INT_FLAGS = {"reassoc", "contract", "nsz", "arcp"}
 LANES_8BIT = 32         # runs of 32 8-bit codes (16 measured 5x slower: LLVM's choice of vector loop)
+# the integer path's drivers: reassociation for the scale and min loops (vectorised), but NaN and inf kept
+# meaningful (_int_dot.py)
+_INT_FLAGS = {"reassoc", "contract", "nsz", "arcp"}
 
 
 @njit(nogil=True, cache=True)
@@ -147,9 +148,10 @@ def packed_linear(x, codes, scales, mins, has_mins, integer, blocks, out):
 
 @njit(nogil=True, cache=True)
 def packed_linear_many(x, codes, scales, mins, has_mins, integer, blocks, outs):
-    """packed_linear for several matrices of one layout that read the same x (q, k and v; gate and up):
-    codes, scales, mins, has_mins and outs are tuples, one per matrix. The integer path quantizes x once and hands the
-    outputs of all of them out in one parallel loop of `blocks` blocks (one thread launch, not one each)."""
+    """packed_linear for several matrices of one code type that read the same x (q, k and v; gate and up):
+    codes, scales, mins, has_mins and outs are tuples, one per matrix (group sizes and mins may differ). The
+    integer path quantizes x once and hands the outputs of all of them out in one parallel loop of `blocks`
+    blocks (one thread launch, not one each)."""
     rows, inputs = x.shape
     runs_fit = integer and inputs % RUN == 0
     for i in range(len(codes)):
@@ -196,11 +198,12 @@ def _int_linear(xq, xs, sums, codes, scales, mins, has_mins, blocks, outs):
             for m in range(rows):
                 for r in range(runs):
                     group_sums[i, m, r // per_group] += sums[m, r]
-    xs_wide = np.empty((rows, runs * 4), np.float32)   # each run's scale 4 times (4-bit block scales)
+    widths = 4 if codes[0].shape[1] != xq.shape[1] else 0     # 4-bit block scales: each run's scale 4 times
+    xs_wide = np.empty((rows, runs * widths), np.float32)
     for m in range(rows):
         for r in range(runs):
-            for w in range(4):
-                xs_wide[m, r * 4 + w] = xs[m, r]
+            for w in range(widths):
+                xs_wide[m, r * widths + w] = xs[m, r]
     per_block = (total + blocks - 1) // blocks
     for block in prange(blocks):
         run_scales = np.empty((1, runs), np.float32)

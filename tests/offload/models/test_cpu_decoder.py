@@ -25,10 +25,11 @@ from placement.quantization import Quantization
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INNER, MAX_LEN = 64, 4, 2, 16, 160, 32
 
 
-# a layer of several layouts, as GGUF files mix them (Q4_K_M: v and down in Q6_K): q/k/v of one type but
-# with and without mins (computed together), gate and up of two types (computed one by one)
-MIXED = dict(q_proj="int8", k_proj="int8-asym", v_proj="int8", o_proj="int4", gate_proj="int4", up_proj="int8",
-             down_proj="int8-asym")
+# a layer of several layouts, as GGUF files mix them (Q4_K_M: v and down in Q6_K): q/k/v of one code type but
+# with and without mins and with groups of 1 and 2 runs (computed together in one call), gate and up of two
+# types (computed one by one)
+MIXED = dict(q_proj="int8", k_proj="int8-asym", v_proj="int8-g64", o_proj="int4", gate_proj="int4",
+             up_proj="int8", down_proj="int8-asym")
 
 
 def _layer(dtype, *, bias=False, kind="dense", window=None, model_type="llama", seed=0):
@@ -48,9 +49,9 @@ def _layer(dtype, *, bias=False, kind="dense", window=None, model_type="llama", 
             value += 1.0
         value = value.to(dtype)
         if len(shape) == 2 and kind != "dense":
-            layout = MIXED[name.split(".")[-2]] if kind == "mixed" else kind
-            value = quantize(value, Quantization(layout.removesuffix("-asym"), 32), name)
-            if layout == "int8-asym":
+            layout = Quantization.parse(MIXED[name.split(".")[-2]] if kind == "mixed" else kind)
+            value = quantize(value, Quantization(layout.scheme.removesuffix("-asym"), layout.group_size or 32), name)
+            if layout.scheme == "int8-asym":
                 value = QuantizedWeight(qweight=value.qweight, scales=value.scales,
                                         mins=(torch.randn(value.scales.shape, generator=gen) * 0.05).to(dtype))
         weights[name[len(prefix):]] = value
