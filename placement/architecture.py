@@ -42,6 +42,9 @@ class Architecture:
     attn_logit_softcap: float | None = None   # scores -> cap * tanh(scores / cap) before softmax
     max_cache_len: int | None = None    # positions the model can embed at all (learned positions), or None
     kv_rebuild_len: int | None = None   # a row's cache is recomputed once the row grows past it (Phi-3 longrope)
+    num_experts: int = 0                # routed experts of each MoE layer (0: a dense model)
+    num_experts_per_tok: int = 0        # experts each token is routed to
+    moe_layers: tuple[int, ...] = ()    # the decoder layers whose MLP is routed experts
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     options: dict = field(default_factory=dict)   # family-specific (see the family's description)
@@ -52,6 +55,9 @@ class Architecture:
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_attention_heads {self.num_heads} is not a multiple of "
                               f"num_key_value_heads {self.num_kv_heads}")
+        if self.moe_layers and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(f"num_experts_per_tok must be 1..num_experts ({self.num_experts}), "
+                              f"got {self.num_experts_per_tok}")
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -107,6 +113,14 @@ class Architecture:
         """The LM head; empty when tied to the token embedding (counted once, under the embedding)."""
         return self.family.lm_head_tensors(self)
 
+    def router_tensors(self, layer: int) -> dict[str, Shape]:
+        """What routes layer `layer`'s tokens to its experts; empty for a dense layer."""
+        return self.family.router_tensors(self, layer)
+
+    def expert_tensors(self, layer: int, expert: int) -> dict[str, Shape]:
+        """Routed expert `expert` of layer `layer` (one of `num_experts`); empty for a dense layer."""
+        return self.family.expert_tensors(self, layer, expert)
+
     def all_tensors(self) -> dict[str, Shape]:
         t = dict(self.embedding_tensors())
         for i in range(self.num_layers):
@@ -116,9 +130,10 @@ class Architecture:
         return t
 
     def quantizable_tensors(self) -> dict[str, Shape]:
-        """The decoder layers' matrices: what a quantization packs (placement/quantization.py)."""
+        """The decoder layers' matrices but the routers: what a quantization packs (placement/quantization.py)."""
+        routers = {name for i in self.moe_layers for name in self.router_tensors(i)}
         return {name: shape for i in range(self.num_layers) for name, shape in self.layer_tensors(i).items()
-                if len(shape) == 2 and name.endswith(".weight")}
+                if len(shape) == 2 and name.endswith(".weight") and name not in routers}
 
     @property
     def num_params(self) -> int:

@@ -38,15 +38,31 @@ def spread(num_selected: int, num_layers: int) -> list[bool]:
 
 
 def layer_plans(spec: ModelSpec, workload: Workload, weights_gpu: list[bool], kv_gpu: list[bool],
-                cpu_attention: bool) -> tuple[LayerPlan, ...]:
+                cpu_attention: bool, experts: str = "gpu") -> tuple[LayerPlan, ...]:
+    """The layers' plans; `experts` "cpu": every MoE layer's routed experts on the CPU (see
+    with_gpu_experts to bring some back)."""
     kv_bytes = spec.layer_kv_bytes(workload.num_cached_tokens)
     layers = []
     for i in range(spec.num_layers):
         kv = "gpu" if kv_gpu[i] else "cpu"
+        expert_bytes = spec.layer_expert_bytes(i)
         layers.append(LayerPlan(index=i, weights="gpu" if weights_gpu[i] else "cpu", kv=kv,
                                 attention="cpu" if kv == "cpu" and cpu_attention else "gpu",
-                                weight_bytes=spec.layer_weight_bytes(i), kv_bytes=kv_bytes))
+                                weight_bytes=spec.layer_weight_bytes(i), kv_bytes=kv_bytes,
+                                expert_bytes=expert_bytes, experts=experts if expert_bytes else "gpu"))
     return tuple(layers)
+
+
+def with_gpu_experts(layers, room: int) -> tuple[LayerPlan, ...]:
+    """The layers with the routed experts of the first resident layers that fit in `room` GPU bytes brought
+    back to the GPU from the CPU (resident experts never predict slower than CPU-computed ones)."""
+    out = []
+    for l in layers:
+        if l.experts == "cpu" and l.weights == "gpu" and l.expert_bytes <= room:
+            room -= l.expert_bytes
+            l = dataclasses.replace(l, experts="gpu")
+        out.append(l)
+    return tuple(out)
 
 
 def with_cpu_compute(layers, count: int) -> tuple[LayerPlan, ...]:
@@ -63,23 +79,25 @@ def cpu_compute_count(cost: CostModel, layers, embedding: str, lm_head: str, pre
     eligible = [l for l in layers if (l.weights, l.kv, l.attention) == ("cpu", "cpu", "cpu")]
     if not eligible:
         return 0
-    others = Counter((l.weights, l.kv, l.attention, l.weight_bytes) for l in layers if l not in eligible)
+    others = Counter((l.weights, l.kv, l.attention, l.weight_bytes, l.expert_bytes, l.experts) for l in layers
+                     if l not in eligible)
     groups = [(n, cost.decode_layer(*k)) for k, n in others.items()]
     groups += [(1, cost.embedding(embedding, 1)), (1, cost.final_norm()), (1, cost.lm_head(lm_head))]
-    w = max(l.weight_bytes for l in eligible)
-    return best_decode_step(groups, len(eligible), cost.decode_layer("cpu", "cpu", "cpu", w),
-                            cost.decode_layer_on_cpu(w), prefetch_depth, cpu_compute, exhaustive=True,
+    w, e, experts = max((l.weight_bytes, l.expert_bytes, l.experts) for l in eligible)
+    return best_decode_step(groups, len(eligible), cost.decode_layer("cpu", "cpu", "cpu", w, e, experts),
+                            cost.decode_layer_on_cpu(w, e), prefetch_depth, cpu_compute, exhaustive=True,
                             serial=cost.hw.is_cpu_only)[1]
 
 
 def predict(cost: CostModel, layers, embedding: str, lm_head: str, prefetch_depth: int,
             chunk: int) -> Prediction:
     """The cost model's prediction for explicit per-layer placements."""
-    kinds = Counter((l.weights, l.kv, l.attention, l.weight_bytes) for l in layers)
-    on_cpu = Counter(l.weight_bytes for l in layers if l.compute == "cpu")
-    streamed = Counter((l.weights, l.kv, l.attention, l.weight_bytes) for l in layers if l.compute != "cpu")
+    kinds = Counter((l.weights, l.kv, l.attention, l.weight_bytes, l.expert_bytes, l.experts) for l in layers)
+    on_cpu = Counter((l.weight_bytes, l.expert_bytes) for l in layers if l.compute == "cpu")
+    streamed = Counter((l.weights, l.kv, l.attention, l.weight_bytes, l.expert_bytes, l.experts) for l in layers
+                       if l.compute != "cpu")
     decode = [(n, cost.decode_layer(*k)) for k, n in streamed.items()]
-    decode += [(n, cost.decode_layer_on_cpu(b)) for b, n in on_cpu.items()]
+    decode += [(n, cost.decode_layer_on_cpu(*b)) for b, n in on_cpu.items()]
     decode += [(1, cost.embedding(embedding, 1)), (1, cost.final_norm()), (1, cost.lm_head(lm_head))]
     step = step_time(decode, prefetch_depth, serial=cost.hw.is_cpu_only)
     body = [(n, cost.prefill_layer(*k, chunk)) for k, n in kinds.items()] + [(1, cost.final_norm())]
@@ -98,7 +116,7 @@ def assemble(spec: ModelSpec, workload: Workload, hardware: Hardware, *, layers,
     emb = ItemPlan(weights=embedding, weight_bytes=spec.embedding_bytes)
     norm = ItemPlan(weights="gpu", weight_bytes=spec.final_norm_bytes)
     head = ItemPlan(weights=lm_head, weight_bytes=spec.lm_head_bytes, read_bytes=spec.lm_head_read_bytes)
-    ring = max([l.streamed_bytes for l in layers] + [head.read_bytes if lm_head == "cpu" else 0])
+    ring = max([l.ring_slot_bytes for l in layers] + [head.read_bytes if lm_head == "cpu" else 0])
     prefetch_depth = prefetch_depth if ring else 0
     if ring and prefetch_depth < 1:
         raise PlanError("streamed items need a prefetch depth of at least 1")
@@ -142,4 +160,5 @@ def need_message(spec: ModelSpec, workload: Workload, hardware: Hardware, min_gp
             f"{fs(hardware.cpu_bytes)} CPU; short: " + ", ".join(short))
 
 
-__all__ = ["chunk_candidates", "spread", "layer_plans", "with_cpu_compute", "cpu_compute_count", "predict", "assemble", "need_message"]
+__all__ = ["chunk_candidates", "spread", "layer_plans", "with_cpu_compute", "with_gpu_experts", "cpu_compute_count",
+           "predict", "assemble", "need_message"]

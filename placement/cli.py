@@ -51,6 +51,7 @@ def _non_negative_int(text: str) -> int:
 
 
 CPU_COMPUTE = {"on": True, "off": False, "auto": None}
+EXPERTS = {"gpu": "gpu", "cpu": "cpu", "auto": None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-compute", choices=CPU_COMPUTE, default="auto", help="decode the layers whose weights, "
                    "KV and attention are on the CPU there, where their weights lie: on, off, or auto (where the "
                    "cost model predicts it faster; default)")
+    p.add_argument("--experts", choices=EXPERTS, default="auto", help="mixture-of-experts models: every "
+                   "layer's routed experts with the layer (gpu: resident or streamed with it), in RAM computed by "
+                   "the CPU in decode (cpu, as llama.cpp --cpu-moe), or the fastest of those and of the CPU layout "
+                   "with the first layers' experts kept on the GPU while they fit (auto; default; manual plans: gpu)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (for offload.load(plan=...))")
     p.add_argument("--list-presets", action="store_true", help="list the bundled model presets and exit")
     return p
@@ -156,9 +161,11 @@ def run(argv: list[str] | None = None) -> int:
     _warn_budgets(args, hw)
     if args.gpu_layers is not None or args.kv_gpu_layers is not None:
         result = manual_plan(spec, workload, hw, gpu_layers=args.gpu_layers,
-                             kv_gpu_layers=args.kv_gpu_layers, cpu_compute=CPU_COMPUTE[args.cpu_compute])
+                             kv_gpu_layers=args.kv_gpu_layers, cpu_compute=CPU_COMPUTE[args.cpu_compute],
+                             experts=EXPERTS[args.experts] or "gpu")
     else:
-        result = make_plan(spec, hw, workload, cpu_compute=CPU_COMPUTE[args.cpu_compute])
+        result = make_plan(spec, hw, workload, cpu_compute=CPU_COMPUTE[args.cpu_compute],
+                           experts=EXPERTS[args.experts])
     print(result.to_json() if args.json else result.summary())
     return 0
 

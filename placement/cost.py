@@ -10,7 +10,11 @@ Every item (decoder layer, embedding, final norm, LM head) costs:
   FLOPs / CPU FLOP/s) plus a round trip for q, k, v and the output; the CPU embedding lookup's rows;
   a layer computed on the CPU in decode (compute "cpu"): its weights read at the CPU's memory speed (the
   attention bandwidth stands in for it) or its FLOPs, its attention, the hidden states' round trip and a
-  per-layer dispatch overhead, with nothing streamed.
+  per-layer dispatch overhead, with nothing streamed; a MoE layer's routed experts kept on the CPU (experts
+  "cpu"): the experts its tokens are routed to read at the CPU's matmul rate (or their FLOPs), the routed
+  hidden states' round trip and a dispatch overhead, none of their bytes streamed or read by the GPU.
+A MoE layer's tokens read only the experts they are routed to (spec.expert_hit_fraction); a streamed layer
+copies all of them.
 The copy engine runs ahead of compute through a ring of `prefetch_depth` (d) buffers, so a step costs
 - nothing streamed:  T_c                                     (T_c = sum of gpu_s + cpu_s)
 - d = 1:             T_c + max(0, T_x - R)   (a copy overlaps only the compute of resident items, R)
@@ -113,28 +117,53 @@ class CostModel:
     def _gpu(self, flops: float, num_bytes: float) -> float:
         return max(flops / self.hw.gpu_flops, num_bytes / self.hw.gpu_mem_bytes_per_s)
 
+    def read_bytes(self, weight_bytes: int, expert_bytes: int, tokens: int) -> float:
+        """What `tokens` tokens through a layer read of its weights: all but the routed experts no token
+        picked (spec.expert_hit_fraction)."""
+        return weight_bytes - expert_bytes * (1.0 - self.spec.expert_hit_fraction(tokens))
+
+    def cpu_experts_s(self, expert_bytes: int, tokens: int) -> float:
+        """The CPU computing a layer's routed experts for `tokens` tokens: the experts hit, read at its matmul
+        rate (or their FLOPs), the tokens' hidden states there and back, one dispatch."""
+        spec, hw = self.spec, self.hw
+        flops = 2 * tokens * spec.arch.num_experts_per_tok * spec.expert_matmul_params
+        hidden = 2 * tokens * spec.arch.hidden_size * self.dtype_bytes / hw.pcie_bytes_per_s
+        read = expert_bytes * spec.expert_hit_fraction(tokens)
+        return ROUND_TRIP_S + max(read / hw.cpu_matmul_bytes_per_s(self.cpu_matmul_kind), flops / hw.cpu_flops) \
+            + hidden
+
     def layer(self, *, weights: str, kv: str, attention: str, weight_bytes: int, num_rows: int,
-              num_keys: float) -> ItemCost:
+              num_keys: float, expert_bytes: int = 0, experts: str = "gpu", decode: bool = True) -> ItemCost:
         """One decoder layer processing `num_rows` tokens per sequence, each attending over
-        `num_keys` keys on average."""
+        `num_keys` keys on average; `expert_bytes` of its `weight_bytes` are routed experts (the tokens
+        read only those they are routed to; a streamed layer copies them all). With `experts` "cpu" a decode
+        step computes them on the CPU (neither streamed nor read by the GPU) and a prefill chunk streams them."""
         spec, hw, B = self.spec, self.hw, self.wl.batch_size
         tokens = B * num_rows
         kv_read = B * num_keys * spec.kv_bytes_per_token
         attn_flops = tokens * num_keys * spec.attention_flops_per_key
-        read = weight_bytes
+        cpu_s = transfer_s = 0.0
+        placed = weight_bytes
+        if experts == "cpu":
+            placed = weight_bytes - expert_bytes
+            if decode:
+                cpu_s += self.cpu_experts_s(expert_bytes, tokens)
+                weight_bytes, expert_bytes = placed, 0
+            else:
+                transfer_s += expert_bytes / hw.pcie_bytes_per_s
+        read = self.read_bytes(weight_bytes, expert_bytes, tokens)
         if hw.is_cpu_only and tokens <= CPU_DECODE_MAX_ROWS:
             # the CPU stand-in decoding: its matmuls read the matrices as held, at the CPU's rate for them
             matmul_s = max(2 * tokens * spec.layer_matmul_params / hw.gpu_flops,
-                           weight_bytes / hw.cpu_matmul_bytes_per_s(self.cpu_matmul_kind))
+                           read / hw.cpu_matmul_bytes_per_s(self.cpu_matmul_kind))
             gpu_s = self.layer_overhead_s + matmul_s
         else:
             if spec.layouts:
                 # each matrix dequantized next to its matmul: packed bytes read, the dense weight written and read
                 read += 2 * spec.layer_matmul_params * self.dtype_bytes
             gpu_s = self.layer_overhead_s + self._gpu(2 * tokens * spec.layer_matmul_params, read)
-        cpu_s = transfer_s = 0.0
         if weights == "cpu":
-            transfer_s += weight_bytes / hw.pcie_bytes_per_s
+            transfer_s += placed / hw.pcie_bytes_per_s
         if attention == "gpu":
             gpu_s += self._gpu(attn_flops, kv_read)
             if kv == "cpu":   # the runtime brings the layer's whole preallocated cache through the ring
@@ -145,7 +174,7 @@ class CostModel:
             qkvo = tokens * (2 * arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim * self.dtype_bytes
             cpu_s += (ROUND_TRIP_S + max(kv_read / hw.cpu_attention_bytes_per_s, attn_flops / hw.cpu_flops)
                       + qkvo / hw.pcie_bytes_per_s)
-        is_streamed = weights == "cpu" or (kv == "cpu" and attention == "gpu")
+        is_streamed = transfer_s > 0 or weights == "cpu" or (kv == "cpu" and attention == "gpu")
         return ItemCost(transfer_s=transfer_s, gpu_s=gpu_s, cpu_s=cpu_s, is_streamed=is_streamed)
 
     def embedding(self, weights: str, num_rows: int) -> ItemCost:
@@ -169,14 +198,16 @@ class CostModel:
         return ItemCost(read / self.hw.pcie_bytes_per_s, gpu_s, 0.0, True)
 
     # ---- whole passes -------------------------------------------------------------------------
-    def decode_layer(self, weights: str, kv: str, attention: str, weight_bytes: int) -> ItemCost:
+    def decode_layer(self, weights: str, kv: str, attention: str, weight_bytes: int,
+                     expert_bytes: int = 0, experts: str = "gpu") -> ItemCost:
         return self.layer(weights=weights, kv=kv, attention=attention, weight_bytes=weight_bytes,
-                          num_rows=1, num_keys=self.decode_context)
+                          num_rows=1, num_keys=self.decode_context, expert_bytes=expert_bytes, experts=experts)
 
-    def decode_layer_on_cpu(self, weight_bytes: int) -> ItemCost:
+    def decode_layer_on_cpu(self, weight_bytes: int, expert_bytes: int = 0) -> ItemCost:
         """A decode step of a layer computed where its weights lie (weights, KV and attention on the CPU)."""
         spec, hw, B = self.spec, self.hw, self.wl.batch_size
-        matmul_s = max(weight_bytes / hw.cpu_matmul_bytes_per_s(self.cpu_matmul_kind),
+        read = self.read_bytes(weight_bytes, expert_bytes, B)
+        matmul_s = max(read / hw.cpu_matmul_bytes_per_s(self.cpu_matmul_kind),
                        2 * B * spec.layer_matmul_params / hw.cpu_flops)
         attention = B * self.decode_context
         attention_s = max(attention * spec.kv_bytes_per_token / hw.cpu_attention_bytes_per_s,
@@ -184,13 +215,14 @@ class CostModel:
         hidden = 2 * B * spec.arch.hidden_size * self.dtype_bytes / hw.pcie_bytes_per_s   # there and back
         return ItemCost(0.0, 0.0, self.cpu_layer_overhead_s + matmul_s + attention_s + hidden, False)
 
-    def prefill_layer(self, weights: str, kv: str, attention: str, weight_bytes: int,
-                      chunk: int) -> ItemCost:
+    def prefill_layer(self, weights: str, kv: str, attention: str, weight_bytes: int, expert_bytes: int,
+                      experts: str, chunk: int) -> ItemCost:
         prompt = self.wl.prompt_len
         chunk = min(chunk, prompt)
         # averaged over the chunks: keys per query (prompt + chunk) / 2
         return self.layer(weights=weights, kv=kv, attention=attention, weight_bytes=weight_bytes,
-                          num_rows=chunk, num_keys=(prompt + chunk) / 2)
+                          num_rows=chunk, num_keys=(prompt + chunk) / 2, expert_bytes=expert_bytes,
+                          experts=experts, decode=False)
 
     def prefill_seconds(self, body, *, lm_head: ItemCost, embedding: ItemCost, prefetch_depth: int,
                         chunk: int) -> float:

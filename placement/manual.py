@@ -22,7 +22,8 @@ def manual_plan(spec: ModelSpec, workload: Workload, hardware: Hardware | None =
                 gpu_layers: int | None = None, kv_gpu_layers: int | None = None,
                 cpu_attention: bool = True, prefetch_depth: int = 2, *,
                 embedding: str | None = None, lm_head: str | None = None,
-                prefill_chunk_size: int | None = None, cpu_compute: bool | None = None) -> Plan:
+                prefill_chunk_size: int | None = None, cpu_compute: bool | None = None,
+                experts: str = "gpu") -> Plan:
     """A plan with the weights of the first `gpu_layers` layers and the KV cache of the first
     `kv_gpu_layers` layers on the GPU (None: all). CPU-resident KV is attended on the CPU when
     `cpu_attention`, else copied to the GPU through the ring. Streamed items go through a ring of
@@ -35,6 +36,8 @@ def manual_plan(spec: ModelSpec, workload: Workload, hardware: Hardware | None =
 
     `cpu_compute`: layers whose weights, KV and attention are on the CPU run their decode steps there
     (True, as llama.cpp does), never (False), or as many as the cost model predicts faster (None).
+    `experts` (MoE models): every layer's routed experts with the layer ("gpu") or in RAM, computed by the
+    CPU in decode steps ("cpu", llama.cpp's --cpu-moe).
 
     With a `hardware` its budgets are checked (PlanError when exceeded) and its speeds predict; without
     one, REFERENCE_HARDWARE predicts and the plan's budget records exactly what it needs.
@@ -47,11 +50,14 @@ def manual_plan(spec: ModelSpec, workload: Workload, hardware: Hardware | None =
             raise PlanError(f"{name} must be an int in 0..{L} (None: all), got {value!r}")
     if not isinstance(prefetch_depth, int) or prefetch_depth < 1:
         raise PlanError(f"prefetch_depth must be a positive int, got {prefetch_depth!r}")
+    if experts not in ("gpu", "cpu"):
+        raise PlanError(f"experts must be 'gpu' or 'cpu', got {experts!r}")
     default_item = "gpu" if gpu_layers == L else "cpu"
     lm_head = lm_head or default_item
     embedding = embedding or (lm_head if spec.arch.tie_word_embeddings else default_item)
     layers = layer_plans(spec, workload, weights_gpu=[i < gpu_layers for i in range(L)],
-                         kv_gpu=[i < kv_gpu_layers for i in range(L)], cpu_attention=cpu_attention)
+                         kv_gpu=[i < kv_gpu_layers for i in range(L)], cpu_attention=cpu_attention,
+                         experts=experts)
     if prefill_chunk_size is None:
         prefill_chunk_size = _largest_chunk(spec, workload, hardware, layers, embedding, lm_head,
                                               prefetch_depth)
@@ -59,7 +65,7 @@ def manual_plan(spec: ModelSpec, workload: Workload, hardware: Hardware | None =
         raise PlanError(f"prefill_chunk_size must be a positive int, got {prefill_chunk_size!r}")
     chunk = min(prefill_chunk_size, workload.prompt_len)
     cost = CostModel(spec, hardware or REFERENCE_HARDWARE, workload)
-    depth = prefetch_depth if any(l.is_streamed for l in layers) or lm_head == "cpu" else 0
+    depth = prefetch_depth if any(l.ring_slot_bytes for l in layers) or lm_head == "cpu" else 0
     layers = with_cpu_compute(layers, cpu_compute_count(cost, layers, embedding, lm_head, depth, cpu_compute))
     if hardware is None:
         return assemble(spec, workload, REFERENCE_HARDWARE, layers=layers, embedding=embedding,

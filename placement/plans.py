@@ -45,7 +45,12 @@ class LayerPlan:
     computed, and their bytes.
 
     compute "cpu": a layer whose weights, KV and attention are all on the cpu is computed there during
-    decode steps (only its hidden states cross PCIe); prefill chunks still stream its weights to the gpu."""
+    decode steps (only its hidden states cross PCIe); prefill chunks still stream its weights to the gpu.
+    experts (a mixture-of-experts layer): "gpu": its routed experts are part of its weights, placed as
+    `weights` says (resident, or streamed with the layer); "cpu": they live in CPU RAM and, in decode steps,
+    the CPU computes them for the tokens routed to them (only those tokens' hidden states cross PCIe), while
+    prefill chunks (where nearly every expert is hit) stream them to the GPU through the ring, in a slot of
+    their own; `weights` then places the rest of the layer (attention, norms, router, shared expert)."""
 
     index: int
     weights: str
@@ -54,9 +59,11 @@ class LayerPlan:
     weight_bytes: int
     kv_bytes: int          # K and V for batch_size x (prompt_len + gen_len) tokens, model dtype
     compute: str = "gpu"   # where decode steps run
+    expert_bytes: int = 0  # of weight_bytes, the routed experts' (a MoE layer's tokens read only theirs)
+    experts: str = "gpu"   # where the routed experts live and run (see above)
 
     def __post_init__(self):
-        for key in ("weights", "kv", "attention", "compute"):
+        for key in ("weights", "kv", "attention", "compute", "experts"):
             _check_placement(f"layer {self.index} {key}", getattr(self, key))
         if self.attention == "cpu" and self.kv != "cpu":
             raise PlanError(f"layer {self.index}: attention on the cpu needs its kv on the cpu")
@@ -65,6 +72,17 @@ class LayerPlan:
                             f"cpu (got weights {self.weights}, kv {self.kv}, attention {self.attention})")
         _check_bytes(f"layer {self.index} weight_bytes", self.weight_bytes)
         _check_bytes(f"layer {self.index} kv_bytes", self.kv_bytes)
+        _check_bytes(f"layer {self.index} expert_bytes", self.expert_bytes)
+        if self.expert_bytes > self.weight_bytes:
+            raise PlanError(f"layer {self.index}: expert_bytes {self.expert_bytes} exceed weight_bytes "
+                            f"{self.weight_bytes}")
+        if self.experts == "cpu" and not self.expert_bytes:
+            raise PlanError(f"layer {self.index} has no routed experts to place on the cpu (a dense layer)")
+
+    @property
+    def placed_bytes(self) -> int:
+        """The bytes `weights` places: all of the layer's but experts kept on the cpu."""
+        return self.weight_bytes - (self.expert_bytes if self.experts == "cpu" else 0)
 
     @property
     def is_streamed(self) -> bool:
@@ -75,11 +93,17 @@ class LayerPlan:
     def streamed_bytes(self) -> int:
         """Bytes this layer streams each step, all in one ring slot (0 when not streamed)."""
         kv = self.kv_bytes if self.kv == "cpu" and self.attention == "gpu" else 0
-        return (self.weight_bytes if self.weights == "cpu" else 0) + kv
+        return (self.placed_bytes if self.weights == "cpu" else 0) + kv
+
+    @property
+    def ring_slot_bytes(self) -> int:
+        """The largest ring slot the layer needs: its streamed bytes, or its cpu experts' (prefill streams them)."""
+        return max(self.streamed_bytes, self.expert_bytes if self.experts == "cpu" else 0)
 
     def to_dict(self) -> dict:
         return {"index": self.index, "weights": self.weights, "kv": self.kv, "attention": self.attention,
-                "compute": self.compute, "weight_bytes": self.weight_bytes, "kv_bytes": self.kv_bytes}
+                "compute": self.compute, "weight_bytes": self.weight_bytes, "kv_bytes": self.kv_bytes,
+                "expert_bytes": self.expert_bytes, "experts": self.experts}
 
 
 @dataclass(frozen=True)
@@ -209,6 +233,10 @@ class Plan:
                             f"(the largest ring slot), got {self.prefetch_depth} x {self.slot_bytes}")
         if not need and (self.prefetch_depth or self.slot_bytes):
             raise PlanError("nothing is streamed: prefetch_depth and slot_bytes must be 0")
+        both = next((l.index for l in self.layers if l.experts == "cpu" and l.is_streamed), None)
+        if both is not None and self.prefetch_depth < 2:
+            raise PlanError(f"layer {both} streams its weights and, in prefill, its cpu experts: two ring slots "
+                            f"at once need prefetch_depth >= 2, got {self.prefetch_depth}")
         gpu, cpu = self.memory.gpu.total, self.memory.cpu.total
         if gpu + self.cuda_reserve_bytes > self.budget.gpu_bytes:
             raise PlanError(f"plan needs {gpu + self.cuda_reserve_bytes} GPU bytes (including "
@@ -227,8 +255,9 @@ class Plan:
 
     @property
     def required_slot_bytes(self) -> int:
-        """The largest ring slot any streamed item needs (0 when nothing is streamed)."""
-        need = max((l.streamed_bytes for l in self.layers), default=0)
+        """The largest ring slot any streamed item needs (0 when nothing is streamed): CPU experts stream in
+        prefill chunks, in a slot of their own."""
+        need = max((l.ring_slot_bytes for l in self.layers), default=0)
         if self.lm_head.weights == "cpu":
             need = max(need, self.lm_head.read_bytes)
         return need
@@ -237,12 +266,13 @@ class Plan:
     def memory(self) -> Memory:
         items = (self.embedding, self.final_norm, self.lm_head)
         return Memory(
-            gpu=GpuMemory(weights=sum(l.weight_bytes for l in self.layers if l.weights == "gpu")
+            gpu=GpuMemory(weights=sum(l.placed_bytes for l in self.layers if l.weights == "gpu")
                           + sum(i.weight_bytes for i in items if i.weights == "gpu"),
                           kv_cache=sum(l.kv_bytes for l in self.layers if l.kv == "gpu"),
                           buffers=self.prefetch_depth * self.slot_bytes,
                           workspace=self.workspace_bytes),
-            cpu=CpuMemory(weights=sum(l.weight_bytes for l in self.layers if l.weights == "cpu")
+            cpu=CpuMemory(weights=sum(l.placed_bytes for l in self.layers if l.weights == "cpu")
+                          + sum(l.expert_bytes for l in self.layers if l.experts == "cpu")
                           + sum(i.weight_bytes for i in items if i.weights == "cpu"),
                           kv_cache=sum(l.kv_bytes for l in self.layers if l.kv == "cpu")))
 

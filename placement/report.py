@@ -8,8 +8,9 @@ def _params(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-def _layer_rows(plan) -> list[tuple[str, ...]]:
-    """One row per run of consecutive identical layers: range, weights, kv, attention, decode compute, sizes."""
+def _layer_rows(plan, with_experts: bool) -> list[tuple[str, ...]]:
+    """One row per run of consecutive identical layers: range, weights, kv, attention, decode compute, where
+    the routed experts are (MoE models), sizes."""
     rows, start = [], 0
     layers = plan.layers
     for i in range(1, len(layers) + 1):
@@ -17,15 +18,16 @@ def _layer_rows(plan) -> list[tuple[str, ...]]:
             continue
         first, last = layers[start], layers[i - 1]
         span = f"{first.index}" if first is last else f"{first.index}-{last.index}"
-        rows.append((span, str(i - start), first.weights, first.kv, first.attention, first.compute,
+        experts = (first.experts if first.expert_bytes else "-",) if with_experts else ()
+        rows.append((span, str(i - start), first.weights, first.kv, first.attention, first.compute, *experts,
                      format_size(first.weight_bytes), format_size(first.kv_bytes)))
         start = i
     return rows
 
 
 def _same(a, b) -> bool:
-    return (a.weights, a.kv, a.attention, a.compute, a.weight_bytes, a.kv_bytes) == \
-        (b.weights, b.kv, b.attention, b.compute, b.weight_bytes, b.kv_bytes)
+    return (a.weights, a.kv, a.attention, a.compute, a.weight_bytes, a.kv_bytes, a.expert_bytes, a.experts) == \
+        (b.weights, b.kv, b.attention, b.compute, b.weight_bytes, b.kv_bytes, b.expert_bytes, b.experts)
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
@@ -48,8 +50,12 @@ def format_plan(plan) -> str:
     lines.append(f"workload  batch {wl.batch_size}, prompt {wl.prompt_len} + generate {wl.gen_len} tokens "
                  f"(prefill in chunks of {plan.prefill_chunk_size})")
     lines.append("")
-    lines += _table(("layers", "count", "weights", "kv", "attention", "decode on", "weights/layer", "kv/layer"),
-                    _layer_rows(plan), right={1, 6, 7})
+    # a MoE model: where each layer's routed experts live and run ("cpu": computed there; their bytes are
+    # counted in weights/layer and, in the memory table, on the CPU)
+    moe = any(l.expert_bytes for l in plan.layers)
+    header = ("layers", "count", "weights", "kv", "attention", "decode on", *(("experts",) if moe else ()),
+              "weights/layer", "kv/layer")
+    lines += _table(header, _layer_rows(plan, moe), right={1, len(header) - 2, len(header) - 1})
     items = [("embedding", plan.embedding), ("final_norm", plan.final_norm), ("lm_head", plan.lm_head)]
     item_rows = []
     for name, item in items:

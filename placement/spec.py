@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from .architecture import DTYPE_BYTES, Architecture, ConfigError, normalize_dtype
@@ -49,6 +50,9 @@ class ModelSpec:
         layers = tuple(sum(self.tensor_bytes[n] for n in arch.layer_tensors(i))
                        for i in range(arch.num_layers))
         object.__setattr__(self, "_layer_bytes", layers)
+        experts = tuple(sum(self.tensor_bytes[n] for e in range(arch.num_experts) for n in arch.expert_tensors(i, e))
+                        for i in range(arch.num_layers))
+        object.__setattr__(self, "_expert_bytes", experts)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -155,6 +159,18 @@ class ModelSpec:
     def layer_weight_bytes(self, layer: int) -> int:
         return self._layer_bytes[layer]
 
+    def layer_expert_bytes(self, layer: int) -> int:
+        """Of `layer_weight_bytes`, the routed experts' (all of them; 0 for a dense layer)."""
+        return self._expert_bytes[layer]
+
+    def expert_hit_fraction(self, num_tokens: int) -> float:
+        """The expected share of a MoE layer's experts that `num_tokens` tokens route to (each token picks
+        num_experts_per_tok of num_experts, taken as uniform): 1 - (1 - k/E)^tokens; 0 for a dense model."""
+        arch = self.arch
+        if not arch.moe_layers:
+            return 0.0
+        return 1.0 - (1.0 - arch.num_experts_per_tok / arch.num_experts) ** max(num_tokens, 0)
+
     @property
     def embedding_bytes(self) -> int:
         """Token table (+ OPT positions and project_in); for tied models the shared table once."""
@@ -194,10 +210,25 @@ class ModelSpec:
         """K and V bytes of one decoder layer holding `num_tokens` tokens (batch x length)."""
         return num_tokens * self.kv_bytes_per_token
 
-    @property
+    @cached_property
     def layer_matmul_params(self) -> int:
-        """Parameters of a decoder layer used in matmuls (2 FLOPs each per token)."""
-        return sum(_numel(s) for s in self.arch.layer_tensors(0).values() if len(s) == 2)
+        """Parameters of a decoder layer one token multiplies by (2 FLOPs each): every matrix of a dense layer;
+        in a MoE layer the shared ones and num_experts_per_tok experts. The largest over the layers."""
+        arch = self.arch
+
+        def active(i: int) -> int:
+            dense = sum(_numel(s) for s in arch.layer_tensors(i).values() if len(s) == 2)
+            if i not in arch.moe_layers:
+                return dense
+            expert = sum(_numel(s) for s in arch.expert_tensors(i, 0).values())
+            return dense - (arch.num_experts - arch.num_experts_per_tok) * expert
+        return max(active(i) for i in range(arch.num_layers))
+
+    @cached_property
+    def expert_matmul_params(self) -> int:
+        """Parameters of one routed expert (2 FLOPs each per token routed to it); 0 for a dense model."""
+        arch = self.arch
+        return max((sum(_numel(s) for s in arch.expert_tensors(i, 0).values()) for i in arch.moe_layers), default=0)
 
     @property
     def attention_flops_per_key(self) -> int:

@@ -185,3 +185,16 @@ def test_cpu_decode_quick_prints_every_row():
     rows = [line for line in out.splitlines() if line.startswith("SmolLM2-135M")]
     assert [row.split()[1] for row in rows] == ["bf16", "int8", "int4"], out
     assert all(float(row.split()[3 if "(GGUF)" not in row else 4]) > 0 for row in rows), out
+
+
+def test_moe_decode_quick_prints_every_row(tmp_path):
+    pytest.importorskip("transformers")
+    result = run_script("benchmarks/moe_decode.py", "--quick", "--workdir", tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "memory read bandwidth" in out and "meas/pred" in out
+    assert torch.cuda.is_available() or "no CUDA: the 'gpu' tier is the CPU" in out
+    rows = [line for line in out.splitlines() if line.startswith("bf16 ")]
+    assert len(rows) == 3 and all(float(row.split()[-4]) > 0 for row in rows), out      # ours tok/s
+    assert float(rows[-1].split()[-1]) > 0, out                                          # transformers
+    assert "GB/s" in out.splitlines()[-1] and "of" in out.splitlines()[-1], out

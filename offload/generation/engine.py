@@ -14,7 +14,7 @@ from offload.attention.host import HostAttention, HostStaging
 from offload.attention.contract import AttentionBackend, Chunk
 from offload.models.base import FamilyMath
 from offload.models.cpu_decoder import CpuDecoderSteps
-from offload.weights.source import LM_HEAD, WeightSource
+from offload.weights.source import LM_HEAD, WeightSource, experts_item
 from placement.architecture import Architecture
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -31,7 +31,8 @@ class Engine:
     def __init__(self, *, arch: Architecture, model: FamilyMath, weights: WeightSource,
                  backends: list[AttentionBackend], device, dtype: torch.dtype, max_seq_len: int,
                  max_batch_size: int, prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
-                 staging: HostStaging | None = None, cpu_layers=(), host_model: FamilyMath | None = None):
+                 staging: HostStaging | None = None, cpu_layers=(), host_model: FamilyMath | None = None,
+                 cpu_experts=()):
         if len(backends) != arch.num_layers:
             raise ValueError(f"{len(backends)} attention backends for {arch.num_layers} layers")
         # the layers whose decode steps run on the CPU where their weights lie (plan: compute "cpu"); they
@@ -44,6 +45,14 @@ class Engine:
                 weights.host_tensors(i)                   # its host copy exists (and its views are made once)
             except KeyError:
                 raise ValueError(f"layer {i} is computed on the cpu: its weights must be streamed") from None
+        # the MoE layers whose routed experts are an item of their own on the CPU (plan experts "cpu"): decode
+        # steps compute them there, read in place (their ring turns skipped); prefill chunks stream them
+        self.cpu_experts = frozenset(cpu_experts)
+        for i in self.cpu_experts:
+            try:
+                weights.host_tensors(experts_item(i))
+            except KeyError:
+                raise ValueError(f"layer {i}'s experts are computed on the cpu: they must be streamed") from None
         self.host_model = host_model or model         # the family math on the CPU (its RoPE tables there)
         # decode steps of layers on the CPU as one fused call each, where the family's math allows
         self.cpu_steps = CpuDecoderSteps(self.host_model, dtype) if CpuDecoderSteps.supports(self.host_model, dtype) \
@@ -72,10 +81,10 @@ class Engine:
         `decode`: a decode step, in which the cpu layers run on the CPU (their ring turns skipped).
         """
         on_host = self.cpu_layers if decode else frozenset()
-        if on_host:
-            # this step's and the next one's ring turns of the cpu layers pass without copies
-            for i in on_host:
-                self.weights.announce_skips(i, 2)
+        if decode and (on_host or self.cpu_experts):
+            # this step's and the next one's ring turns of the cpu layers and experts pass without copies
+            for item in [*on_host, *map(experts_item, self.cpu_experts)]:
+                self.weights.announce_skips(item, 2)
             self._skips_announced = True
         else:
             self._leave_decode()
@@ -101,7 +110,7 @@ class Engine:
                 if host_ctx is None:
                     host_ctx = self.host_model.prepare(host_positions, self.dtype, host_seq_lens)
                 h = h.cpu()
-                lw = self.weights.host_tensors(i)
+                lw = self._with_experts(i, self.weights.host_tensors(i), decode)
                 fused = self.cpu_steps and self.cpu_steps.step(i, lw, h, host_ctx, backend, chunk)
                 if fused is not None:
                     h = fused
@@ -110,7 +119,7 @@ class Engine:
                 h = self.host_model.attention_output(lw, h, backend.attend(q, k, v, chunk, lw))
                 continue
             h = h if same_device(h.device, self.device) else to_device(h, self.device)
-            lw = self.weights.acquire(i)
+            lw = self._with_experts(i, self.weights.acquire(i), decode)
             fused = None
             if decode and self.cpu_steps is not None and self.device.type == "cpu":    # the CPU fallback
                 fused = self.cpu_steps.step(i, lw, h, ctx, backend, chunk)
@@ -121,7 +130,21 @@ class Engine:
                 attn = backend.attend(q, k, v, chunk, lw)              # [B, Hq, T, D]
                 h = self.model.attention_output(lw, h, attn)
             self.weights.release(i)
+            if i in self.cpu_experts and not decode:
+                self.weights.release(experts_item(i))
         return h if same_device(h.device, self.device) else to_device(h, self.device)
+
+    def _with_experts(self, layer: int, lw: dict, decode: bool) -> dict:
+        """Layer `layer`'s weights with its routed experts when they are an item of their own (cpu experts):
+        in a decode step where they lie on the CPU (the family math computes them there), else through the ring
+        (released after the layer)."""
+        if layer not in self.cpu_experts:
+            return lw
+        item = experts_item(layer)
+        if decode:
+            self.weights.skip(item)
+            return {**lw, **self.weights.host_tensors(item)}
+        return {**lw, **self.weights.acquire(item)}
 
     def _leave_decode(self) -> None:
         """After decode steps that announced the cpu layers' skips ahead: drop those announcements (restart

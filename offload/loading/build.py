@@ -26,7 +26,7 @@ from offload.models import build_model
 from offload.loading.planning import choose_plan
 from offload.loading.report import memory_report
 from offload.attention.streamed import K_CACHE, V_CACHE, StreamedKVAttention, kv_attachment
-from offload.weights.source import item_tensors, weight_items
+from offload.weights.source import experts_item, item_tensors, weight_items
 from offload.weights.placed import PlacedWeights
 from offload.weights import quant
 from placement import Plan, PlanError
@@ -51,10 +51,17 @@ def check_limits(arch: Architecture, max_batch_size: int, max_seq_len: int) -> N
                          f"{arch.model_type} model can embed (learned positions)")
 
 
+def cpu_experts(plan: Plan) -> frozenset:
+    """The MoE layers whose routed experts the plan keeps on the CPU (an item of their own: experts_item)."""
+    return frozenset(layer.index for layer in plan.layers if layer.experts == "cpu")
+
+
 def item_placement(plan: Plan) -> dict:
-    """Every weight item's tier as the plan says ("gpu" | "cpu"); final_norm always on the "gpu" tier."""
+    """Every weight item's tier as the plan says ("gpu" | "cpu"); final_norm always on the "gpu" tier; CPU
+    experts on the "cpu" tier (streamed in prefill chunks, read in place by decode steps)."""
     tiers = {"embedding": plan.embedding.weights, "final_norm": "gpu", "lm_head": plan.lm_head.weights}
     tiers.update({layer.index: layer.weights for layer in plan.layers})
+    tiers.update({experts_item(i): "cpu" for i in cpu_experts(plan)})
     return tiers
 
 
@@ -80,13 +87,14 @@ def ring_alignment(plan: Plan, arch: Architecture, tiers: dict, dtype: torch.dty
     """The largest tensor alignment (256 down to the element size) whose packed slots fit the plan's
     slot_bytes (the planner counts bytes exactly, alignment padding would add a few per tensor)."""
     shapes, layouts = arch.all_tensors(), layouts or {}
+    apart = cpu_experts(plan)
 
     def item_sizes(item) -> list[int]:
-        names = item_tensors(arch, item).values() if is_streamed(item, tiers) else ()
+        names = item_tensors(arch, item, apart).values() if is_streamed(item, tiers) else ()
         kv = [math.prod(shape) * dtype.itemsize for shape in kv_items.get(item, {}).values()]
         return [n for name in names for n in stored_sizes(shapes[name], name, dtype, layouts.get(name))] + kv
 
-    streamed = [item_sizes(item) for item in weight_items(arch) if is_streamed(item, tiers) or item in kv_items]
+    streamed = [item_sizes(item) for item in weight_items(arch, apart) if is_streamed(item, tiers) or item in kv_items]
     if not streamed:
         return 256
     alignment = 256
@@ -116,7 +124,7 @@ def tensor_layouts(checkpoint: Checkpoint, plan: Plan) -> tuple[dict, bool]:
 
 
 def _read_items(checkpoint: Checkpoint, tiers: dict, dtype: torch.dtype, progress: bool,
-                layouts: dict | None = None, held_packed: bool = False):
+                layouts: dict | None = None, held_packed: bool = False, apart=frozenset()):
     """(item, {key: CPU tensor or QuantizedWeight}) in engine order, read one item at a time (a layer's
     matrices in `layouts` read packed when the file holds them so (`held_packed`), else quantized as they
     are read: never the whole model in 16 bits). A tied head placed on the same tier as the embedding is
@@ -127,11 +135,11 @@ def _read_items(checkpoint: Checkpoint, tiers: dict, dtype: torch.dtype, progres
     keep_tied = arch.tie_word_embeddings and tiers["embedding"] == tiers["lm_head"] and \
         is_streamed("embedding", tiers) == is_streamed("lm_head", tiers)
     tied: dict[str, torch.Tensor] = {}
-    bar = tqdm(weight_items(arch), desc=f"loading {checkpoint.path.name}", unit="item", disable=not progress,
-               leave=False)
+    bar = tqdm(weight_items(arch, apart), desc=f"loading {checkpoint.path.name}", unit="item",
+               disable=not progress, leave=False)
     for item in bar:
         tensors = {}
-        for key, name in item_tensors(arch, item).items():
+        for key, name in item_tensors(arch, item, apart).items():
             tensor = tied.get(name)
             if tensor is None and not (held_packed and name in layouts):
                 tensor = checkpoint.read(name, dtype)
@@ -152,7 +160,7 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
          max_seq_len: int | None = None, dtype=None, device=None, plan=None, gpu_layers: int | None = None,
          kv_gpu_layers: int | None = None, cpu_attention: bool | None = None,
          prefill_chunk_size: int | None = None, quantize: str | None = None, group_size: int | None = None,
-         cpu_compute: bool | None = None, progress: bool = True) -> Model:
+         cpu_compute: bool | None = None, experts: str | None = None, progress: bool = True) -> Model:
     """Load a Hugging Face model folder and place it as a plan says.
 
     Which plan (placement.Plan; `model.plan`, `model.plan.summary()`):
@@ -174,6 +182,10 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
     cpu_compute: layers whose weights, KV and attention are on the CPU run their decode steps there, where
     their weights lie (only hidden states cross PCIe; prefill chunks still stream them): True (all of them,
     as llama.cpp does), False (none: always streamed), None (the planner decides by its cost model).
+    experts (mixture-of-experts models): "gpu": every layer's routed experts with the layer (resident or streamed
+    with it); "cpu": in RAM, computed by the CPU in decode steps for the tokens routed to them (only their hidden
+    states cross PCIe) and streamed to the GPU for prefill chunks (llama.cpp's --cpu-moe); None: the planner
+    chooses, also keeping the first layers' experts on the GPU while they fit (a manual plan: "gpu").
     quantize: "int4" or "int8": the decoder layers' matrices quantized as they are read (round-to-nearest
     per group of `group_size` inputs; None: per matrix the largest of 128/64/32 that divides its inputs),
     held and streamed packed; the plan counts the packed bytes (a plan= made with --quantize carries it).
@@ -203,7 +215,7 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
                          gpu_memory=gpu_memory, cpu_memory=cpu_memory, gpu_layers=gpu_layers,
                          kv_gpu_layers=kv_gpu_layers, cpu_attention=cpu_attention,
                          prefill_chunk_size=prefill_chunk_size, dtype_given=dtype_name is not None,
-                         max_batch_size_given=max_batch_given, cpu_compute=cpu_compute)
+                         max_batch_size_given=max_batch_given, cpu_compute=cpu_compute, experts=experts)
     return build(checkpoint, chosen, device=device, prefill_chunk_size=prefill_chunk_size, progress=progress)
 
 
@@ -226,7 +238,8 @@ def build(checkpoint: Checkpoint, plan: Plan, *, device: torch.device, prefill_c
     kv_args = dict(max_batch_size=max_batch_size, num_kv_heads=arch.num_kv_heads, max_seq_len=max_seq_len,
                    head_dim=arch.head_dim, dtype=dtype)
     attached = {i: kv_attachment(**kv_args) for i in streamed_kv}   # zeroed; packed into the item's buffer
-    weights = PlacedWeights(_read_items(checkpoint, tiers, dtype, progress, layouts, held_packed), placement=tiers,
+    weights = PlacedWeights(_read_items(checkpoint, tiers, dtype, progress, layouts, held_packed, cpu_experts(plan)),
+                            placement=tiers,
                             dtype=dtype, device=device, prefetch_depth=max(1, plan.prefetch_depth),
                             read_in_place=[item for item in READ_IN_PLACE if tiers[item] == "cpu"],
                             ledger=ledger, alignment=alignment, attached=attached)
@@ -240,7 +253,7 @@ def build(checkpoint: Checkpoint, plan: Plan, *, device: torch.device, prefill_c
         engine = Engine(arch=arch, model=model, weights=weights, backends=backends, device=device, dtype=dtype,
                         max_seq_len=max_seq_len, max_batch_size=max_batch_size, staging=staging,
                         prefill_chunk_size=prefill_chunk_size or plan.prefill_chunk_size,
-                        cpu_layers=cpu_layers, host_model=host_model)
+                        cpu_layers=cpu_layers, host_model=host_model, cpu_experts=cpu_experts(plan))
     except BaseException:
         weights.close()
         raise

@@ -62,16 +62,22 @@ def choose_plan(*, path, arch: Architecture, device, dtype: str, max_batch_size:
                 quantization: str | None, max_seq_len: int | None, default_max_seq_len: int, plan=None, gpu_memory=None,
                 cpu_memory=None, gpu_layers=None, kv_gpu_layers=None, cpu_attention=None,
                 prefill_chunk_size: int | None = None, dtype_given: bool = False,
-                max_batch_size_given: bool = False, cpu_compute: bool | None = None) -> Plan:
+                max_batch_size_given: bool = False, cpu_compute: bool | None = None,
+                experts: str | None = None) -> Plan:
     """The plan to run (see the module docstring); every error is a ValueError raised before anything
     is allocated (PlanError when nothing fits the budgets)."""
     overrides = {k: v for k, v in (("gpu_layers", gpu_layers), ("kv_gpu_layers", kv_gpu_layers),
                                    ("cpu_attention", cpu_attention)) if v is not None}
     if cpu_compute is not None and not isinstance(cpu_compute, bool):
         raise ValueError(f"cpu_compute must be True, False or None, got {cpu_compute!r}")
+    if experts is not None and experts not in ("gpu", "cpu"):
+        raise ValueError(f"experts must be 'gpu', 'cpu' or None (the planner decides), got {experts!r}")
+    if experts is not None and not arch.moe_layers:
+        raise ValueError(f"experts={experts!r} places routed experts; {arch.model_type} has none (a dense model)")
     if plan is not None:
         conflicting = [name for name, value in (("gpu_memory", gpu_memory), ("cpu_memory", cpu_memory),
-                                                 ("cpu_compute", cpu_compute), *overrides.items()) if value is not None]
+                                                 ("cpu_compute", cpu_compute), ("experts", experts),
+                                                 *overrides.items()) if value is not None]
         if conflicting:
             raise ValueError(f"plan= runs exactly the given plan; drop {', '.join(conflicting)} "
                              "(or drop plan= to plan from them)")
@@ -97,9 +103,10 @@ def choose_plan(*, path, arch: Architecture, device, dtype: str, max_batch_size:
         return placement.manual_plan(spec, workload, hardware, gpu_layers=gpu_layers,
                                      kv_gpu_layers=kv_gpu_layers,
                                      cpu_attention=True if cpu_attention is None else bool(cpu_attention),
-                                     prefill_chunk_size=prefill_chunk_size, cpu_compute=cpu_compute)
+                                     prefill_chunk_size=prefill_chunk_size, cpu_compute=cpu_compute,
+                                     experts=experts or "gpu")
     chosen = placement.plan(spec, planning_hardware(device, gpu_memory, cpu_memory), workload,
-                            cpu_compute=cpu_compute)
+                            cpu_compute=cpu_compute, experts=experts)
     if prefill_chunk_size is not None and prefill_chunk_size > chosen.prefill_chunk_size:
         raise ValueError(f"prefill_chunk_size={prefill_chunk_size} exceeds the {chosen.prefill_chunk_size} "
                          "tokens the plan's workspace allows; leave it out or make it smaller")

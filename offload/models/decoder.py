@@ -45,7 +45,11 @@ class DecoderModel:
         """o_proj + residual, then post-attention norm, MLP, residual. attn: [B, Hq, T, D] -> h [B, T, H]."""
         h = h + linear(merge_heads(attn), lw["self_attn.o_proj.weight"], lw.get("self_attn.o_proj.bias"))
         x = rms_norm(h, lw["post_attention_layernorm.weight"], self.arch.rms_norm_eps)
-        return h + gated_mlp(x, lw, "mlp.", self.act)
+        return h + self.mlp(lw, x)
+
+    def mlp(self, lw: dict, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward block of a layer: x [B, T, H] (normed) -> [B, T, H], before the residual."""
+        return gated_mlp(x, lw, "mlp.", self.act)
 
     def head(self, w_norm: dict, w_head: dict, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head. h: [B, T, H] -> logits [B, T, V] float32."""

@@ -68,11 +68,16 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def gated_mlp(x: torch.Tensor, w: dict, prefix: str, act) -> torch.Tensor:
-    """SwiGLU: down(act(gate(x)) * up(x)); biases when the checkpoint has them (llama mlp_bias)."""
-    gate = linear(x, w[f"{prefix}gate_proj.weight"], w.get(f"{prefix}gate_proj.bias"))
-    up = linear(x, w[f"{prefix}up_proj.weight"], w.get(f"{prefix}up_proj.bias"))
-    return linear(act(gate) * up, w[f"{prefix}down_proj.weight"], w.get(f"{prefix}down_proj.bias"))
+GATED_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+def gated_mlp(x: torch.Tensor, w: dict, prefix: str, act, names: tuple[str, str, str] = GATED_NAMES) -> torch.Tensor:
+    """SwiGLU: down(act(gate(x)) * up(x)); biases when the checkpoint has them (llama mlp_bias). `names`: the
+    gate, up and down matrices under `prefix` (Mixtral's experts: w1, w3, w2)."""
+    gate, up, down = (f"{prefix}{name}" for name in names)
+    g = linear(x, w[f"{gate}.weight"], w.get(f"{gate}.bias"))
+    u = linear(x, w[f"{up}.weight"], w.get(f"{up}.bias"))
+    return linear(act(g) * u, w[f"{down}.weight"], w.get(f"{down}.bias"))
 
 
 def plain_mlp(x: torch.Tensor, w: dict, act) -> torch.Tensor:

@@ -60,6 +60,11 @@ class QuantizedWeight:
     def group_size(self) -> int:
         return self.in_features // self.scales.shape[1]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the packed parts lie."""
+        return self.qweight.device
+
     def cpu_matrix(self):
         """Its cpu_kernels.PackedMatrix (views of its host tensors, checked once and kept with it)."""
         if self._cpu_matrix is None:

@@ -7,8 +7,10 @@ A weight source is called by the engine in a fixed order for every chunk it runs
     skip(item) -> None                   # the item's turn passes unused (the head of a prefill chunk)
     announce_skips(item, count)          # said ahead of those skips, so nothing is copied for them
 
-`item` is an int decoder-layer index or one of "embedding", "final_norm", "lm_head". Layer dicts are keyed by
-the tensor name relative to `arch.layer_prefix(i)` ("self_attn.q_proj.weight"); the other items by the full
+`item` is an int decoder-layer index, one of "embedding", "final_norm", "lm_head", or ("experts", i): the routed
+experts of MoE layer i when the plan keeps them on the CPU (experts_item; otherwise they are part of item i).
+Layer and experts dicts are keyed by the tensor name relative to `arch.layer_prefix(i)`
+("self_attn.q_proj.weight", "mlp.experts.3.up_proj.weight"); the other items by the full
 checkpoint name less `arch.checkpoint_prefix` ("model.norm.weight" also inside a multimodal checkpoint). With tied embeddings, acquire("lm_head") returns {"lm_head.weight": <embedding table>}.
 """
 from __future__ import annotations
@@ -20,8 +22,9 @@ import torch
 from offload.weights.prefetch import TransferStats
 from placement.architecture import Architecture
 
-Item = Union[int, str]
+Item = Union[int, str, tuple]
 NAMED_ITEMS = ("embedding", "final_norm", "lm_head")
+EXPERTS = "experts"
 LM_HEAD = "lm_head.weight"
 
 
@@ -60,18 +63,34 @@ class WeightSource(Protocol):
         """Free everything (idempotent); acquire afterwards raises."""
 
 
-def weight_items(arch: Architecture) -> list[Item]:
-    """Every item in the order the engine uses them: embedding, layers 0..N-1, final_norm, lm_head."""
-    return ["embedding", *range(arch.num_layers), "final_norm", "lm_head"]
+def experts_item(layer: int) -> tuple[str, int]:
+    """The item of MoE layer `layer`'s routed experts, when they are placed apart from the layer."""
+    return (EXPERTS, layer)
 
 
-def item_tensors(arch: Architecture, item: Item) -> dict[str, str]:
-    """Key in the acquired dict -> checkpoint tensor name, for one item."""
+def weight_items(arch: Architecture, cpu_experts=()) -> list[Item]:
+    """Every item in the order the engine uses them: embedding, layers 0..N-1 (each followed by its experts'
+    item when the layer is in `cpu_experts`), final_norm, lm_head."""
+    layers = [item for i in range(arch.num_layers) for item in ((i, experts_item(i)) if i in cpu_experts else (i,))]
+    return ["embedding", *layers, "final_norm", "lm_head"]
+
+
+def item_tensors(arch: Architecture, item: Item, cpu_experts=()) -> dict[str, str]:
+    """Key in the acquired dict -> checkpoint tensor name, for one item (a layer in `cpu_experts` without its
+    routed experts: they are the item experts_item(layer))."""
+    if isinstance(item, tuple):
+        kind, layer = item
+        if kind != EXPERTS or layer not in arch.moe_layers:
+            raise ValueError(f"unknown weight item {item!r}; experts items are ({EXPERTS!r}, a MoE layer)")
+        prefix = arch.layer_prefix(layer)
+        return {name[len(prefix):]: name for e in range(arch.num_experts) for name in arch.expert_tensors(layer, e)}
     if isinstance(item, int):
         if not 0 <= item < arch.num_layers:
             raise ValueError(f"layer {item} out of range (model has {arch.num_layers} layers)")
         prefix = arch.layer_prefix(item)
-        return {name[len(prefix):]: name for name in arch.layer_tensors(item)}
+        apart = {name for e in range(arch.num_experts) for name in arch.expert_tensors(item, e)} \
+            if item in cpu_experts else set()
+        return {name[len(prefix):]: name for name in arch.layer_tensors(item) if name not in apart}
     if item == "embedding":
         names = arch.embedding_tensors()
     elif item == "final_norm":

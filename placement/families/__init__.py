@@ -14,12 +14,14 @@ from placement.config_fields import ConfigError
 from placement.families.base import FamilyDescription, Shape
 from placement.families.gemma import GEMMA2, GEMMA3, GEMMA3_MULTIMODAL
 from placement.families.llama import LLAMA
+from placement.families.moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
 from placement.families.opt import OPT
 from placement.families.phi3 import PHI3
 from placement.families.qwen3 import QWEN3
 
 FAMILIES: dict[str, FamilyDescription] = {model_type: family
-                                          for family in (LLAMA, OPT, QWEN3, GEMMA2, GEMMA3, GEMMA3_MULTIMODAL, PHI3)
+                                          for family in (LLAMA, OPT, QWEN3, GEMMA2, GEMMA3, GEMMA3_MULTIMODAL, PHI3,
+                                                         MIXTRAL, QWEN2_MOE, QWEN3_MOE)
                                           for model_type in family.model_types}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 

@@ -34,6 +34,12 @@ class FamilyDescription(Protocol):
     def lm_head_tensors(self, arch: "Architecture") -> dict[str, Shape]:
         """The LM head; empty when tied to the token table."""
 
+    def router_tensors(self, arch: "Architecture", layer: int) -> dict[str, Shape]:
+        """What routes tokens to the experts of layer `layer` (kept in the model dtype); empty for a dense layer."""
+
+    def expert_tensors(self, arch: "Architecture", layer: int, expert: int) -> dict[str, Shape]:
+        """Routed expert `expert` of layer `layer`; empty for a dense layer."""
+
 
 class PreNormDecoder:
     """The tensor table of a llama-like pre-norm decoder under a `prefix` ("model." in most checkpoints):
@@ -86,3 +92,9 @@ class PreNormDecoder:
     def lm_head_tensors(self, arch: "Architecture") -> dict[str, Shape]:
         head = f"{self.checkpoint_prefix}lm_head.weight"          # beside the model's own tensors
         return {} if arch.tie_word_embeddings else {head: (arch.vocab_size, arch.hidden_size)}
+
+    def router_tensors(self, arch: "Architecture", layer: int) -> dict[str, Shape]:
+        return {}                                                 # dense layers (placement/families/moe.py)
+
+    def expert_tensors(self, arch: "Architecture", layer: int, expert: int) -> dict[str, Shape]:
+        return {}

@@ -77,5 +77,11 @@ class OptFamily:
             return {}
         return {"lm_head.weight": (arch.vocab_size, arch.options["word_embed_proj_dim"] or arch.hidden_size)}
 
+    def router_tensors(self, arch, layer: int) -> dict[str, Shape]:
+        return {}                                                 # no experts
+
+    def expert_tensors(self, arch, layer: int, expert: int) -> dict[str, Shape]:
+        return {}
+
 
 OPT = OptFamily()

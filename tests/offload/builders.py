@@ -56,6 +56,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                           "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
                                                           "long_factor": [1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
                                                           "original_max_position_embeddings": 16})),
+    # mixtures of experts: top-2 of 4 (Mixtral, renormalised, window on every layer); Qwen2-MoE with a shared
+    # expert, a dense layer (1) and windows on 0 and 2, weights not renormalised; Qwen3-MoE top-3 of 8
+    "mixtral_window": ("MixtralConfig", dict(_LLAMA, num_local_experts=4, num_experts_per_tok=2, sliding_window=4)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(_LLAMA, num_hidden_layers=3, num_experts=6, num_experts_per_tok=2,
+                                         moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                         mlp_only_layers=[1], use_sliding_window=True, sliding_window=4,
+                                         max_window_layers=3)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(_LLAMA, head_dim=24, num_experts=8, num_experts_per_tok=3,
+                                         moe_intermediate_size=32, norm_topk_prob=True)),
     "opt": ("OPTConfig", _OPT),
     "opt_post_ln": ("OPTConfig", dict(_OPT, do_layer_norm_before=False)),
     "opt_proj": ("OPTConfig", dict(_OPT, word_embed_proj_dim=32)),

@@ -34,8 +34,10 @@ def test_json_has_the_documented_keys(streamed_plan):
     assert set(d["workload"]) == {"batch_size", "prompt_len", "gen_len"}
     assert len(d["layers"]) == 32
     for layer in d["layers"]:
-        assert set(layer) == {"index", "weights", "kv", "attention", "compute", "weight_bytes", "kv_bytes"}
-        assert {layer["weights"], layer["kv"], layer["attention"], layer["compute"]} <= {"gpu", "cpu"}
+        assert set(layer) == {"index", "weights", "kv", "attention", "compute", "weight_bytes", "kv_bytes",
+                              "expert_bytes", "experts"}
+        assert {layer["weights"], layer["kv"], layer["attention"], layer["compute"], layer["experts"]} <= {"gpu", "cpu"}
+        assert layer["expert_bytes"] == 0                     # a dense model
     assert set(d["memory"]["gpu"]) == {"weights", "kv_cache", "buffers", "workspace", "total"}
     assert set(d["memory"]["cpu"]) == {"weights", "kv_cache", "total"}
     assert set(d["predicted"]) == {"prefill_s", "decode_tokens_per_s", "bottleneck"}

@@ -27,7 +27,8 @@ def _references(model, turns, max_new_tokens, **kwargs):
 
 
 @pytest.mark.parametrize("variant, chunk", [("llama", 512), ("mistral_window", 3), ("opt", 2),
-                                            ("qwen2_window", 4), ("gemma2", 3), ("gemma3", 4), ("qwen3", 5)])
+                                            ("qwen2_window", 4), ("gemma2", 3), ("gemma3", 4), ("qwen3", 5),
+                                            ("mixtral_window", 3), ("qwen2_moe", 4), ("qwen3_moe", 5)])
 def test_turns_equal_single_calls_over_the_conversation(checkpoint_factory, variant, chunk):
     model = _load(checkpoint_factory, variant, prefill_chunk_size=chunk)
     want = _references(model, TURNS, 6)

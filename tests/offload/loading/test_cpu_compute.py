@@ -22,7 +22,7 @@ def _load(path, **kwargs):
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2_tied", "mistral_window", "opt", "qwen3", "gemma2", "gemma3",
-                                     "phi3_longrope"])
+                                     "phi3_longrope", "mixtral_window", "qwen2_moe", "qwen3_moe"])
 def test_cpu_computed_layers_decode_transformers_tokens(checkpoint_factory, variant):
     path, hf = checkpoint_factory(variant)
     model = _load(path, gpu_layers=1, kv_gpu_layers=1, cpu_compute=True)

@@ -35,7 +35,10 @@ def test_every_placement_computes_the_same_quantized_model(llama5, scheme):
     assert ratio < {"int4": 0.45, "int8": 0.6}[scheme]      # of float32 layers (+ the streamed KV, unchanged)
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2_tied", "mistral_window", "opt", "qwen3", "gemma2", "phi3"])
+# (qwen3_moe's top-3-of-8 routing flips a token's experts under 8-bit noise on this tiny random model, which
+# moves its logits past this bound: tests/offload/models/test_moe.py measures quantized experts as such)
+@pytest.mark.parametrize("variant", ["llama", "qwen2_tied", "mistral_window", "opt", "qwen3", "gemma2", "phi3",
+                                     "mixtral_window", "qwen2_moe"])
 def test_int8_stays_close_to_the_model_in_every_family(checkpoint_factory, variant):
     """Every family's matrices go through the same packed linear; 8-bit logits stay within a few percent."""
     path, hf = checkpoint_factory(variant)

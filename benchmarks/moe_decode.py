@@ -1,0 +1,123 @@
+"""Mixture-of-experts decode, side by side in one run, on a scaled-down Qwen3-30B-A3B shape with random weights
+(its expert shape and routing, 128 experts top-8, head_dim 128; fewer layers and a narrower model): decode
+tokens/s with the routed experts computed on the CPU (experts="cpu"), streamed with their layers (every layer
+through the ring), all on one device, and transformers on the same checkpoint; the planner's prediction for
+each against the measurement; and the CPU expert computation's GB/s against the measured memory read
+bandwidth (what it reads: the 8 routed experts' matrices of one token).
+
+    python benchmarks/moe_decode.py            # bf16 and int4
+    python benchmarks/moe_decode.py --quick    # a tiny model, 4 tokens: that it runs
+
+Without CUDA the "gpu" tier is the CPU (the script says so): the rows then compare the paths' overheads on one
+memory, not PCIe against RAM. Decode tokens/s: greedy, batch 1, N - 1 tokens over the time from the first new
+token to the N-th (prefill left out), the fastest of the repeats, ours and transformers interleaved.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_attention import read_bandwidth  # noqa: E402
+from cpu_decode import decode_rates, ours, transformers_peer  # noqa: E402
+from random_checkpoint import build_random_checkpoint, read_config  # noqa: E402
+
+from offload.models.moe import route, routed_experts  # noqa: E402
+from offload.models.layers import ACTIVATIONS  # noqa: E402
+
+# Qwen3-30B-A3B's experts (128 of hidden x 768, top-8, renormalised) and attention (32 q / 4 kv heads of 128) at
+# half the width, 8 of its 48 layers: 1.4B parameters, 0.13B active per token
+SCALED = dict(read_config("qwen3-30b-a3b"), hidden_size=1024, moe_intermediate_size=384, intermediate_size=3072,
+              num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=2, vocab_size=32000,
+              max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+QUICK = dict(SCALED, hidden_size=128, moe_intermediate_size=64, intermediate_size=256, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=16, num_experts_per_tok=4,
+             vocab_size=512)
+BUDGET = dict(gpu_memory="64GiB", cpu_memory="64GiB")     # the planner on the CPU stand-in: it predicts
+
+
+def expert_rate(model, repeats: int) -> tuple[float, int]:
+    """(GB/s, bytes) of the CPU computing one token's routed experts of layer 0 as the model holds them."""
+    engine = model.engine
+    lw = engine.weights.host_tensors(("experts", 0))
+    lw.update(engine.weights.acquire(0))
+    engine.weights.release(0)
+    arch = model.arch
+    x = torch.randn(1, arch.hidden_size).to(engine.dtype)
+    weights, experts = route(torch.nn.functional.linear(x, lw["mlp.gate.weight"]), arch.num_experts_per_tok, True)
+    act = ACTIVATIONS[arch.hidden_act]
+    names = ("gate_proj", "up_proj", "down_proj")
+    num_bytes = sum(_bytes(lw[f"mlp.experts.{e}.{n}.weight"]) for e in experts[0].tolist() for n in names)
+    routed_experts(x, weights.to(x.dtype), experts, lw, "mlp.experts.", names, act)     # warm-up
+    best = float("inf")
+    for _ in range(repeats * 20):
+        start = time.perf_counter()
+        routed_experts(x, weights.to(x.dtype), experts, lw, "mlp.experts.", names, act)
+        best = min(best, time.perf_counter() - start)
+    return num_bytes / best / 1e9, num_bytes
+
+
+def _bytes(weight) -> int:
+    parts = [weight] if isinstance(weight, torch.Tensor) else [weight.qweight, weight.scales] + \
+        ([weight.mins] if weight.mins is not None else [])
+    return sum(p.numel() * p.element_size() for p in parts)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny model, 4 new tokens, 1 repeat, bf16 only")
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "offload" / "bench"))
+    args = parser.parse_args(argv)
+    config = QUICK if args.quick else SCALED
+    if args.quick:
+        args.new_tokens, args.repeats = 4, 1
+    threads = torch.get_num_threads()
+    bandwidth = read_bandwidth(threads, num_bytes=(64 << 20) if args.quick else (1 << 30))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = build_random_checkpoint(config, "bfloat16", args.workdir, label="qwen3-moe-scaled", log=lambda *_: None)
+    print(f"moe_decode: {path.name}: {config['num_hidden_layers']} layers, {config['num_experts']} experts top-"
+          f"{config['num_experts_per_tok']}, hidden {config['hidden_size']}, expert {config['moe_intermediate_size']}; "
+          f"batch 1, {args.new_tokens} new tokens, best of {args.repeats}; torch {torch.__version__}, {threads} "
+          f"threads; memory read bandwidth {bandwidth:.1f} GB/s (measured)")
+    if device == "cpu":
+        print("no CUDA: the 'gpu' tier is the CPU (a stand-in); rows compare the paths on one memory, not PCIe")
+    header = f"{'weights':<9}{'experts':<34}{'ours tok/s':>11}{'predicted':>11}{'meas/pred':>10}{'transformers':>14}"
+    print(header + "\n" + "-" * len(header))
+    prompt = list(range(10, 42))
+    schemes = ["bf16"] if args.quick else ["bf16", "int4"]
+    rates_at = {}
+    for scheme in schemes:
+        quantize = {} if scheme == "bf16" else {"quantize": scheme}
+        rows = [("on the CPU (experts='cpu')", dict(experts="cpu", **BUDGET)),
+                ("streamed with layers (all streamed)", dict(experts="gpu", gpu_layers=0, **BUDGET)),
+                ("all on one device", dict(experts="gpu", **BUDGET))]
+        for label, kwargs in rows:
+            model, timer = ours(path, dtype="bfloat16", **quantize, **kwargs)
+            timers = {"ours": timer}
+            hf = None
+            if scheme == "bf16" and kwargs.get("gpu_layers") is None and kwargs["experts"] == "gpu":
+                hf, timers["transformers"] = transformers_peer(path, torch.bfloat16)
+            rates = decode_rates(timers, prompt, args.new_tokens, args.repeats)
+            predicted = model.plan.predicted.decode_tokens_per_s
+            print(f"{scheme:<9}{label:<34}{rates['ours']:>11.2f}{predicted:>11.2f}"
+                  f"{rates['ours'] / predicted:>10.2f}"
+                  f"{rates.get('transformers', float('nan')):>14.2f}")
+            if kwargs["experts"] == "cpu":
+                rates_at[scheme] = expert_rate(model, args.repeats)
+            del model, hf
+    print("predicted: the cost model's decode tokens/s for this plan on this machine (its default CPU speeds); "
+          "transformers: the same checkpoint, bf16, its own generate")
+    print(f"\nCPU experts of one token (layer 0, {config['num_experts_per_tok']} experts, as held): GB/s and share "
+          "of the measured read bandwidth")
+    for scheme, (rate, num_bytes) in rates_at.items():
+        print(f"  {scheme:<6}{num_bytes / 1e6:>8.2f} MB  {rate:>7.2f} GB/s  {rate / bandwidth:>5.0%} of {bandwidth:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Mixture-of-experts math: Mixtral, Qwen2-MoE and Qwen3-MoE (their tensor tables: placement/families/moe.py).
+
+Attention is their dense siblings' (Mistral's, Qwen2's, Qwen3's); the MLP of a MoE layer routes each token to
+`num_experts_per_tok` experts, exactly as transformers does: router logits in the model dtype (F.linear, as
+transformers computes them), softmax in float32, top-k, the chosen weights renormalised when the family does
+(Mixtral always, Qwen when `norm_topk_prob`); each hit expert (ascending) computes its tokens' gated MLP,
+scaled by their weights (float32 for Mixtral, rounded to the model dtype first for Qwen) and added into the
+output. Qwen2-MoE adds a shared expert scaled by sigmoid(shared_expert_gate(x)). A layer without a router
+(Qwen's `mlp_only_layers`, `decoder_sparse_step`) is a plain gated MLP.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from offload.models.decoder import DecoderModel
+from offload.models.layers import gated_mlp, linear
+from offload.models.qwen3 import Qwen3Model
+
+
+def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, E] (model dtype) -> (weights [N, k] float32, experts [N, k] int64), transformers' order of
+    operations: softmax in float32, top-k (ties as torch.topk breaks them), optional renormalisation."""
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+def routed_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, lw: dict, prefix: str,
+                   names: tuple[str, str, str], act) -> torch.Tensor:
+    """sum over each token's chosen experts of weight * expert(x): x [N, H], weights [N, k] (float32 or the
+    model dtype), experts [N, k] -> [N, H] in x's dtype, on x's device. Expert e's gated MLP is
+    `{prefix}{e}.{name}` in lw; the experts are computed where their weights lie (experts kept on the CPU:
+    only the N rows, their weights and choices cross, and the result comes back)."""
+    assert x.dim() == 2 and weights.shape == experts.shape and experts.shape[0] == x.shape[0], \
+        (x.shape, weights.shape, experts.shape)
+    home = lw[f"{prefix}0.{names[2]}.weight"].device
+    if home != x.device:
+        out = routed_experts(x.to(home), weights.to(home), experts.to(home), lw, prefix, names, act)
+        return out.to(x.device)
+    out = torch.zeros_like(x)
+    for expert in torch.unique(experts).tolist():            # ascending, as transformers adds them
+        token, slot = torch.where(experts == expert)          # token: [n] rows routed to `expert`
+        y = gated_mlp(x[token], lw, f"{prefix}{expert}.", act, names)   # [n, H]
+        out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+    return out
+
+
+class MoeMlp:
+    """The MLP of a MoE family: routed experts where the layer has a router, a gated MLP where it is dense.
+    Subclasses set the names of their sparse block and experts."""
+
+    block = "mlp."                                       # the sparse block's prefix in a layer
+    expert_names = ("gate_proj", "up_proj", "down_proj")
+    weights_in_float32 = False                           # Mixtral scales by float32 weights, Qwen rounds them first
+
+    def mlp(self, lw: dict, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, H] (normed) -> [B, T, H], before the residual."""
+        router = lw.get(f"{self.block}gate.weight")
+        if router is None:
+            return gated_mlp(x, lw, "mlp.", self.act)
+        B, T, H = x.shape
+        x2 = x.reshape(B * T, H)
+        a = self.arch
+        weights, experts = route(F.linear(x2, router), a.num_experts_per_tok, a.options["norm_topk_prob"])
+        if not self.weights_in_float32:
+            weights = weights.to(x.dtype)
+        out = routed_experts(x2, weights, experts, lw, f"{self.block}experts.", self.expert_names, self.act)
+        if a.options["shared_expert_size"]:
+            shared = gated_mlp(x2, lw, f"{self.block}shared_expert.", self.act)            # [N, H]
+            out = out + torch.sigmoid(linear(x2, lw[f"{self.block}shared_expert_gate.weight"])) * shared
+        return out.view(B, T, H)
+
+
+class MixtralModel(MoeMlp, DecoderModel):
+    """Mixtral: Mistral's attention, eight experts w1/w3/w2 under block_sparse_moe."""
+
+    block = "block_sparse_moe."
+    expert_names = ("w1", "w3", "w2")
+    weights_in_float32 = True
+
+
+class Qwen2MoeModel(MoeMlp, DecoderModel):
+    """Qwen2-MoE: Qwen2's attention (q/k/v biases), routed experts plus a gated shared expert."""
+
+
+class Qwen3MoeModel(MoeMlp, Qwen3Model):
+    """Qwen3-MoE: Qwen3's attention (q/k norms), routed experts."""
