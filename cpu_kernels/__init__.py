@@ -13,9 +13,11 @@ multiplies a few rows by a matrix packed per group (4-bit or 8-bit codes), readi
 x quantized per run of 32 inputs (int8 for 4-bit codes, int16 for 8-bit) and multiplied as integers, for
 16-bit models; else exact float32);
 `PackedMatrix.of(qweight, scales, mins)` keeps the checked views for repeated calls (`matrix(x)`);
-`dense_linear_rows(x, weight)` does the same for a dense float32/bfloat16/float16 matrix.
+`dense_linear_rows(x, weight)` does the same for a dense float32/bfloat16/float16 matrix;
+`stacked_linear(x, matrices, integer)` runs several of one shape, of either kind, in one parallel loop (a MoE
+layer's experts).
 """
-from .linear import PackedMatrix, dense_linear_rows, quantized_linear
+from .linear import PackedMatrix, dense_linear_rows, stacked_linear, quantized_linear
 from .ops import append_kv, attention
 
-__all__ = ["attention", "append_kv", "quantized_linear", "PackedMatrix", "dense_linear_rows"]
+__all__ = ["attention", "append_kv", "quantized_linear", "PackedMatrix", "dense_linear_rows", "stacked_linear"]

@@ -153,18 +153,30 @@ def packed_linear_many(x, codes, scales, mins, has_mins, integer, blocks, outs):
     integer path quantizes x once and hands the outputs of all of them out in one parallel loop of `blocks`
     blocks (one thread launch, not one each)."""
     rows, inputs = x.shape
+    packed_linear_each(x.reshape((1, rows, inputs)), codes, scales, mins, has_mins, integer, blocks, outs)
+
+
+@njit(nogil=True, cache=True)
+def packed_linear_each(xs3, codes, scales, mins, has_mins, integer, blocks, outs):
+    """packed_linear_many where matrix i reads xs3[i] ([C, M, K] f32, C = 1: all read xs3[0]; else C = the
+    number of matrices: each routed expert's down projection of its own rows). The integer path quantizes
+    every input once and runs one parallel loop over all the matrices' outputs."""
+    count, rows, inputs = xs3.shape
+    assert count == 1 or count == len(codes)
     runs_fit = integer and inputs % RUN == 0
     for i in range(len(codes)):
         runs_fit = runs_fit and (inputs // scales[i].shape[1]) % RUN == 0
     four_bit = codes[0].shape[1] != inputs
     if runs_fit:
-        xs = np.empty((rows, inputs // RUN), np.float32)
-        sums = np.empty((rows, inputs // RUN), np.float32)
-        xq = activations_for(codes[0], rows, inputs)
-        quantize_rows(x, four_bit, xq, xs, sums)
-        _int_linear(xq, xs, sums, codes, scales, mins, has_mins, blocks, outs)
+        xs = np.empty((count * rows, inputs // RUN), np.float32)
+        sums = np.empty((count * rows, inputs // RUN), np.float32)
+        xq = activations_for(codes[0], count * rows, inputs)
+        quantize_rows(xs3.reshape((count * rows, inputs)), four_bit, xq, xs, sums)
+        _int_linear(xq.reshape((count, rows, inputs)), xs.reshape((count, rows, inputs // RUN)),
+                    sums.reshape((count, rows, inputs // RUN)), codes, scales, mins, has_mins, blocks, outs)
         return
     for i in range(len(codes)):
+        x = xs3[i if count > 1 else 0]
         groups = scales[i].shape[1]
         sums = np.empty((rows, groups), np.float32)
         halves = inputs // 2 if four_bit else 0
@@ -179,11 +191,13 @@ def packed_linear_many(x, codes, scales, mins, has_mins, integer, blocks, outs):
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=_INT_FLAGS)
 def _int_linear(xq, xs, sums, codes, scales, mins, has_mins, blocks, outs):
-    # xq, xs, sums: quantize_rows' output; codes, scales, mins, has_mins, outs: one per matrix, whose outputs
-    # are handed out in one sequence of blocks
-    rows = xq.shape[0]
-    runs = xs.shape[1]
+    # xq, xs, sums [C, M, ...]: quantize_rows' output for one input shared by every matrix (C = 1) or one per
+    # matrix; codes, scales, mins, has_mins, outs: one per matrix, whose outputs are handed out in one
+    # sequence of blocks
+    rows = xq.shape[1]
+    runs = xs.shape[2]
     count = len(codes)
+    shared = xq.shape[0] == 1
     ends = np.empty(count, np.int64)                 # the matrices' outputs, end to end
     most_groups = 1
     total = 0
@@ -197,13 +211,14 @@ def _int_linear(xq, xs, sums, codes, scales, mins, has_mins, blocks, outs):
             per_group = runs // scales[i].shape[1]
             for m in range(rows):
                 for r in range(runs):
-                    group_sums[i, m, r // per_group] += sums[m, r]
-    widths = 4 if codes[0].shape[1] != xq.shape[1] else 0     # 4-bit block scales: each run's scale 4 times
-    xs_wide = np.empty((rows, runs * widths), np.float32)
-    for m in range(rows):
-        for r in range(runs):
-            for w in range(widths):
-                xs_wide[m, r * widths + w] = xs[m, r]
+                    group_sums[i, m, r // per_group] += sums[0 if shared else i, m, r]
+    widths = 4 if codes[0].shape[1] != xq.shape[2] else 0     # 4-bit block scales: each run's scale 4 times
+    xs_wide = np.empty((xs.shape[0], rows, runs * widths), np.float32)
+    for c in range(xs.shape[0]):
+        for m in range(rows):
+            for r in range(runs):
+                for w in range(widths):
+                    xs_wide[c, m, r * widths + w] = xs[c, m, r]
     per_block = (total + blocks - 1) // blocks
     for block in prange(blocks):
         run_scales = np.empty((1, runs), np.float32)
@@ -212,7 +227,8 @@ def _int_linear(xq, xs, sums, codes, scales, mins, has_mins, blocks, outs):
         for i in range(count):
             first = ends[i] - codes[i].shape[0]
             if low < ends[i] and high > first:
-                _int_outputs(xq, xs, xs_wide, group_sums[i], codes[i], scales[i], mins[i], has_mins[i],
+                c = 0 if shared else i
+                _int_outputs(xq[c], xs[c], xs_wide[c], group_sums[i], codes[i], scales[i], mins[i], has_mins[i],
                              max(low, first) - first, min(high, ends[i]) - first, run_scales, wide, outs[i])
 
 
@@ -253,18 +269,34 @@ def _int_outputs(xq, xs, xs_wide, group_sums, codes, scales, mins, has_mins, fir
             out[m, n] = dot
 
 
-@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+@njit(nogil=True, cache=True)
 def dense_linear(x, weight, blocks, out):
     """x [M, K] f32, weight [N, K] float32 or 16-bit bits (uint16 bfloat16, int16 float16), `blocks` as in
     int4_linear -> out [M, N] f32, accumulated in float32: one dot product per output (a dense row has no
     groups, so LLVM's reduction loop, with its own partial sums, runs over the whole row)."""
     rows, inputs = x.shape
-    outputs = weight.shape[0]
-    per_block = (outputs + blocks - 1) // blocks
+    dense_linear_each(x.reshape((1, rows, inputs)), (weight,), blocks, (out,))
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+def dense_linear_each(xs3, weights, blocks, outs):
+    """dense_linear for a tuple of matrices of one dtype and width: matrix i reads xs3[i] ([C, M, K] f32; C = 1:
+    all read xs3[0]) into outs[i]; their outputs handed out in one parallel loop of `blocks` blocks."""
+    count, rows, inputs = xs3.shape
+    ends = np.empty(len(weights), np.int64)              # the matrices' outputs, end to end
+    total = 0
+    for i in range(len(weights)):
+        total += weights[i].shape[0]
+        ends[i] = total
+    per_block = (total + blocks - 1) // blocks
     for block in prange(blocks):
-        for n in range(block * per_block, min(outputs, (block + 1) * per_block)):
-            for m in range(rows):
-                total = np.float32(0.0)
-                for k in range(np.uint64(inputs)):
-                    total += x[m, k] * widen(weight[n, k])
-                out[m, n] = total
+        low, high = block * per_block, min(total, (block + 1) * per_block)
+        for i in range(len(weights)):
+            first = ends[i] - weights[i].shape[0]
+            weight, out, x = weights[i], outs[i], xs3[0 if count == 1 else i]
+            for n in range(max(low, first) - first, min(high, ends[i]) - first):
+                for m in range(rows):
+                    acc = np.float32(0.0)
+                    for k in range(np.uint64(inputs)):
+                        acc += x[m, k] * widen(weight[n, k])
+                    out[m, n] = acc

@@ -4,6 +4,8 @@
     y = matrix(x)                                       # x float32 [M, K] -> float32 [M, N]
     y = quantized_linear(x, qweight, scales, mins)      # the same, in one call
     y = dense_linear_rows(x, weight)                    # x float32 [M, K] @ a dense float32/16-bit W.T
+    ys = stacked_linear(x, matrices, integer)           # C matrices of one shape in one parallel loop -> [C, M, N]
+                                                        # (x shared, or x [C, M, K]: matrix i reads x[i])
 
 The matrix stays packed (4-bit codes two to a byte, or 8-bit codes) and is read once per call; nothing of
 its dense size is allocated, and its scales are read in their stored dtype (float32, bfloat16, float16).
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from ._checks import CACHE_DTYPES, cache_view
-from ._linear_kernel import dense_linear, packed_linear
+from ._linear_kernel import dense_linear, dense_linear_each, packed_linear, packed_linear_each
 from .ops import _LAUNCH_LOCK, _needs_launch_lock
 
 BLOCKS_PER_THREAD = 16     # outputs handed out in blocks (the kernels' lane sums live per block)
@@ -109,6 +111,55 @@ def dense_linear_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     _run(dense_linear, x.detach().contiguous().numpy(), cache_view(weight.detach().contiguous(), fp16_as_int16=True),
          blocks, out.numpy())
     return out
+
+
+def stacked_linear(x: torch.Tensor, matrices: list, integer: bool = False) -> torch.Tensor:
+    """x @ W_i.T for C matrices of one shape [N, K] in one parallel loop (one thread launch for all) -> float32
+    [C, M, N]: x float32 [M, K] read by every matrix, or [C, M, K], matrix i reading x[i]. `matrices`: all
+    PackedMatrix of one code type (`integer` as PackedMatrix) or all dense float32/bfloat16/float16 tensors of
+    one dtype. A routed MoE layer's experts: their gate and up on the token rows, then their down projections
+    on each expert's own rows. (The tuple handed to Numba is padded with empty matrices to a power of two, so
+    that few lengths are ever compiled.)"""
+    count = len(matrices)
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or x.device.type != "cpu" or x.dtype != torch.float32 \
+            or (x.dim() == 3 and x.shape[0] != count) or count == 0:
+        raise ValueError(f"x must be a float32 CPU tensor [M, K] or [{count}, M, K] (C >= 1 matrices), got "
+                         f"{getattr(x, 'shape', type(x))} {getattr(x, 'dtype', '')}")
+    xs3 = x.detach().contiguous()
+    xs3 = xs3[None] if xs3.dim() == 2 else xs3
+    rows, inputs = xs3.shape[1:]
+    size = 1 << (count - 1).bit_length()                                # padded length
+    if xs3.shape[0] > 1 and size > count:
+        xs3 = torch.cat([xs3, xs3.new_zeros(size - count, rows, inputs)])
+    first = matrices[0]
+    if isinstance(first, PackedMatrix):
+        kind = (first.codes.dtype, first.codes.shape, first.scales.dtype, first.scales.shape, first.has_mins)
+        if any(not isinstance(m, PackedMatrix) or (m.codes.dtype, m.codes.shape, m.scales.dtype, m.scales.shape,
+                                                   m.has_mins) != kind for m in matrices) or first.shape[1] != inputs:
+            raise ValueError(f"matrices must be PackedMatrix of one shape [N, {inputs}], code and scale type")
+        outputs = first.codes.shape[0]
+        codes, scales, mins = [m.codes for m in matrices], [m.scales for m in matrices], [m.mins for m in matrices]
+        pad = size - count
+        codes += [first.codes[:0]] * pad
+        scales += [first.scales[:0]] * pad
+        mins += [first.mins[:0]] * pad
+        kernel_args = (tuple(codes), tuple(scales), tuple(mins), (first.has_mins,) * size, integer)
+        kernel = packed_linear_each
+    else:
+        if any(not isinstance(m, torch.Tensor) or m.shape != first.shape or m.dtype != first.dtype
+               or m.device.type != "cpu" for m in matrices) or first.dim() != 2 or first.shape[1] != inputs \
+                or first.dtype not in CACHE_DTYPES:
+            raise ValueError(f"matrices must be CPU tensors of one shape [N, {inputs}] and one float32/bfloat16/"
+                             "float16 dtype")
+        outputs = first.shape[0]
+        views = [cache_view(m.detach().contiguous(), fp16_as_int16=True) for m in matrices]
+        kernel_args = (tuple(views + [views[0][:0]] * (size - count)),)
+        kernel = dense_linear_each
+    out = np.empty((count, rows, outputs), np.float32)
+    empty = np.empty((rows, 0), np.float32)
+    blocks = max(1, min(count * outputs, numba.get_num_threads() * BLOCKS_PER_THREAD))
+    _run(kernel, xs3.numpy(), *kernel_args, blocks, tuple(list(out) + [empty] * (size - count)))
+    return torch.from_numpy(out)
 
 
 def _run(kernel, *args) -> None:

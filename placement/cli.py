@@ -157,6 +157,9 @@ def run(argv: list[str] | None = None) -> int:
             parse_size(value, what=flag)
     spec = load_spec(args.model, dtype=args.dtype, quantization=args.quantize)
     workload = Workload(batch_size=args.batch_size, prompt_len=args.prompt_len, gen_len=args.gen_len)
+    if args.experts != "auto" and not spec.arch.moe_layers:
+        raise UsageError(f"--experts {args.experts} places routed experts; {spec.name} ({spec.arch.model_type}) has "
+                         "none: leave --experts out")
     hw = _hardware(args)
     _warn_budgets(args, hw)
     if args.gpu_layers is not None or args.kv_gpu_layers is not None:

@@ -13,9 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cpu_kernels import stacked_linear
 from offload.models.decoder import DecoderModel
 from offload.models.layers import gated_mlp, linear
 from offload.models.qwen3 import Qwen3Model
+from offload.weights.quant import QuantizedWeight
+from placement.cost import CPU_DECODE_MAX_ROWS
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,11 +43,47 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     if home != x.device:
         out = routed_experts(x.to(home), weights.to(home), experts.to(home), lw, prefix, names, act)
         return out.to(x.device)
+    hit = torch.unique(experts)
+    if x.device.type == "cpu" and x.shape[0] <= CPU_DECODE_MAX_ROWS:
+        out = _cpu_experts(x, weights, experts, hit, lw, prefix, names, act)
+        if out is not None:
+            return out
     out = torch.zeros_like(x)
-    for expert in torch.unique(experts).tolist():            # ascending, as transformers adds them
+    for expert in hit.tolist():                                # ascending, as transformers adds them
         token, slot = torch.where(experts == expert)          # token: [n] rows routed to `expert`
         y = gated_mlp(x[token], lw, f"{prefix}{expert}.", act, names)   # [n, H]
         out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+    return out
+
+
+def _cpu_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, hit: torch.Tensor, lw: dict,
+                 prefix: str, names: tuple[str, str, str], act) -> torch.Tensor | None:
+    """routed_experts for a few rows on the CPU in two parallel loops (cpu_kernels.stacked_linear), not three
+    calls an expert: every hit expert's gate and up on all N rows (the matrices are read once whatever the
+    rows), then each one's down projection of its own rows (rows not routed to it weigh 0). The same numbers
+    as the expert-by-expert path (each product rounded to the model dtype where `linear` rounds it, the experts
+    added in ascending order). None when the experts are not all packed alike or all dense in x's dtype."""
+    matrices = [[lw.get(f"{prefix}{e}.{name}.weight") for e in hit.tolist()] for name in names]
+    flat = [m for group in matrices for m in group]
+    if all(isinstance(m, QuantizedWeight) and m.qweight.device.type == "cpu" for m in flat):
+        if len({(m.scheme, m.qweight.dtype, m.scales.dtype) for m in flat}) != 1:
+            return None
+        matrices = [[m.cpu_matrix() for m in group] for group in matrices]
+    elif not all(isinstance(m, torch.Tensor) and m.dtype == x.dtype for m in flat) \
+            or any(f"{prefix}{e}.{name}.bias" in lw for e in hit.tolist() for name in names):
+        return None
+    gates, ups, downs = matrices
+    integer = x.dtype != torch.float32                      # as `linear` multiplies packed matrices
+    gate_up = stacked_linear(x.float(), [m for pair in zip(gates, ups) for m in pair], integer)   # [2h, N, I]
+    g, u = gate_up[0::2].to(x.dtype), gate_up[1::2].to(x.dtype)                             # [h, N, I]
+    down = stacked_linear((act(g) * u).float(), downs, integer).to(x.dtype)                  # [h, N, H]
+    N = x.shape[0]
+    share = torch.zeros(len(downs), N, dtype=weights.dtype)                                  # [h, N]
+    share[torch.searchsorted(hit, experts), torch.arange(N)[:, None].expand_as(experts)] = weights
+    scaled = (down * share[..., None]).to(x.dtype)          # [h, N, H]
+    out = torch.zeros_like(x)
+    for y in scaled:                                        # ascending expert order, as index_add_ adds them
+        out += y
     return out
 
 

@@ -169,3 +169,18 @@ def test_quantize_flag_plans_the_packed_bytes():
     assert plan.quantization == "int4"
     assert plan.layers[0].weight_bytes == load_spec("llama-3.1-70b", quantization="int4").layer_weight_bytes(0)
     assert "layers quantized int4" in run(*args, "--quantize", "int4").stdout
+
+
+def test_experts_flag_places_a_moe_models_experts():
+    args = ("qwen3-30b-a3b", "--quantize", "int4", "--gpu", "rtx-3060", "--cpu-memory", "32GiB")
+    auto = run(*args)
+    assert auto.returncode == 0, auto.stderr
+    rows = [line.split() for line in auto.stdout.splitlines() if line.split()[:1] and line.split()[0][0].isdigit()]
+    assert {row[6] for row in rows} == {"gpu", "cpu"} and "experts" in auto.stdout     # the first layers' on the GPU
+    on_cpu = json.loads(run(*args, "--experts", "cpu", "--json").stdout)
+    assert all(layer["experts"] == "cpu" for layer in on_cpu["layers"])
+    assert on_cpu["memory"]["cpu"]["weights"] == sum(layer["expert_bytes"] for layer in on_cpu["layers"])
+    manual = json.loads(run(*args, "--gpu-layers", "40", "--experts", "cpu", "--json").stdout)
+    assert [layer["experts"] for layer in manual["layers"]] == ["cpu"] * 48
+    dense = run("llama-3.1-8b", "--experts", "cpu")
+    assert dense.returncode == 2 and "has none: leave --experts out" in dense.stderr and "Traceback" not in dense.stderr

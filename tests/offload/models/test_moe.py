@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import offload
-from offload.models.moe import route, routed_experts
+from offload.models.moe import _cpu_experts, route, routed_experts
 from tests.offload.builders import hf_config, hf_logits
 from tests.offload.loading.test_offload_parity import LONG
 
@@ -94,3 +94,33 @@ def test_quantized_experts_agree_with_the_16_bit_model(checkpoint_factory, varia
         model.engine.weights.release(0)
     (e8, a8), (e4, a4) = measured["int8"], measured["int4"]
     assert e8 < 0.2 and a8 >= 0.9 and e4 > e8 and a4 >= 0.5, measured
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [None, "int4", "int8"])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_cpu_experts_in_two_parallel_loops_equal_expert_by_expert(dtype, layout, rows):
+    """A few rows on the CPU take cpu_kernels.stacked_linear (every hit expert's gate and up in one loop, their
+    down projections in another): the very numbers of computing the experts one by one with `linear`."""
+    from offload.models.layers import gated_mlp
+    from offload.weights.quant import quantize
+    from placement.quantization import Quantization
+    torch.manual_seed(3)
+    E, k, H, I = 8, 3, 64, 96
+    lw = {f"experts.{e}.{n}.weight": (torch.randn(I, H) if n != "down_proj" else torch.randn(H, I)).to(dtype) * 0.1
+          for e in range(E) for n in ("gate_proj", "up_proj", "down_proj")}
+    if layout is not None:
+        lw = {name: quantize(w, Quantization(layout, 32), name, dtype) for name, w in lw.items()}
+    names, act = ("gate_proj", "up_proj", "down_proj"), torch.nn.functional.silu
+    x = torch.randn(rows, H).to(dtype)
+    weights, experts = route(torch.randn(rows, E).to(dtype), k, True)
+    for scale in (weights, weights.to(dtype)):                     # Mixtral's float32 weights, Qwen's rounded
+        got = _cpu_experts(x, scale, experts, torch.unique(experts), lw, "experts.", names, act)
+        assert got is not None                                      # (the two-loop path, not a fallback)
+        assert torch.equal(routed_experts(x, scale, experts, lw, "experts.", names, act), got)
+        want = torch.zeros_like(x)
+        for e in torch.unique(experts).tolist():
+            token, slot = torch.where(experts == e)
+            y = gated_mlp(x[token], lw, f"experts.{e}.", act, names)
+            want.index_add_(0, token, (y * scale[token, slot, None]).to(dtype))
+        assert torch.equal(got, want), (got - want).abs().max()
