@@ -120,13 +120,18 @@ def llama_cpp_peer(gguf: Path, threads: int):
     return llm, timer
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="SmolLM2 only, 8 new tokens, 1 repeat")
-    parser.add_argument("--new-tokens", type=int, default=32)
+def decode_parser(doc: str, quick: str, new_tokens: int) -> argparse.ArgumentParser:
+    """The decode benchmarks' arguments: --quick (what it does: `quick`), --new-tokens, --repeats, --workdir."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--new-tokens", type=int, default=new_tokens)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "offload" / "bench"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = decode_parser(__doc__, "SmolLM2 only, 8 new tokens, 1 repeat", 32).parse_args(argv)
     if args.quick:
         args.new_tokens, args.repeats = 8, 1
     threads = torch.get_num_threads()

@@ -14,7 +14,6 @@ token to the N-th (prefill left out), the fastest of the repeats, ours and trans
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_attention import read_bandwidth  # noqa: E402
-from cpu_decode import decode_rates, ours, transformers_peer  # noqa: E402
+from cpu_decode import decode_parser, decode_rates, ours, transformers_peer  # noqa: E402
 from random_checkpoint import build_random_checkpoint, read_config  # noqa: E402
 
 from offload.models.moe import routed_experts  # noqa: E402
@@ -72,12 +71,7 @@ def _bytes(weight) -> int:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny model, 4 new tokens, 1 repeat, bf16 only")
-    parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "offload" / "bench"))
-    args = parser.parse_args(argv)
+    args = decode_parser(__doc__, "a tiny model, 4 new tokens, 1 repeat, bf16 only", 24).parse_args(argv)
     config = QUICK if args.quick else SCALED
     if args.quick:
         args.new_tokens, args.repeats = 4, 1
