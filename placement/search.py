@@ -40,9 +40,9 @@ def plan(spec: ModelSpec, hardware: Hardware, workload: Workload, cpu_compute: b
     if experts is not None and experts not in EXPERTS:
         raise PlanError(f"experts must be one of {', '.join(EXPERTS)} (or None: the planner decides), got {experts!r}")
     modes = ("gpu",) if not spec.arch.moe_layers else (experts,) if experts else EXPERTS
-    plans = [_settle(spec, hardware, workload, cpu_compute, mode, found, backfill) for mode in modes
-             for backfill in ((False, True) if mode == "cpu" and experts is None else (False,))
-             if (found := _best_layout(spec, hardware, workload, cpu_compute, mode)) is not None]
+    layouts = {mode: _best_layout(spec, hardware, workload, cpu_compute, mode) for mode in modes}   # one search each
+    plans = [_settle(spec, hardware, workload, cpu_compute, mode, found, backfill) for mode, found in layouts.items()
+             if found is not None for backfill in ((False, True) if mode == "cpu" and experts is None else (False,))]
     if not plans:
         raise PlanError(_no_fit(spec, hardware, workload, chunk_candidates(workload.prompt_len)[-1],
                                 "cpu" in modes))

@@ -143,8 +143,10 @@ class Engine:
         item = experts_item(layer)
         if decode:
             self.weights.skip(item)
-            return {**lw, **self.weights.host_tensors(item)}
-        return {**lw, **self.weights.acquire(item)}
+            lw.update(self.weights.host_tensors(item))       # (both are fresh dicts: no third copy)
+        else:
+            lw.update(self.weights.acquire(item))
+        return lw
 
     def _leave_decode(self) -> None:
         """After decode steps that announced the cpu layers' skips ahead: drop those announcements (restart

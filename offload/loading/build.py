@@ -231,6 +231,7 @@ def build(checkpoint: Checkpoint, plan: Plan, *, device: torch.device, prefill_c
     streamed_kv = {l.index: {"k": kv_shape, "v": kv_shape} for l in plan.layers
                    if l.kv == "cpu" and l.attention == "gpu"}
     layouts, held_packed = tensor_layouts(checkpoint, plan)
+    apart = cpu_experts(plan)                              # layers whose experts are an item of their own
     alignment = ring_alignment(plan, arch, tiers, dtype, streamed_kv, layouts)
     ledger = MemoryLedger(max_bytes=plan.memory.gpu.total)
     ledger.allocate("workspace", plan.workspace_bytes)     # reserved for activations (chunked prefill)
@@ -238,9 +239,8 @@ def build(checkpoint: Checkpoint, plan: Plan, *, device: torch.device, prefill_c
     kv_args = dict(max_batch_size=max_batch_size, num_kv_heads=arch.num_kv_heads, max_seq_len=max_seq_len,
                    head_dim=arch.head_dim, dtype=dtype)
     attached = {i: kv_attachment(**kv_args) for i in streamed_kv}   # zeroed; packed into the item's buffer
-    weights = PlacedWeights(_read_items(checkpoint, tiers, dtype, progress, layouts, held_packed, cpu_experts(plan)),
-                            placement=tiers,
-                            dtype=dtype, device=device, prefetch_depth=max(1, plan.prefetch_depth),
+    weights = PlacedWeights(_read_items(checkpoint, tiers, dtype, progress, layouts, held_packed, apart),
+                            placement=tiers, dtype=dtype, device=device, prefetch_depth=max(1, plan.prefetch_depth),
                             read_in_place=[item for item in READ_IN_PLACE if tiers[item] == "cpu"],
                             ledger=ledger, alignment=alignment, attached=attached)
     del attached
@@ -253,7 +253,7 @@ def build(checkpoint: Checkpoint, plan: Plan, *, device: torch.device, prefill_c
         engine = Engine(arch=arch, model=model, weights=weights, backends=backends, device=device, dtype=dtype,
                         max_seq_len=max_seq_len, max_batch_size=max_batch_size, staging=staging,
                         prefill_chunk_size=prefill_chunk_size or plan.prefill_chunk_size,
-                        cpu_layers=cpu_layers, host_model=host_model, cpu_experts=cpu_experts(plan))
+                        cpu_layers=cpu_layers, host_model=host_model, cpu_experts=apart)
     except BaseException:
         weights.close()
         raise

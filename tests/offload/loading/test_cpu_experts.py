@@ -108,3 +108,19 @@ def test_bad_experts_arguments_are_clear(checkpoint_factory, llama5):
 
 def plan_layers_with_cpu_experts(plan) -> list[int]:
     return [l.index for l in plan.layers if l.experts == "cpu"]
+
+
+def test_engine_and_plan_refuse_cpu_experts_they_cannot_run(checkpoint_factory):
+    """CPU experts must be an item of their own in host memory; a streamed layer with CPU experts holds two ring
+    slots in prefill."""
+    from offload.generation.engine import Engine
+    path, _ = checkpoint_factory("qwen3_moe")
+    e = _load(path).engine                                  # experts with their (resident) layers
+    with pytest.raises(ValueError, match="layer 0's experts are computed on the cpu: they must be streamed"):
+        Engine(arch=e.arch, model=e.model, weights=e.weights, backends=e.backends, device=e.device, dtype=e.dtype,
+               max_seq_len=e.max_seq_len, max_batch_size=3, cpu_experts=[0])
+    spec = placement.load_spec(path)
+    workload = placement.Workload(batch_size=1, prompt_len=16, gen_len=8)
+    with pytest.raises(PlanError, match="two ring slots at once need prefetch_depth >= 2, got 1"):
+        placement.manual_plan(spec, workload, gpu_layers=1, experts="cpu", prefetch_depth=1)
+    assert placement.manual_plan(spec, workload, gpu_layers=1, experts="cpu").prefetch_depth == 2
