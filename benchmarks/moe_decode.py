@@ -1,7 +1,8 @@
 """Mixture-of-experts decode, side by side in one run, on a scaled-down Qwen3-30B-A3B shape with random weights
 (its expert shape and routing, 128 experts top-8, head_dim 128; fewer layers and a narrower model): decode
-tokens/s with the routed experts computed on the CPU (experts="cpu"), streamed with their layers (every layer
-through the ring), all on one device, and transformers on the same checkpoint; the planner's prediction for
+tokens/s with the routed experts computed on the CPU (experts="cpu"), streamed on demand (experts="streamed": the
+routed ones copied each step), streamed with their layers (every layer through the ring), all on one device, and
+transformers on the same checkpoint; the planner's prediction for
 each against the measurement; and the CPU expert computation's GB/s against the measured memory read
 bandwidth (what it reads: the 8 routed experts' matrices of one token).
 
@@ -93,6 +94,7 @@ def main(argv=None) -> None:
     for scheme in schemes:
         quantize = {} if scheme == "bf16" else {"quantize": scheme}
         rows = [("on the CPU (experts='cpu')", dict(experts="cpu", **BUDGET)),
+                ("streamed on demand ('streamed')", dict(experts="streamed", **BUDGET)),
                 ("streamed with layers (all streamed)", dict(experts="gpu", gpu_layers=0, **BUDGET)),
                 ("all on one device", dict(experts="gpu", **BUDGET))]
         for label, kwargs in rows:

@@ -39,8 +39,8 @@ def spread(num_selected: int, num_layers: int) -> list[bool]:
 
 def layer_plans(spec: ModelSpec, workload: Workload, weights_gpu: list[bool], kv_gpu: list[bool],
                 cpu_attention: bool, experts: str = "gpu") -> tuple[LayerPlan, ...]:
-    """The layers' plans; `experts` "cpu": every MoE layer's routed experts on the CPU (see
-    with_gpu_experts to bring some back)."""
+    """The layers' plans; `experts` "cpu" or "streamed": every MoE layer's routed experts kept apart in CPU RAM,
+    computed there or the routed ones copied to the GPU (see with_gpu_experts to bring some back)."""
     kv_bytes = spec.layer_kv_bytes(workload.num_cached_tokens)
     layers = []
     for i in range(spec.num_layers):
@@ -55,10 +55,10 @@ def layer_plans(spec: ModelSpec, workload: Workload, weights_gpu: list[bool], kv
 
 def with_gpu_experts(layers, room: int) -> tuple[LayerPlan, ...]:
     """The layers with the routed experts of the first resident layers that fit in `room` GPU bytes brought
-    back to the GPU from the CPU (resident experts never predict slower than CPU-computed ones)."""
+    back to the GPU from CPU RAM (resident experts never predict slower than CPU-computed or streamed ones)."""
     out = []
     for l in layers:
-        if l.experts == "cpu" and l.weights == "gpu" and l.expert_bytes <= room:
+        if l.experts_apart and l.weights == "gpu" and l.expert_bytes <= room:
             room -= l.expert_bytes
             l = dataclasses.replace(l, experts="gpu")
         out.append(l)
@@ -66,17 +66,17 @@ def with_gpu_experts(layers, room: int) -> tuple[LayerPlan, ...]:
 
 
 def with_cpu_compute(layers, count: int) -> tuple[LayerPlan, ...]:
-    """The layers with `count` of those whose weights, KV and attention are all on the cpu marked to run their
+    """The layers with `count` of those that may compute on the cpu (LayerPlan.may_compute_on_cpu) marked to run their
     decode steps there (spread evenly among them, so their CPU time interleaves with the others' copies)."""
-    eligible = [i for i, l in enumerate(layers) if (l.weights, l.kv, l.attention) == ("cpu", "cpu", "cpu")]
+    eligible = [i for i, l in enumerate(layers) if l.may_compute_on_cpu]
     chosen = {i for i, flag in zip(eligible, spread(count, len(eligible))) if flag} if eligible else set()
     return tuple(dataclasses.replace(l, compute="cpu" if i in chosen else "gpu") for i, l in enumerate(layers))
 
 
 def cpu_compute_count(cost: CostModel, layers, embedding: str, lm_head: str, prefetch_depth: int,
                       cpu_compute: bool | None) -> int:
-    """How many of the all-cpu layers to compute on the CPU in decode (cost.best_decode_step)."""
-    eligible = [l for l in layers if (l.weights, l.kv, l.attention) == ("cpu", "cpu", "cpu")]
+    """How many of the layers that may compute on the CPU to compute there in decode (cost.best_decode_step)."""
+    eligible = [l for l in layers if l.may_compute_on_cpu]
     if not eligible:
         return 0
     others = Counter((l.weights, l.kv, l.attention, l.weight_bytes, l.expert_bytes, l.experts) for l in layers
@@ -117,6 +117,9 @@ def assemble(spec: ModelSpec, workload: Workload, hardware: Hardware, *, layers,
     norm = ItemPlan(weights="gpu", weight_bytes=spec.final_norm_bytes)
     head = ItemPlan(weights=lm_head, weight_bytes=spec.lm_head_bytes, read_bytes=spec.lm_head_read_bytes)
     ring = max([l.ring_slot_bytes for l in layers] + [head.read_bytes if lm_head == "cpu" else 0])
+    on_demand = [l.index for l in layers if l.experts == "streamed"]   # their routed experts' slots
+    expert_slots = spec.expert_slots(workload.batch_size) if on_demand else 0
+    expert_slot_bytes = max((spec.routed_expert_bytes(i) for i in on_demand), default=0)
     prefetch_depth = prefetch_depth if ring else 0
     if ring and prefetch_depth < 1:
         raise PlanError("streamed items need a prefetch depth of at least 1")
@@ -131,7 +134,7 @@ def assemble(spec: ModelSpec, workload: Workload, hardware: Hardware, *, layers,
                   layers=layers, embedding=emb, final_norm=norm, lm_head=head, prefetch_depth=prefetch_depth,
                   slot_bytes=ring if prefetch_depth else 0, prefill_chunk_size=chunk,
                   workspace_bytes=workspace, cuda_reserve_bytes=reserve, predicted=prediction,
-                  hardware=hardware.name)
+                  hardware=hardware.name, expert_slots=expert_slots, expert_slot_bytes=expert_slot_bytes)
     if budget is None:   # record what it needs: build once unchecked-sized, then size the budget
         probe = Plan(**fields, budget=Budget(gpu_bytes=1 << 62, cpu_bytes=1 << 62))
         memory = probe.memory

@@ -51,7 +51,7 @@ def _non_negative_int(text: str) -> int:
 
 
 CPU_COMPUTE = {"on": True, "off": False, "auto": None}
-EXPERTS = {"gpu": "gpu", "cpu": "cpu", "auto": None}
+EXPERTS = {"gpu": "gpu", "cpu": "cpu", "streamed": "streamed", "auto": None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "cost model predicts it faster; default)")
     p.add_argument("--experts", choices=EXPERTS, default="auto", help="mixture-of-experts models: every "
                    "layer's routed experts with the layer (gpu: resident or streamed with it), in RAM computed by "
-                   "the CPU in decode (cpu, as llama.cpp --cpu-moe), or the fastest of those and of the CPU layout "
-                   "with the first layers' experts kept on the GPU while they fit (auto; default; manual plans: gpu)")
+                   "the CPU in decode (cpu, as llama.cpp --cpu-moe), in RAM with the routed ones copied to the GPU "
+                   "each decode step (streamed), or the fastest of those, also with the first layers' experts kept "
+                   "on the GPU while they fit (auto; default; manual plans: gpu)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (for offload.load(plan=...))")
     p.add_argument("--list-presets", action="store_true", help="list the bundled model presets and exit")
     return p

@@ -12,7 +12,9 @@ Every item (decoder layer, embedding, final norm, LM head) costs:
   attention bandwidth stands in for it) or its FLOPs, its attention, the hidden states' round trip and a
   per-layer dispatch overhead, with nothing streamed; a MoE layer's routed experts kept on the CPU (experts
   "cpu"): the experts its tokens are routed to read at the CPU's matmul rate (or their FLOPs), the routed
-  hidden states' round trip and a dispatch overhead, none of their bytes streamed or read by the GPU.
+  hidden states' round trip and a dispatch overhead, none of their bytes streamed or read by the GPU; routed
+  experts streamed on demand (experts "streamed"): the experts hit, copied after the routing, on the copy
+  engine and (the layer waits for them) on the GPU's critical path too.
 A MoE layer's tokens read only the experts they are routed to (spec.expert_hit_fraction); a streamed layer
 copies all of them.
 The copy engine runs ahead of compute through a ring of `prefetch_depth` (d) buffers, so a step costs
@@ -132,25 +134,35 @@ class CostModel:
         return ROUND_TRIP_S + max(read / hw.cpu_matmul_bytes_per_s(self.cpu_matmul_kind), flops / hw.cpu_flops) \
             + hidden
 
+    def streamed_experts_s(self, expert_bytes: int, tokens: int) -> float:
+        """Copying the experts `tokens` tokens are routed to, after the routing (a host sync): their bytes over
+        PCIe plus one round trip; nothing else can hide it, the layer's compute waits for it."""
+        return ROUND_TRIP_S + expert_bytes * self.spec.expert_hit_fraction(tokens) / self.hw.pcie_bytes_per_s
+
     def layer(self, *, weights: str, kv: str, attention: str, weight_bytes: int, num_rows: int,
               num_keys: float, expert_bytes: int = 0, experts: str = "gpu", decode: bool = True) -> ItemCost:
         """One decoder layer processing `num_rows` tokens per sequence, each attending over
         `num_keys` keys on average; `expert_bytes` of its `weight_bytes` are routed experts (the tokens
         read only those they are routed to; a streamed layer copies them all). With `experts` "cpu" a decode
-        step computes them on the CPU (neither streamed nor read by the GPU) and a prefill chunk streams them."""
+        step computes them on the CPU (neither streamed nor read by the GPU), with "streamed" it copies the ones
+        hit; a prefill chunk streams them all."""
         spec, hw, B = self.spec, self.hw, self.wl.batch_size
         tokens = B * num_rows
         kv_read = B * num_keys * spec.kv_bytes_per_token
         attn_flops = tokens * num_keys * spec.attention_flops_per_key
         cpu_s = transfer_s = 0.0
         placed = weight_bytes
-        if experts == "cpu":
+        on_demand_s = 0.0
+        if experts != "gpu":                                  # kept apart in CPU RAM
             placed = weight_bytes - expert_bytes
-            if decode:
+            if not decode:
+                transfer_s += expert_bytes / hw.pcie_bytes_per_s
+            elif experts == "cpu":
                 cpu_s += self.cpu_experts_s(expert_bytes, tokens)
                 weight_bytes, expert_bytes = placed, 0
-            else:
-                transfer_s += expert_bytes / hw.pcie_bytes_per_s
+            else:                                             # "streamed": the routed ones copied on demand
+                on_demand_s = self.streamed_experts_s(expert_bytes, tokens)
+                transfer_s += on_demand_s - ROUND_TRIP_S
         read = self.read_bytes(weight_bytes, expert_bytes, tokens)
         if hw.is_cpu_only and tokens <= CPU_DECODE_MAX_ROWS:
             # the CPU stand-in decoding: its matmuls read the matrices as held, at the CPU's rate for them
@@ -164,6 +176,8 @@ class CostModel:
             gpu_s = self.layer_overhead_s + self._gpu(2 * tokens * spec.layer_matmul_params, read)
         if weights == "cpu":
             transfer_s += placed / hw.pcie_bytes_per_s
+        if on_demand_s and not hw.is_cpu_only:
+            gpu_s += on_demand_s             # the layer waits for its routed experts' copies (they follow routing)
         if attention == "gpu":
             gpu_s += self._gpu(attn_flops, kv_read)
             if kv == "cpu":   # the runtime brings the layer's whole preallocated cache through the ring

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .build import assemble, chunk_candidates, cpu_compute_count, layer_plans, with_cpu_compute
 from .cost import CostModel
 from .hardware import GENERIC_GPU, GPU_FLOPS_EFFICIENCY, GPU_MEM_EFFICIENCY, Hardware
-from .plans import Budget, Plan, PlanError
+from .plans import EXPERT_PLACEMENTS, Budget, Plan, PlanError
 from .sizes import format_size
 from .spec import ModelSpec
 from .workload import Workload
@@ -37,7 +37,8 @@ def manual_plan(spec: ModelSpec, workload: Workload, hardware: Hardware | None =
     `cpu_compute`: layers whose weights, KV and attention are on the CPU run their decode steps there
     (True, as llama.cpp does), never (False), or as many as the cost model predicts faster (None).
     `experts` (MoE models): every layer's routed experts with the layer ("gpu") or in RAM, computed by the
-    CPU in decode steps ("cpu", llama.cpp's --cpu-moe).
+    CPU in decode steps ("cpu", llama.cpp's --cpu-moe), or in RAM with the routed ones copied to the GPU each
+    decode step ("streamed").
 
     With a `hardware` its budgets are checked (PlanError when exceeded) and its speeds predict; without
     one, REFERENCE_HARDWARE predicts and the plan's budget records exactly what it needs.
@@ -50,8 +51,8 @@ def manual_plan(spec: ModelSpec, workload: Workload, hardware: Hardware | None =
             raise PlanError(f"{name} must be an int in 0..{L} (None: all), got {value!r}")
     if not isinstance(prefetch_depth, int) or prefetch_depth < 1:
         raise PlanError(f"prefetch_depth must be a positive int, got {prefetch_depth!r}")
-    if experts not in ("gpu", "cpu"):
-        raise PlanError(f"experts must be 'gpu' or 'cpu', got {experts!r}")
+    if experts not in EXPERT_PLACEMENTS:
+        raise PlanError(f"experts must be one of {', '.join(EXPERT_PLACEMENTS)}, got {experts!r}")
     default_item = "gpu" if gpu_layers == L else "cpu"
     lm_head = lm_head or default_item
     embedding = embedding or (lm_head if spec.arch.tie_word_embeddings else default_item)

@@ -21,6 +21,7 @@ from .workload import Workload
 from .jsonfile import parse_json_object, read_json_object
 
 PLACEMENTS = ("gpu", "cpu")
+EXPERT_PLACEMENTS = ("gpu", "cpu", "streamed")   # a MoE layer's routed experts (LayerPlan.experts)
 BOTTLENECKS = ("pcie", "gpu", "cpu")
 FORMAT = "offload-plan/2"     # /2: prefill_chunk_size and slot_bytes (were prefill_chunk_tokens, buffer_bytes)
 
@@ -50,7 +51,10 @@ class LayerPlan:
     `weights` says (resident, or streamed with the layer); "cpu": they live in CPU RAM and, in decode steps,
     the CPU computes them for the tokens routed to them (only those tokens' hidden states cross PCIe), while
     prefill chunks (where nearly every expert is hit) stream them to the GPU through the ring, in a slot of
-    their own; `weights` then places the rest of the layer (attention, norms, router, shared expert)."""
+    their own; `weights` then places the rest of the layer (attention, norms, router, shared expert);
+    "streamed": they live in CPU RAM too and prefill chunks stream them alike, but in decode steps only the
+    experts the router picked are copied to the GPU (one copy each, into the plan's `expert_slots` buffers of
+    `expert_slot_bytes`) and computed there."""
 
     index: int
     weights: str
@@ -63,8 +67,11 @@ class LayerPlan:
     experts: str = "gpu"   # where the routed experts live and run (see above)
 
     def __post_init__(self):
-        for key in ("weights", "kv", "attention", "compute", "experts"):
+        for key in ("weights", "kv", "attention", "compute"):
             _check_placement(f"layer {self.index} {key}", getattr(self, key))
+        if self.experts not in EXPERT_PLACEMENTS:
+            raise PlanError(f"layer {self.index} experts must be one of {', '.join(EXPERT_PLACEMENTS)}, "
+                            f"got {self.experts!r}")
         if self.attention == "cpu" and self.kv != "cpu":
             raise PlanError(f"layer {self.index}: attention on the cpu needs its kv on the cpu")
         if self.compute == "cpu" and (self.weights, self.kv, self.attention) != ("cpu", "cpu", "cpu"):
@@ -76,13 +83,26 @@ class LayerPlan:
         if self.expert_bytes > self.weight_bytes:
             raise PlanError(f"layer {self.index}: expert_bytes {self.expert_bytes} exceed weight_bytes "
                             f"{self.weight_bytes}")
-        if self.experts == "cpu" and not self.expert_bytes:
-            raise PlanError(f"layer {self.index} has no routed experts to place on the cpu (a dense layer)")
+        if self.experts_apart and not self.expert_bytes:
+            raise PlanError(f"layer {self.index} has no routed experts to place {self.experts} (a dense layer)")
+        if self.compute == "cpu" and self.experts == "streamed":
+            raise PlanError(f"layer {self.index} is computed on the cpu: its experts cannot stream to the gpu "
+                            "(place them 'cpu' or 'gpu')")
+
+    @property
+    def experts_apart(self) -> bool:
+        """The routed experts live in CPU RAM apart from the layer ("cpu" or "streamed")."""
+        return self.experts != "gpu"
+
+    @property
+    def may_compute_on_cpu(self) -> bool:
+        """Its decode steps may run on the cpu: weights, KV and attention there, experts not streamed."""
+        return (self.weights, self.kv, self.attention) == ("cpu", "cpu", "cpu") and self.experts != "streamed"
 
     @property
     def placed_bytes(self) -> int:
-        """The bytes `weights` places: all of the layer's but experts kept on the cpu."""
-        return self.weight_bytes - (self.expert_bytes if self.experts == "cpu" else 0)
+        """The bytes `weights` places: all of the layer's but experts kept apart in CPU RAM."""
+        return self.weight_bytes - (self.expert_bytes if self.experts_apart else 0)
 
     @property
     def is_streamed(self) -> bool:
@@ -97,8 +117,9 @@ class LayerPlan:
 
     @property
     def ring_slot_bytes(self) -> int:
-        """The largest ring slot the layer needs: its streamed bytes, or its cpu experts' (prefill streams them)."""
-        return max(self.streamed_bytes, self.expert_bytes if self.experts == "cpu" else 0)
+        """The largest ring slot the layer needs: its streamed bytes, or its experts kept apart (prefill streams
+        them)."""
+        return max(self.streamed_bytes, self.expert_bytes if self.experts_apart else 0)
 
     def to_dict(self) -> dict:
         return {"index": self.index, "weights": self.weights, "kv": self.kv, "attention": self.attention,
@@ -139,7 +160,7 @@ class Budget:
 class GpuMemory:
     weights: int
     kv_cache: int
-    buffers: int
+    buffers: int          # the prefetch ring and the routed experts' slots
     workspace: int
 
     @property
@@ -210,6 +231,8 @@ class Plan:
     predicted: Prediction
     hardware: str = ""
     quantization: str | None = None      # the layers' matrices' packed layout ("int4", "int8-g64"), or None
+    expert_slots: int = 0        # GPU buffers for the routed experts a decode step copies (experts "streamed")
+    expert_slot_bytes: int = 0   # one routed expert's bytes
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -223,7 +246,8 @@ class Plan:
             if self.lm_head.weights != self.embedding.weights:
                 raise PlanError("tied embeddings: embedding and lm_head must share one placement "
                                 f"(got {self.embedding.weights} and {self.lm_head.weights})")
-        for key in ("slot_bytes", "workspace_bytes", "cuda_reserve_bytes", "prefetch_depth"):
+        for key in ("slot_bytes", "workspace_bytes", "cuda_reserve_bytes", "prefetch_depth", "expert_slots",
+                    "expert_slot_bytes"):
             _check_bytes(key, getattr(self, key))
         if not isinstance(self.prefill_chunk_size, int) or not 0 < self.prefill_chunk_size:
             raise PlanError(f"prefill_chunk_size must be a positive int, got {self.prefill_chunk_size!r}")
@@ -233,10 +257,14 @@ class Plan:
                             f"(the largest ring slot), got {self.prefetch_depth} x {self.slot_bytes}")
         if not need and (self.prefetch_depth or self.slot_bytes):
             raise PlanError("nothing is streamed: prefetch_depth and slot_bytes must be 0")
-        both = next((l.index for l in self.layers if l.experts == "cpu" and l.is_streamed), None)
+        both = next((l.index for l in self.layers if l.experts_apart and l.is_streamed), None)
         if both is not None and self.prefetch_depth < 2:
-            raise PlanError(f"layer {both} streams its weights and, in prefill, its cpu experts: two ring slots "
-                            f"at once need prefetch_depth >= 2, got {self.prefetch_depth}")
+            raise PlanError(f"layer {both} streams its weights and, in prefill, its experts kept apart: two ring "
+                            f"slots at once need prefetch_depth >= 2, got {self.prefetch_depth}")
+        on_demand = any(l.experts == "streamed" for l in self.layers)
+        if on_demand != bool(self.expert_slots and self.expert_slot_bytes):
+            raise PlanError("experts streamed on demand need expert_slots >= 1 and expert_slot_bytes > 0, and "
+                            f"only they do (got {self.expert_slots} x {self.expert_slot_bytes})")
         gpu, cpu = self.memory.gpu.total, self.memory.cpu.total
         if gpu + self.cuda_reserve_bytes > self.budget.gpu_bytes:
             raise PlanError(f"plan needs {gpu + self.cuda_reserve_bytes} GPU bytes (including "
@@ -263,16 +291,21 @@ class Plan:
         return need
 
     @property
+    def expert_buffer_bytes(self) -> int:
+        """GPU bytes of the slots that routed experts streamed on demand are copied into."""
+        return self.expert_slots * self.expert_slot_bytes
+
+    @property
     def memory(self) -> Memory:
         items = (self.embedding, self.final_norm, self.lm_head)
         return Memory(
             gpu=GpuMemory(weights=sum(l.placed_bytes for l in self.layers if l.weights == "gpu")
                           + sum(i.weight_bytes for i in items if i.weights == "gpu"),
                           kv_cache=sum(l.kv_bytes for l in self.layers if l.kv == "gpu"),
-                          buffers=self.prefetch_depth * self.slot_bytes,
+                          buffers=self.prefetch_depth * self.slot_bytes + self.expert_buffer_bytes,
                           workspace=self.workspace_bytes),
             cpu=CpuMemory(weights=sum(l.placed_bytes for l in self.layers if l.weights == "cpu")
-                          + sum(l.expert_bytes for l in self.layers if l.experts == "cpu")
+                          + sum(l.expert_bytes for l in self.layers if l.experts_apart)
                           + sum(i.weight_bytes for i in items if i.weights == "cpu"),
                           kv_cache=sum(l.kv_bytes for l in self.layers if l.kv == "cpu")))
 
@@ -302,6 +335,8 @@ class Plan:
             "lm_head": self.lm_head.to_dict(),
             "prefetch_depth": self.prefetch_depth,
             "slot_bytes": self.slot_bytes,
+            "expert_slots": self.expert_slots,
+            "expert_slot_bytes": self.expert_slot_bytes,
             "prefill_chunk_size": self.prefill_chunk_size,
             "workspace_bytes": self.workspace_bytes,
             "cuda_reserve_bytes": self.cuda_reserve_bytes,
@@ -326,7 +361,8 @@ class Plan:
                        layers=tuple(LayerPlan(**l) for l in d["layers"]),
                        embedding=ItemPlan(**d["embedding"]), final_norm=ItemPlan(**d["final_norm"]),
                        lm_head=ItemPlan(**d["lm_head"]), prefetch_depth=d["prefetch_depth"],
-                       slot_bytes=d["slot_bytes"], prefill_chunk_size=d["prefill_chunk_size"],
+                       slot_bytes=d["slot_bytes"], expert_slots=d.get("expert_slots", 0),
+                       expert_slot_bytes=d.get("expert_slot_bytes", 0), prefill_chunk_size=d["prefill_chunk_size"],
                        workspace_bytes=d["workspace_bytes"], cuda_reserve_bytes=d["cuda_reserve_bytes"],
                        predicted=Prediction(**d["predicted"]), hardware=d.get("hardware", ""))
         except (KeyError, TypeError, AttributeError) as e:

@@ -50,8 +50,8 @@ def format_plan(plan) -> str:
     lines.append(f"workload  batch {wl.batch_size}, prompt {wl.prompt_len} + generate {wl.gen_len} tokens "
                  f"(prefill in chunks of {plan.prefill_chunk_size})")
     lines.append("")
-    # a MoE model: where each layer's routed experts live and run ("cpu": computed there; their bytes are
-    # counted in weights/layer and, in the memory table, on the CPU)
+    # a MoE model: where each layer's routed experts live and run ("cpu": computed there; "streamed": the
+    # routed ones copied to the GPU; their bytes are counted in weights/layer and, in the memory table, on the CPU)
     moe = any(l.expert_bytes for l in plan.layers)
     header = ("layers", "count", "weights", "kv", "attention", "decode on", *(("experts",) if moe else ()),
               "weights/layer", "kv/layer")
@@ -70,6 +70,8 @@ def format_plan(plan) -> str:
     lines.append("")
     lines += _table(("item", "weights", "bytes", ""), item_rows, right={2})
     ring = (f"{plan.prefetch_depth} x {format_size(plan.slot_bytes)}" if plan.prefetch_depth else "none")
+    if plan.expert_slots:
+        ring += f" + experts {plan.expert_slots} x {format_size(plan.expert_slot_bytes)}"
     gpu_total = mem.gpu.total + plan.cuda_reserve_bytes
     rows = [("weights", format_size(mem.gpu.weights), format_size(mem.cpu.weights)),
             ("kv cache", format_size(mem.gpu.kv_cache), format_size(mem.cpu.kv_cache)),

@@ -6,10 +6,11 @@ layers whose KV stays on the GPU (the first ones) and prefetch depth, it keeps a
 resident as the GPU budget allows (resident weights never predict slower) and spreads the streamed
 layers evenly between them. The objective is the whole workload: prefill time + gen_len decode steps.
 
-A mixture-of-experts model is searched twice: routed experts with their layers ("gpu": resident or
-streamed with them), and routed experts on the CPU (computed there; the rest of each layer placed as
-above); unless the caller asked for the CPU layout, it is also tried with the experts of the first resident
-layers brought back to the GPU while they fit.
+A mixture-of-experts model is searched three times: routed experts with their layers ("gpu": resident or
+streamed with them), routed experts kept in CPU RAM and computed there ("cpu"), or kept there with the routed
+ones copied to the GPU each decode step ("streamed"), the rest of each layer placed as above; unless the
+caller asked for one layout, the last two are also tried with the experts of the first resident layers
+brought back to the GPU while they fit.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ _KINDS = (("gpu", "gpu"), ("cpu", "gpu"), ("gpu", "cpu"), ("cpu", "cpu"))   # (w
 ALL_CPU = ("cpu", "cpu", "cpu")      # weights, kv, attention: the layers that may decode on the CPU
 
 
-EXPERTS = ("gpu", "cpu")
+EXPERTS = ("gpu", "cpu", "streamed")
 
 
 def plan(spec: ModelSpec, hardware: Hardware, workload: Workload, cpu_compute: bool | None = None,
@@ -35,17 +36,18 @@ def plan(spec: ModelSpec, hardware: Hardware, workload: Workload, cpu_compute: b
     the budgets are when nothing fits. `cpu_compute`: layers with weights, KV and attention on the cpu
     run their decode steps there (True), never (False), or where predicted faster (None; build.with_cpu_compute).
     `experts` (MoE models): every layer's routed experts with the layer ("gpu"), on the CPU ("cpu", as
-    llama.cpp's --cpu-moe), or the fastest of those two and of the CPU layout with the experts of the first
-    resident layers brought back to the GPU while they fit (None)."""
+    llama.cpp's --cpu-moe), in CPU RAM with the routed ones copied to the GPU each decode step ("streamed"),
+    or the fastest of those and of the last two with the experts of the first resident layers brought back
+    to the GPU while they fit (None)."""
     if experts is not None and experts not in EXPERTS:
         raise PlanError(f"experts must be one of {', '.join(EXPERTS)} (or None: the planner decides), got {experts!r}")
     modes = ("gpu",) if not spec.arch.moe_layers else (experts,) if experts else EXPERTS
     layouts = {mode: _best_layout(spec, hardware, workload, cpu_compute, mode) for mode in modes}   # one search each
     plans = [_settle(spec, hardware, workload, cpu_compute, mode, found, backfill) for mode, found in layouts.items()
-             if found is not None for backfill in ((False, True) if mode == "cpu" and experts is None else (False,))]
+             if found is not None for backfill in ((False, True) if mode != "gpu" and experts is None else (False,))]
     if not plans:
         raise PlanError(_no_fit(spec, hardware, workload, chunk_candidates(workload.prompt_len)[-1],
-                                "cpu" in modes))
+                                "cpu" in modes))   # (the leanest GPU use: experts on the cpu)
     gen = workload.gen_len * workload.batch_size
     return min(plans, key=lambda p: p.predicted.prefill_s + gen / p.predicted.decode_tokens_per_s)
 
@@ -77,8 +79,12 @@ def _best_layout(spec: ModelSpec, hardware: Hardware, workload: Workload, cpu_co
     L = spec.num_layers
     w = max(spec.layer_weight_bytes(i) for i in range(L))
     e = max(spec.layer_expert_bytes(i) for i in range(L))     # (layers are alike: the largest stands for all)
-    held = w - e if experts == "cpu" else w                    # what a layer's `weights` place
-    experts_cpu = L * e if experts == "cpu" else 0             # RAM for the experts kept there
+    apart = e if experts != "gpu" else 0                       # experts kept apart in CPU RAM
+    held = w - apart                                           # what a layer's `weights` place
+    experts_cpu = L * apart                                    # RAM for the experts kept there
+    # GPU slots for the routed experts a decode step copies
+    staging = spec.expert_slots(workload.batch_size) * max(spec.routed_expert_bytes(i) for i in range(L)) \
+        if experts == "streamed" else 0
     kv = spec.layer_kv_bytes(workload.num_cached_tokens)
     tied = spec.arch.tie_word_embeddings
     emb_b, lm_b, lm_read, norm_b = (spec.embedding_bytes, spec.lm_head_bytes, spec.lm_head_read_bytes,
@@ -106,10 +112,11 @@ def _best_layout(spec: ModelSpec, hardware: Hardware, workload: Workload, cpu_co
         key = (n_w, n_kv, mode, emb_p, lm_p, d)
         memo = decode_memo.get(key)
         if memo is None:
+            may_cpu = mode == "cpu" and experts != "streamed"     # its all-cpu layers may decode on the CPU
             groups = [(c, decode[(wp, kp, "gpu" if kp == "gpu" else mode)])
-                      for (wp, kp), c in zip(_KINDS, counts) if (wp, kp, mode) != ALL_CPU]
+                      for (wp, kp), c in zip(_KINDS, counts) if not (may_cpu and (wp, kp, mode) == ALL_CPU)]
             groups += [(1, cost.embedding(emb_p, 1)), (1, norm), (1, heads[lm_p])]
-            eligible = counts[3] if mode == "cpu" else 0
+            eligible = counts[3] if may_cpu else 0
             timed, on_cpu_count = best_decode_step(groups, eligible, decode[ALL_CPU], on_cpu, d, cpu_compute,
                                                    serial=hardware.is_cpu_only)
             memo = decode_memo[key] = (timed.seconds, on_cpu_count)
@@ -126,7 +133,7 @@ def _best_layout(spec: ModelSpec, hardware: Hardware, workload: Workload, cpu_co
     for chunk in chunks:
         ws = workspace_bytes(spec.arch, workload.batch_size, chunk, workload.max_seq_len, spec.dtype,
                              spec.quantized_shapes)
-        gpu_avail = hardware.gpu_bytes - reserve - ws - norm_b
+        gpu_avail = hardware.gpu_bytes - reserve - ws - norm_b - staging
         if gpu_avail < 0:
             continue
         prefill = {k: cost.prefill_layer(*k, w, e, experts, chunk) for k in decode}
@@ -137,9 +144,9 @@ def _best_layout(spec: ModelSpec, hardware: Hardware, workload: Workload, cpu_co
             for mode in ("cpu", "gpu"):
                 for prefetch_depth in range(1, MAX_PREFETCH_DEPTH + 1):
                     for n_w, n_kv, d in _layouts(L, held, kv, gpu_avail - fixed_gpu, lm_ring, mode, prefetch_depth,
-                                                 e if experts == "cpu" else 0):
+                                                 apart):
                         candidates = [n_kv]
-                        if mode == "cpu" and cpu_compute is not False and n_w < L and n_kv > 0:
+                        if mode == "cpu" and experts != "streamed" and cpu_compute is not False and n_w < L and n_kv > 0:
                             # layers decode on the CPU only with their KV there: all KV on the CPU gives the
                             # most of them (k); then the most GPU KV that still leaves k
                             k = consider(chunk, emb_p, lm_p, mode, n_w, 0, d)

@@ -163,6 +163,15 @@ class ModelSpec:
         """Of `layer_weight_bytes`, the routed experts' (all of them; 0 for a dense layer)."""
         return self._expert_bytes[layer]
 
+    def routed_expert_bytes(self, layer: int) -> int:
+        """One routed expert's bytes in `layer` (its experts are alike; 0 for a dense layer)."""
+        return self._expert_bytes[layer] // self.arch.num_experts if self._expert_bytes[layer] else 0
+
+    def expert_slots(self, num_tokens: int) -> int:
+        """How many experts `num_tokens` tokens can route to at most in one layer: min(E, k x tokens)."""
+        arch = self.arch
+        return min(arch.num_experts, arch.num_experts_per_tok * num_tokens) if arch.moe_layers else 0
+
     def expert_hit_fraction(self, num_tokens: int) -> float:
         """The expected share of a MoE layer's experts that `num_tokens` tokens route to (each token picks
         num_experts_per_tok of num_experts, taken as uniform): 1 - (1 - k/E)^tokens; 0 for a dense model."""

@@ -7,6 +7,8 @@ anything attends to them.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from offload.devices import canonical_device, same_device, to_device
@@ -14,7 +16,8 @@ from offload.attention.host import HostAttention, HostStaging
 from offload.attention.contract import AttentionBackend, Chunk
 from offload.models.base import FamilyMath
 from offload.models.cpu_decoder import CpuDecoderSteps
-from offload.weights.source import LM_HEAD, WeightSource, experts_item
+from offload.weights.expert_stager import ExpertStager
+from offload.weights.source import LM_HEAD, ROUTED_EXPERTS, WeightSource, experts_item
 from placement.architecture import Architecture
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -32,7 +35,7 @@ class Engine:
                  backends: list[AttentionBackend], device, dtype: torch.dtype, max_seq_len: int,
                  max_batch_size: int, prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
                  staging: HostStaging | None = None, cpu_layers=(), host_model: FamilyMath | None = None,
-                 cpu_experts=()):
+                 cpu_experts=(), streamed_experts=(), expert_stager: ExpertStager | None = None):
         if len(backends) != arch.num_layers:
             raise ValueError(f"{len(backends)} attention backends for {arch.num_layers} layers")
         # the layers whose decode steps run on the CPU where their weights lie (plan: compute "cpu"); they
@@ -45,14 +48,22 @@ class Engine:
                 weights.host_tensors(i)                   # its host copy exists (and its views are made once)
             except KeyError:
                 raise ValueError(f"layer {i} is computed on the cpu: its weights must be streamed") from None
-        # the MoE layers whose routed experts are an item of their own on the CPU (plan experts "cpu"): decode
-        # steps compute them there, read in place (their ring turns skipped); prefill chunks stream them
-        self.cpu_experts = frozenset(cpu_experts)
-        for i in self.cpu_experts:
+        # the MoE layers whose routed experts are an item of their own in CPU RAM: decode steps compute them
+        # there, read in place (plan experts "cpu"), or copy the routed ones to the device (`streamed_experts`,
+        # through `expert_stager`), their ring turns skipped; prefill chunks stream them whole
+        self.cpu_experts, self.streamed_experts = frozenset(cpu_experts), frozenset(streamed_experts)
+        self.experts_apart = self.cpu_experts | self.streamed_experts
+        if self.cpu_experts & self.streamed_experts:
+            raise ValueError(f"layers {sorted(self.cpu_experts & self.streamed_experts)}: experts both cpu and streamed")
+        for i in self.experts_apart:
             try:
                 weights.host_tensors(experts_item(i))
             except KeyError:
-                raise ValueError(f"layer {i}'s experts are computed on the cpu: they must be streamed") from None
+                raise ValueError(f"layer {i}'s experts are kept in CPU RAM: they must be streamed") from None
+        if self.streamed_experts - set(expert_stager.spans if expert_stager else ()):
+            raise ValueError(f"layers {sorted(self.streamed_experts)} stream their routed experts: they need an "
+                             "expert stager for them")
+        self.expert_stager = expert_stager
         self.host_model = host_model or model         # the family math on the CPU (its RoPE tables there)
         # decode steps of layers on the CPU as one fused call each, where the family's math allows
         self.cpu_steps = CpuDecoderSteps(self.host_model, dtype) if CpuDecoderSteps.supports(self.host_model, dtype) \
@@ -81,9 +92,9 @@ class Engine:
         `decode`: a decode step, in which the cpu layers run on the CPU (their ring turns skipped).
         """
         on_host = self.cpu_layers if decode else frozenset()
-        if decode and (on_host or self.cpu_experts):
-            # this step's and the next one's ring turns of the cpu layers and experts pass without copies
-            for item in [*on_host, *map(experts_item, self.cpu_experts)]:
+        if decode and (on_host or self.experts_apart):
+            # this step's and the next one's ring turns of the cpu layers and apart experts pass without copies
+            for item in [*on_host, *map(experts_item, self.experts_apart)]:
                 self.weights.announce_skips(item, 2)
             self._skips_announced = True
         else:
@@ -130,22 +141,26 @@ class Engine:
                 attn = backend.attend(q, k, v, chunk, lw)              # [B, Hq, T, D]
                 h = self.model.attention_output(lw, h, attn)
             self.weights.release(i)
-            if i in self.cpu_experts and not decode:
+            if i in self.experts_apart and not decode:
                 self.weights.release(experts_item(i))
         return h if same_device(h.device, self.device) else to_device(h, self.device)
 
     def _with_experts(self, layer: int, lw: dict, decode: bool) -> dict:
-        """Layer `layer`'s weights with its routed experts when they are an item of their own (cpu experts):
-        in a decode step where they lie on the CPU (the family math computes them there), else through the ring
-        (released after the layer)."""
-        if layer not in self.cpu_experts:
+        """Layer `layer`'s weights with its routed experts when they are an item of their own: in a decode step
+        where they lie on the CPU (cpu experts: the family math computes them there) or, for streamed experts,
+        the means to copy the routed ones (ROUTED_EXPERTS: the family math calls it once it has routed); else
+        through the ring (released after the layer)."""
+        if layer not in self.experts_apart:
             return lw
         item = experts_item(layer)
-        if decode:
+        if not decode:
+            lw.update(self.weights.acquire(item))
+        elif layer in self.cpu_experts:
             self.weights.skip(item)
             lw.update(self.weights.host_tensors(item))       # (both are fresh dicts: no third copy)
         else:
-            lw.update(self.weights.acquire(item))
+            self.weights.skip(item)
+            lw[ROUTED_EXPERTS] = functools.partial(self.expert_stager.fetch, layer)
         return lw
 
     def _leave_decode(self) -> None:
@@ -247,6 +262,8 @@ class Engine:
         """Free what the engine holds: the weight source's resident weights and ring (its host side too)
         and the attention backends' caches. Idempotent."""
         self.weights.close()
+        if self.expert_stager is not None:
+            self.expert_stager.close()
         if self.cpu_steps is not None:
             self.cpu_steps.close()                  # its views of the weights and caches
         self.backends, self.staging = [], None
@@ -256,6 +273,8 @@ class Engine:
         through the ring, CPU-attention outputs sent back, and the host waits for their staging copies."""
         stats = self.weights.stats
         num_bytes, wait = stats.bytes_copied, stats.wait_seconds
+        if self.expert_stager is not None:
+            num_bytes += self.expert_stager.bytes_copied
         if self.staging is not None:
             num_bytes += self.staging.host_to_device_bytes
             wait += self.staging.wait_seconds

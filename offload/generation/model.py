@@ -218,7 +218,7 @@ class Model:
         self._active_run = None
         self.engine.close()
         if self.ledger is not None:
-            for category in ("kv_cache", "workspace"):
+            for category in ("kv_cache", "workspace", "buffers"):     # (buffers: the expert stager's)
                 self.ledger.free(category, self.ledger.current_bytes(category))
 
     def __enter__(self) -> "Model":

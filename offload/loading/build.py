@@ -26,6 +26,7 @@ from offload.models import build_model
 from offload.loading.planning import choose_plan
 from offload.loading.report import memory_report
 from offload.attention.streamed import K_CACHE, V_CACHE, StreamedKVAttention, kv_attachment
+from offload.weights.expert_stager import ExpertStager
 from offload.weights.source import experts_item, item_tensors, weight_items
 from offload.weights.placed import PlacedWeights
 from offload.weights import quant
@@ -51,17 +52,20 @@ def check_limits(arch: Architecture, max_batch_size: int, max_seq_len: int) -> N
                          f"{arch.model_type} model can embed (learned positions)")
 
 
-def cpu_experts(plan: Plan) -> frozenset:
-    """The MoE layers whose routed experts the plan keeps on the CPU (an item of their own: experts_item)."""
-    return frozenset(layer.index for layer in plan.layers if layer.experts == "cpu")
+def experts_apart(plan: Plan, placement: str | None = None) -> frozenset:
+    """The MoE layers whose routed experts the plan keeps apart in CPU RAM (an item of their own: experts_item),
+    all of them or those placed `placement` ("cpu": computed there; "streamed": copied on demand)."""
+    return frozenset(layer.index for layer in plan.layers
+                     if layer.experts_apart and placement in (None, layer.experts))
 
 
 def item_placement(plan: Plan) -> dict:
     """Every weight item's tier as the plan says ("gpu" | "cpu"); final_norm always on the "gpu" tier; CPU
-    experts on the "cpu" tier (streamed in prefill chunks, read in place by decode steps)."""
+    experts kept apart on the "cpu" tier (streamed in prefill chunks; read in place by decode steps, or the
+    routed ones copied: ExpertStager)."""
     tiers = {"embedding": plan.embedding.weights, "final_norm": "gpu", "lm_head": plan.lm_head.weights}
     tiers.update({layer.index: layer.weights for layer in plan.layers})
-    tiers.update({experts_item(i): "cpu" for i in cpu_experts(plan)})
+    tiers.update({experts_item(i): "cpu" for i in experts_apart(plan)})
     return tiers
 
 
@@ -85,22 +89,29 @@ def stored_sizes(shape: tuple, name: str, dtype: torch.dtype, quantization: Quan
 def ring_alignment(plan: Plan, arch: Architecture, tiers: dict, dtype: torch.dtype,
                    kv_items: dict[int, dict[str, tuple]], layouts: dict | None = None) -> int:
     """The largest tensor alignment (256 down to the element size) whose packed slots fit the plan's
-    slot_bytes (the planner counts bytes exactly, alignment padding would add a few per tensor)."""
+    slot_bytes, and each expert streamed on demand its expert slot (the planner counts bytes exactly, alignment
+    padding would add a few per tensor)."""
     shapes, layouts = arch.all_tensors(), layouts or {}
-    apart = cpu_experts(plan)
+    apart = experts_apart(plan)
+
+    def sizes_of(names) -> list[int]:
+        return [n for name in names for n in stored_sizes(shapes[name], name, dtype, layouts.get(name))]
 
     def item_sizes(item) -> list[int]:
         names = item_tensors(arch, item, apart).values() if is_streamed(item, tiers) else ()
         kv = [math.prod(shape) * dtype.itemsize for shape in kv_items.get(item, {}).values()]
-        return [n for name in names for n in stored_sizes(shapes[name], name, dtype, layouts.get(name))] + kv
+        return sizes_of(names) + kv
 
     streamed = [item_sizes(item) for item in weight_items(arch, apart) if is_streamed(item, tiers) or item in kv_items]
+    experts = [sizes_of(arch.expert_tensors(i, e)) for i in experts_apart(plan, "streamed")
+               for e in range(arch.num_experts)]
     if not streamed:
         return 256
     alignment = 256
     while alignment >= dtype.itemsize:
         slot = align_up(max(sum(align_up(n, alignment) for n in sizes) for sizes in streamed), alignment)
-        if slot <= plan.slot_bytes:
+        span = max((sum(align_up(n, alignment) for n in sizes[:-1]) + sizes[-1] for sizes in experts), default=0)
+        if slot <= plan.slot_bytes and span <= plan.expert_slot_bytes:
             return alignment
         alignment //= 2
     raise PlanError(f"the plan's ring buffers ({plan.slot_bytes} bytes) cannot hold the largest streamed "
@@ -231,7 +242,7 @@ def build(checkpoint: Checkpoint, plan: Plan, *, device: torch.device, prefill_c
     streamed_kv = {l.index: {"k": kv_shape, "v": kv_shape} for l in plan.layers
                    if l.kv == "cpu" and l.attention == "gpu"}
     layouts, held_packed = tensor_layouts(checkpoint, plan)
-    apart = cpu_experts(plan)                              # layers whose experts are an item of their own
+    apart = experts_apart(plan)                            # layers whose experts are an item of their own
     alignment = ring_alignment(plan, arch, tiers, dtype, streamed_kv, layouts)
     ledger = MemoryLedger(max_bytes=plan.memory.gpu.total)
     ledger.allocate("workspace", plan.workspace_bytes)     # reserved for activations (chunked prefill)
@@ -248,12 +259,20 @@ def build(checkpoint: Checkpoint, plan: Plan, *, device: torch.device, prefill_c
         staging = HostStaging(device) if device.type == "cuda" else None   # shared by the host-KV layers
         backends = _build_backends(arch, plan, weights, ledger, device=device, staging=staging,
                                    scale=model.attention_scale, kv_args=kv_args)
+        streamed_experts = experts_apart(plan, "streamed")
+        stager = None
+        if streamed_experts:        # the device slots the routed experts of a decode step are copied into
+            stager = ExpertStager({i: weights.packed_item(experts_item(i)) for i in streamed_experts},
+                                  experts_prefix=f"{arch.family.block}experts.", num_experts=arch.num_experts,
+                                  num_slots=plan.expert_slots, slot_bytes=plan.expert_slot_bytes, device=device,
+                                  charge=lambda num_bytes: ledger.allocate("buffers", num_bytes))
         cpu_layers = [layer.index for layer in plan.layers if layer.compute == "cpu"]
         host_model = build_model(arch, torch.device("cpu")) if cpu_layers and device.type != "cpu" else None
         engine = Engine(arch=arch, model=model, weights=weights, backends=backends, device=device, dtype=dtype,
                         max_seq_len=max_seq_len, max_batch_size=max_batch_size, staging=staging,
                         prefill_chunk_size=prefill_chunk_size or plan.prefill_chunk_size,
-                        cpu_layers=cpu_layers, host_model=host_model, cpu_experts=apart)
+                        cpu_layers=cpu_layers, host_model=host_model, cpu_experts=experts_apart(plan, "cpu"),
+                        streamed_experts=streamed_experts, expert_stager=stager)
     except BaseException:
         weights.close()
         raise

@@ -14,6 +14,7 @@ from pathlib import Path
 import placement
 from placement import Hardware, Plan, PlanError, Workload
 from placement.architecture import Architecture
+from placement.plans import EXPERT_PLACEMENTS
 
 log = logging.getLogger(__name__)
 GEN_FRACTION = 4       # gen_len = max_seq_len // GEN_FRACTION
@@ -70,8 +71,9 @@ def choose_plan(*, path, arch: Architecture, device, dtype: str, max_batch_size:
                                    ("cpu_attention", cpu_attention)) if v is not None}
     if cpu_compute is not None and not isinstance(cpu_compute, bool):
         raise ValueError(f"cpu_compute must be True, False or None, got {cpu_compute!r}")
-    if experts is not None and experts not in ("gpu", "cpu"):
-        raise ValueError(f"experts must be 'gpu', 'cpu' or None (the planner decides), got {experts!r}")
+    if experts is not None and experts not in EXPERT_PLACEMENTS:
+        raise ValueError(f"experts must be one of {', '.join(map(repr, EXPERT_PLACEMENTS))} or None (the planner "
+                         f"decides), got {experts!r}")
     if experts is not None and not arch.moe_layers:
         raise ValueError(f"experts={experts!r} places routed experts; {arch.model_type} has none (a dense model)")
     if plan is not None:

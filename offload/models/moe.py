@@ -5,7 +5,8 @@ Attention is their dense siblings' (Mistral's, Qwen2's, Qwen3's); the MLP of a M
 transformers computes them), softmax in float32, top-k, the chosen weights renormalised when the family does
 (Mixtral always, Qwen when `norm_topk_prob`); each hit expert (ascending) computes its tokens' gated MLP,
 scaled by their weights (float32 for Mixtral, rounded to the model dtype first for Qwen) and added into the
-output. Qwen2-MoE adds a shared expert scaled by sigmoid(shared_expert_gate(x)). A layer without a router
+output (experts streamed on demand are copied to the device once routed: ROUTED_EXPERTS). Qwen2-MoE adds a
+shared expert scaled by sigmoid(shared_expert_gate(x)). A layer without a router
 (Qwen's `mlp_only_layers`, `decoder_sparse_step`) is a plain gated MLP.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from offload.models.decoder import DecoderModel
 from offload.models.layers import gated_mlp, linear
 from offload.models.qwen3 import Qwen3Model
 from offload.weights.quant import QuantizedWeight
+from offload.weights.source import ROUTED_EXPERTS
 from placement.cost import CPU_DECODE_MAX_ROWS
 
 
@@ -39,7 +41,7 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     only the N rows, their weights and choices cross, and the result comes back)."""
     assert x.dim() == 2 and weights.shape == experts.shape and experts.shape[0] == x.shape[0], \
         (x.shape, weights.shape, experts.shape)
-    home = lw[f"{prefix}0.{names[2]}.weight"].device
+    home = next(value for key, value in lw.items() if key.startswith(prefix)).device   # (no sync on the routing)
     if home != x.device:
         out = routed_experts(x.to(home), weights.to(home), experts.to(home), lw, prefix, names, act)
         return out.to(x.device)
@@ -106,6 +108,9 @@ class MoeMlp:
         weights, experts = route(F.linear(x2, router), a.num_experts_per_tok, a.options["norm_topk_prob"])
         if not self.weights_in_float32:
             weights = weights.to(x.dtype)
+        fetch = lw.get(ROUTED_EXPERTS)
+        if fetch is not None:                       # streamed on demand: copy the routed experts now
+            lw = {**lw, **fetch(torch.unique(experts).tolist())}
         out = routed_experts(x2, weights, experts, lw, f"{self.block}experts.", self.expert_names, self.act)
         if a.options["shared_expert_size"]:
             shared = gated_mlp(x2, lw, f"{self.block}shared_expert.", self.act)            # [N, H]

@@ -200,14 +200,18 @@ class PlacedWeights:
         packed = self.prefetcher.items[self.streamed_items.index(item)]
         return {name: view for name, view in packed.tensors().items() if name in self.attached[item]}
 
+    def packed_item(self, item: Hashable):
+        """A streamed item's packed host copy (PackedItem: the one buffer its ring copies read)."""
+        if self._mode(item) != _STREAMED:
+            raise KeyError(f"weight item {item!r} is not streamed: its weights are not kept in host memory")
+        return self.prefetcher.items[self.streamed_items.index(item)]
+
     def host_tensors(self, item: Hashable) -> dict:
         """A streamed item's weights where they lie in host memory (views into its packed host buffer, packed
         matrices as QuantizedWeights), for computing it on the CPU without a copy; its attachments left out."""
-        if self._mode(item) != _STREAMED:
-            raise KeyError(f"weight item {item!r} is not streamed: its weights are not kept in host memory")
+        packed = self.packed_item(item)
         views = self._host_views.get(item)
         if views is None:                                 # made once: the packed buffer never moves
-            packed = self.prefetcher.items[self.streamed_items.index(item)]
             views = self._host_views[item] = unflatten({name: view for name, view in packed.tensors().items()
                                                         if name not in self.attached.get(item, {})})
         return dict(views)

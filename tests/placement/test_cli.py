@@ -176,7 +176,9 @@ def test_experts_flag_places_a_moe_models_experts():
     auto = run(*args)
     assert auto.returncode == 0, auto.stderr
     rows = [line.split() for line in auto.stdout.splitlines() if line.split()[:1] and line.split()[0][0].isdigit()]
-    assert {row[6] for row in rows} == {"gpu", "cpu"} and "experts" in auto.stdout     # the first layers' on the GPU
+    # the first layers' experts on the GPU, the others' in RAM (computed there or streamed: the cost model says)
+    placed = {row[6] for row in rows}
+    assert len(placed) == 2 and "gpu" in placed and placed < {"gpu", "cpu", "streamed"} and "experts" in auto.stdout
     on_cpu = json.loads(run(*args, "--experts", "cpu", "--json").stdout)
     assert all(layer["experts"] == "cpu" for layer in on_cpu["layers"])
     assert on_cpu["memory"]["cpu"]["weights"] == sum(layer["expert_bytes"] for layer in on_cpu["layers"])
