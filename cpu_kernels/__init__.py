@@ -14,10 +14,10 @@ x quantized per run of 32 inputs (int8 for 4-bit codes, int16 for 8-bit) and mul
 16-bit models; else exact float32);
 `PackedMatrix.of(qweight, scales, mins)` keeps the checked views for repeated calls (`matrix(x)`);
 `dense_linear_rows(x, weight)` does the same for a dense float32/bfloat16/float16 matrix;
-`stacked_linear(x, matrices, integer)` runs several of one shape, of either kind, in one parallel loop (a MoE
-layer's experts).
+`gated_experts(x, experts, share, dtype, integer)` runs a MoE layer's routed SiLU experts, gate/up (one
+parallel loop over all their outputs), activation, down (another) and their weighted sum, in one call.
 """
-from .linear import PackedMatrix, dense_linear_rows, stacked_linear, quantized_linear
+from .linear import PackedMatrix, dense_linear_rows, gated_experts, quantized_linear
 from .ops import append_kv, attention
 
-__all__ = ["attention", "append_kv", "quantized_linear", "PackedMatrix", "dense_linear_rows", "stacked_linear"]
+__all__ = ["attention", "append_kv", "quantized_linear", "PackedMatrix", "dense_linear_rows", "gated_experts"]

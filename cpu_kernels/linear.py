@@ -4,8 +4,7 @@
     y = matrix(x)                                       # x float32 [M, K] -> float32 [M, N]
     y = quantized_linear(x, qweight, scales, mins)      # the same, in one call
     y = dense_linear_rows(x, weight)                    # x float32 [M, K] @ a dense float32/16-bit W.T
-    ys = stacked_linear(x, matrices, integer)           # C matrices of one shape in one parallel loop -> [C, M, N]
-                                                        # (x shared, or x [C, M, K]: matrix i reads x[i])
+    out = gated_experts(x, experts, share, dtype, integer)   # a MoE layer's routed SiLU experts in one call
 
 The matrix stays packed (4-bit codes two to a byte, or 8-bit codes) and is read once per call; nothing of
 its dense size is allocated, and its scales are read in their stored dtype (float32, bfloat16, float16).
@@ -22,7 +21,8 @@ import numpy as np
 import torch
 
 from ._checks import CACHE_DTYPES, cache_view
-from ._linear_kernel import dense_linear, dense_linear_each, packed_linear, packed_linear_each
+from ._experts_kernel import BFLOAT16, FLOAT16, FLOAT32, dense_experts, packed_experts
+from ._linear_kernel import dense_linear, packed_linear
 from .ops import _LAUNCH_LOCK, _needs_launch_lock
 
 BLOCKS_PER_THREAD = 16     # outputs handed out in blocks (the kernels' lane sums live per block)
@@ -113,53 +113,67 @@ def dense_linear_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def stacked_linear(x: torch.Tensor, matrices: list, integer: bool = False) -> torch.Tensor:
-    """x @ W_i.T for C matrices of one shape [N, K] in one parallel loop (one thread launch for all) -> float32
-    [C, M, N]: x float32 [M, K] read by every matrix, or [C, M, K], matrix i reading x[i]. `matrices`: all
-    PackedMatrix of one code type (`integer` as PackedMatrix) or all dense float32/bfloat16/float16 tensors of
-    one dtype. A routed MoE layer's experts: their gate and up on the token rows, then their down projections
-    on each expert's own rows. (The tuple handed to Numba is padded with empty matrices to a power of two, so
-    that few lengths are ever compiled.)"""
-    count = len(matrices)
-    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or x.device.type != "cpu" or x.dtype != torch.float32 \
-            or (x.dim() == 3 and x.shape[0] != count) or count == 0:
-        raise ValueError(f"x must be a float32 CPU tensor [M, K] or [{count}, M, K] (C >= 1 matrices), got "
-                         f"{getattr(x, 'shape', type(x))} {getattr(x, 'dtype', '')}")
-    xs3 = x.detach().contiguous()
-    xs3 = xs3[None] if xs3.dim() == 2 else xs3
-    rows, inputs = xs3.shape[1:]
+ROUNDING = {torch.float32: FLOAT32, torch.bfloat16: BFLOAT16, torch.float16: FLOAT16}
+
+
+def gated_experts(x: torch.Tensor, experts: list, share: torch.Tensor, dtype: torch.dtype,
+                  integer: bool = False) -> torch.Tensor:
+    """A MoE layer's routed experts on a few rows in one Numba call: x float32 [M, H], `experts` the h experts'
+    (gate, up, down) matrices (gate and up [I, H], down [H, I]; all PackedMatrix of one layout, `integer` as
+    PackedMatrix, or all dense CPU tensors of one float32/bfloat16/float16 dtype), share float32 [h, M] (each
+    row's weight for expert j, 0 where the row is not routed to it) -> float32 [M, H] holding values of
+    `dtype`: sum_j share[j] * down_j(silu(gate_j(x)) * up_j(x)) with the roundings of the expert-by-expert path
+    in `dtype` (each projection, the activation, the product, the scaled output, each add, experts ascending).
+    Tuples handed to Numba are padded to a power of two, so that few lengths are ever compiled."""
+    count = len(experts)
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.float32:
+        raise ValueError(f"x must be a float32 [M, H] CPU tensor, got {getattr(x, 'shape', type(x))} "
+                         f"{getattr(x, 'dtype', '')}")
+    if count == 0 or not isinstance(share, torch.Tensor) or share.shape != (count, x.shape[0]) \
+            or share.dtype != torch.float32 or dtype not in ROUNDING:
+        raise ValueError(f"need h >= 1 experts, share float32 [h, M] = [{count}, {x.shape[0]}] and a float32/bfloat16/"
+                         f"float16 dtype, got share {getattr(share, 'shape', None)} and {dtype}")
+    rows, hidden = x.shape
     size = 1 << (count - 1).bit_length()                                # padded length
-    if xs3.shape[0] > 1 and size > count:
-        xs3 = torch.cat([xs3, xs3.new_zeros(size - count, rows, inputs)])
-    first = matrices[0]
-    if isinstance(first, PackedMatrix):
-        kind = (first.codes.dtype, first.codes.shape, first.scales.dtype, first.scales.shape, first.has_mins)
-        if any(not isinstance(m, PackedMatrix) or (m.codes.dtype, m.codes.shape, m.scales.dtype, m.scales.shape,
-                                                   m.has_mins) != kind for m in matrices) or first.shape[1] != inputs:
-            raise ValueError(f"matrices must be PackedMatrix of one shape [N, {inputs}], code and scale type")
-        outputs = first.codes.shape[0]
-        codes, scales, mins = [m.codes for m in matrices], [m.scales for m in matrices], [m.mins for m in matrices]
-        pad = size - count
-        codes += [first.codes[:0]] * pad
-        scales += [first.scales[:0]] * pad
-        mins += [first.mins[:0]] * pad
-        kernel_args = (tuple(codes), tuple(scales), tuple(mins), (first.has_mins,) * size, integer)
-        kernel = packed_linear_each
-    else:
-        if any(not isinstance(m, torch.Tensor) or m.shape != first.shape or m.dtype != first.dtype
-               or m.device.type != "cpu" for m in matrices) or first.dim() != 2 or first.shape[1] != inputs \
-                or first.dtype not in CACHE_DTYPES:
-            raise ValueError(f"matrices must be CPU tensors of one shape [N, {inputs}] and one float32/bfloat16/"
-                             "float16 dtype")
-        outputs = first.shape[0]
-        views = [cache_view(m.detach().contiguous(), fp16_as_int16=True) for m in matrices]
-        kernel_args = (tuple(views + [views[0][:0]] * (size - count)),)
-        kernel = dense_linear_each
-    out = np.empty((count, rows, outputs), np.float32)
-    empty = np.empty((rows, 0), np.float32)
-    blocks = max(1, min(count * outputs, numba.get_num_threads() * BLOCKS_PER_THREAD))
-    _run(kernel, xs3.numpy(), *kernel_args, blocks, tuple(list(out) + [empty] * (size - count)))
-    return torch.from_numpy(out)
+    ups = [m for gate, up, _ in experts for m in (gate, up)]
+    downs = [down for _, _, down in experts]
+    out = torch.empty((rows, hidden), dtype=torch.float32)
+    blocks = max(1, numba.get_num_threads() * BLOCKS_PER_THREAD)
+    share_np = share.contiguous().numpy()
+    if isinstance(downs[0], PackedMatrix):
+        for group in (ups, downs):
+            first = group[0]
+            kind = (first.codes.dtype, first.codes.shape, first.scales.dtype, first.scales.shape, first.has_mins)
+            if any(not isinstance(m, PackedMatrix) or (m.codes.dtype, m.codes.shape, m.scales.dtype,
+                                                       m.scales.shape, m.has_mins) != kind for m in group):
+                raise ValueError("the experts' matrices must be PackedMatrix of one layout per projection")
+        if ups[0].shape != (downs[0].shape[1], hidden) or downs[0].shape[0] != hidden:
+            raise ValueError(f"shapes do not fit: gate/up {ups[0].shape}, down {downs[0].shape}, x {tuple(x.shape)}")
+
+        def parts(group, length):
+            pad = length - len(group)
+            return (tuple([m.codes for m in group] + [group[0].codes[:0]] * pad),
+                    tuple([m.scales for m in group] + [group[0].scales[:0]] * pad),
+                    tuple([m.mins for m in group] + [group[0].mins[:0]] * pad), (group[0].has_mins,) * length)
+
+        _run(packed_experts, x.contiguous().numpy(), *parts(ups, 2 * size), *parts(downs, size), share_np,
+             ROUNDING[dtype], integer, blocks, out.numpy())
+        return out
+    matrices = ups + downs
+    if any(not isinstance(m, torch.Tensor) or m.dtype != downs[0].dtype or m.device.type != "cpu" or m.dim() != 2
+           for m in matrices) or downs[0].dtype not in CACHE_DTYPES or ups[0].shape != (downs[0].shape[1], hidden) \
+            or any(m.shape != ups[0].shape for m in ups) or any(m.shape != downs[0].shape for m in downs) \
+            or downs[0].shape[0] != hidden:
+        raise ValueError("the experts' matrices must be CPU tensors of one float32/bfloat16/float16 dtype, gate and "
+                         f"up [I, {hidden}], down [{hidden}, I]")
+
+    def views(group, length):
+        arrays = [cache_view(m.detach().contiguous(), fp16_as_int16=True) for m in group]
+        return tuple(arrays + [arrays[0][:0]] * (length - len(arrays)))
+
+    _run(dense_experts, x.contiguous().numpy(), views(ups, 2 * size), views(downs, size), share_np,
+         ROUNDING[dtype], blocks, out.numpy())
+    return out
 
 
 def _run(kernel, *args) -> None:

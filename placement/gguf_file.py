@@ -16,7 +16,8 @@ from placement.quantization import Quantization
 
 # general.architecture -> config.json model_type (llama covers Mistral, as llama.cpp writes it)
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3_text",
-                 "phi3": "phi3"}
+                 "phi3": "phi3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+MOE = ("qwen2moe", "qwen3moe")
 NORM_SHIFTED = ("gemma2", "gemma3")      # llama.cpp's converter stores Gemma's norm weights + 1
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 PERMUTED_QK = ("llama",)     # architectures whose q/k rows llama.cpp's converter interleaves
@@ -42,6 +43,14 @@ ARCHITECTURE_LAYER_NAMES = {
                "post_ffw_norm": "post_feedforward_layernorm"},
     "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}}
 ARCHITECTURE_LAYER_NAMES["gemma3"] = ARCHITECTURE_LAYER_NAMES["gemma2"]
+# mixture of experts: the router, the shared expert and its gate (a 1-D [hidden] row in the file), and the
+# routed experts, each projection one 3-D tensor [experts, out, in] split here into the experts' matrices
+MOE_LAYER_NAMES = {"ffn_gate_inp": "mlp.gate", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+                   "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
+                   "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
+EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+for _arch in MOE:
+    ARCHITECTURE_LAYER_NAMES[_arch] = MOE_LAYER_NAMES
 _LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -63,6 +72,41 @@ def find_gguf(path) -> Path | None:
 def layer_names(architecture: str) -> dict[str, str]:
     """GGUF layer tensor name -> Hugging Face module name, for `architecture`."""
     return {**LAYER_NAMES, **ARCHITECTURE_LAYER_NAMES.get(architecture, {})}
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """One routed expert's matrix inside a GGUF 3-D expert tensor (ffn_*_exps, experts outermost), with the
+    attributes of a gguf ReaderTensor that the runtime reads: name, tensor_type, shape (ne order), data."""
+
+    tensor: object
+    expert: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.tensor.name}[{self.expert}]"
+
+    @property
+    def tensor_type(self):
+        return self.tensor.tensor_type
+
+    @property
+    def shape(self):
+        return self.tensor.shape[:2]
+
+    @property
+    def data(self):
+        return self.tensor.data[self.expert]
+
+
+def expert_tensors(tensor, architecture: str) -> dict:
+    """HF name -> ExpertTensor for each expert of a GGUF routed-expert tensor; {} for any other tensor."""
+    match = _LAYER.match(tensor.name)
+    if architecture not in MOE or match is None or match.group(2) not in EXPERT_NAMES:
+        return {}
+    layer, projection = match.group(1), EXPERT_NAMES[match.group(2)]
+    return {f"model.layers.{layer}.mlp.experts.{e}.{projection}.weight": ExpertTensor(tensor, e)
+            for e in range(int(tensor.shape[2]))}
 
 
 def hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
@@ -124,12 +168,13 @@ def read_gguf(path) -> GGUFModel:
     tensors = {}
     for tensor in reader.tensors:
         name = hf_name(tensor.name, architecture)
-        if name is None:
+        experts = expert_tensors(tensor, architecture)
+        if name is None and not experts:
             continue
         if tensor.tensor_type.name not in SUPPORTED_TYPES:
             raise ConfigError(f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}, a GGML type this "
                               f"library does not read; supported: {', '.join(SUPPORTED_TYPES)}")
-        tensors[name] = tensor
+        tensors.update(experts or {name: tensor})
     return GGUFModel(path=path, architecture=architecture, config=_config(path, architecture, metadata, reader,
                                                                             tensors), tensors=tensors,
                      metadata=metadata)
@@ -165,8 +210,14 @@ def _config(path: Path, arch: str, meta: dict, reader, tensors: dict) -> dict:
         config["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
     elif kind not in (None, "none") and not (arch == "phi3" and kind in ("longrope", "su")):
         raise ConfigError(f"{path}: GGUF rope scaling {kind!r} is not supported; supported: none, linear")
-    if arch == "qwen2":
+    if arch in ("qwen2", *MOE):
         config["use_sliding_window"] = False
+    if arch in MOE:        # llama.cpp renormalises the chosen experts' weights for Qwen3-MoE, not Qwen2-MoE
+        config.update(num_experts=int(get("expert_count")), num_experts_per_tok=int(get("expert_used_count")),
+                      moe_intermediate_size=int(get("expert_feed_forward_length")),
+                      norm_topk_prob=arch == "qwen3moe")
+        if arch == "qwen2moe":
+            config["shared_expert_intermediate_size"] = int(get("expert_shared_feed_forward_length"))
     window = get("attention.sliding_window", None, required=False)
     if arch in NORM_SHIFTED:
         head_dim = config.get("head_dim") or config["hidden_size"] // num_heads

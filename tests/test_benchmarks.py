@@ -195,6 +195,6 @@ def test_moe_decode_quick_prints_every_row(tmp_path):
     assert "memory read bandwidth" in out and "meas/pred" in out
     assert torch.cuda.is_available() or "no CUDA: the 'gpu' tier is the CPU" in out
     rows = [line for line in out.splitlines() if line.startswith("bf16 ")]
-    assert len(rows) == 3 and all(float(row.split()[-4]) > 0 for row in rows), out      # ours tok/s
+    assert len(rows) == 4 and all(float(row.split()[-4]) > 0 for row in rows), out      # ours tok/s
     assert float(rows[-1].split()[-1]) > 0, out                                          # transformers
     assert "GB/s" in out.splitlines()[-1] and "of" in out.splitlines()[-1], out

@@ -88,7 +88,7 @@ class GGUFCheckpoint:
                                   f"{f' ... ({len(missing)} in all)' if len(missing) > 4 else ''}")
         for name, shape in expected.items():
             found = tuple(int(n) for n in reversed(self.model.tensors[name].shape.tolist()))   # GGUF: ne[0] last
-            if found != tuple(shape):
+            if found != tuple(shape) and not (shape[0] == 1 and found == tuple(shape[1:])):   # (a [1, H] row as [H])
                 raise CheckpointError(f"{self.path}: tensor {self.model.tensors[name].name} has shape "
                                       f"{list(found)}, expected {list(shape)} from its metadata")
         self._expected = expected

@@ -11,10 +11,11 @@ shared expert scaled by sigmoid(shared_expert_gate(x)). A layer without a router
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cpu_kernels import stacked_linear
+from cpu_kernels import gated_experts
 from offload.models.decoder import DecoderModel
 from offload.models.layers import gated_mlp, linear
 from offload.models.qwen3 import Qwen3Model
@@ -60,33 +61,34 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
 
 def _cpu_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, hit: torch.Tensor, lw: dict,
                  prefix: str, names: tuple[str, str, str], act) -> torch.Tensor | None:
-    """routed_experts for a few rows on the CPU in two parallel loops (cpu_kernels.stacked_linear), not three
-    calls an expert: every hit expert's gate and up on all N rows (the matrices are read once whatever the
-    rows), then each one's down projection of its own rows (rows not routed to it weigh 0). The same numbers
-    as the expert-by-expert path (each product rounded to the model dtype where `linear` rounds it, the experts
-    added in ascending order). None when the experts are not all packed alike or all dense in x's dtype."""
-    matrices = [[lw.get(f"{prefix}{e}.{name}.weight") for e in hit.tolist()] for name in names]
-    flat = [m for group in matrices for m in group]
-    if all(isinstance(m, QuantizedWeight) and m.qweight.device.type == "cpu" for m in flat):
-        if len({(m.scheme, m.qweight.dtype, m.scales.dtype) for m in flat}) != 1:
-            return None
-        matrices = [[m.cpu_matrix() for m in group] for group in matrices]
-    elif not all(isinstance(m, torch.Tensor) and m.dtype == x.dtype for m in flat) \
-            or any(f"{prefix}{e}.{name}.bias" in lw for e in hit.tolist() for name in names):
+    """routed_experts for a few rows on the CPU in one call (cpu_kernels.gated_experts: every hit expert's gate
+    and up in one parallel loop, the matrices read once whatever the rows, then each one's down projection of
+    its own rows, rows not routed to it weighing 0, and the weighted sum). The same roundings as the
+    expert-by-expert path (each product rounded to the model dtype where `linear` rounds it, the experts added
+    in ascending order). None when the activation is not SiLU or the experts are not all packed alike per
+    projection or all dense in x's dtype (the kernel's ValueError)."""
+    if act is not F.silu:
         return None
-    gates, ups, downs = matrices
-    integer = x.dtype != torch.float32                      # as `linear` multiplies packed matrices
-    gate_up = stacked_linear(x.float(), [m for pair in zip(gates, ups) for m in pair], integer)   # [2h, N, I]
-    g, u = gate_up[0::2].to(x.dtype), gate_up[1::2].to(x.dtype)                             # [h, N, I]
-    down = stacked_linear((act(g) * u).float(), downs, integer).to(x.dtype)                  # [h, N, H]
-    N = x.shape[0]
-    share = torch.zeros(len(downs), N, dtype=weights.dtype)                                  # [h, N]
-    share[torch.searchsorted(hit, experts), torch.arange(N)[:, None].expand_as(experts)] = weights
-    scaled = (down * share[..., None]).to(x.dtype)          # [h, N, H]
-    out = torch.zeros_like(x)
-    for y in scaled:                                        # ascending expert order, as index_add_ adds them
-        out += y
-    return out
+    hit_list = hit.tolist()
+    matrices = [tuple(lw[f"{prefix}{e}.{name}.weight"] for name in names) for e in hit_list]
+    if isinstance(matrices[0][0], QuantizedWeight):
+        if not all(isinstance(m, QuantizedWeight) and m.qweight.device.type == "cpu" for trio in matrices for m in trio):
+            return None
+        matrices = [tuple(m.cpu_matrix() for m in trio) for trio in matrices]
+    elif getattr(matrices[0][0], "dtype", None) != x.dtype or any(f"{prefix}{hit_list[0]}.{name}.bias" in lw
+                                                                   for name in names):
+        return None
+    # each row's weight for each hit expert (0: not routed to it), in float32 (the values of `weights`' dtype)
+    slot = {e: j for j, e in enumerate(hit_list)}
+    share = np.zeros((len(hit_list), x.shape[0]), np.float32)                                # [h, N]
+    for n, (chosen, scale) in enumerate(zip(experts.tolist(), weights.float().tolist())):
+        for e, w in zip(chosen, scale):
+            share[slot[e], n] = w
+    try:   # as `linear` multiplies packed matrices: a 16-bit model's activations as integers
+        out = gated_experts(x.float(), matrices, torch.from_numpy(share), x.dtype, integer=x.dtype != torch.float32)
+    except ValueError:                                      # not one layout per projection, or not x's dtype
+        return None
+    return out.to(x.dtype)                                  # [N, H]
 
 
 class MoeMlp:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from placement.gguf_file import NAMES, NORM_SHIFTED, layer_names
+from placement.gguf_file import EXPERT_NAMES, MOE, NAMES, NORM_SHIFTED, layer_names
 
 HF_NAMES = {hf: name for name, hf in NAMES.items()}                  # written as llama.cpp names them
 
@@ -15,9 +15,29 @@ HF_NAMES = {hf: name for name, hf in NAMES.items()}                  # written a
 def gguf_name(hf_name: str, architecture: str = "llama") -> str:
     if hf_name in HF_NAMES:
         return HF_NAMES[hf_name]
+    if ".mlp.experts." in hf_name:                                # a stacked projection of every expert
+        _, _, index, rest = hf_name.split(".", 3)
+        return f"blk.{index}.{ {v: k for k, v in EXPERT_NAMES.items()}[rest.split('.')[2]]}.weight"
     _, _, index, rest = hf_name.split(".", 3)                     # model.layers.<i>.<rest>
     module, _, kind = rest.rpartition(".")
     return f"blk.{index}.{ {hf: name for name, hf in layer_names(architecture).items()}[module]}.{kind}"
+
+
+def _llama_cpp_tensors(state_dict: dict):
+    """(HF-like name, tensor) as llama.cpp's converter lays them out: transformers' fused experts
+    (experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]) as one stacked tensor per projection
+    ("...mlp.experts.gate_proj" [E, I, H]), the shared-expert gate [1, H] as a row [H]."""
+    for name, tensor in state_dict.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            gate, up = tensor.chunk(2, dim=1)
+            yield name.replace("gate_up_proj", "gate_proj"), gate
+            yield name.replace("gate_up_proj", "up_proj"), up
+        elif name.endswith("mlp.experts.down_proj"):
+            yield name, tensor
+        elif name.endswith("mlp.shared_expert_gate.weight"):
+            yield name, tensor.reshape(-1)
+        else:
+            yield name, tensor
 
 
 def permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
@@ -88,7 +108,13 @@ def write_gguf(path: Path, hf_model, architecture: str, matrix_type: str = "F32"
         writer.add_tokenizer_model("gpt2")
         writer.add_token_list([f"<t{i}>" for i in range(config.vocab_size)])
         writer.add_token_merges([])
-    for name, tensor in hf_model.state_dict().items():
+    if architecture in MOE:                   # what llama.cpp's converter writes for Qwen2-MoE / Qwen3-MoE
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+        if architecture == "qwen2moe":
+            writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    for name, tensor in _llama_cpp_tensors(hf_model.state_dict()):
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         kind = next((t for module, t in (type_of or {}).items() if f".{module}." in name), matrix_type)
@@ -101,7 +127,7 @@ def write_gguf(path: Path, hf_model, architecture: str, matrix_type: str = "F32"
         if values.ndim == 2 and kind in ("Q4_K", "Q5_K", "Q6_K"):
             packed = random_blocks(values.shape, kind, seed=len(name))
             writer.add_tensor(gguf_name(name, architecture), packed, raw_shape=packed.shape, raw_dtype=qtype)
-        elif values.ndim == 2 and kind != "F32":
+        elif values.ndim >= 2 and kind != "F32":
             packed = gguf.quants.quantize(values, qtype)
             writer.add_tensor(gguf_name(name, architecture), packed, raw_shape=packed.shape, raw_dtype=qtype)
         else:

@@ -23,13 +23,18 @@ def _load(path, **kwargs):
                         progress=False, **kwargs)
 
 
+@pytest.mark.parametrize("placement_", ["cpu", "streamed"])
 @pytest.mark.parametrize("variant", MOE)
-def test_cpu_experts_decode_transformers_tokens(checkpoint_factory, variant):
+def test_experts_kept_in_ram_decode_transformers_tokens(checkpoint_factory, variant, placement_):
+    """Computed where they lie ("cpu") or the routed ones copied to the device each step ("streamed")."""
     path, hf = checkpoint_factory(variant)
-    model = _load(path, experts="cpu")
+    model = _load(path, experts=placement_)
     arch = model.arch
-    assert [l.experts == "cpu" for l in model.plan.layers] == [i in arch.moe_layers for i in range(arch.num_layers)]
-    assert model.engine.cpu_experts == frozenset(arch.moe_layers)
+    assert [l.experts == placement_ for l in model.plan.layers] == [i in arch.moe_layers
+                                                                   for i in range(arch.num_layers)]
+    engine = model.engine
+    assert {"cpu": engine.cpu_experts, "streamed": engine.streamed_experts}[placement_] == frozenset(arch.moe_layers)
+    assert engine.experts_apart == frozenset(arch.moe_layers)
     torch.testing.assert_close(model.forward([LONG])[0], hf_logits(hf, LONG), atol=1e-4, rtol=0)
     for prompt in PROMPTS[:2]:
         assert model.generate([prompt], max_new_tokens=NUM_NEW)[0] == hf_greedy(hf, prompt, NUM_NEW), prompt

@@ -6,6 +6,7 @@ import importlib.metadata
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -230,3 +231,60 @@ def test_phi3_longrope_factors_come_from_the_gguf_tensors(sources, tmp_path):
     assert ours.arch.rope_scaling["rope_type"] == "longrope" and ours.arch.partial_rotary_factor == 0.75
     prompt = PROMPT * 2                                                      # 24 tokens > 16
     torch.testing.assert_close(ours.forward([prompt])[0], hf_logits(hf, prompt), atol=1e-4, rtol=0)
+
+
+MOE_SOURCES = {"qwen2moe": ("qwen2_moe", dict(mlp_only_layers=None, use_sliding_window=False,
+                                                  shared_expert_intermediate_size=64)),   # as llama.cpp runs them:
+               "qwen3moe": ("qwen3_moe", {})}                                                # every layer sparse
+
+
+def _holding_the_files_values(hf, path):
+    """A copy of the transformers model `path` was written from, holding the values the gguf package
+    dequantizes from the file (its experts' 3-D tensors back into transformers' fused layout)."""
+    import copy
+
+    import gguf
+    from placement.gguf_file import EXPERT_NAMES, hf_name
+    model = copy.deepcopy(hf)
+    state = model.state_dict()
+    architecture = path.name.split(".")[0]
+    experts = {}
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        values = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        values = torch.from_numpy(values.reshape([int(n) for n in reversed(tensor.shape.tolist())]).copy())
+        parts = tensor.name.split(".")                              # blk.<i>.<kind>.weight, or token_embd.weight
+        kind = parts[2] if len(parts) == 4 else None
+        if kind in EXPERT_NAMES:
+            experts[(tensor.name.split(".")[1], EXPERT_NAMES[kind])] = values
+            continue
+        name = hf_name(tensor.name, architecture)
+        state[name] = values.reshape(state[name].shape)
+    for (layer, projection), values in experts.items():
+        prefix = f"model.layers.{layer}.mlp.experts."
+        if projection == "down_proj":
+            state[f"{prefix}down_proj"] = values
+        elif projection == "gate_proj":
+            state[f"{prefix}gate_up_proj"] = torch.cat([values, experts[(layer, "up_proj")]], dim=1)
+    model.load_state_dict(state)
+    return model
+
+
+@pytest.mark.parametrize("matrix_type", ["F32", "Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("architecture", ["qwen2moe", "qwen3moe"])
+def test_moe_gguf_files_run_every_expert_placement(sources, tmp_path, architecture, matrix_type):
+    """Qwen2-MoE / Qwen3-MoE GGUF files (experts as llama.cpp stores them: one 3-D tensor per projection, split
+    per expert here, held packed as the file has them) against transformers holding the file's values (as the
+    gguf package dequantizes them), with the routed experts on the GPU tier, on the CPU and streamed."""
+    variant, overrides = MOE_SOURCES[architecture]
+    hf = sources(variant, **overrides)
+    path = write_gguf(tmp_path / f"{architecture}.{matrix_type}.gguf", hf, architecture, matrix_type)
+    reference = _holding_the_files_values(hf, path)
+    want = hf_logits(reference, PROMPT)
+    for experts in ("gpu", "cpu", "streamed"):
+        ours = offload.load(path, dtype="float32", max_seq_len=64, max_batch_size=2, experts=experts, progress=False)
+        assert ours.arch.moe_layers == tuple(range(ours.arch.num_layers))
+        assert ours.plan.quantization == PACKED.get(matrix_type)
+        torch.testing.assert_close(ours.forward([PROMPT])[0], want, atol=1e-4, rtol=0)
+        assert ours.generate([PROMPT, PROMPT[:5]], max_new_tokens=4) == \
+            [reference.generate(torch.tensor([p]), max_new_tokens=4, do_sample=False)[0, len(p):].tolist()
+             for p in (PROMPT, PROMPT[:5])]

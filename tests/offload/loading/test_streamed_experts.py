@@ -1,8 +1,9 @@
 """Routed experts streamed on demand (plan experts "streamed"): in RAM like CPU experts, but a decode step copies
 only the experts its router picked to the device (one copy each, into the plan's expert slots) and computes
-them there; prefill chunks stream them whole. The tokens are transformers' and the all-resident path's in every
-MoE family, with resident or streamed layers, quantized experts, ragged batches, sessions, and experts placed
-gpu / cpu / streamed layer by layer in one plan; the bytes copied are exactly the routed experts'."""
+them there; prefill chunks stream them whole. The tokens are the all-resident path's with resident or streamed
+layers, quantized experts, ragged batches, sessions, and transformers' with experts placed gpu / cpu / streamed
+layer by layer in one plan (every MoE family against transformers: test_cpu_experts.py); the bytes copied are
+exactly the routed experts'."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,37 +14,14 @@ import sys
 import pytest
 import torch
 
-import offload
 import placement
 from placement import PlanError
 from placement.build import assemble
 from placement.manual import REFERENCE_HARDWARE
 from placement.plans import LayerPlan
 from tests.offload.builders import build_checkpoint, hf_greedy, hf_logits
+from tests.offload.loading.test_cpu_experts import NUM_NEW, _load
 from tests.offload.loading.test_offload_parity import LONG, PROMPTS
-
-NUM_NEW = 8
-MOE = ["mixtral_window", "qwen2_moe", "qwen3_moe"]
-
-
-def _load(path, **kwargs):
-    return offload.load(path, dtype="float32", max_batch_size=3, max_seq_len=48, prefill_chunk_size=5,
-                        progress=False, **kwargs)
-
-
-@pytest.mark.parametrize("variant", MOE)
-def test_streamed_experts_give_transformers_tokens(checkpoint_factory, variant):
-    path, hf = checkpoint_factory(variant)
-    model = _load(path, experts="streamed")
-    arch = model.arch
-    assert [l.experts == "streamed" for l in model.plan.layers] == [i in arch.moe_layers
-                                                                   for i in range(arch.num_layers)]
-    assert model.engine.streamed_experts == frozenset(arch.moe_layers) and not model.engine.cpu_experts
-    torch.testing.assert_close(model.forward([LONG])[0], hf_logits(hf, LONG), atol=1e-4, rtol=0)
-    for prompt in PROMPTS[:2]:
-        assert model.generate([prompt], max_new_tokens=NUM_NEW)[0] == hf_greedy(hf, prompt, NUM_NEW), prompt
-    resident = _load(path)
-    assert model.generate(PROMPTS, max_new_tokens=NUM_NEW) == resident.generate(PROMPTS, max_new_tokens=NUM_NEW)
 
 
 @pytest.mark.parametrize("layout", ["streamed_layers", "host_kv", "int4", "int8"])
