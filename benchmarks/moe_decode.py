@@ -4,7 +4,8 @@ tokens/s with the routed experts computed on the CPU (experts="cpu"), streamed o
 routed ones copied each step), streamed with their layers (every layer through the ring), all on one device, and
 transformers on the same checkpoint; the planner's prediction for
 each against the measurement; and the CPU expert computation's GB/s against the measured memory read
-bandwidth (what it reads: the 8 routed experts' matrices of one token).
+bandwidth (what it reads: the 8 routed experts' matrices of one token), as the model runs it and, for the
+kernel alone, at Qwen3-30B-A3B's own (twice as wide) expert shape.
 
     python benchmarks/moe_decode.py            # bf16 and int4
     python benchmarks/moe_decode.py --quick    # a tiny model, 4 tokens: that it runs
@@ -65,6 +66,36 @@ def expert_rate(model, repeats: int) -> tuple[float, int]:
     return num_bytes / best / 1e9, num_bytes
 
 
+def kernel_rate(scheme: str, hidden: int, inner: int, top_k: int, working_set: int, repeats: int) -> float:
+    """GB/s of cpu_kernels.gated_experts alone on one bf16 token's `top_k` experts of shape hidden x inner (gate,
+    up [inner, hidden], down [hidden, inner]; random values, bf16 or int4 with group 128 as quantize="int4"
+    holds them), k at a time round enough distinct experts to fill `working_set` bytes (read from RAM)."""
+    from cpu_kernels import PackedMatrix, gated_experts
+
+    def matrix(rows, cols):
+        if scheme == "bf16":
+            return torch.randn(rows, cols).to(torch.bfloat16)
+        scales = (torch.rand(rows, cols // 128) * 0.01).to(torch.bfloat16)
+        return PackedMatrix.of(torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8), scales, -8 * scales)
+
+    def size(m) -> int:
+        return m.numel() * 2 if scheme == "bf16" else m.codes.nbytes + m.scales.nbytes + m.mins.nbytes
+
+    first = (matrix(inner, hidden), matrix(inner, hidden), matrix(hidden, inner))
+    per_expert = sum(map(size, first))
+    experts = [first] + [(matrix(inner, hidden), matrix(inner, hidden), matrix(hidden, inner))
+                         for _ in range(max(top_k, working_set // per_expert) - 1)]
+    calls = [experts[i:i + top_k] for i in range(0, len(experts) - top_k + 1, top_k)]
+    x, share = torch.randn(1, hidden).bfloat16().float(), torch.full((top_k, 1), 1.0 / top_k)
+    gated_experts(x, calls[0], share, torch.bfloat16, integer=True)                       # compile, warm up
+    best = float("inf")
+    for r in range(repeats * len(calls)):
+        start = time.perf_counter()
+        gated_experts(x, calls[r % len(calls)], share, torch.bfloat16, integer=True)
+        best = min(best, time.perf_counter() - start)
+    return top_k * per_expert / best / 1e9
+
+
 def _bytes(weight) -> int:
     parts = [weight] if isinstance(weight, torch.Tensor) else [weight.qweight, weight.scales] + \
         ([weight.mins] if weight.mins is not None else [])
@@ -117,6 +148,14 @@ def main(argv=None) -> None:
           f"{config['num_experts']} of every layer, as held): GB/s and share of the measured read bandwidth")
     for scheme, (rate, num_bytes) in rates_at.items():
         print(f"  {scheme:<6}{num_bytes / 1e6:>8.2f} MB  {rate:>7.2f} GB/s  {rate / bandwidth:>5.0%} of {bandwidth:.1f}")
+    hidden, inner = (256, 128) if args.quick else (2048, 768)                 # Qwen3-30B-A3B's own expert
+    k = config["num_experts_per_tok"]
+    print(f"\nthe expert kernel alone (cpu_kernels.gated_experts) at {'a tiny' if args.quick else 'Qwen3-30B-A3B'}'s "
+          f"expert shape, hidden {hidden} x "
+          f"expert {inner}, {k} experts a call round {'64 MB' if args.quick else '1 GB'} of them (from RAM):")
+    for scheme in schemes:
+        rate = kernel_rate(scheme, hidden, inner, k, (64 << 20) if args.quick else (1 << 30), args.repeats)
+        print(f"  {scheme:<6}{rate:>7.2f} GB/s  {rate / bandwidth:>5.0%} of {bandwidth:.1f}")
 
 
 if __name__ == "__main__":
