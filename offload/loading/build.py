@@ -195,8 +195,10 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
     as llama.cpp does), False (none: always streamed), None (the planner decides by its cost model).
     experts (mixture-of-experts models): "gpu": every layer's routed experts with the layer (resident or streamed
     with it); "cpu": in RAM, computed by the CPU in decode steps for the tokens routed to them (only their hidden
-    states cross PCIe) and streamed to the GPU for prefill chunks (llama.cpp's --cpu-moe); None: the planner
-    chooses, also keeping the first layers' experts on the GPU while they fit (a manual plan: "gpu").
+    states cross PCIe) and streamed to the GPU for prefill chunks (llama.cpp's --cpu-moe); "streamed": in RAM,
+    the experts a decode step routes to copied to the GPU (one copy each) and computed there, prefill chunks
+    streaming them whole; None: the planner chooses, also keeping the first layers' experts on the GPU while
+    they fit (a manual plan: "gpu").
     quantize: "int4" or "int8": the decoder layers' matrices quantized as they are read (round-to-nearest
     per group of `group_size` inputs; None: per matrix the largest of 128/64/32 that divides its inputs),
     held and streamed packed; the plan counts the packed bytes (a plan= made with --quantize carries it).
