@@ -42,6 +42,18 @@ MAX_PREFETCH_DEPTH = 4
 # llama-like layer's decode step runs fused (offload/models/cpu_decoder.py)
 CPU_DECODE_MAX_ROWS = 4
 FUSED_CPU_MATH = "offload.models.decoder:DecoderModel"   # the family math the fused CPU step covers
+# below this many tokens in a chunk (a decode step, a short prefill chunk), routed experts kept in CPU RAM are
+# computed there or fetched on demand instead of streamed whole (llama.cpp copies weights for batches of 32+)
+EXPERTS_STREAM_MIN_TOKENS = 32
+
+
+def experts_on_the_side(experts: str, tokens: int, num_experts: int, top_k: int, slots: int) -> bool:
+    """Whether a chunk of `tokens` tokens takes a layer's routed experts kept in CPU RAM where they lie ("cpu":
+    computed there) or copies only the routed ones ("streamed": when at most `slots` can be hit), rather than
+    streaming them all through the ring."""
+    if experts == "gpu" or tokens >= EXPERTS_STREAM_MIN_TOKENS:
+        return False
+    return experts == "cpu" or min(num_experts, top_k * tokens) <= slots
 
 
 @dataclass(frozen=True)
@@ -145,7 +157,8 @@ class CostModel:
         `num_keys` keys on average; `expert_bytes` of its `weight_bytes` are routed experts (the tokens
         read only those they are routed to; a streamed layer copies them all). With `experts` "cpu" a decode
         step computes them on the CPU (neither streamed nor read by the GPU), with "streamed" it copies the ones
-        hit; a prefill chunk streams them all."""
+        hit; a prefill chunk streams them all, unless it is short enough to do as a decode step does
+        (experts_on_the_side)."""
         spec, hw, B = self.spec, self.hw, self.wl.batch_size
         tokens = B * num_rows
         kv_read = B * num_keys * spec.kv_bytes_per_token
@@ -155,7 +168,9 @@ class CostModel:
         on_demand_s = 0.0
         if experts != "gpu":                                  # kept apart in CPU RAM
             placed = weight_bytes - expert_bytes
-            if not decode:
+            arch = spec.arch
+            if not (decode or experts_on_the_side(experts, tokens, arch.num_experts, arch.num_experts_per_tok,
+                                                  spec.expert_slots(B))):
                 transfer_s += expert_bytes / hw.pcie_bytes_per_s
             elif experts == "cpu":
                 cpu_s += self.cpu_experts_s(expert_bytes, tokens)

@@ -19,6 +19,7 @@ from offload.models.cpu_decoder import CpuDecoderSteps
 from offload.weights.expert_stager import ExpertStager
 from offload.weights.source import LM_HEAD, ROUTED_EXPERTS, WeightSource, experts_item
 from placement.architecture import Architecture
+from placement.cost import experts_on_the_side
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -68,7 +69,7 @@ class Engine:
         # decode steps of layers on the CPU as one fused call each, where the family's math allows
         self.cpu_steps = CpuDecoderSteps(self.host_model, dtype) if CpuDecoderSteps.supports(self.host_model, dtype) \
             else None
-        self._skips_announced = False
+        self._announced: frozenset = frozenset()      # items whose next turn is announced skipped (_announce_ahead)
         if prefill_chunk_size < 1:
             raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
         self.arch, self.model, self.weights, self.backends = arch, model, weights, backends
@@ -91,15 +92,10 @@ class Engine:
         positions see (equal to the slot for valid tokens; padded tokens may carry any valid position).
         `decode`: a decode step, in which the cpu layers run on the CPU (their ring turns skipped).
         """
-        on_host = self.cpu_layers if decode else frozenset()
-        if decode and (on_host or self.experts_apart):
-            # this step's and the next one's ring turns of the cpu layers and apart experts pass without copies
-            for item in [*on_host, *map(experts_item, self.experts_apart)]:
-                self.weights.announce_skips(item, 2)
-            self._skips_announced = True
-        else:
-            self._leave_decode()
         B, T = input_ids.shape
+        on_host = self.cpu_layers if decode else frozenset()
+        side = self._experts_on_the_side(B * T, decode)
+        self._announce_ahead(self._skipped_items(on_host, side))
         assert positions.shape == (B, T) and start.shape == (B,), (input_ids.shape, positions.shape, start.shape)
         assert input_ids.device.type == positions.device.type == start.device.type == "cpu"
         if int(start.max()) + T > self.max_seq_len:
@@ -121,7 +117,7 @@ class Engine:
                 if host_ctx is None:
                     host_ctx = self.host_model.prepare(host_positions, self.dtype, host_seq_lens)
                 h = h.cpu()
-                lw = self._with_experts(i, self.weights.host_tensors(i), decode)
+                lw = self._with_experts(i, self.weights.host_tensors(i), side)
                 fused = self.cpu_steps and self.cpu_steps.step(i, lw, h, host_ctx, backend, chunk)
                 if fused is not None:
                     h = fused
@@ -130,7 +126,7 @@ class Engine:
                 h = self.host_model.attention_output(lw, h, backend.attend(q, k, v, chunk, lw))
                 continue
             h = h if same_device(h.device, self.device) else to_device(h, self.device)
-            lw = self._with_experts(i, self.weights.acquire(i), decode)
+            lw = self._with_experts(i, self.weights.acquire(i), side)
             fused = None
             if decode and self.cpu_steps is not None and self.device.type == "cpu":    # the CPU fallback
                 fused = self.cpu_steps.step(i, lw, h, ctx, backend, chunk)
@@ -141,19 +137,30 @@ class Engine:
                 attn = backend.attend(q, k, v, chunk, lw)              # [B, Hq, T, D]
                 h = self.model.attention_output(lw, h, attn)
             self.weights.release(i)
-            if i in self.experts_apart and not decode:
+            if i in self.experts_apart and i not in side:
                 self.weights.release(experts_item(i))
         return h if same_device(h.device, self.device) else to_device(h, self.device)
 
-    def _with_experts(self, layer: int, lw: dict, decode: bool) -> dict:
-        """Layer `layer`'s weights with its routed experts when they are an item of their own: in a decode step
-        where they lie on the CPU (cpu experts: the family math computes them there) or, for streamed experts,
-        the means to copy the routed ones (ROUTED_EXPERTS: the family math calls it once it has routed); else
-        through the ring (released after the layer)."""
+    def _experts_on_the_side(self, tokens: int, decode: bool) -> frozenset:
+        """The layers whose experts kept in CPU RAM a chunk of `tokens` tokens takes where they lie (cpu) or
+        fetches on demand (streamed) instead of through the ring: all in a decode step, and in a prefill chunk
+        short enough (placement.cost.experts_on_the_side, which the planner's prediction follows)."""
+        if decode or not self.experts_apart:
+            return self.experts_apart
+        a = self.arch
+        slots = self.expert_stager.num_slots if self.expert_stager is not None else 0
+        return frozenset(i for i in self.experts_apart if experts_on_the_side(
+            "cpu" if i in self.cpu_experts else "streamed", tokens, a.num_experts, a.num_experts_per_tok, slots))
+
+    def _with_experts(self, layer: int, lw: dict, side) -> dict:
+        """Layer `layer`'s weights with its routed experts when they are an item of their own: for a layer in
+        `side` (_experts_on_the_side) where they lie on the CPU (cpu experts: the family math computes them
+        there) or, for streamed experts, the means to copy the routed ones (ROUTED_EXPERTS: the family math
+        calls it once it has routed); else through the ring (released after the layer)."""
         if layer not in self.experts_apart:
             return lw
         item = experts_item(layer)
-        if not decode:
+        if layer not in side:
             lw.update(self.weights.acquire(item))
         elif layer in self.cpu_experts:
             self.weights.skip(item)
@@ -163,12 +170,22 @@ class Engine:
             lw[ROUTED_EXPERTS] = functools.partial(self.expert_stager.fetch, layer)
         return lw
 
-    def _leave_decode(self) -> None:
-        """After decode steps that announced the cpu layers' skips ahead: drop those announcements (restart
-        the ring's cycle, between steps) so that prefill streams those layers again."""
-        if self._skips_announced:
+    @staticmethod
+    def _skipped_items(on_host, side) -> frozenset:
+        """The items a step passes over in the ring: its cpu-computed layers and the experts it takes on the
+        side."""
+        return frozenset([*on_host, *map(experts_item, side)])
+
+    def _announce_ahead(self, items: frozenset) -> None:
+        """This step's and the next one's ring turns of `items` pass without copies. Announcements left by the
+        step before for items this one streams are dropped first (the ring's cycle restarts, between steps), so
+        that they are copied again; the ones it skips too stay, so no copy is issued for them."""
+        if self._announced - items:
             self.weights.reset()
-            self._skips_announced = False
+            self._announced = frozenset()
+        for item in items:
+            self.weights.announce_skips(item, 2)
+        self._announced = items
 
     def logits(self, h: torch.Tensor, *, to_host: bool = False) -> torch.Tensor:
         """Final norm + LM head on hidden states [B, K, H] -> float32 logits [B, K, V].
@@ -203,7 +220,9 @@ class Engine:
         assert B == len(starts) and min(num_tokens) >= 1, (B, len(starts), num_tokens)
         T_max = max(num_tokens)
         num_chunks = -(-T_max // C)
-        self._leave_decode()                   # before announcing this prefill's own skips
+        # before announcing this prefill's own skips: drop what earlier steps announced for items it streams
+        first = self._experts_on_the_side(B * min(C, T_max), decode=False)
+        self._announce_ahead(self._skipped_items(frozenset(), first))
         if not all_logits and num_chunks > 1:
             # only the last chunk needs logits: a streamed head is not copied for the others
             for item in ("final_norm", "lm_head"):
@@ -256,7 +275,7 @@ class Engine:
         exception, KeyboardInterrupt, or a generator closed mid-step). KV slots written by the
         interrupted step lie past every row's valid length: harmless."""
         self.weights.reset()
-        self._skips_announced = False
+        self._announced = frozenset()
 
     def close(self) -> None:
         """Free what the engine holds: the weight source's resident weights and ring (its host side too)

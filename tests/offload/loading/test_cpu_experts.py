@@ -59,16 +59,34 @@ def test_cpu_experts_in_every_layout(checkpoint_factory, layout):
         assert ours.generate(turn, max_new_tokens=4) == theirs.generate(turn, max_new_tokens=4)
 
 
-def test_decode_steps_copy_nothing_of_the_cpu_experts(checkpoint_factory):
+@pytest.mark.parametrize("placement_", ["cpu", "streamed"])
+def test_short_chunks_take_the_experts_on_the_side_and_long_ones_stream_them(checkpoint_factory, placement_):
+    """Decode steps and prefill chunks of fewer than 32 tokens (EXPERTS_STREAM_MIN_TOKENS, llama.cpp's batch
+    size for copying weights) take the experts where they lie, or fetch the routed ones: nothing goes through the
+    ring once the turns are announced; a chunk of 32+ tokens streams every experts item; the tokens stay the
+    all-resident path's either way."""
     path, _ = checkpoint_factory("qwen3_moe")
-    model = _load(path, experts="cpu")                    # every layer resident, its experts on the CPU
+    model = offload.load(path, dtype="float32", max_batch_size=3, max_seq_len=48, prefill_chunk_size=16,
+                         progress=False, experts=placement_)
+    reference = _load(path)
     weights = model.engine.weights
     size = {item: weights.prefetcher.items[k].num_bytes for k, item in enumerate(weights.streamed_items)}
     assert set(size) == {("experts", i) for i in model.arch.moe_layers}
+    short = [PROMPTS[0], PROMPTS[1]]                      # 2 rows x up to 9 tokens: 18 < 32
+    want = reference.generate(short, max_new_tokens=NUM_NEW)
+    assert model.generate(short, max_new_tokens=NUM_NEW) == want     # (the ring's first copies: issued at load)
     weights.reset_stats()
-    model.generate(PROMPTS, max_new_tokens=NUM_NEW)
-    num_chunks = -(-max(map(len, PROMPTS)) // 5)
-    assert weights.stats.bytes_copied == num_chunks * sum(size.values())       # prefill only
+    assert model.generate(short, max_new_tokens=NUM_NEW) == want
+    assert weights.stats.bytes_copied == 0
+    # 3 rows x 16 tokens: the first chunk streams every experts item, the last (3 x 14) too
+    long = [LONG, LONG[3:], LONG[:20]]
+    assert model.generate(long, max_new_tokens=4) == reference.generate(long, max_new_tokens=4)
+    assert weights.stats.bytes_copied >= 2 * sum(size.values())
+
+
+def test_the_cpu_experts_plan(checkpoint_factory):
+    path, _ = checkpoint_factory("qwen3_moe")
+    model = _load(path, experts="cpu")                    # every layer resident, its experts on the CPU
     # the plan: the experts' bytes in RAM, none on the GPU but the ring they stream through in prefill
     plan = model.plan
     experts = sum(l.expert_bytes for l in plan.layers)
