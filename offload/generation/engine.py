@@ -65,6 +65,8 @@ class Engine:
             raise ValueError(f"layers {sorted(self.streamed_experts)} stream their routed experts: they need an "
                              "expert stager for them")
         self.expert_stager = expert_stager
+        # each streamed layer's fetch of its routed experts, made once (ROUTED_EXPERTS)
+        self._fetch = {i: functools.partial(expert_stager.fetch, i) for i in self.streamed_experts}
         self.host_model = host_model or model         # the family math on the CPU (its RoPE tables there)
         # decode steps of layers on the CPU as one fused call each, where the family's math allows
         self.cpu_steps = CpuDecoderSteps(self.host_model, dtype) if CpuDecoderSteps.supports(self.host_model, dtype) \
@@ -167,7 +169,7 @@ class Engine:
             lw.update(self.weights.host_tensors(item))       # (both are fresh dicts: no third copy)
         else:
             self.weights.skip(item)
-            lw[ROUTED_EXPERTS] = functools.partial(self.expert_stager.fetch, layer)
+            lw[ROUTED_EXPERTS] = self._fetch[layer]
         return lw
 
     @staticmethod

@@ -114,6 +114,10 @@ def ring_alignment(plan: Plan, arch: Architecture, tiers: dict, dtype: torch.dty
         if slot <= plan.slot_bytes and span <= plan.expert_slot_bytes:
             return alignment
         alignment //= 2
+    if experts and max(map(sum, experts)) > plan.expert_slot_bytes:
+        raise PlanError(f"the plan's expert slots ({plan.expert_slot_bytes} bytes) cannot hold one routed expert of "
+                        f"this checkpoint in {dtype} ({max(map(sum, experts))} bytes); was the plan made for another "
+                        "dtype or checkpoint?")
     raise PlanError(f"the plan's ring buffers ({plan.slot_bytes} bytes) cannot hold the largest streamed "
                     f"item of this checkpoint in {dtype}; was the plan made for another dtype or checkpoint?")
 

@@ -230,3 +230,23 @@ def test_cpu_computed_layers_on_cuda_match_resident_and_copy_nothing_in_decode(l
     torch.testing.assert_close(model.forward([LONG]), resident.forward([LONG]), atol=1e-4, rtol=0)
     model.close()
     resident.close()
+
+
+@pytest.mark.parametrize("placement_", ["cpu", "streamed"])
+def test_moe_experts_kept_in_ram_on_cuda_match_resident_within_the_plan(checkpoint_factory, placement_):
+    """Qwen3-MoE on CUDA with its routed experts in pinned RAM: computed on the CPU, or the routed ones copied
+    into the expert slots on the compute stream; the tokens are the all-resident CUDA path's and torch's
+    measured peaks stay within the plan (slots included)."""
+    path, _ = checkpoint_factory("qwen3_moe")
+    kwargs = dict(dtype="float32", max_batch_size=3, max_seq_len=48, device="cuda", progress=False)
+    resident = offload.load(path, **kwargs)
+    want = resident.generate(PROMPTS, max_new_tokens=NUM_NEW)
+    resident.close()
+    before = _start_measuring()
+    model = offload.load(path, experts=placement_, prefill_chunk_size=16, **kwargs)
+    assert model.generate(PROMPTS, max_new_tokens=NUM_NEW) == want
+    assert model.generate([LONG, LONG[3:], LONG[:20]], max_new_tokens=4) == \
+        offload.load(path, **kwargs).generate([LONG, LONG[3:], LONG[:20]], max_new_tokens=4)
+    assert all(p.is_pinned for p in model.engine.weights.prefetcher.items)
+    torch.cuda.synchronize()
+    _check_peaks(model, before)

@@ -132,6 +132,9 @@ def test_streamed_experts_refused_where_they_cannot_run(checkpoint_factory):
     plan = _load(path, experts="streamed").plan
     with pytest.raises(PlanError, match="need expert_slots >= 1"):
         placement.Plan.from_dict({**plan.to_dict(), "expert_slots": 0})
+    small = placement.Plan.from_dict({**plan.to_dict(), "expert_slot_bytes": plan.expert_slot_bytes - 4})
+    with pytest.raises(PlanError, match="expert slots .* cannot hold one routed expert"):
+        _load(path, plan=small)
     with pytest.raises(PlanError, match="and only they do"):
         placement.Plan.from_dict({**_load(path).plan.to_dict(), "expert_slots": 2, "expert_slot_bytes": 8})
     # cpu_compute=True with streamed experts: no layer may decode on the CPU, the rest is as asked
