@@ -28,7 +28,7 @@ PCIE_GBPS_PER_LANE = {3: 0.985e9, 4: 1.969e9, 5: 3.938e9}
 PCIE_EFFICIENCY = 0.80                   # pinned host->device copies reach ~80% of the link rate
 GPU_FLOPS_EFFICIENCY = 0.60              # large 16-bit matmuls reach ~60% of the tensor-core peak
 GPU_MEM_EFFICIENCY = 0.85                # streaming reads reach ~85% of the memory bandwidth
-DEFAULT_CPU_ATTENTION_BYTES_PER_S = 20e9 # a desktop with dual-channel DDR4/DDR5
+DEFAULT_CPU_ATTENTION_BYTES_PER_S = 40e9 # a desktop with dual-channel DDR4-3200 (51 GB/s peak; DDR5 reads faster)
 DEFAULT_CPU_FLOPS = 200e9                # ~8 cores running vectorised float32 kernels
 DEFAULT_CPU_LAYER_OVERHEAD_S = 1e-3      # one decoder layer's decode step dispatched on the CPU (2 cores)
 # Packed matmuls on the CPU can be bound by unpacking, not by RAM, on a few cores: bytes of weights as held

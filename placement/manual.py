@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .build import assemble, chunk_candidates, cpu_compute_count, layer_plans, with_cpu_compute
 from .cost import CostModel
-from .hardware import GENERIC_GPU, GPU_FLOPS_EFFICIENCY, GPU_MEM_EFFICIENCY, Hardware
+from .hardware import (DEFAULT_CPU_ATTENTION_BYTES_PER_S, GENERIC_GPU, GPU_FLOPS_EFFICIENCY, GPU_MEM_EFFICIENCY,
+                       Hardware)
 from .plans import EXPERT_PLACEMENTS, Budget, Plan, PlanError
 from .sizes import format_size
 from .spec import ModelSpec
@@ -15,7 +16,8 @@ from .workspace import workspace_bytes
 REFERENCE_HARDWARE = Hardware(gpu_bytes=0, cpu_bytes=0, pcie_bytes_per_s=GENERIC_GPU.pcie_bytes_per_s,
                               gpu_flops=GENERIC_GPU.flops * GPU_FLOPS_EFFICIENCY,
                               gpu_mem_bytes_per_s=GENERIC_GPU.mem_bytes_per_s * GPU_MEM_EFFICIENCY,
-                              cpu_attention_bytes_per_s=20e9, name="reference (generic PCIe 4.0 GPU)")
+                              cpu_attention_bytes_per_s=DEFAULT_CPU_ATTENTION_BYTES_PER_S,
+                              name="reference (generic PCIe 4.0 GPU)")
 
 
 def manual_plan(spec: ModelSpec, workload: Workload, hardware: Hardware | None = None,

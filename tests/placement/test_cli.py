@@ -1,5 +1,6 @@
 """offload-plan through a real subprocess: output, JSON, every bad input, and no torch on the way."""
 import json
+import re
 import subprocess
 import sys
 
@@ -176,9 +177,10 @@ def test_experts_flag_places_a_moe_models_experts():
     auto = run(*args)
     assert auto.returncode == 0, auto.stderr
     rows = [line.split() for line in auto.stdout.splitlines() if line.split()[:1] and line.split()[0][0].isdigit()]
-    # the first layers' experts on the GPU, the others' in RAM (computed there or streamed: the cost model says)
-    placed = {row[6] for row in rows}
-    assert len(placed) == 2 and "gpu" in placed and placed < {"gpu", "cpu", "streamed"} and "experts" in auto.stdout
+    # the first layers' experts on the GPU, the others' in RAM computed there (a desktop CPU with dual-channel
+    # DDR4 reads the routed experts faster than the card's PCIe 4.0 link copies them) and a predicted speed
+    assert [row[6] for row in rows] == ["gpu", "cpu"] and "experts" in auto.stdout
+    assert re.search(r"decode \d+\.\d+ tokens/s", auto.stdout)
     on_cpu = json.loads(run(*args, "--experts", "cpu", "--json").stdout)
     assert all(layer["experts"] == "cpu" for layer in on_cpu["layers"])
     assert on_cpu["memory"]["cpu"]["weights"] == sum(layer["expert_bytes"] for layer in on_cpu["layers"])
