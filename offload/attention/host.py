@@ -44,7 +44,8 @@ def allocate_host_kv(*, max_batch_size: int, num_kv_heads: int, max_seq_len: int
 class HostStaging:
     """Pinned host buffers that q, k_new, v_new and the output pass through, grown on demand.
 
-    Shared by every HostAttention layer of a model. Safe because each call first waits (event sync) for
+    Shared by every HostAttention layer of a model, and by the MoE layers whose routed experts the CPU computes
+    (offload/models/moe.py). Safe because each call first waits (event sync) for
     its own device->host copies, which were queued on the compute stream after the previous call's
     host->device copy of its output from these same buffers: by the time the host writes a buffer
     again, every earlier copy reading it has completed.
@@ -69,19 +70,31 @@ class HostStaging:
         assert out.is_contiguous()
         return out
 
-    def to_host(self, tensors: dict[str, tuple[torch.Tensor, torch.dtype]]) -> dict[str, torch.Tensor]:
-        """Copy device tensors into staging buffers (non-blocking), then wait for all of them at once."""
+    def send(self, tensors: dict[str, tuple[torch.Tensor, torch.dtype]]) -> tuple[dict[str, torch.Tensor],
+                                                                                  torch.cuda.Event]:
+        """Queue copies of device tensors into staging buffers (non-blocking) and mark the compute stream after
+        them: the caller may queue more device work (it runs while the host computes), then `wait`s for these
+        copies alone before reading the buffers."""
         out = {}
         for name, (tensor, dtype) in tensors.items():
             out[name] = self.buffer(name, tuple(tensor.shape), dtype)
             out[name].copy_(tensor, non_blocking=True)      # D2H into pinned memory: asynchronous
-        start = time.perf_counter()
-        # The one sync of the call: the kernels below read these buffers on the host, so the copies
-        # (queued on the compute stream behind the kernels producing q, k, v) must have landed.
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
+        return out, event
+
+    def wait(self, event: torch.cuda.Event) -> None:
+        """Block the host until the copies `send` queued before `event` have landed."""
+        start = time.perf_counter()
         event.synchronize()
         self.wait_seconds += time.perf_counter() - start
+
+    def to_host(self, tensors: dict[str, tuple[torch.Tensor, torch.dtype]]) -> dict[str, torch.Tensor]:
+        """Copy device tensors into staging buffers (non-blocking), then wait for all of them at once."""
+        # The one sync of the call: the kernels below read these buffers on the host, so the copies
+        # (queued on the compute stream behind the kernels producing q, k, v) must have landed.
+        out, event = self.send(tensors)
+        self.wait(event)
         return out
 
     def to_device(self, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -17,7 +17,7 @@ from offload.attention.contract import AttentionBackend, Chunk
 from offload.models.base import FamilyMath
 from offload.models.cpu_decoder import CpuDecoderSteps
 from offload.weights.expert_stager import ExpertStager
-from offload.weights.source import LM_HEAD, ROUTED_EXPERTS, WeightSource, experts_item
+from offload.weights.source import HOST_STAGING, LM_HEAD, ROUTED_EXPERTS, WeightSource, experts_item
 from placement.architecture import Architecture
 from placement.cost import experts_on_the_side
 
@@ -167,6 +167,8 @@ class Engine:
         elif layer in self.cpu_experts:
             self.weights.skip(item)
             lw.update(self.weights.host_tensors(item))       # (both are fresh dicts: no third copy)
+            if self.staging is not None:                     # (a GPU: the routed rows cross through it)
+                lw[HOST_STAGING] = self.staging
         else:
             self.weights.skip(item)
             lw[ROUTED_EXPERTS] = self._fetch[layer]

@@ -5,8 +5,9 @@ Attention is their dense siblings' (Mistral's, Qwen2's, Qwen3's); the MLP of a M
 transformers computes them), softmax in float32, top-k, the chosen weights renormalised when the family does
 (Mixtral always, Qwen when `norm_topk_prob`); each hit expert (ascending) computes its tokens' gated MLP,
 scaled by their weights (float32 for Mixtral, rounded to the model dtype first for Qwen) and added into the
-output (experts streamed on demand are copied to the device once routed: ROUTED_EXPERTS). Qwen2-MoE adds a
-shared expert scaled by sigmoid(shared_expert_gate(x)). A layer without a router
+output (experts streamed on demand are copied to the device once routed: ROUTED_EXPERTS; experts the CPU computes
+for a GPU take the routed rows through pinned staging, HOST_STAGING). Qwen2-MoE adds a shared expert scaled by
+sigmoid(shared_expert_gate(x)), on the GPU while the CPU computes the routed experts. A layer without a router
 (Qwen's `mlp_only_layers`, `decoder_sparse_step`) is a plain gated MLP.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from offload.models.decoder import DecoderModel
 from offload.models.layers import gated_mlp, linear
 from offload.models.qwen3 import Qwen3Model
 from offload.weights.quant import QuantizedWeight
-from offload.weights.source import ROUTED_EXPERTS
+from offload.weights.source import HOST_STAGING, ROUTED_EXPERTS
 from placement.cost import CPU_DECODE_MAX_ROWS
 
 
@@ -113,11 +114,29 @@ class MoeMlp:
         fetch = lw.get(ROUTED_EXPERTS)
         if fetch is not None:                       # streamed on demand: copy the routed experts now
             lw = {**lw, **fetch(torch.unique(experts).tolist())}
-        out = routed_experts(x2, weights, experts, lw, f"{self.block}experts.", self.expert_names, self.act)
-        if a.options["shared_expert_size"]:
-            shared = gated_mlp(x2, lw, f"{self.block}shared_expert.", self.act)            # [N, H]
-            out = out + torch.sigmoid(linear(x2, lw[f"{self.block}shared_expert_gate.weight"])) * shared
-        return out.view(B, T, H)
+        prefix = f"{self.block}experts."
+        staging = lw.get(HOST_STAGING)
+        if staging is not None and x2.device.type != "cpu":
+            # computed on the host: the routed rows cross through pinned staging, and the GPU computes the
+            # shared expert while the CPU computes the routed ones (its kernels are queued before the host waits)
+            sent, copied = staging.send({"experts.x": (x2, x2.dtype), "experts.weights": (weights, weights.dtype),
+                                         "experts.chosen": (experts, experts.dtype)})
+            shared = self._shared_expert(lw, x2)
+            staging.wait(copied)
+            out = routed_experts(sent["experts.x"], sent["experts.weights"], sent["experts.chosen"], lw, prefix,
+                                 self.expert_names, self.act)
+            out = staging.to_device(out, x2.dtype)                                          # [N, H]
+        else:
+            out = routed_experts(x2, weights, experts, lw, prefix, self.expert_names, self.act)
+            shared = self._shared_expert(lw, x2)
+        return (out if shared is None else out + shared).view(B, T, H)
+
+    def _shared_expert(self, lw: dict, x2: torch.Tensor) -> torch.Tensor | None:
+        """Qwen2-MoE's shared expert scaled by its sigmoid gate, x2 [N, H] -> [N, H]; None without one."""
+        if not self.arch.options["shared_expert_size"]:
+            return None
+        shared = gated_mlp(x2, lw, f"{self.block}shared_expert.", self.act)                  # [N, H]
+        return torch.sigmoid(linear(x2, lw[f"{self.block}shared_expert_gate.weight"])) * shared
 
 
 class MixtralModel(MoeMlp, DecoderModel):

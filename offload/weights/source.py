@@ -11,7 +11,8 @@ A weight source is called by the engine in a fixed order for every chunk it runs
 experts of MoE layer i when the plan keeps them on the CPU (experts_item; otherwise they are part of item i).
 In a decode step, the dict of a layer whose experts are streamed on demand has no routed experts but, under
 ROUTED_EXPERTS, a function: experts (a list of ints) -> their tensors on the device, keyed like the others
-(offload/weights/expert_stager.py). Layer and experts dicts are keyed by the tensor name relative to
+(offload/weights/expert_stager.py); the dict of a layer on the GPU whose experts the CPU computes carries, under
+HOST_STAGING, the pinned buffers their rows cross in (offload/attention/host.py). Layer and experts dicts are keyed by the tensor name relative to
 `arch.layer_prefix(i)`
 ("self_attn.q_proj.weight", "mlp.experts.3.up_proj.weight"); the other items by the full
 checkpoint name less `arch.checkpoint_prefix` ("model.norm.weight" also inside a multimodal checkpoint). With tied embeddings, acquire("lm_head") returns {"lm_head.weight": <embedding table>}.
@@ -29,6 +30,7 @@ Item = Union[int, str, tuple]
 NAMED_ITEMS = ("embedding", "final_norm", "lm_head")
 EXPERTS = "experts"
 ROUTED_EXPERTS = "routed_experts"     # a layer dict's fetch of its routed experts (streamed on demand)
+HOST_STAGING = "host_staging"         # a layer dict's staging for routed experts computed on the host
 LM_HEAD = "lm_head.weight"
 
 

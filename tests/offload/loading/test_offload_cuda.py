@@ -233,11 +233,13 @@ def test_cpu_computed_layers_on_cuda_match_resident_and_copy_nothing_in_decode(l
 
 
 @pytest.mark.parametrize("placement_", ["cpu", "streamed"])
-def test_moe_experts_kept_in_ram_on_cuda_match_resident_within_the_plan(checkpoint_factory, placement_):
-    """Qwen3-MoE on CUDA with its routed experts in pinned RAM: computed on the CPU, or the routed ones copied
-    into the expert slots on the compute stream; the tokens are the all-resident CUDA path's and torch's
-    measured peaks stay within the plan (slots included)."""
-    path, _ = checkpoint_factory("qwen3_moe")
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_moe_experts_kept_in_ram_on_cuda_match_resident_within_the_plan(checkpoint_factory, family, placement_):
+    """Qwen3-MoE and Qwen2-MoE (a shared expert) on CUDA with their routed experts in pinned RAM: computed on
+    the CPU (their rows through the pinned staging, the shared expert queued on the GPU meanwhile), or the
+    routed ones copied into the expert slots on the compute stream; the tokens are the all-resident CUDA
+    path's and torch's measured peaks stay within the plan (slots included)."""
+    path, _ = checkpoint_factory(family)
     kwargs = dict(dtype="float32", max_batch_size=3, max_seq_len=48, device="cuda", progress=False)
     resident = offload.load(path, **kwargs)
     want = resident.generate(PROMPTS, max_new_tokens=NUM_NEW)
@@ -248,5 +250,7 @@ def test_moe_experts_kept_in_ram_on_cuda_match_resident_within_the_plan(checkpoi
     assert model.generate([LONG, LONG[3:], LONG[:20]], max_new_tokens=4) == \
         offload.load(path, **kwargs).generate([LONG, LONG[3:], LONG[:20]], max_new_tokens=4)
     assert all(p.is_pinned for p in model.engine.weights.prefetcher.items)
+    # experts on the CPU: their outputs came back through the staging (no host KV here to use it otherwise)
+    assert (model.engine.staging.host_to_device_bytes > 0) == (placement_ == "cpu")
     torch.cuda.synchronize()
     _check_peaks(model, before)
