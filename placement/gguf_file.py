@@ -14,7 +14,8 @@ from pathlib import Path
 from placement.config_fields import ConfigError
 from placement.quantization import Quantization
 
-# general.architecture -> config.json model_type (llama covers Mistral, as llama.cpp writes it)
+# general.architecture -> config.json model_type (llama covers Mistral, and Mixtral: see MIXTRAL, as llama.cpp
+# writes them)
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3_text",
                  "phi3": "phi3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 MOE = ("qwen2moe", "qwen3moe")
@@ -51,7 +52,17 @@ MOE_LAYER_NAMES = {"ffn_gate_inp": "mlp.gate", "ffn_gate_shexp": "mlp.shared_exp
 EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 for _arch in MOE:
     ARCHITECTURE_LAYER_NAMES[_arch] = MOE_LAYER_NAMES
+# Mixtral: llama.cpp writes it as architecture "llama" with `llama.expert_count`; its router and experts take
+# transformers' Mixtral names. Files converted before April 2024 hold each expert's matrix as a tensor of its
+# own (blk.<i>.ffn_gate.<e>.weight), later ones one 3-D tensor per projection, as above.
+MIXTRAL = "mixtral"
+ARCHITECTURE_LAYER_NAMES[MIXTRAL] = {"ffn_gate_inp": "block_sparse_moe.gate"}
+# the tensor naming -> (its experts' prefix in a layer, GGUF projection -> the experts' matrix name)
+EXPERT_BLOCKS = {MIXTRAL: ("block_sparse_moe.experts.", {"ffn_gate_exps": "w1", "ffn_up_exps": "w3",
+                                                         "ffn_down_exps": "w2"}),
+                 **{arch: ("mlp.experts.", EXPERT_NAMES) for arch in MOE}}
 _LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_LEGACY_EXPERT = re.compile(r"blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)\.(\d+)\.weight$")
 
 
 def find_gguf(path) -> Path | None:
@@ -70,8 +81,14 @@ def find_gguf(path) -> Path | None:
 
 
 def layer_names(architecture: str) -> dict[str, str]:
-    """GGUF layer tensor name -> Hugging Face module name, for `architecture`."""
+    """GGUF layer tensor name -> Hugging Face module name, for `architecture` (a tensor naming: tensor_naming)."""
     return {**LAYER_NAMES, **ARCHITECTURE_LAYER_NAMES.get(architecture, {})}
+
+
+def tensor_naming(architecture: str, metadata: dict) -> str:
+    """How a file's tensors map to Hugging Face names: its architecture's, or MIXTRAL for a "llama" file with
+    experts."""
+    return MIXTRAL if architecture == "llama" and metadata.get("llama.expert_count") else architecture
 
 
 @dataclass(frozen=True)
@@ -100,19 +117,27 @@ class ExpertTensor:
 
 
 def expert_tensors(tensor, architecture: str) -> dict:
-    """HF name -> ExpertTensor for each expert of a GGUF routed-expert tensor; {} for any other tensor."""
+    """HF name -> ExpertTensor for each expert of a GGUF routed-expert tensor ([experts, out, in]); {} for any
+    other tensor. `architecture`: the file's tensor naming (tensor_naming)."""
     match = _LAYER.match(tensor.name)
-    if architecture not in MOE or match is None or match.group(2) not in EXPERT_NAMES:
+    prefix, projections = EXPERT_BLOCKS.get(architecture, ("", {}))
+    if match is None or match.group(2) not in projections:
         return {}
-    layer, projection = match.group(1), EXPERT_NAMES[match.group(2)]
-    return {f"model.layers.{layer}.mlp.experts.{e}.{projection}.weight": ExpertTensor(tensor, e)
+    layer, projection = match.group(1), projections[match.group(2)]
+    return {f"model.layers.{layer}.{prefix}{e}.{projection}.weight": ExpertTensor(tensor, e)
             for e in range(int(tensor.shape[2]))}
 
 
 def hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
-    """The Hugging Face name of a GGUF tensor, or None for one no supported model reads (rope_freqs)."""
+    """The Hugging Face name of a GGUF tensor, or None for one no supported model reads (rope_freqs).
+    `architecture`: the file's tensor naming (tensor_naming)."""
     if gguf_name in NAMES:
         return NAMES[gguf_name]
+    legacy = _LEGACY_EXPERT.match(gguf_name) if architecture == MIXTRAL else None
+    if legacy is not None:                        # one expert's matrix (a file converted before April 2024)
+        prefix, projections = EXPERT_BLOCKS[MIXTRAL]
+        layer, kind, expert = legacy.groups()
+        return f"model.layers.{layer}.{prefix}{expert}.{projections[kind + '_exps']}.weight"
     match, names = _LAYER.match(gguf_name), layer_names(architecture)
     if match is None or match.group(2) not in names:
         return None
@@ -166,9 +191,10 @@ def read_gguf(path) -> GGUFModel:
         raise ConfigError(f"{path}: GGUF architecture {architecture!r} is not supported; supported: "
                           f"{', '.join(ARCHITECTURES)}")
     tensors = {}
+    naming = tensor_naming(architecture, metadata)
     for tensor in reader.tensors:
-        name = hf_name(tensor.name, architecture)
-        experts = expert_tensors(tensor, architecture)
+        name = hf_name(tensor.name, naming)
+        experts = expert_tensors(tensor, naming)
         if name is None and not experts:
             continue
         if tensor.tensor_type.name not in SUPPORTED_TYPES:
@@ -212,6 +238,9 @@ def _config(path: Path, arch: str, meta: dict, reader, tensors: dict) -> dict:
         raise ConfigError(f"{path}: GGUF rope scaling {kind!r} is not supported; supported: none, linear")
     if arch in ("qwen2", *MOE):
         config["use_sliding_window"] = False
+    if tensor_naming(arch, meta) == MIXTRAL:
+        config.update(model_type="mixtral", num_local_experts=int(get("expert_count")),
+                      num_experts_per_tok=int(get("expert_used_count")), sliding_window=None)
     if arch in MOE:        # llama.cpp renormalises the chosen experts' weights for Qwen3-MoE, not Qwen2-MoE
         config.update(num_experts=int(get("expert_count")), num_experts_per_tok=int(get("expert_used_count")),
                       moe_intermediate_size=int(get("expert_feed_forward_length")),

@@ -20,7 +20,9 @@ def gguf_name(hf_name: str, architecture: str = "llama") -> str:
         return f"blk.{index}.{ {v: k for k, v in EXPERT_NAMES.items()}[rest.split('.')[2]]}.weight"
     _, _, index, rest = hf_name.split(".", 3)                     # model.layers.<i>.<rest>
     module, _, kind = rest.rpartition(".")
-    return f"blk.{index}.{ {hf: name for name, hf in layer_names(architecture).items()}[module]}.{kind}"
+    # (transformers names every MoE family's router mlp.gate in memory, Mixtral's too)
+    names = {hf: name for name, hf in {**layer_names(architecture), "ffn_gate_inp": "mlp.gate"}.items()}
+    return f"blk.{index}.{names[module]}.{kind}"
 
 
 def _llama_cpp_tensors(state_dict: dict):
@@ -64,10 +66,14 @@ def random_blocks(shape: tuple[int, int], qtype_name: str, seed: int = 0) -> np.
 
 
 def write_gguf(path: Path, hf_model, architecture: str, matrix_type: str = "F32",
-               vocab_tokens: bool = True, type_of: dict[str, str] | None = None) -> Path:
+               vocab_tokens: bool = True, type_of: dict[str, str] | None = None,
+               expert_matrices: bool = False) -> Path:
     """`hf_model` (a transformers causal LM) as a GGUF file: 2-D weights in `matrix_type` (quantized by
     the gguf package; K-quants random valid blocks), or in `type_of[module]` for the modules it names (as
-    llama.cpp's Q4_K_M mixes Q4_K with Q6_K for v_proj / down_proj), 1-D ones in F32."""
+    llama.cpp's Q4_K_M mixes Q4_K with Q6_K for v_proj / down_proj), 1-D ones in F32. A Mixtral is written as
+    llama.cpp does, architecture "llama" with its expert count; `expert_matrices`: each expert's matrix a tensor
+    of its own (blk.<i>.ffn_gate.<e>.weight, as files converted before April 2024 hold them), else one 3-D
+    tensor per projection."""
     import gguf
     config = hf_model.config
     writer = gguf.GGUFWriter(str(path), architecture)
@@ -114,8 +120,17 @@ def write_gguf(path: Path, hf_model, architecture: str, matrix_type: str = "F32"
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
         if architecture == "qwen2moe":
             writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    if getattr(config, "num_local_experts", None):     # Mixtral: a "llama" with experts
+        writer.add_expert_count(config.num_local_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
     for name, tensor in _llama_cpp_tensors(hf_model.state_dict()):
         if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if expert_matrices and ".mlp.experts." in name:
+            for expert, matrix in enumerate(tensor):
+                kind = gguf_name(name, architecture).split(".")[2].removesuffix("_exps")    # ffn_gate, ...
+                _add_matrix(writer, f"blk.{name.split('.')[2]}.{kind}.{expert}.weight", matrix.detach().float().numpy(),
+                            matrix_type)
             continue
         kind = next((t for module, t in (type_of or {}).items() if f".{module}." in name), matrix_type)
         qtype = getattr(gguf.GGMLQuantizationType, kind)
@@ -137,3 +152,14 @@ def write_gguf(path: Path, hf_model, architecture: str, matrix_type: str = "F32"
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _add_matrix(writer, gguf_tensor_name: str, values: np.ndarray, kind: str) -> None:
+    """A 2-D matrix in GGML type `kind` (quantized by the gguf package), or F32."""
+    import gguf
+    if kind == "F32":
+        writer.add_tensor(gguf_tensor_name, np.ascontiguousarray(values))
+        return
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    packed = gguf.quants.quantize(values, qtype)
+    writer.add_tensor(gguf_tensor_name, packed, raw_shape=packed.shape, raw_dtype=qtype)

@@ -233,51 +233,70 @@ def test_phi3_longrope_factors_come_from_the_gguf_tensors(sources, tmp_path):
     torch.testing.assert_close(ours.forward([prompt])[0], hf_logits(hf, prompt), atol=1e-4, rtol=0)
 
 
-MOE_SOURCES = {"qwen2moe": ("qwen2_moe", dict(mlp_only_layers=None, use_sliding_window=False,
-                                                  shared_expert_intermediate_size=64)),   # as llama.cpp runs them:
-               "qwen3moe": ("qwen3_moe", {})}                                                # every layer sparse
+# name in the test -> (the transformers variant written, its overrides, the file's architecture, whether each
+# expert's matrix is a tensor of its own)
+MOE_SOURCES = {"qwen2moe": ("qwen2_moe", dict(mlp_only_layers=None, use_sliding_window=False,   # as llama.cpp
+                                              shared_expert_intermediate_size=64), "qwen2moe", False),   # runs
+               "qwen3moe": ("qwen3_moe", {}, "qwen3moe", False),                        # them: every layer sparse
+               "mixtral": ("mixtral_window", dict(sliding_window=None), "llama", False),
+               "mixtral-per-expert": ("mixtral_window", dict(sliding_window=None), "llama", True)}
 
 
 def _holding_the_files_values(hf, path):
     """A copy of the transformers model `path` was written from, holding the values the gguf package
-    dequantizes from the file (its experts' 3-D tensors back into transformers' fused layout)."""
+    dequantizes from the file (its experts' tensors back into transformers' fused layout, Llama's q/k rows
+    back in their order)."""
     import copy
 
     import gguf
-    from placement.gguf_file import EXPERT_NAMES, hf_name
+    from placement.gguf_file import hf_name, read_gguf, tensor_naming
     model = copy.deepcopy(hf)
     state = model.state_dict()
-    architecture = path.name.split(".")[0]
-    experts = {}
-    for tensor in gguf.GGUFReader(str(path)).tensors:
+    config = hf.config
+    reader = gguf.GGUFReader(str(path))
+    gguf_model = read_gguf(path)
+    naming = tensor_naming(gguf_model.architecture, gguf_model.metadata)
+    experts = {}                                 # (layer, "ffn_gate" / "ffn_up" / "ffn_down") -> [E, out, in]
+    for tensor in reader.tensors:
         values = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         values = torch.from_numpy(values.reshape([int(n) for n in reversed(tensor.shape.tolist())]).copy())
-        parts = tensor.name.split(".")                              # blk.<i>.<kind>.weight, or token_embd.weight
-        kind = parts[2] if len(parts) == 4 else None
-        if kind in EXPERT_NAMES:
-            experts[(tensor.name.split(".")[1], EXPERT_NAMES[kind])] = values
+        parts = tensor.name.split(".")           # blk.<i>.<kind>.weight, blk.<i>.<kind>.<e>.weight, token_embd.weight
+        if len(parts) == 4 and parts[2].endswith("_exps"):
+            experts[(parts[1], parts[2].removesuffix("_exps"))] = values
             continue
-        name = hf_name(tensor.name, architecture)
+        if len(parts) == 5:                      # one expert's matrix
+            experts.setdefault((parts[1], parts[2]), {})[int(parts[3])] = values
+            continue
+        name = hf_name(tensor.name, naming).replace("block_sparse_moe.", "mlp.")   # (transformers' names in memory)
+        if gguf_model.permutes_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+            values = values.reshape(heads, values.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(values.shape)
         state[name] = values.reshape(state[name].shape)
+    for key, values in list(experts.items()):
+        if isinstance(values, dict):
+            experts[key] = torch.stack([values[e] for e in range(len(values))])
     for (layer, projection), values in experts.items():
         prefix = f"model.layers.{layer}.mlp.experts."
-        if projection == "down_proj":
+        if projection == "ffn_down":
             state[f"{prefix}down_proj"] = values
-        elif projection == "gate_proj":
-            state[f"{prefix}gate_up_proj"] = torch.cat([values, experts[(layer, "up_proj")]], dim=1)
+        elif projection == "ffn_gate":
+            state[f"{prefix}gate_up_proj"] = torch.cat([values, experts[(layer, "ffn_up")]], dim=1)
     model.load_state_dict(state)
     return model
 
 
-@pytest.mark.parametrize("matrix_type", ["F32", "Q8_0", "Q4_0", "Q4_1"])
-@pytest.mark.parametrize("architecture", ["qwen2moe", "qwen3moe"])
-def test_moe_gguf_files_run_every_expert_placement(sources, tmp_path, architecture, matrix_type):
-    """Qwen2-MoE / Qwen3-MoE GGUF files (experts as llama.cpp stores them: one 3-D tensor per projection, split
-    per expert here, held packed as the file has them) against transformers holding the file's values (as the
-    gguf package dequantizes them), with the routed experts on the GPU tier, on the CPU and streamed."""
-    variant, overrides = MOE_SOURCES[architecture]
+@pytest.mark.parametrize("source, matrix_type", [(source, kind) for source in ("qwen2moe", "qwen3moe", "mixtral")
+                                                 for kind in ("F32", "Q8_0", "Q4_0", "Q4_1")]
+                         + [("mixtral-per-expert", "Q4_0")])
+def test_moe_gguf_files_run_every_expert_placement(sources, tmp_path, source, matrix_type):
+    """Qwen2-MoE / Qwen3-MoE / Mixtral GGUF files (experts as llama.cpp stores them: one 3-D tensor per
+    projection, split per expert here, or a Mixtral converted before April 2024 with a tensor per expert; held
+    packed as the file has them) against transformers holding the file's values (as the gguf package
+    dequantizes them), with the routed experts on the GPU tier, on the CPU and streamed."""
+    variant, overrides, architecture, expert_matrices = MOE_SOURCES[source]
     hf = sources(variant, **overrides)
-    path = write_gguf(tmp_path / f"{architecture}.{matrix_type}.gguf", hf, architecture, matrix_type)
+    path = write_gguf(tmp_path / f"{source}.{matrix_type}.gguf", hf, architecture, matrix_type,
+                      expert_matrices=expert_matrices)
     reference = _holding_the_files_values(hf, path)
     want = hf_logits(reference, PROMPT)
     for experts in ("gpu", "cpu", "streamed"):
