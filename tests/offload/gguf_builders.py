@@ -120,7 +120,7 @@ def write_gguf(path: Path, hf_model, architecture: str, matrix_type: str = "F32"
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
         if architecture == "qwen2moe":
             writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
-    if getattr(config, "num_local_experts", None):     # Mixtral: a "llama" with experts
+    if architecture == "llama" and getattr(config, "num_local_experts", None):     # Mixtral: a "llama" with experts
         writer.add_expert_count(config.num_local_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
     for name, tensor in _llama_cpp_tensors(hf_model.state_dict()):
@@ -132,15 +132,17 @@ def write_gguf(path: Path, hf_model, architecture: str, matrix_type: str = "F32"
                 _add_matrix(writer, f"blk.{name.split('.')[2]}.{kind}.{expert}.weight", matrix.detach().float().numpy(),
                             matrix_type)
             continue
-        kind = next((t for module, t in (type_of or {}).items() if f".{module}." in name), matrix_type)
+        kind = next((t for module, t in (type_of or {}).items() if f".{module}." in f"{name}."), matrix_type)
         qtype = getattr(gguf.GGMLQuantizationType, kind)
         values = tensor.detach().float().numpy()
         if architecture in NORM_SHIFTED and name.endswith("norm.weight"):
             values = values + 1
         if architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             values = permute(values, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
-        if values.ndim == 2 and kind in ("Q4_K", "Q5_K", "Q6_K"):
-            packed = random_blocks(values.shape, kind, seed=len(name))
+        if values.ndim >= 2 and kind in ("Q4_K", "Q5_K", "Q6_K"):         # (3-D: every expert's matrix)
+            packed = np.stack([random_blocks(matrix.shape, kind, seed=len(name) + e)
+                               for e, matrix in enumerate(values.reshape(-1, *values.shape[-2:]))])
+            packed = packed.reshape(*values.shape[:-1], packed.shape[-1])
             writer.add_tensor(gguf_name(name, architecture), packed, raw_shape=packed.shape, raw_dtype=qtype)
         elif values.ndim >= 2 and kind != "F32":
             packed = gguf.quants.quantize(values, qtype)
