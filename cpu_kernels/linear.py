@@ -36,6 +36,7 @@ class PackedMatrix:
     mins: np.ndarray               # [N, G] like scales, or [1, 1] unused (8-bit without mins)
     has_mins: bool
     tensors: tuple                 # the torch tensors the views alias
+    layout: tuple = ()             # (codes dtype and shape, scales dtype and shape, has_mins): set by `of`
 
     @classmethod
     def of(cls, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None) -> "PackedMatrix":
@@ -64,7 +65,9 @@ class PackedMatrix:
         views = [tensors[0].numpy()] + [cache_view(t, fp16_as_int16=True) for t in tensors[1:]]
         if mins is None:
             views.append(np.zeros((1, 1), dtype=views[1].dtype))
-        return cls(codes=views[0], scales=views[1], mins=views[2], has_mins=mins is not None, tensors=tensors)
+        layout = (views[0].dtype, views[0].shape, views[1].dtype, views[1].shape, mins is not None)
+        return cls(codes=views[0], scales=views[1], mins=views[2], has_mins=mins is not None, tensors=tensors,
+                   layout=layout)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -142,10 +145,7 @@ def gated_experts(x: torch.Tensor, experts: list, share: torch.Tensor, dtype: to
     share_np = share.contiguous().numpy()
     if isinstance(downs[0], PackedMatrix):
         for group in (ups, downs):
-            first = group[0]
-            kind = (first.codes.dtype, first.codes.shape, first.scales.dtype, first.scales.shape, first.has_mins)
-            if any(not isinstance(m, PackedMatrix) or (m.codes.dtype, m.codes.shape, m.scales.dtype,
-                                                       m.scales.shape, m.has_mins) != kind for m in group):
+            if len({m.layout if isinstance(m, PackedMatrix) else None for m in group}) != 1 or not group[0].layout:
                 raise ValueError("the experts' matrices must be PackedMatrix of one layout per projection")
         if ups[0].shape != (downs[0].shape[1], hidden) or downs[0].shape[0] != hidden:
             raise ValueError(f"shapes do not fit: gate/up {ups[0].shape}, down {downs[0].shape}, x {tuple(x.shape)}")

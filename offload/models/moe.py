@@ -12,7 +12,6 @@ sigmoid(shared_expert_gate(x)), on the GPU while the CPU computes the routed exp
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,11 +46,11 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     if home != x.device:
         out = routed_experts(x.to(home), weights.to(home), experts.to(home), lw, prefix, names, act)
         return out.to(x.device)
-    hit = torch.unique(experts)
     if x.device.type == "cpu" and x.shape[0] <= CPU_DECODE_MAX_ROWS:
-        out = _cpu_experts(x, weights, experts, hit, lw, prefix, names, act)
+        out = _cpu_experts(x, weights, experts, lw, prefix, names, act)
         if out is not None:
             return out
+    hit = torch.unique(experts)
     out = torch.zeros_like(x)
     for expert in hit.tolist():                                # ascending, as transformers adds them
         token, slot = torch.where(experts == expert)          # token: [n] rows routed to `expert`
@@ -60,33 +59,36 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     return out
 
 
-def _cpu_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, hit: torch.Tensor, lw: dict,
-                 prefix: str, names: tuple[str, str, str], act) -> torch.Tensor | None:
+def _cpu_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, lw: dict, prefix: str,
+                 names: tuple[str, str, str], act) -> torch.Tensor | None:
     """routed_experts for a few rows on the CPU in one call (cpu_kernels.gated_experts: every hit expert's gate
     and up in one parallel loop, the matrices read once whatever the rows, then each one's down projection of
     its own rows, rows not routed to it weighing 0, and the weighted sum). The same roundings as the
     expert-by-expert path (each product rounded to the model dtype where `linear` rounds it, the experts added
     in ascending order). None when the activation is not SiLU or the experts are not all packed alike per
-    projection or all dense in x's dtype (the kernel's ValueError)."""
+    projection or all dense in x's dtype (the kernel's ValueError). Plain Python on the few routing values:
+    a decode step calls it once per MoE layer, and torch ops on tensors this small cost more than the lists."""
     if act is not F.silu:
         return None
-    hit_list = hit.tolist()
-    matrices = [tuple(lw[f"{prefix}{e}.{name}.weight"] for name in names) for e in hit_list]
-    if isinstance(matrices[0][0], QuantizedWeight):
-        if not all(isinstance(m, QuantizedWeight) and m.qweight.device.type == "cpu" for trio in matrices for m in trio):
+    chosen, scales = experts.tolist(), weights.float().tolist()                        # [N][k] each
+    hit = sorted({e for row in chosen for e in row})                                   # ascending
+    matrices = [lw[f"{prefix}{e}.{name}.weight"] for e in hit for name in names]       # [3h]
+    if isinstance(matrices[0], QuantizedWeight):
+        if not all(type(m) is QuantizedWeight for m in matrices):     # (on the CPU: routed_experts' home)
             return None
-        matrices = [tuple(m.cpu_matrix() for m in trio) for trio in matrices]
-    elif getattr(matrices[0][0], "dtype", None) != x.dtype or any(f"{prefix}{hit_list[0]}.{name}.bias" in lw
-                                                                   for name in names):
+        matrices = [m.cpu_matrix() for m in matrices]
+    elif getattr(matrices[0], "dtype", None) != x.dtype or f"{prefix}{hit[0]}.{names[0]}.bias" in lw:
         return None
     # each row's weight for each hit expert (0: not routed to it), in float32 (the values of `weights`' dtype)
-    slot = {e: j for j, e in enumerate(hit_list)}
-    share = np.zeros((len(hit_list), x.shape[0]), np.float32)                                # [h, N]
-    for n, (chosen, scale) in enumerate(zip(experts.tolist(), weights.float().tolist())):
-        for e, w in zip(chosen, scale):
-            share[slot[e], n] = w
+    slot = {e: j for j, e in enumerate(hit)}
+    share = torch.zeros((len(hit), x.shape[0]), dtype=torch.float32)                  # [h, N]
+    table = share.numpy()
+    for n, (row, row_scales) in enumerate(zip(chosen, scales)):
+        for e, w in zip(row, row_scales):
+            table[slot[e], n] = w
+    trios = [tuple(matrices[3 * j:3 * j + 3]) for j in range(len(hit))]
     try:   # as `linear` multiplies packed matrices: a 16-bit model's activations as integers
-        out = gated_experts(x.float(), matrices, torch.from_numpy(share), x.dtype, integer=x.dtype != torch.float32)
+        out = gated_experts(x.float(), trios, share, x.dtype, integer=x.dtype != torch.float32)
     except ValueError:                                      # not one layout per projection, or not x's dtype
         return None
     return out.to(x.dtype)                                  # [N, H]

@@ -117,7 +117,7 @@ def test_cpu_experts_in_one_call_equal_expert_by_expert(dtype, layout, rows):
     x = torch.randn(rows, H).to(dtype)
     weights, experts = route(torch.randn(rows, E).to(dtype), k, True)
     for scale in (weights, weights.to(dtype)):                     # Mixtral's float32 weights, Qwen's rounded
-        got = _cpu_experts(x, scale, experts, torch.unique(experts), lw, "experts.", names, act)
+        got = _cpu_experts(x, scale, experts, lw, "experts.", names, act)
         assert got is not None                                      # (the one-call path, not a fallback)
         assert torch.equal(routed_experts(x, scale, experts, lw, "experts.", names, act), got)
         want = torch.zeros_like(x)
@@ -129,3 +129,28 @@ def test_cpu_experts_in_one_call_equal_expert_by_expert(dtype, layout, rows):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
         else:
             assert torch.equal(got, want), (got - want).abs().max()
+
+
+def test_experts_of_mixed_layouts_are_refused_by_the_kernel_and_computed_one_by_one():
+    """gated_experts takes one packed layout per projection; a layer whose experts differ (one held int8, the
+    others int4) gets its ValueError, and routed_experts then computes them expert by expert, same numbers."""
+    from cpu_kernels import gated_experts
+    from offload.models.layers import gated_mlp
+    from offload.weights.quant import quantize
+    from placement.quantization import Quantization
+    torch.manual_seed(5)
+    E, k, H, I = 4, 2, 64, 96
+    names, act = ("gate_proj", "up_proj", "down_proj"), torch.nn.functional.silu
+    lw = {f"experts.{e}.{n}.weight": quantize((torch.randn(I, H) if n != "down_proj" else torch.randn(H, I)) * 0.1,
+                                              Quantization("int8" if e == 0 else "int4", 32), f"{e}.{n}", torch.float32)
+          for e in range(E) for n in names}
+    x = torch.randn(1, H)
+    experts = torch.tensor([[0, 2]])
+    weights = torch.tensor([[0.75, 0.25]])
+    trios = [tuple(lw[f"experts.{e}.{n}.weight"].cpu_matrix() for n in names) for e in (0, 2)]
+    with pytest.raises(ValueError, match="one layout per projection"):
+        gated_experts(x, trios, torch.tensor([[0.75], [0.25]]), torch.float32)
+    assert _cpu_experts(x, weights, experts, lw, "experts.", names, act) is None
+    want = sum(w * gated_mlp(x, lw, f"experts.{e}.", act, names) for e, w in ((0, 0.75), (2, 0.25)))
+    torch.testing.assert_close(routed_experts(x, weights, experts, lw, "experts.", names, act), want,
+                               atol=1e-6, rtol=1e-6)
