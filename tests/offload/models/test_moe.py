@@ -139,7 +139,7 @@ def test_experts_of_mixed_layouts_are_refused_by_the_kernel_and_computed_one_by_
     from offload.weights.quant import quantize
     from placement.quantization import Quantization
     torch.manual_seed(5)
-    E, k, H, I = 4, 2, 64, 96
+    E, H, I = 4, 64, 96
     names, act = ("gate_proj", "up_proj", "down_proj"), torch.nn.functional.silu
     lw = {f"experts.{e}.{n}.weight": quantize((torch.randn(I, H) if n != "down_proj" else torch.randn(H, I)) * 0.1,
                                               Quantization("int8" if e == 0 else "int4", 32), f"{e}.{n}", torch.float32)
