@@ -7,7 +7,7 @@ layer, more than a small model's matmuls). Activations are float32 arrays; `mode
 the eager math holds in the model dtype (bfloat16 / float16) at the same points, so the step computes what
 offload/models/decoder.py computes (transformers' order of operations and casts), up to summation order.
 
-Matrices arrive as tuples (codes, scales, mins, has_mins, bias): packed 4-bit (uint8 codes), packed 8-bit
+Matrices arrive as tuples (codes, scales, mins, min_factor, bias): packed 4-bit (uint8 codes), packed 8-bit
 (int8 codes), or dense (float32, or uint16 bfloat16 / int16 float16 bits; scales and mins unused). `bias` is
 float32 [N], empty when the layer has none. The kind is chosen by type when Numba compiles (`matmul_rows`);
 packed matrices take the integer path (`packed_linear`) in 16-bit modes, as the eager linear does. q, k and v
@@ -62,8 +62,8 @@ def _matmul_rows_by_kind(x, matrix, blocks, mode, out):
     if matrix.types[0].dtype in (types.uint8, types.int8):      # packed: 4-bit (two codes a byte) or 8-bit
 
         def packed(x, matrix, blocks, mode, out):
-            codes, scales, mins, has_mins, bias = matrix
-            packed_linear(x, codes, scales, mins, has_mins, mode != F32, blocks, out)
+            codes, scales, mins, min_factor, bias = matrix
+            packed_linear(x, codes, scales, mins, min_factor, mode != F32, blocks, out)
             _finish(out, bias, mode, True)
         return packed
 

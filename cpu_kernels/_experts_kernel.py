@@ -56,20 +56,20 @@ def _combine(downs, share, kind, out):
 
 
 @njit(nogil=True, cache=True)
-def packed_experts(x, up_codes, up_scales, up_mins, up_has_mins, down_codes, down_scales, down_mins,
-                   down_has_mins, share, kind, integer, blocks, out):
+def packed_experts(x, up_codes, up_scales, up_mins, up_min_factor, down_codes, down_scales, down_mins,
+                   down_min_factor, share, kind, integer, blocks, out):
     """x [M, H] f32; up_*: the gate and up matrices [I, H] of h' experts interleaved (gate_j at 2j, up_j at 2j + 1;
     tuples padded with empty matrices past the h real ones); down_*: their down matrices [H, I]; share [h, M];
     -> out [M, H] f32 (packed_linear_each's kernels; `integer` as there)."""
     rows, hidden = x.shape
     inner = up_codes[0].shape[0]
     gate_up = np.empty((len(up_codes), rows, inner), np.float32)
-    packed_linear_each(x.reshape((1, rows, hidden)), up_codes, up_scales, up_mins, up_has_mins, integer, blocks,
+    packed_linear_each(x.reshape((1, rows, hidden)), up_codes, up_scales, up_mins, up_min_factor, integer, blocks,
                        gate_up)
     products = np.zeros((len(down_codes), rows, inner), np.float32)
     _gate(gate_up, kind, products[:share.shape[0]])
     downs = np.empty((len(down_codes), rows, hidden), np.float32)
-    packed_linear_each(products, down_codes, down_scales, down_mins, down_has_mins, integer, blocks, downs)
+    packed_linear_each(products, down_codes, down_scales, down_mins, down_min_factor, integer, blocks, downs)
     _combine(downs, share, kind, out)
 
 

@@ -58,10 +58,11 @@ def runs_shift(group_bytes, lanes):
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=True)
-def int4_linear(x_even, x_odd, sums, qweight, scales, mins, blocks, out):
+def int4_linear(x_even, x_odd, sums, qweight, scales, mins, min_factor, blocks, out):
     """x_even / x_odd [M, K/2] f32 (x's even and odd columns), sums [M, G] f32 (x's group sums), qweight
-    uint8 [N, K/2] (column 2j low nibble, 2j+1 high), scales and mins [N, G]; outputs handed out in
-    `blocks` blocks (each with its own lane sums) -> out [M, N] f32."""
+    uint8 [N, K/2] (column 2j low nibble, 2j+1 high), scales and mins [N, G] (w = code * scale + min_factor *
+    min: 1 with mins, -8 with the scales as mins for int4-sym); outputs handed out in `blocks` blocks (each
+    with its own lane sums) -> out [M, N] f32."""
     rows = x_even.shape[0]
     outputs, groups = scales.shape
     width = qweight.shape[1]
@@ -69,6 +70,7 @@ def int4_linear(x_even, x_odd, sums, qweight, scales, mins, blocks, out):
     shift = runs_shift(half, LANES_4BIT)
     ushift, runs, uhalf = np.uint64(max(shift, 0)), np.uint64(width // LANES_4BIT), np.uint64(half)
     per_block = (outputs + blocks - 1) // blocks
+    factor = np.float32(min_factor)
     for block in prange(blocks):
         lanes = np.empty(LANES_4BIT, np.float32)
         for n in range(block * per_block, min(outputs, (block + 1) * per_block)):
@@ -94,14 +96,14 @@ def int4_linear(x_even, x_odd, sums, qweight, scales, mins, blocks, out):
                                     + x_odd[m, j] * np.float32(np.uint8(byte >> np.uint8(4))))
                         tail += widen(scales[n, g]) * dot
                 for g in range(groups):
-                    tail += widen(mins[n, g]) * sums[m, g]
+                    tail += factor * widen(mins[n, g]) * sums[m, g]
                 out[m, n] = tail
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=True)
-def int8_linear(x, sums, qweight, scales, mins, has_mins, blocks, out):
+def int8_linear(x, sums, qweight, scales, mins, min_factor, blocks, out):
     """x [M, K] f32, sums [M, G] f32, qweight int8 [N, K], scales [N, G], mins [N, G] (read only when
-    `has_mins`), `blocks` as in int4_linear -> out [M, N] f32 (w = code * scale (+ min))."""
+    `min_factor` is not 0), `blocks` as in int4_linear -> out [M, N] f32 (w = code * scale (+ min))."""
     rows = x.shape[0]
     outputs, groups = scales.shape
     width = qweight.shape[1]
@@ -109,6 +111,7 @@ def int8_linear(x, sums, qweight, scales, mins, has_mins, blocks, out):
     shift = runs_shift(size, LANES_8BIT)
     ushift, runs, usize = np.uint64(max(shift, 0)), np.uint64(width // LANES_8BIT), np.uint64(size)
     per_block = (outputs + blocks - 1) // blocks
+    factor = np.float32(min_factor)
     for block in prange(blocks):
         lanes = np.empty(LANES_8BIT, np.float32)
         for n in range(block * per_block, min(outputs, (block + 1) * per_block)):
@@ -129,35 +132,36 @@ def int8_linear(x, sums, qweight, scales, mins, has_mins, blocks, out):
                         for k in range(g * usize, (g + np.uint64(1)) * usize):
                             dot += x[m, k] * np.float32(qweight[n, k])
                         tail += widen(scales[n, g]) * dot
-                if has_mins:
+                if factor != 0:
                     for g in range(groups):
-                        tail += widen(mins[n, g]) * sums[m, g]
+                        tail += factor * widen(mins[n, g]) * sums[m, g]
                 out[m, n] = tail
 
 
 @njit(nogil=True, cache=True)
-def packed_linear(x, codes, scales, mins, has_mins, integer, blocks, out):
-    """x [M, K] f32 @ W.T -> out [M, N] f32, W packed: codes uint8 [N, K/2] (4-bit, with mins) or int8 [N, K]
-    (with mins when `has_mins`), scales / mins [N, G] (mins [1, 1] unused without them).
+def packed_linear(x, codes, scales, mins, min_factor, integer, blocks, out):
+    """x [M, K] f32 @ W.T -> out [M, N] f32, W packed: codes uint8 [N, K/2] (4-bit) or int8 [N, K], scales /
+    mins [N, G]; w = code * scale + min_factor * min: `min_factor` 1 with mins, 0 without them (mins [1, 1]
+    unused), -8 for 4-bit codes without mins (int4-sym: the scales passed as mins).
 
     With `integer` (16-bit models), groups of a multiple of 32 inputs take the integer path (_int_dot.py:
     activations as int8 (4-bit codes) or int16 (8-bit codes) per run of 32); otherwise the float kernels
     above (exact float32 products)."""
-    packed_linear_many(x, (codes,), (scales,), (mins,), (has_mins,), integer, blocks, (out,))
+    packed_linear_many(x, (codes,), (scales,), (mins,), (min_factor,), integer, blocks, (out,))
 
 
 @njit(nogil=True, cache=True)
-def packed_linear_many(x, codes, scales, mins, has_mins, integer, blocks, outs):
+def packed_linear_many(x, codes, scales, mins, min_factor, integer, blocks, outs):
     """packed_linear for several matrices of one code type that read the same x (q, k and v; gate and up):
-    codes, scales, mins, has_mins and outs are tuples, one per matrix (group sizes and mins may differ). The
+    codes, scales, mins, min_factor and outs are tuples, one per matrix (group sizes and mins may differ). The
     integer path quantizes x once and hands the outputs of all of them out in one parallel loop of `blocks`
     blocks (one thread launch, not one each)."""
     rows, inputs = x.shape
-    packed_linear_each(x.reshape((1, rows, inputs)), codes, scales, mins, has_mins, integer, blocks, outs)
+    packed_linear_each(x.reshape((1, rows, inputs)), codes, scales, mins, min_factor, integer, blocks, outs)
 
 
 @njit(nogil=True, cache=True)
-def packed_linear_each(xs3, codes, scales, mins, has_mins, integer, blocks, outs):
+def packed_linear_each(xs3, codes, scales, mins, min_factor, integer, blocks, outs):
     """packed_linear_many where matrix i reads xs3[i] ([C, M, K] f32, C = 1: all read xs3[0]; else C = the
     number of matrices: each routed expert's down projection of its own rows). The integer path quantizes
     every input once and runs one parallel loop over all the matrices' outputs."""
@@ -173,7 +177,7 @@ def packed_linear_each(xs3, codes, scales, mins, has_mins, integer, blocks, outs
         xq = activations_for(codes[0], count * rows, inputs)
         quantize_rows(xs3.reshape((count * rows, inputs)), four_bit, xq, xs, sums)
         _int_linear(xq.reshape((count, rows, inputs)), xs.reshape((count, rows, inputs // RUN)),
-                    sums.reshape((count, rows, inputs // RUN)), codes, scales, mins, has_mins, blocks, outs)
+                    sums.reshape((count, rows, inputs // RUN)), codes, scales, mins, min_factor, blocks, outs)
         return
     for i in range(len(codes)):
         x = xs3[i if count > 1 else 0]
@@ -184,15 +188,15 @@ def packed_linear_each(xs3, codes, scales, mins, has_mins, integer, blocks, outs
         x_odd = np.empty((rows, halves), np.float32)
         split_rows(x, groups, x_even, x_odd, sums)
         if four_bit:
-            int4_linear(x_even, x_odd, sums, codes[i], scales[i], mins[i], blocks, outs[i])
+            int4_linear(x_even, x_odd, sums, codes[i], scales[i], mins[i], min_factor[i], blocks, outs[i])
         else:
-            int8_linear(x, sums, codes[i], scales[i], mins[i], has_mins[i], blocks, outs[i])
+            int8_linear(x, sums, codes[i], scales[i], mins[i], min_factor[i], blocks, outs[i])
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=_INT_FLAGS)
-def _int_linear(xq, xs, sums, codes, scales, mins, has_mins, blocks, outs):
+def _int_linear(xq, xs, sums, codes, scales, mins, min_factor, blocks, outs):
     # xq, xs, sums [C, M, ...]: quantize_rows' output for one input shared by every matrix (C = 1) or one per
-    # matrix; codes, scales, mins, has_mins, outs: one per matrix, whose outputs are handed out in one
+    # matrix; codes, scales, mins, min_factor, outs: one per matrix, whose outputs are handed out in one
     # sequence of blocks
     rows = xq.shape[1]
     runs = xs.shape[2]
@@ -207,7 +211,7 @@ def _int_linear(xq, xs, sums, codes, scales, mins, has_mins, blocks, outs):
         most_groups = max(most_groups, scales[i].shape[1])
     group_sums = np.zeros((count, rows, most_groups), np.float32)      # x's sums per group, for the mins
     for i in range(count):
-        if has_mins[i]:
+        if min_factor[i] != 0:
             per_group = runs // scales[i].shape[1]
             for m in range(rows):
                 for r in range(runs):
@@ -228,12 +232,12 @@ def _int_linear(xq, xs, sums, codes, scales, mins, has_mins, blocks, outs):
             first = ends[i] - codes[i].shape[0]
             if low < ends[i] and high > first:
                 c = 0 if shared else i
-                _int_outputs(xq[c], xs[c], xs_wide[c], group_sums[i], codes[i], scales[i], mins[i], has_mins[i],
+                _int_outputs(xq[c], xs[c], xs_wide[c], group_sums[i], codes[i], scales[i], mins[i], min_factor[i],
                              max(low, first) - first, min(high, ends[i]) - first, run_scales, wide, outs[i])
 
 
 @njit(nogil=True, cache=True, fastmath=_INT_FLAGS)
-def _int_outputs(xq, xs, xs_wide, group_sums, codes, scales, mins, has_mins, first, last, run_scales, wide, out):
+def _int_outputs(xq, xs, xs_wide, group_sums, codes, scales, mins, min_factor, first, last, run_scales, wide, out):
     # outputs first..last-1 of one matrix. Groups of 4 << b runs: the activation scales (xs, or xs_wide for
     # 4-bit codes: see packed_dot) and the widened weight scales as block scales (one per 4 runs, so a run
     # costs no scale arithmetic). Other groups: each run's weight scale times its activation scale as
@@ -243,6 +247,7 @@ def _int_outputs(xq, xs, xs_wide, group_sums, codes, scales, mins, has_mins, fir
     four_bit = codes.shape[1] != xq.shape[1]
     runs_per_group = runs // groups
     block_shift = runs_shift(runs_per_group, 4)
+    factor = np.float32(min_factor)
     for n in range(first, last):
         if block_shift >= 0:
             for g in range(groups):
@@ -263,9 +268,9 @@ def _int_outputs(xq, xs, xs_wide, group_sums, codes, scales, mins, has_mins, fir
                         for r in range(g * step, (g + np.uint64(1)) * step):
                             run_scales[0, r] = scale * xs[m, r]
                 dot = packed_dot(codes, n, xq, m, run_scales, 0, None, 0)
-            if has_mins:
+            if factor != 0:
                 for g in range(groups):
-                    dot += widen(mins[n, g]) * group_sums[m, g]
+                    dot += factor * widen(mins[n, g]) * group_sums[m, g]
             out[m, n] = dot
 
 

@@ -33,22 +33,22 @@ class PackedMatrix:
 
     codes: np.ndarray              # uint8 [N, K/2] (4-bit, low nibble first) or int8 [N, K]
     scales: np.ndarray             # [N, G]: float32, or uint16 (bfloat16 bits) / int16 (float16 bits)
-    mins: np.ndarray               # [N, G] like scales, or [1, 1] unused (8-bit without mins)
-    has_mins: bool
+    mins: np.ndarray               # [N, G] like scales; 4-bit without mins: the scales; 8-bit: [1, 1] unused
+    min_factor: float              # w = code * scale + min_factor * min: 1 (mins), -8 (int4-sym), 0 (int8)
     tensors: tuple                 # the torch tensors the views alias
-    layout: tuple = ()             # (codes dtype and shape, scales dtype and shape, has_mins): set by `of`
+    layout: tuple = ()             # (codes dtype and shape, scales dtype and shape, min_factor): set by `of`
 
     @classmethod
     def of(cls, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None) -> "PackedMatrix":
-        """qweight uint8 [N, K / 2] (4-bit, w = code * scale + min, `mins` required) or int8 [N, K] (w = code *
-        scale, + min when `mins` is given); scales and mins [N, G] float32/bfloat16/float16, G dividing K
+        """qweight uint8 [N, K / 2] (4-bit: w = code * scale + min, or (code - 8) * scale without `mins`) or int8
+        [N, K] (w = code * scale, + min when `mins` is given); scales and mins [N, G] float32/bfloat16/float16, G dividing K
         (ValueError naming the shapes and dtypes otherwise). Non-contiguous tensors are copied once."""
         for name, tensor in (("qweight", qweight), ("scales", scales), ("mins", mins)):
             if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.dim() != 2
                                        or tensor.device.type != "cpu"):
                 raise ValueError(f"{name} must be a 2-D CPU tensor, got {getattr(tensor, 'shape', type(tensor))}")
-        if qweight.dtype not in (torch.uint8, torch.int8) or (qweight.dtype == torch.uint8 and mins is None):
-            raise ValueError(f"qweight must be uint8 (4-bit, with mins) or int8, got {qweight.dtype}")
+        if qweight.dtype not in (torch.uint8, torch.int8):
+            raise ValueError(f"qweight must be uint8 (4-bit) or int8, got {qweight.dtype}")
         for name, tensor in (("scales", scales), ("mins", mins)):
             if tensor is not None and tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise ValueError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
@@ -63,10 +63,11 @@ class PackedMatrix:
                              f"{None if mins is None else tuple(mins.shape)}")
         tensors = tuple(t.detach().contiguous() for t in (qweight, scales, mins) if t is not None)
         views = [tensors[0].numpy()] + [cache_view(t, fp16_as_int16=True) for t in tensors[1:]]
-        if mins is None:
-            views.append(np.zeros((1, 1), dtype=views[1].dtype))
-        layout = (views[0].dtype, views[0].shape, views[1].dtype, views[1].shape, mins is not None)
-        return cls(codes=views[0], scales=views[1], mins=views[2], has_mins=mins is not None, tensors=tensors,
+        min_factor = 1.0 if mins is not None else -8.0 if packed == 2 else 0.0
+        if mins is None:             # 4-bit: the scales serve as mins (times -8); 8-bit: none read
+            views.append(views[1] if packed == 2 else np.zeros((1, 1), dtype=views[1].dtype))
+        layout = (views[0].dtype, views[0].shape, views[1].dtype, views[1].shape, min_factor)
+        return cls(codes=views[0], scales=views[1], mins=views[2], min_factor=min_factor, tensors=tensors,
                    layout=layout)
 
     @property
@@ -87,7 +88,7 @@ class PackedMatrix:
         x_np = x.detach().contiguous().numpy()
         out = torch.empty((x.shape[0], outputs), dtype=torch.float32)
         blocks = min(outputs, numba.get_num_threads() * BLOCKS_PER_THREAD)
-        _run(packed_linear, x_np, self.codes, self.scales, self.mins, self.has_mins, integer, blocks, out.numpy())
+        _run(packed_linear, x_np, self.codes, self.scales, self.mins, self.min_factor, integer, blocks, out.numpy())
         return out
 
 
@@ -154,7 +155,7 @@ def gated_experts(x: torch.Tensor, experts: list, share: torch.Tensor, dtype: to
             pad = length - len(group)
             return (tuple([m.codes for m in group] + [group[0].codes[:0]] * pad),
                     tuple([m.scales for m in group] + [group[0].scales[:0]] * pad),
-                    tuple([m.mins for m in group] + [group[0].mins[:0]] * pad), (group[0].has_mins,) * length)
+                    tuple([m.mins for m in group] + [group[0].mins[:0]] * pad), (group[0].min_factor,) * length)
 
         _run(packed_experts, x.contiguous().numpy(), *parts(ups, 2 * size), *parts(downs, size), share_np,
              ROUNDING[dtype], integer, blocks, out.numpy())

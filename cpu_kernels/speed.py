@@ -32,22 +32,22 @@ def _bf16_bits(shape, rng: np.random.Generator, scale: float) -> np.ndarray:
 
 
 def _matrix(kind: str, rows: int, cols: int, rng: np.random.Generator) -> tuple:
-    """(codes, scales, mins, has_mins, bias) as decode_layer takes a matrix, random."""
+    """(codes, scales, mins, min_factor, bias) as decode_layer takes a matrix, random."""
     no_bias = np.zeros(0, np.float32)
     if kind == "dense":
         return _bf16_bits((rows, cols), rng, 0.02), np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32), \
-            False, no_bias
+            0.0, no_bias
     scales = np.abs(_bf16_bits((rows, cols // GROUP), rng, 0.01))
     if kind == "int8":
         codes = rng.integers(-127, 128, (rows, cols), dtype=np.int8)
-        return codes, scales, np.zeros((1, 1), np.uint16), False, no_bias
+        return codes, scales, np.zeros((1, 1), np.uint16), 0.0, no_bias
     codes = rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8)
-    return codes, scales, _bf16_bits((rows, cols // GROUP), rng, 0.01), True, no_bias
+    return codes, scales, _bf16_bits((rows, cols // GROUP), rng, 0.01), 1.0, no_bias
 
 
 def _held_bytes(matrix: tuple) -> int:
-    codes, scales, mins, has_mins, _ = matrix
-    return codes.nbytes + (scales.nbytes if codes.dtype != np.uint16 else 0) + (mins.nbytes if has_mins else 0)
+    codes, scales, mins, min_factor, _ = matrix
+    return codes.nbytes + (scales.nbytes if codes.dtype != np.uint16 else 0) + (mins.nbytes if min_factor == 1 else 0)
 
 
 def matmul_rate(kind: str, *, total_bytes: int = 96 << 20, repeats: int = 3) -> float:
@@ -62,8 +62,8 @@ def matmul_rate(kind: str, *, total_bytes: int = 96 << 20, repeats: int = 3) -> 
     out = np.empty((1, rows), np.float32)
     blocks = numba.get_num_threads() * BLOCKS_PER_THREAD
     packed = [PackedMatrix.of(torch.from_numpy(codes), torch.from_numpy(scales.view(np.int16)).view(torch.bfloat16),
-                              torch.from_numpy(mins.view(np.int16)).view(torch.bfloat16) if has_mins else None)
-              for codes, scales, mins, has_mins, _ in matrices] if kind != "dense" else []
+                              torch.from_numpy(mins.view(np.int16)).view(torch.bfloat16) if min_factor == 1 else None)
+              for codes, scales, mins, min_factor, _ in matrices] if kind != "dense" else []
 
     def one_pass():
         if kind == "dense":

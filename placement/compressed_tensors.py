@@ -96,6 +96,6 @@ def packed_matrices(config: dict, shapes: dict, headers: dict, where) -> dict[st
                               f"{' or ' if per_channel and group_sizes else ''}"
                               f"{'group_size ' + ', '.join(map(str, sorted(group_sizes))) if group_sizes else ''}")
         asymmetric = zero_point is not None
-        scheme = "int4" if bits == 4 else "int8-asym" if asymmetric else "int8"
+        scheme = ("int4" if asymmetric else "int4-sym") if bits == 4 else "int8-asym" if asymmetric else "int8"
         layouts[name] = Quantization(scheme=scheme, group_size=group)
     return layouts

@@ -116,7 +116,7 @@ class CostModel:
         # a layer's ops dispatched: CUDA kernel launches, or on the CPU stand-in the CPU's own dispatch
         # how the CPU multiplies this model's layer matrices in decode (Hardware.cpu_matmul_bytes_per_s)
         schemes = {quantization.scheme for quantization in spec.layouts.values()}
-        self.cpu_matmul_kind = "int4" if "int4" in schemes else "int8" if schemes else "dense"
+        self.cpu_matmul_kind = "int4" if any(s.startswith("int4") for s in schemes) else "int8" if schemes else "dense"
         # a decode step on the CPU runs fused (offload/models/cpu_decoder.py: what --profile measures) for
         # the plain llama-like decoder with SiLU, full RoPE and no soft-cap, a few rows at a time; otherwise
         # its eager ops cost the default overhead

@@ -23,12 +23,12 @@ NORM_SHIFTED = ("gemma2", "gemma3")      # llama.cpp's converter stores Gemma's 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 PERMUTED_QK = ("llama",)     # architectures whose q/k rows llama.cpp's converter interleaves
 # GGML type -> the packed layout (placement/quantization.py) its blocks convert into, code for code: the legacy
-# types in blocks of 32 weights with a float16 d (and m): Q4_0 w = (q - 8) d, Q4_1 w = q d + m, Q5_0
+# types in blocks of 32 weights with a float16 d (and m): Q4_0 w = (q - 8) d (int4-sym), Q4_1 w = q d + m, Q5_0
 # w = (q - 16) d, Q5_1 w = q d + m, Q8_0 w = q d; the K-quants in super-blocks of 256 whose sub-blocks scale
 # by d * sc (and subtract dmin * m), 6-bit sc and m: Q4_K and Q5_K sub-blocks of 32, Q6_K of 16 (int8 sc,
 # w = (q - 32) d sc). The scales and mins are held in the model dtype: exact in float32 for every type (and
 # in float16 for the legacy ones), rounded to bfloat16 in a bfloat16 model. 5-bit codes take a byte each.
-PACKED_TYPES = {"Q4_0": "int4-g32", "Q4_1": "int4-g32", "Q5_0": "int8-g32", "Q5_1": "int8-asym-g32",
+PACKED_TYPES = {"Q4_0": "int4-sym-g32", "Q4_1": "int4-g32", "Q5_0": "int8-g32", "Q5_1": "int8-asym-g32",
                 "Q8_0": "int8-g32", "Q4_K": "int4-g32", "Q5_K": "int8-asym-g32", "Q6_K": "int8-g16"}
 # GGUF tensor name -> Hugging Face name (llama.cpp's gguf-py tensor_mapping for these architectures)
 NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",

@@ -7,6 +7,8 @@ A matrix [out, in] with group size g (in / g groups per row) becomes three tenso
     int4  qweight  uint8 [out, in / 2]   two 4-bit codes per byte: column 2j in the low nibble, 2j+1 high
           scales   dtype [out, in / g]   w = code * scale + min (asymmetric, codes 0..15)
           mins     dtype [out, in / g]
+    int4-sym                             as int4 without mins: w = (code - 8) * scale (held as files give
+                                         it: GGUF's Q4_0, compressed-tensors' symmetric int4)
     int8  qweight  int8  [out, in]       w = code * scale (symmetric, codes -127..127)
           scales   dtype [out, in / g]
     int8-asym                            as int8 plus mins [out, in / g]: w = code * scale + min
@@ -25,16 +27,16 @@ from dataclasses import dataclass
 
 from placement.config_fields import DTYPE_BYTES, ConfigError
 
-SCHEMES = ("int4", "int8", "int8-asym")
-QUANTIZE_SCHEMES = ("int4", "int8")   # what quantize-on-load writes (int8-asym is only read from files)
+SCHEMES = ("int4", "int4-sym", "int8", "int8-asym")
+QUANTIZE_SCHEMES = ("int4", "int8")   # what quantize-on-load writes (int4-sym, int8-asym are only read from files)
 GROUP_SIZES = (128, 64, 32)          # the default: the largest that divides a matrix's input size
-PARTS = {"int4": ("qweight", "scales", "mins"), "int8": ("qweight", "scales"),
+PARTS = {"int4": ("qweight", "scales", "mins"), "int4-sym": ("qweight", "scales"), "int8": ("qweight", "scales"),
          "int8-asym": ("qweight", "scales", "mins")}
 
 
 @dataclass(frozen=True)
 class Quantization:
-    """A packed layout: "int4", "int8" or "int8-asym", with a group size (None: per matrix, the largest of
+    """A packed layout: "int4", "int4-sym", "int8" or "int8-asym", with a group size (None: per matrix, the largest of
     GROUP_SIZES dividing its input size, else one group per row)."""
 
     scheme: str
@@ -62,7 +64,7 @@ class Quantization:
 
     @property
     def bits(self) -> int:
-        return 4 if self.scheme == "int4" else 8
+        return 4 if self.scheme.startswith("int4") else 8
 
     def group_size_for(self, name: str, shape: tuple[int, ...]) -> int:
         """The group size of matrix `name` [out, in]; ConfigError when the given one does not divide `in`."""
@@ -78,13 +80,13 @@ class Quantization:
         """The packed tensors of matrix `name` [out, in]: suffix -> (shape, dtype)."""
         out, in_features = shape
         groups = in_features // self.group_size_for(name, shape)
-        if self.scheme == "int4":
+        if self.bits == 4:
             if in_features % 2:
                 raise ConfigError(f"4-bit packing needs an even input size; {name} has {in_features}")
-            return {"qweight": ((out, in_features // 2), "uint8"), "scales": ((out, groups), dtype),
-                    "mins": ((out, groups), dtype)}
-        parts = {"qweight": ((out, in_features), "int8"), "scales": ((out, groups), dtype)}
-        return {**parts, "mins": ((out, groups), dtype)} if self.scheme == "int8-asym" else parts
+            parts = {"qweight": ((out, in_features // 2), "uint8"), "scales": ((out, groups), dtype)}
+        else:
+            parts = {"qweight": ((out, in_features), "int8"), "scales": ((out, groups), dtype)}
+        return {**parts, "mins": ((out, groups), dtype)} if "mins" in PARTS[self.scheme] else parts
 
     def num_bytes(self, name: str, shape: tuple[int, ...], dtype: str) -> int:
         """Exact bytes of matrix `name` in this layout."""

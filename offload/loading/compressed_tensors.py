@@ -35,15 +35,15 @@ def unpack(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor |
            shape: tuple[int, int], dtype: torch.dtype) -> QuantizedWeight:
     """A pack-quantized matrix [out, in] -> a QuantizedWeight in `layout` with scales and mins in `dtype`."""
     out, inputs = shape
-    bits = 4 if layout.scheme == "int4" else 8
+    bits = layout.bits
     assert scale.shape == (out, inputs // layout.group_size), (scale.shape, shape, layout)
     stored = _codes(packed, bits, inputs)                                         # [out, in / 2] or [out, in]
     zp = None if zero_point is None else \
         _signed(_codes(zero_point.t(), bits, out), bits)[:, :out].t().to(torch.float32)   # [out, G]
     scale32 = scale.to(torch.float32)
-    if bits == 4:
-        mins = -(8 + (0 if zp is None else zp)) * scale32                         # code q + 8
-        return QuantizedWeight(qweight=stored.clone(), scales=scale.to(dtype), mins=mins.to(dtype))
+    if bits == 4:                                                                 # code q + 8
+        mins = None if zp is None else (-(8 + zp) * scale32).to(dtype)           # (symmetric: int4-sym)
+        return QuantizedWeight(qweight=stored.clone(), scales=scale.to(dtype), mins=mins)
     codes = (stored ^ 0x80).view(torch.int8).clone()                              # q = stored - 128
     return QuantizedWeight(qweight=codes, scales=scale.to(dtype),
                            mins=None if zp is None else (-zp * scale32).to(dtype))

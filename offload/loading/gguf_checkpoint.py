@@ -35,7 +35,8 @@ def _float16(raw: np.ndarray) -> np.ndarray:
 
 def _block_codes(kind: str, blocks: np.ndarray):
     """GGML blocks [N, bytes] -> (codes [N, weights] uint8 0..15 for 4-bit layouts, else int8; scales
-    [N, sub-blocks]; mins [N, sub-blocks] or None) with w = code * scale (+ min) the package's value exactly
+    [N, sub-blocks]; mins [N, sub-blocks] or None) with w = code * scale (+ min; 4-bit codes without mins:
+    (code - 8) * scale) the package's value exactly
     (the layouts: placement/gguf_file.py PACKED_TYPES; the bit layouts as gguf.quants dequantizes them)."""
     import gguf
     n = blocks.shape[0]
@@ -47,7 +48,7 @@ def _block_codes(kind: str, blocks: np.ndarray):
             return np.ascontiguousarray(rest).view(np.int8), d, None
         if kind in ("Q4_0", "Q4_1"):
             codes = _halves(rest)                                                    # [N, 32] 0..15
-            return codes, d, m if m is not None else (-8 * d.astype(np.float32)).astype(np.float16)
+            return codes, d, m                                                     # Q4_0: int4-sym
         qh = np.ascontiguousarray(rest[:, :4]).view(np.uint32)                      # [N, 1]
         high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)        # [N, 32]
         codes = (_halves(rest[:, 4:]) | (high << 4)).astype(np.int8)                # 0..31

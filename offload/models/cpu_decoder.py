@@ -125,9 +125,9 @@ def _on_cpu(weight) -> bool:
 
 
 def _matrix(weight, bias) -> tuple:
-    """(codes, scales, mins, has_mins, bias) as decode_layer takes a matrix."""
+    """(codes, scales, mins, min_factor, bias) as decode_layer takes a matrix."""
     bias_np = _NO_BIAS if bias is None else bias.to(torch.float32).numpy()
     if isinstance(weight, QuantizedWeight):
         matrix = weight.cpu_matrix()
-        return matrix.codes, matrix.scales, matrix.mins, matrix.has_mins, bias_np
-    return cache_view(weight, fp16_as_int16=True), _UNUSED, _UNUSED, False, bias_np
+        return matrix.codes, matrix.scales, matrix.mins, matrix.min_factor, bias_np
+    return cache_view(weight, fp16_as_int16=True), _UNUSED, _UNUSED, 0.0, bias_np

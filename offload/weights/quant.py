@@ -7,8 +7,8 @@ other tensors, so the packed bytes are what sits in RAM and crosses PCIe; `unfla
 whatever holds those tensors (a resident copy or a ring slot's views).
 
 Quantization is per group: 4-bit asymmetric (codes 0..15, w = code * scale + min; the grid fitted per group,
-see `quantize`), 8-bit symmetric round-to-nearest (codes -127..127, w = code * scale). 8-bit with mins
-(int8-asym) is only converted from files. The scale and min are
+see `quantize`), 8-bit symmetric round-to-nearest (codes -127..127, w = code * scale). 4-bit without mins
+(int4-sym: w = (code - 8) * scale) and 8-bit with mins (int8-asym) are only converted from files. The scale and min are
 rounded to the model dtype first and the codes chosen against the rounded values, so dequantizing gives the
 codes' exact grid.
 """
@@ -26,8 +26,9 @@ INT8_LEVELS = 127
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """A matrix [out, in] packed: 4-bit (`qweight` uint8 [out, in / 2], `scales` and `mins` [out, groups])
-    or 8-bit (`qweight` int8 [out, in], `scales` [out, groups], and `mins` when asymmetric)."""
+    """A matrix [out, in] packed: 4-bit (`qweight` uint8 [out, in / 2], `scales` [out, groups], and `mins`
+    when asymmetric, else w = (code - 8) * scale) or 8-bit (`qweight` int8 [out, in], `scales` [out, groups],
+    and `mins` when asymmetric)."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -38,14 +39,13 @@ class QuantizedWeight:
         q, s = self.qweight, self.scales
         assert q.dim() == 2 and s.dim() == 2 and s.shape[0] == q.shape[0], (q.shape, s.shape)
         assert q.dtype in (torch.uint8, torch.int8), q.dtype
-        assert q.dtype == torch.int8 or self.mins is not None, "4-bit codes need mins"
         assert self.mins is None or self.mins.shape == s.shape, (s.shape, self.mins.shape)
         assert self.in_features % s.shape[1] == 0, (self.in_features, s.shape)
 
     @property
     def scheme(self) -> str:
         if self.qweight.dtype == torch.uint8:
-            return "int4"
+            return "int4" if self.mins is not None else "int4-sym"
         return "int8" if self.mins is None else "int8-asym"
 
     @property
@@ -93,6 +93,8 @@ class QuantizedWeight:
             w[:, 1::2] = self.qweight >> 4
         grouped = w.view(out, groups, in_features // groups)                          # [out, G, g]
         if self.mins is None:
+            if self.qweight.dtype == torch.uint8:                     # int4-sym: codes - 8, exact integers
+                grouped.sub_(8)
             grouped.mul_(self.scales.to(dtype)[..., None])
         else:        # one rounding of code * scale + min (a 16-bit dtype computes it in float32)
             torch.addcmul(self.mins.to(dtype)[..., None], grouped, self.scales.to(dtype)[..., None], out=grouped)

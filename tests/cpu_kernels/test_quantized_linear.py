@@ -12,7 +12,8 @@ import cpu_kernels
 
 
 def _packed(out: int, inputs: int, group: int, bits: int, with_mins: bool, dtype=torch.float32, seed=0):
-    """Random codes, scales, mins and the dense float64 matrix they stand for."""
+    """Random codes, scales, mins and the dense float64 matrix they stand for (4-bit without mins: int4-sym,
+    w = (code - 8) * scale)."""
     gen = torch.Generator().manual_seed(seed)
     groups = inputs // group
     scales = (torch.rand(out, groups, generator=gen) * 0.1 + 0.01).to(dtype)
@@ -23,7 +24,8 @@ def _packed(out: int, inputs: int, group: int, bits: int, with_mins: bool, dtype
     else:
         codes = torch.randint(-128, 128, (out, inputs), generator=gen).to(torch.int8)
         qweight = codes
-    dense = codes.double() * scales.double().repeat_interleave(group, dim=1)
+    offset = 8 if bits == 4 and not with_mins else 0
+    dense = (codes.double() - offset) * scales.double().repeat_interleave(group, dim=1)
     if mins is not None:
         dense += mins.double().repeat_interleave(group, dim=1)
     return qweight, scales, mins, dense
@@ -61,7 +63,7 @@ def _rounding_bound(x: torch.Tensor, dense: torch.Tensor, mins: torch.Tensor | N
     return (peaks / (2 * _limit(bits))) @ (dense - lows).abs().t()
 
 
-@pytest.mark.parametrize("bits, with_mins", [(4, True), (8, False), (8, True)])
+@pytest.mark.parametrize("bits, with_mins", [(4, True), (4, False), (8, False), (8, True)])
 @pytest.mark.parametrize("rows", [1, 3, 17])
 @pytest.mark.parametrize("out, inputs, group", [(64, 96, 32), (37, 128, 128), (200, 576, 64), (8, 96, 96),
                                                 (24, 1024, 256), (5, 16, 16), (6, 48, 48)])
@@ -69,16 +71,17 @@ def test_matches_torch(bits, with_mins, rows, out, inputs, group):
     # the integer path's scale layouts: groups of 1 run (32), of 4 << b runs (128, 256: scales per 4 runs),
     # of 2 or 3 runs (64, 96: scales repeated per run); 16 and 48: not runs of 32 (the float kernels)
     qweight, scales, mins, dense = _packed(out, inputs, group, bits, with_mins)
+    lows = -8 * scales if bits == 4 and mins is None else mins       # int4-sym: the -8 * scale the kernels add
     x = torch.randn(rows, inputs)
     got = cpu_kernels.quantized_linear(x, qweight, scales, mins, integer=True)
-    want = _reference(x, dense, mins, group, bits)
+    want = _reference(x, dense, lows, group, bits)
     assert got.dtype == torch.float32 and got.shape == (rows, out)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     exact = x.double() @ dense.t()
     float_products = cpu_kernels.quantized_linear(x, qweight, scales, mins)           # float32 models
     torch.testing.assert_close(float_products.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
     if group % 32 == 0:               # the quantized activations: within half a step of each, and no closer
-        bound = _rounding_bound(x, dense, mins, group, bits)
+        bound = _rounding_bound(x, dense, lows, group, bits)
         assert ((got.double() - exact).abs() <= bound + 1e-5 * exact.abs().max()).all()
         assert (got.double() - exact).abs().max() > 1e-3 * bound.max()
 
@@ -144,7 +147,7 @@ def test_bad_inputs_are_one_clear_error():
         cpu_kernels.quantized_linear(torch.randn(1, 64).double(), qweight, scales, mins)
     with pytest.raises(ValueError, match=r"shapes do not fit: x \(1, 48\)"):
         cpu_kernels.quantized_linear(torch.randn(1, 48), qweight, scales, mins)
-    with pytest.raises(ValueError, match="qweight must be uint8 \\(4-bit, with mins\\) or int8"):
-        cpu_kernels.quantized_linear(torch.randn(1, 64), qweight, scales)
+    with pytest.raises(ValueError, match="qweight must be uint8 \\(4-bit\\) or int8"):
+        cpu_kernels.quantized_linear(torch.randn(1, 64), qweight.to(torch.int16), scales, mins)
     with pytest.raises(ValueError, match="scales must be a 2-D CPU tensor"):
         cpu_kernels.quantized_linear(torch.randn(1, 64), qweight, scales[0], mins)

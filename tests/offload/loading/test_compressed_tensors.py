@@ -19,8 +19,8 @@ pytest.importorskip("compressed_tensors")
 from tests.offload.ct_builders import dense_reference, package_dequantized, write_compressed  # noqa: E402
 
 PROMPT = [5, 17, 99, 42, 8, 63, 21, 7, 88, 3, 64, 90]
-SCHEMES = [(4, True, "group", "int4-g32"), (4, False, "group", "int4-g32"), (8, True, "channel", "int8-g64+int8-g96"),
-           (8, False, "group", "int8-asym-g32")]
+SCHEMES = [(4, True, "group", "int4-sym-g32"), (4, False, "group", "int4-g32"),
+           (8, True, "channel", "int8-g64+int8-g96"), (8, False, "group", "int8-asym-g32")]
 
 
 @pytest.mark.parametrize("bits, symmetric, strategy, label", SCHEMES)
@@ -65,9 +65,9 @@ def test_a_bfloat16_checkpoint_against_the_package(tmp_path, symmetric):
 def test_plans_count_the_packed_bytes(tmp_path):
     folder = write_compressed(tmp_path, "llama", 4, True)
     spec, dense = load_spec(folder), load_spec(tmp_path / "source")
-    assert spec.quantization == "int4-g32" and spec.num_params == dense.num_params
+    assert spec.quantization == "int4-sym-g32" and spec.num_params == dense.num_params      # symmetric: no mins
     for name, (out, inputs) in spec.arch.quantizable_tensors().items():
-        assert spec.tensor_bytes[name] == out * inputs // 2 + 2 * out * (inputs // 32) * 4   # codes, scale, min
+        assert spec.tensor_bytes[name] == out * inputs // 2 + out * (inputs // 32) * 4       # codes, scale
     assert spec.layer_weight_bytes(0) < 0.3 * dense.layer_weight_bytes(0)
 
 
@@ -82,7 +82,7 @@ def test_quantize_writes_what_transformers_and_we_load_alike(tmp_path, scheme, s
     config = json.loads((written / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized" and config["ignore"] == ["lm_head", "model.embed_tokens"]
     ours = offload.load(written, progress=False)
-    assert ours.plan.quantization == ("int4-g32" if scheme == "int4" else "int8-g32")
+    assert ours.plan.quantization == (("int4-sym-g32" if symmetric else "int4-g32") if scheme == "int4" else "int8-g32")
     logits = ours.forward([PROMPT])[0]
     torch.testing.assert_close(logits, hf_logits(dense_reference(written), PROMPT), atol=1e-5, rtol=0)
     if symmetric:
@@ -107,7 +107,7 @@ def test_quantize_group_sizes(tmp_path):
         "group_0"]["weights"]["strategy"] == "channel"
     assert offload.load(written, progress=False).plan.quantization == "int8-g48+int8-g80"
     offload.quantize(source, tmp_path / "g16", "int4", group_size=16, progress=False)
-    assert offload.load(tmp_path / "g16", progress=False).plan.quantization == "int4-g16"
+    assert offload.load(tmp_path / "g16", progress=False).plan.quantization == "int4-sym-g16"
 
 
 def test_bad_quantize_calls_write_nothing(tmp_path):
@@ -123,9 +123,9 @@ def test_bad_quantize_calls_write_nothing(tmp_path):
     with pytest.raises(ConfigError, match="group_size 48 does not divide the 64 inputs"):
         offload.quantize(source, tmp_path / "b", "int4", group_size=48)
     offload.quantize(source, tmp_path / "q", "int4", progress=False)
-    with pytest.raises(CheckpointError, match=r"already quantized \(pack-quantized int4-g32\)"):
+    with pytest.raises(CheckpointError, match=r"already quantized \(pack-quantized int4-sym-g32\)"):
         offload.quantize(tmp_path / "q", tmp_path / "c", "int4")
-    with pytest.raises(ValueError, match=r"already quantized \(pack-quantized int4-g32\); load it without"):
+    with pytest.raises(ValueError, match=r"already quantized \(pack-quantized int4-sym-g32\); load it without"):
         offload.load(tmp_path / "q", quantize="int8", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "source", "taken"]
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]

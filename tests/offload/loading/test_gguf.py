@@ -17,7 +17,7 @@ from tests.offload.gguf_builders import write_gguf
 from tests.offload.offload_plans import layout_plan
 
 pytest.importorskip("gguf")
-PACKED = {"Q4_0": "int4-g32", "Q4_1": "int4-g32", "Q8_0": "int8-g32", "Q5_0": "int8-g32", "Q5_1": "int8-asym-g32",
+PACKED = {"Q4_0": "int4-sym-g32", "Q4_1": "int4-g32", "Q8_0": "int8-g32", "Q5_0": "int8-g32", "Q5_1": "int8-asym-g32",
           "Q4_K": "int4-g32", "Q5_K": "int8-asym-g32", "Q6_K": "int8-g16"}
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
 PROMPT = [5, 17, 99, 42, 8, 63, 21, 7, 88, 3, 64, 90]
@@ -315,3 +315,28 @@ def test_moe_gguf_files_run_every_expert_placement(sources, tmp_path, source, ma
         assert ours.generate([PROMPT, PROMPT[:5]], max_new_tokens=4) == \
             [reference.generate(torch.tensor([p]), max_new_tokens=4, do_sample=False)[0, len(p):].tolist()
              for p in (PROMPT, PROMPT[:5])]
+
+
+def test_q4_0_is_held_without_mins_and_computes_as_with_them(sources, tmp_path):
+    """Q4_0 (w = (q - 8) d) is held as int4-sym: the file's codes and float16 scales, no mins, 4.5 bits a
+    weight as in the file. Dequantized, and multiplied packed on the CPU (float32 products, and a 16-bit
+    model's integer path, the fused decode step's kernels), it gives the very numbers of the same codes held
+    with mins = -8 * scale (exact in every dtype)."""
+    from offload.models.layers import linear
+    from offload.weights.quant import QuantizedWeight
+    path = write_gguf(tmp_path / "m.Q4_0.gguf", sources("llama", **SMALL), "llama", "Q4_0")
+    model = offload.load(path, dtype="bfloat16", max_seq_len=64, progress=False)
+    assert model.plan.quantization == "int4-sym-g32"
+    spec = model.checkpoint.layouts
+    name = "model.layers.0.mlp.down_proj.weight"
+    rows, cols = model.arch.all_tensors()[name]
+    assert spec[name].num_bytes(name, (rows, cols), "float16") == rows * cols // 2 + rows * cols // 32 * 2
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        held = model.checkpoint.read_quantized(name, dtype)
+        assert held.mins is None and held.scheme == "int4-sym"
+        with_mins = QuantizedWeight(qweight=held.qweight, scales=held.scales, mins=-8 * held.scales)
+        assert torch.equal(held.dequantize(), with_mins.dequantize())
+        for num_rows in (1, 3, 9):                      # the packed kernels (<= 4 rows), then dequantized
+            x = torch.randn(num_rows, cols).to(dtype)
+            assert torch.equal(linear(x, held), linear(x, with_mins)), (dtype, num_rows)
