@@ -134,11 +134,16 @@ class LlamaCppPeer:
         self.process.start()
 
     def timer(self, prompt, n) -> list[float]:
-        self.conn.send((prompt, n))
-        return self.conn.recv()
+        try:
+            self.conn.send((prompt, n))
+            return self.conn.recv()
+        except (EOFError, BrokenPipeError):
+            self.process.join(timeout=30)
+            raise RuntimeError(f"llama.cpp's process exited (code {self.process.exitcode})") from None
 
     def close(self) -> None:
-        self.conn.send(None)
+        if self.process.is_alive():
+            self.conn.send(None)
         self.process.join(timeout=30)
 
 

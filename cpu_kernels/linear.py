@@ -15,6 +15,7 @@ the checks and the views once, not per token. The Numba kernels run with the GIL
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numba
 import numpy as np
@@ -36,13 +37,12 @@ class PackedMatrix:
     mins: np.ndarray               # [N, G] like scales; 4-bit without mins: the scales; 8-bit: [1, 1] unused
     min_factor: float              # w = code * scale + min_factor * min: 1 (mins), -8 (int4-sym), 0 (int8)
     tensors: tuple                 # the torch tensors the views alias
-    layout: tuple = ()             # (codes dtype and shape, scales dtype and shape, min_factor): set by `of`
 
     @classmethod
     def of(cls, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None) -> "PackedMatrix":
         """qweight uint8 [N, K / 2] (4-bit: w = code * scale + min, or (code - 8) * scale without `mins`) or int8
-        [N, K] (w = code * scale, + min when `mins` is given); scales and mins [N, G] float32/bfloat16/float16, G dividing K
-        (ValueError naming the shapes and dtypes otherwise). Non-contiguous tensors are copied once."""
+        [N, K] (w = code * scale, + min when `mins` is given); scales and mins [N, G] float32/bfloat16/float16,
+        G dividing K (ValueError naming the shapes and dtypes otherwise). Non-contiguous tensors are copied once."""
         for name, tensor in (("qweight", qweight), ("scales", scales), ("mins", mins)):
             if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.dim() != 2
                                        or tensor.device.type != "cpu"):
@@ -66,9 +66,13 @@ class PackedMatrix:
         min_factor = 1.0 if mins is not None else -8.0 if packed == 2 else 0.0
         if mins is None:             # 4-bit: the scales serve as mins (times -8); 8-bit: none read
             views.append(views[1] if packed == 2 else np.zeros((1, 1), dtype=views[1].dtype))
-        layout = (views[0].dtype, views[0].shape, views[1].dtype, views[1].shape, min_factor)
-        return cls(codes=views[0], scales=views[1], mins=views[2], min_factor=min_factor, tensors=tensors,
-                   layout=layout)
+        return cls(codes=views[0], scales=views[1], mins=views[2], min_factor=min_factor, tensors=tensors)
+
+    @cached_property
+    def layout(self) -> tuple:
+        """What one Numba compilation and one tuple of matrices share: codes and scales dtypes and shapes, and
+        min_factor (computed once: gated_experts compares it for every routed expert of every call)."""
+        return self.codes.dtype, self.codes.shape, self.scales.dtype, self.scales.shape, self.min_factor
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -146,7 +150,7 @@ def gated_experts(x: torch.Tensor, experts: list, share: torch.Tensor, dtype: to
     share_np = share.contiguous().numpy()
     if isinstance(downs[0], PackedMatrix):
         for group in (ups, downs):
-            if len({m.layout if isinstance(m, PackedMatrix) else None for m in group}) != 1 or not group[0].layout:
+            if len({m.layout if isinstance(m, PackedMatrix) else None for m in group}) != 1:
                 raise ValueError("the experts' matrices must be PackedMatrix of one layout per projection")
         if ups[0].shape != (downs[0].shape[1], hidden) or downs[0].shape[0] != hidden:
             raise ValueError(f"shapes do not fit: gate/up {ups[0].shape}, down {downs[0].shape}, x {tuple(x.shape)}")

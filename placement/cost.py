@@ -115,8 +115,8 @@ class CostModel:
         self.decode_context = workload.prompt_len + workload.gen_len / 2
         # a layer's ops dispatched: CUDA kernel launches, or on the CPU stand-in the CPU's own dispatch
         # how the CPU multiplies this model's layer matrices in decode (Hardware.cpu_matmul_bytes_per_s)
-        schemes = {quantization.scheme for quantization in spec.layouts.values()}
-        self.cpu_matmul_kind = "int4" if any(s.startswith("int4") for s in schemes) else "int8" if schemes else "dense"
+        bits = {quantization.bits for quantization in spec.layouts.values()}
+        self.cpu_matmul_kind = "int4" if 4 in bits else "int8" if bits else "dense"
         # a decode step on the CPU runs fused (offload/models/cpu_decoder.py: what --profile measures) for
         # the plain llama-like decoder with SiLU, full RoPE and no soft-cap, a few rows at a time; otherwise
         # its eager ops cost the default overhead

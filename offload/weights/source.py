@@ -12,8 +12,8 @@ experts of MoE layer i when the plan keeps them on the CPU (experts_item; otherw
 In a decode step, the dict of a layer whose experts are streamed on demand has no routed experts but, under
 ROUTED_EXPERTS, a function: experts (a list of ints) -> their tensors on the device, keyed like the others
 (offload/weights/expert_stager.py); the dict of a layer on the GPU whose experts the CPU computes carries, under
-HOST_STAGING, the pinned buffers their rows cross in (offload/attention/host.py). Layer and experts dicts are keyed by the tensor name relative to
-`arch.layer_prefix(i)`
+HOST_STAGING, the pinned buffers their rows cross in (offload/attention/host.py). Layer and experts dicts are
+keyed by the tensor name relative to `arch.layer_prefix(i)`
 ("self_attn.q_proj.weight", "mlp.experts.3.up_proj.weight"); the other items by the full
 checkpoint name less `arch.checkpoint_prefix` ("model.norm.weight" also inside a multimodal checkpoint). With tied embeddings, acquire("lm_head") returns {"lm_head.weight": <embedding table>}.
 """

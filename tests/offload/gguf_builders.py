@@ -48,6 +48,12 @@ def permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
         .swapaxes(1, 2).reshape(weights.shape)
 
 
+def unpermute(weights, num_heads: int):
+    """The inverse of `permute` (numpy or torch rows [out, ...]): q/k rows back in transformers' order."""
+    return weights.reshape(num_heads, weights.shape[0] // num_heads // 2, 2, *weights.shape[1:]) \
+        .swapaxes(1, 2).reshape(weights.shape)
+
+
 def random_blocks(shape: tuple[int, int], qtype_name: str, seed: int = 0) -> np.ndarray:
     """Valid random blocks of a K-quant type the gguf package cannot quantize: random codes and scales,
     with every block's float16 super-scales set to small finite values. [rows, bytes] uint8."""

@@ -13,7 +13,7 @@ import torch
 import offload
 from offload.loading.checkpoint import CheckpointError
 from tests.offload.builders import build_checkpoint, hf_logits
-from tests.offload.gguf_builders import write_gguf
+from tests.offload.gguf_builders import unpermute, write_gguf
 from tests.offload.offload_plans import layout_plan
 
 pytest.importorskip("gguf")
@@ -272,7 +272,7 @@ def _holding_the_files_values(hf, path):
         name = hf_name(tensor.name, naming).replace("block_sparse_moe.", "mlp.")   # (transformers' names in memory)
         if gguf_model.permutes_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
-            values = values.reshape(heads, values.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(values.shape)
+            values = unpermute(values, heads)
         state[name] = values.reshape(state[name].shape)
     for key, values in list(experts.items()):
         if isinstance(values, dict):
