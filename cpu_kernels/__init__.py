@@ -14,10 +14,14 @@ x quantized per run of 32 inputs (int8 for 4-bit codes, int16 for 8-bit) and mul
 16-bit models; else exact float32);
 `PackedMatrix.of(qweight, scales, mins)` keeps the checked views for repeated calls (`matrix(x)`);
 `dense_linear_rows(x, weight)` does the same for a dense float32/bfloat16/float16 matrix;
+`wide_linear(x, matrix or weight)` multiplies many rows (prefill) by either, widened to float32 a chunk of
+rows at a time for torch's GEMM (`PACKED_MAX_ROWS`, `DENSE_MAX_ROWS`: where the one-read kernels stop paying);
 `gated_experts(x, experts, share, dtype, integer)` runs a MoE layer's routed SiLU experts, gate/up (one
 parallel loop over all their outputs), activation, down (another) and their weighted sum, in one call.
 """
-from .linear import PackedMatrix, dense_linear_rows, gated_experts, quantized_linear
+from .linear import (DENSE_MAX_ROWS, PACKED_MAX_ROWS, PackedMatrix, dense_linear_rows, gated_experts,
+                     native_half_gemm, quantized_linear, wide_linear)
 from .ops import append_kv, attention
 
-__all__ = ["attention", "append_kv", "quantized_linear", "PackedMatrix", "dense_linear_rows", "gated_experts"]
+__all__ = ["attention", "append_kv", "quantized_linear", "PackedMatrix", "dense_linear_rows", "gated_experts",
+           "wide_linear", "native_half_gemm", "PACKED_MAX_ROWS", "DENSE_MAX_ROWS"]

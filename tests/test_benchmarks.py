@@ -182,9 +182,14 @@ def test_cpu_decode_quick_prints_every_row():
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "memory read bandwidth" in out and "ours tok/s" in out and "of BW" in out
-    rows = [line for line in out.splitlines() if line.startswith("SmolLM2-135M")]
+    decode, prefill = out.split("\nprefill: a 128-token prompt")
+    rows = [line for line in decode.splitlines() if line.startswith("SmolLM2-135M")]
     assert [row.split()[1] for row in rows] == ["bf16", "int8", "int4"], out
     assert all(float(row.split()[3 if "(GGUF)" not in row else 4]) > 0 for row in rows), out
+    rows = [line for line in prefill.split("\nhybrid plans")[0].splitlines() if line.startswith("SmolLM2-135M")]
+    assert [row.split()[1] for row in rows] == ["bf16", "int8", "int4"], out
+    assert all(float(row.split()[2 if "(GGUF)" not in row else 3]) > 0 for row in rows), out     # ours
+    assert float(rows[0].split()[3]) > 0, out                                                     # transformers
 
 
 def test_moe_decode_quick_prints_every_row(tmp_path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cpu_kernels import dense_linear_rows
+from cpu_kernels import DENSE_MAX_ROWS, PACKED_MAX_ROWS, dense_linear_rows, native_half_gemm, wide_linear
 from offload.weights.quant import QuantizedWeight
 from placement.cost import CPU_DECODE_MAX_ROWS
 
@@ -26,20 +26,28 @@ def activation(name: str):
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     # x: [..., in], weight: [out, in] (dense, or packed: dequantized here, next to its matmul) -> [..., out]
     rows = x.numel() // max(x.shape[-1], 1)
-    on_cpu = x.device.type == "cpu" and rows <= CPU_DECODE_MAX_ROWS       # decode on the CPU: Numba kernels
+    on_cpu = x.device.type == "cpu" and weight.device.type == "cpu"
     if isinstance(weight, QuantizedWeight):
-        if on_cpu and weight.qweight.device.type == "cpu":
-            # the packed codes read once (cpu_kernels); a 16-bit model's activations as integers there
-            out = weight.cpu_matrix()(x.reshape(rows, -1).to(torch.float32), x.dtype != torch.float32)
+        if on_cpu:
+            # a few rows: the packed codes read once (cpu_kernels), a 16-bit model's activations as integers
+            # there; more (prefill): torch's float32 GEMM on chunks dequantized to float32
+            integer = x.dtype != torch.float32
+            x2 = x.reshape(rows, -1).to(torch.float32)
+            matrix = weight.cpu_matrix()
+            out = matrix(x2, integer) if rows <= PACKED_MAX_ROWS[integer] else wide_linear(x2, matrix)
             out = out.to(x.dtype).view(*x.shape[:-1], -1)
             return out if bias is None else out + bias
         weight = weight.dequantize(x.dtype)
-    elif on_cpu and weight.device.type == "cpu" and weight.dtype == x.dtype and weight.is_contiguous():
-        # dense: a dot per output summed in float32, rounded once with the bias (as torch's addmm); faster
-        # than torch's GEMV on a few rows
-        out = dense_linear_rows(x.reshape(rows, -1).to(torch.float32), weight)
-        out = out if bias is None else out + bias.to(torch.float32)
-        return out.to(x.dtype).view(*x.shape[:-1], -1)
+    elif on_cpu and weight.dtype == x.dtype and weight.is_contiguous():
+        # dense: a dot per output summed in float32, rounded once with the bias (as torch's addmm): faster
+        # than torch's GEMV on a few rows, and on more of them in 16 bits where torch's 16-bit GEMM is an
+        # emulation (AVX2), which widening to float32 for its float32 GEMM also beats past those
+        half = x.dtype != torch.float32 and not native_half_gemm(x.dtype)
+        if rows <= CPU_DECODE_MAX_ROWS or half:
+            x2 = x.reshape(rows, -1).to(torch.float32)
+            out = dense_linear_rows(x2, weight) if rows <= DENSE_MAX_ROWS else wide_linear(x2, weight)
+            out = out if bias is None else out + bias.to(torch.float32)
+            return out.to(x.dtype).view(*x.shape[:-1], -1)
     return F.linear(x, weight, bias)
 
 
