@@ -1,5 +1,5 @@
 """cpu_kernels.dense_linear_rows against torch: a few rows times a dense float32 / bfloat16 / float16
-matrix, summed in float32, against the same product in float64."""
+matrix, summed in float32, against the same product in float64; its and wide_linear's errors."""
 from __future__ import annotations
 
 import pytest
@@ -20,11 +20,14 @@ def test_matches_torch(dtype, rows, out, inputs):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
-def test_bad_inputs_are_one_clear_error():
+@pytest.mark.parametrize("function, weight_error", [
+    (cpu_kernels.dense_linear_rows, "weight must be a 2-D float32/bfloat16/float16 CPU tensor"),
+    (cpu_kernels.wide_linear, "weight must be a PackedMatrix or a 2-D float32/bfloat16/float16 CPU tensor")])
+def test_bad_inputs_are_one_clear_error(function, weight_error):
     weight = torch.randn(8, 16)
     with pytest.raises(ValueError, match=r"x must be a float32 \[M, 16\] CPU tensor"):
-        cpu_kernels.dense_linear_rows(torch.randn(2, 8), weight)
+        function(torch.randn(2, 8), weight)
     with pytest.raises(ValueError, match=r"x must be a float32 \[M, 16\] CPU tensor"):
-        cpu_kernels.dense_linear_rows(torch.randn(2, 16).double(), weight)
-    with pytest.raises(ValueError, match="weight must be a 2-D float32/bfloat16/float16 CPU tensor"):
-        cpu_kernels.dense_linear_rows(torch.randn(2, 16), weight.double())
+        function(torch.randn(2, 16).double(), weight)
+    with pytest.raises(ValueError, match=weight_error):
+        function(torch.randn(2, 16), weight.double())

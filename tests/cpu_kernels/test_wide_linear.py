@@ -55,6 +55,7 @@ def test_dense_matches_torch(dtype, rows, chunk_rows):
 
 def test_the_buffer_is_reused_and_fits_any_width(chunk_rows):
     """One buffer per thread, grown for a wider matrix, then used for a narrower one as it is."""
+    chunk_rows(64)
     for inputs in (64, 512, 64):
         weight = torch.randn(300, inputs)
         x = torch.randn(20, inputs)
@@ -62,12 +63,3 @@ def test_the_buffer_is_reused_and_fits_any_width(chunk_rows):
                                    rtol=1e-5, atol=1e-4)
     assert linear_module._wide.buffer.numel() >= (linear_module.WIDE_CHUNK_BYTES // (4 * 512)) * 512
 
-
-def test_bad_inputs_are_one_clear_error():
-    weight = torch.randn(8, 16)
-    with pytest.raises(ValueError, match=r"x must be a float32 \[M, 16\] CPU tensor"):
-        cpu_kernels.wide_linear(torch.randn(2, 8), weight)
-    with pytest.raises(ValueError, match=r"x must be a float32 \[M, 16\] CPU tensor"):
-        cpu_kernels.wide_linear(torch.randn(2, 16).half(), weight)
-    with pytest.raises(ValueError, match="weight must be a PackedMatrix or a 2-D float32/bfloat16/float16 CPU"):
-        cpu_kernels.wide_linear(torch.randn(2, 16), weight.double())
