@@ -66,28 +66,24 @@ def bytes_per_token(model) -> int:
 
 def decode_rates(timers: dict, prompt: list[int], num_new: int, repeats: int) -> dict[str, float]:
     """Decode tokens/s of each timer(prompt, n) -> [the call's start, then the times each of n new tokens came
-    out]: (n - 1) over the time from the first token to the last (prefill left out), the fastest of `repeats`,
-    peers interleaved."""
-    for timer in timers.values():
-        timer(prompt, 2)                                            # warm-up
-    best = {name: 0.0 for name in timers}
-    for _ in range(repeats):
-        for name, timer in timers.items():
-            times = timer(prompt, num_new)[1:]
-            best[name] = max(best[name], (num_new - 1) / max(times[-1] - times[0], 1e-9))
-    return best
+    out]: (n - 1) over the time from the first token to the last (prefill left out)."""
+    return _best_rates(timers, prompt, num_new, repeats, lambda t: (num_new - 1) / max(t[-1] - t[1], 1e-9))
 
 
 def prefill_rates(timers: dict, prompt: list[int], repeats: int) -> dict[str, float]:
     """Prompt tokens/s of each timer (as decode_rates takes them): the prompt's length over the time from the
-    call to its first new token, the fastest of `repeats` (after a warm-up), peers interleaved."""
+    call to its first new token."""
+    return _best_rates(timers, prompt, 1, repeats, lambda t: len(prompt) / max(t[1] - t[0], 1e-9))
+
+
+def _best_rates(timers: dict, prompt: list[int], n: int, repeats: int, rate) -> dict[str, float]:
+    """The fastest rate(timer(prompt, n)) of `repeats` per timer, after a warm-up, peers interleaved."""
     for timer in timers.values():
-        timer(prompt, 1)
+        timer(prompt, min(n, 2))                                    # warm-up
     best = {name: 0.0 for name in timers}
     for _ in range(repeats):
         for name, timer in timers.items():
-            start, first = timer(prompt, 1)
-            best[name] = max(best[name], len(prompt) / max(first - start, 1e-9))
+            best[name] = max(best[name], rate(timer(prompt, n)))
     return best
 
 

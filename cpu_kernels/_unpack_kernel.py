@@ -6,9 +6,8 @@ matrix.
 
 w = code * scale + min (min_factor 1), (code - 8) * scale (int4-sym, min_factor -8: exact, as the
 runtime's dequantize), code * scale (8-bit without mins, min_factor 0). Scales and mins are read as stored
-(float32, or 16-bit bit patterns: `widen`). The loops over a group run on unsigned indices, with the case
-chosen outside them, so that LLVM vectorises them (Numba wraps negative indices around: a select per
-element).
+(float32, or 16-bit bit patterns: `widen`); without mins, + 0 (exact). The loops over a group run on
+unsigned indices, so that LLVM vectorises them (Numba wraps negative indices around: a select per element).
 """
 import numpy as np
 from numba import njit, prange
@@ -24,30 +23,20 @@ def unpack_rows(codes, scales, mins, min_factor, first, out):
     groups = scales.shape[1]
     size = np.uint64(inputs // groups)
     four_bit = codes.shape[1] != inputs
-    with_mins, symmetric = min_factor == 1.0, min_factor == -8.0
+    offset = np.float32(-8.0) if min_factor == -8.0 else np.float32(0.0)     # int4-sym: code - 8
+    with_mins = min_factor == 1.0
     for r in prange(count):
         n = first + r
         for g in range(np.uint64(groups)):
             scale = widen(scales[n, g])
+            bias = widen(mins[n, g]) if with_mins else np.float32(0.0)      # + 0: exact
             low = g * size
             if four_bit:
                 half = low // np.uint64(2)
-                offset = np.float32(-8.0) if symmetric else np.float32(0.0)
-                if with_mins:
-                    bias = widen(mins[n, g])
-                    for j in range(half, half + size // np.uint64(2)):
-                        byte = codes[n, j]
-                        out[r, np.uint64(2) * j] = np.float32(byte & np.uint8(15)) * scale + bias
-                        out[r, np.uint64(2) * j + np.uint64(1)] = np.float32(byte >> np.uint8(4)) * scale + bias
-                else:
-                    for j in range(half, half + size // np.uint64(2)):
-                        byte = codes[n, j]
-                        out[r, np.uint64(2) * j] = (np.float32(byte & np.uint8(15)) + offset) * scale
-                        out[r, np.uint64(2) * j + np.uint64(1)] = (np.float32(byte >> np.uint8(4)) + offset) * scale
-            elif with_mins:
-                bias = widen(mins[n, g])
-                for k in range(low, low + size):
-                    out[r, k] = np.float32(codes[n, k]) * scale + bias
+                for j in range(half, half + size // np.uint64(2)):
+                    byte = codes[n, j]
+                    out[r, np.uint64(2) * j] = (np.float32(byte & np.uint8(15)) + offset) * scale + bias
+                    out[r, np.uint64(2) * j + np.uint64(1)] = (np.float32(byte >> np.uint8(4)) + offset) * scale + bias
             else:
                 for k in range(low, low + size):
-                    out[r, k] = np.float32(codes[n, k]) * scale
+                    out[r, k] = np.float32(codes[n, k]) * scale + bias

@@ -53,13 +53,17 @@ def test_dense_matches_torch(dtype, rows, chunk_rows):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
-def test_the_buffer_is_reused_and_fits_any_width(chunk_rows):
-    """One buffer per thread, grown for a wider matrix, then used for a narrower one as it is."""
+def test_the_buffer_is_reused_and_fits_any_width(chunk_rows, monkeypatch):
+    """One buffer per thread, grown only for a matrix whose chunk needs more, then kept for narrower ones."""
     chunk_rows(64)
+    monkeypatch.delattr(linear_module._wide, "buffer", raising=False)          # this thread starts without one
+    buffers = []
     for inputs in (64, 512, 64):
         weight = torch.randn(300, inputs)
         x = torch.randn(20, inputs)
         torch.testing.assert_close(cpu_kernels.wide_linear(x, weight).double(), x.double() @ weight.double().t(),
                                    rtol=1e-5, atol=1e-4)
-    assert linear_module._wide.buffer.numel() >= (linear_module.WIDE_CHUNK_BYTES // (4 * 512)) * 512
-
+        buffers.append(linear_module._wide.buffer)
+    need = {inputs: max(1, linear_module.WIDE_CHUNK_BYTES // (4 * inputs)) * inputs for inputs in (64, 512)}
+    assert buffers[0].numel() == need[64] and buffers[1].numel() == max(need.values())
+    assert (buffers[1] is buffers[0]) == (need[512] <= need[64]) and buffers[2] is buffers[1]
