@@ -3,9 +3,11 @@ token each, RMSNorm, the q/k/v projections (+ biases), RoPE, the KV append and a
 o_proj + residual, RMSNorm, the SwiGLU MLP + residual.
 
 Called once per layer instead of ~40 eager torch ops (each a Python dispatch: on 2 cores that cost ~1 ms a
-layer, more than a small model's matmuls). Activations are float32 arrays; `mode` rounds every value that
-the eager math holds in the model dtype (bfloat16 / float16) at the same points, so the step computes what
-offload/models/decoder.py computes (transformers' order of operations and casts), up to summation order.
+layer, more than a small model's matmuls). Activations are float32 arrays inside; the hidden states come in and
+go out as the bits of the model's tensors (widened and narrowed here: converting them in torch cost ~100 us a
+layer, measured in a 1.2B model's decode). `mode` rounds every value that the eager math holds in the model
+dtype (bfloat16 / float16) at the same points, so the step computes what offload/models/decoder.py computes
+(transformers' order of operations and casts), up to summation order.
 
 Matrices arrive as tuples (codes, scales, mins, min_factor, bias): packed 4-bit (uint8 codes), packed 8-bit
 (int8 codes), or dense (float32, or uint16 bfloat16 / int16 float16 bits; scales and mins unused). `bias` is
@@ -20,7 +22,7 @@ from numba.extending import overload
 
 from ._append_kernel import append_rows
 from ._attention_kernel import attend
-from ._bits import narrow_bf16, narrow_f16, widen_bf16, widen_f16
+from ._bits import narrow_bf16, narrow_f16, widen, widen_bf16, widen_f16
 from ._linear_kernel import dense_linear, packed_linear, packed_linear_many
 
 F32, BF16, F16 = 0, 1, 2     # the model dtype: what `mode` rounds activations to
@@ -50,6 +52,25 @@ def _finish(out, bias, mode, packed):
             if has_bias:
                 value = value + bias[n]
             out[m, n] = rnd(value, mode)
+
+
+def store_rounded(out, m, j, value, mode):
+    """out[m, j] = value rounded to the model dtype: out float32 (the rounded value), or uint16 (its bfloat16 or
+    float16 bits, by `mode`); Numba code only."""
+    raise NotImplementedError("store_rounded is only callable from Numba-compiled code")
+
+
+@overload(store_rounded, inline="always")
+def _store_rounded_by_type(out, m, j, value, mode):
+    if out.dtype == types.float32:
+        def as_float(out, m, j, value, mode):
+            out[m, j] = rnd(value, mode)
+        return as_float
+    if out.dtype == types.uint16:
+        def as_bits(out, m, j, value, mode):
+            out[m, j] = narrow_bf16(value) if mode == BF16 else narrow_f16(value)
+        return as_bits
+    return None
 
 
 def matmul_rows(x, matrix, blocks, mode, out):
@@ -122,15 +143,17 @@ def _matmul_rows_many_by_kind(x, matrices, blocks, mode, outs):
 
 @njit(nogil=True, cache=True)
 def _rms_norm(h, weight, eps, mode, out):
-    # transformers' LlamaRMSNorm: normalise in float32, cast to the dtype, then times the weight (in the dtype)
+    # transformers' LlamaRMSNorm: normalise in float32, cast to the dtype, then times the weight (in the dtype);
+    # h float32 or 16-bit bits (widen)
     rows, width = h.shape
     for m in range(rows):
         total = np.float32(0.0)
         for k in range(width):
-            total += h[m, k] * h[m, k]
+            value = widen(h[m, k])
+            total += value * value
         inv = np.float32(1.0) / np.sqrt(total / np.float32(width) + np.float32(eps))
         for k in range(width):
-            out[m, k] = rnd(weight[k] * rnd(h[m, k] * inv, mode), mode)
+            out[m, k] = rnd(weight[k] * rnd(widen(h[m, k]) * inv, mode), mode)
 
 
 @njit(nogil=True, cache=True)
@@ -153,7 +176,8 @@ def _rope(x, heads, head_dim, cos, sin, mode):
 def decode_layer(h, w_in, w_post, eps, q_m, k_m, v_m, o_m, gate_m, up_m, down_m, cos, sin,
                  num_heads, num_kv_heads, head_dim, k_append, v_append, append_mode, k_cache, v_cache,
                  positions, scale, window, mode, blocks, out):
-    """h [M, H] f32 (values in the model dtype) -> out [M, H] f32: the layer's output hidden states.
+    """h [M, H] -> out [M, H]: the layer's output hidden states, in the model dtype as torch holds them (float32,
+    or h as uint16 bfloat16 / int16 float16 bits and out as uint16 bits of either: no conversion outside).
 
     w_in, w_post [H] f32: the norms' weights; *_m: matrices (see the module docstring); cos, sin [M, D] f32
     (this token's RoPE, in the dtype); k_append / v_append: the caches [B, Hkv, S_max, D] as append_rows takes
@@ -181,7 +205,7 @@ def decode_layer(h, w_in, w_post, eps, q_m, k_m, v_m, o_m, gate_m, up_m, down_m,
     matmul_rows(merged, o_m, blocks, mode, o)
     for m in range(rows):
         for j in range(hidden):
-            o[m, j] = rnd(h[m, j] + o[m, j], mode)            # o is now the residual stream
+            o[m, j] = rnd(widen(h[m, j]) + o[m, j], mode)     # o is now the residual stream
     _rms_norm(o, w_post, eps, mode, x)
     inner = gate_m[0].shape[0]
     gate = np.empty((rows, inner), np.float32)
@@ -191,7 +215,8 @@ def decode_layer(h, w_in, w_post, eps, q_m, k_m, v_m, o_m, gate_m, up_m, down_m,
         for j in range(inner):
             g = gate[m, j]
             gate[m, j] = rnd(rnd(g / (np.float32(1.0) + np.exp(-g)), mode) * up[m, j], mode)   # silu(g) * up
-    matmul_rows(gate, down_m, blocks, mode, out)
+    down = np.empty((rows, hidden), np.float32)
+    matmul_rows(gate, down_m, blocks, mode, down)
     for m in range(rows):
         for j in range(hidden):
-            out[m, j] = rnd(o[m, j] + out[m, j], mode)
+            store_rounded(out, m, j, o[m, j] + down[m, j], mode)

@@ -41,7 +41,7 @@ class CpuDecoderSteps:
         self.model, self.arch, self.dtype, self.mode = model, model.arch, dtype, MODES[dtype]
         self._layers: dict[int, tuple] = {}        # layer -> (its weight objects, prepared arguments)
         self._caches: dict[int, tuple] = {}        # id(backend) -> (backend, cache views)
-        self._rope: tuple | None = None            # (ctx, cos, sin) of the current step
+        self._step: tuple | None = None            # (ctx, chunk, cos, sin, positions, blocks) of the step
 
     @staticmethod
     def supports(model, dtype: torch.dtype) -> bool:
@@ -60,29 +60,32 @@ class CpuDecoderSteps:
         prepared = self._prepared(layer, lw)
         if prepared is None:
             return None
-        cos, sin = self._cos_sin(ctx)
+        cos, sin, positions, blocks = self._step_arrays(ctx, chunk)
         if cos.shape != (B, self.arch.head_dim):
             return None                                    # partial rotary: the eager path
         arch = self.arch
-        x = h.reshape(B, H).to(torch.float32).numpy()
-        out = np.empty((B, H), np.float32)
-        positions = np.ascontiguousarray(chunk.start.numpy(), dtype=np.int64)     # a view: start is int64
+        result = torch.empty((B, 1, H), dtype=self.dtype)
+        x = cache_view(h.reshape(B, H).contiguous(), fp16_as_int16=True)           # the dtype's bits, no copy
+        out = cache_view(result.view(B, H), fp16_as_int16=False)
         k_append, v_append, k_cache, v_cache, append_mode, scale, window = caches
-        blocks = numba.get_num_threads() * BLOCKS_PER_THREAD
         _run(decode_layer, x, *prepared, cos, sin, arch.num_heads, arch.num_kv_heads, arch.head_dim,
              k_append, v_append, append_mode, k_cache, v_cache, positions, scale, window, self.mode, blocks, out)
-        return torch.from_numpy(out).to(self.dtype).view(B, 1, H)
+        return result
 
     def close(self) -> None:
         """Drop the prepared views (they keep the weights' and caches' memory alive)."""
-        self._layers, self._caches, self._rope = {}, {}, None
+        self._layers, self._caches, self._step = {}, {}, None
 
-    def _cos_sin(self, ctx) -> tuple[np.ndarray, np.ndarray]:
-        # ctx: (cos, sin) [B, 1, 1, R] in the dtype, one per step: converted once for all layers
-        if self._rope is None or self._rope[0] is not ctx:
+    def _step_arrays(self, ctx, chunk) -> tuple:
+        """(cos, sin [B, D] f32, positions [B] int64, blocks) of the current step, made once for all its layers
+        (ctx: its (cos, sin) [B, 1, 1, R] in the dtype and chunk, one of each per step)."""
+        if self._step is None or self._step[0] is not ctx or self._step[1] is not chunk:
             cos, sin = ctx
-            self._rope = (ctx, cos[:, 0, 0].to(torch.float32).cpu().numpy(), sin[:, 0, 0].to(torch.float32).cpu().numpy())
-        return self._rope[1], self._rope[2]
+            self._step = (ctx, chunk, cos[:, 0, 0].to(torch.float32).cpu().numpy(),
+                          sin[:, 0, 0].to(torch.float32).cpu().numpy(),
+                          np.ascontiguousarray(chunk.start.numpy(), dtype=np.int64),     # a view: start is int64
+                          numba.get_num_threads() * BLOCKS_PER_THREAD)
+        return self._step[2:]
 
     def _cache_views(self, backend):
         entry = self._caches.get(id(backend))
