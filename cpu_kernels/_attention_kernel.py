@@ -85,23 +85,13 @@ def _scores_of_position(qs, k_row, p, i, rows):
         r += 1
 
 
-def _score_block(qs, kb, s0, p, nb, rows):
-    """p[r, i] = qs[r] . widen(kb[s0 + i]) for i < nb, r < rows; Numba code only."""
-    raise NotImplementedError("_score_block is only callable from Numba-compiled code")
-
-
-@overload(_score_block, inline="always")
-def _score_block_by_type(qs, kb, s0, p, nb, rows):
-    # 16-bit caches: positions in pairs (each query element loaded feeds two FMAs; measured ~1.3x in cache);
-    # float32 caches one position at a time (pairs measured slower there)
-    return _score_positions if kb.dtype == types.float32 else _score_pairs
-
-
+@njit(nogil=True, fastmath=FASTMATH, cache=True, inline="always")
 def _score_positions(qs, kb, s0, p, nb, rows):
     for i in range(nb):
         _scores_of_position(qs, kb[s0 + i], p, i, rows)
 
 
+@njit(nogil=True, fastmath=FASTMATH, cache=True, inline="always")
 def _score_pairs(qs, kb, s0, p, nb, rows):
     for i in range(0, nb - 1, 2):
         _scores_of_pair(qs, kb[s0 + i], kb[s0 + i + 1], p, i, rows)
@@ -118,32 +108,27 @@ def _soft_cap(p, nb, rows, softcap):
             p[r, i] = softcap * fast_tanh(p[r, i] * inv_cap)
 
 
-def _accumulate_block(acc, vb, s0, p, nb, rows):
-    """acc[r] += sum_i p[r, i] * widen(vb[s0 + i]) for i < nb, r < rows; Numba code only."""
-    raise NotImplementedError("_accumulate_block is only callable from Numba-compiled code")
+@njit(nogil=True, fastmath=FASTMATH, cache=True, inline="always")
+def _accumulate_row(acc, r, v0, v1, v2, v3, p, i):
+    # acc[r] += p[r, i .. i + 3] times the widened V rows v0 .. v3
+    w0, w1, w2, w3 = p[r, i], p[r, i + 1], p[r, i + 2], p[r, i + 3]
+    for d in range(acc.shape[1]):
+        acc[r, d] += (w0 * widen(v0[d]) + w1 * widen(v1[d])) + (w2 * widen(v2[d]) + w3 * widen(v3[d]))
 
 
-@overload(_accumulate_block, inline="always")
-def _accumulate_block_by_type(acc, vb, s0, p, nb, rows):
-    # 16-bit caches: four rows share each widened V element. A float32 cache needs no widening, and there
-    # LLVM would not vectorise four rows' stores (float32 like the loads: they might alias), so row by row.
-    return _accumulate_rows if vb.dtype == types.float32 else _accumulate_shared
-
-
+@njit(nogil=True, fastmath=FASTMATH, cache=True, inline="always")
 def _accumulate_rows(acc, vb, s0, p, nb, rows):
     # four positions per sweep, so that each acc element is loaded and stored once per four FMAs
-    head_dim = acc.shape[1]
     i = 0
     while i + 4 <= nb:
         v0, v1, v2, v3 = vb[s0 + i], vb[s0 + i + 1], vb[s0 + i + 2], vb[s0 + i + 3]
         for r in range(rows):
-            w0, w1, w2, w3 = p[r, i], p[r, i + 1], p[r, i + 2], p[r, i + 3]
-            for d in range(head_dim):
-                acc[r, d] += (w0 * widen(v0[d]) + w1 * widen(v1[d])) + (w2 * widen(v2[d]) + w3 * widen(v3[d]))
+            _accumulate_row(acc, r, v0, v1, v2, v3, p, i)
         i += 4
     _accumulate_tail(acc, vb, s0, p, i, nb, rows)
 
 
+@njit(nogil=True, fastmath=FASTMATH, cache=True, inline="always")
 def _accumulate_shared(acc, vb, s0, p, nb, rows):
     # four positions by four rows per sweep: each widened V element feeds four rows, each acc element is loaded
     # and stored once per four FMAs (one chain of FMAs per element: fewer operations than a tree of sums)
@@ -166,10 +151,7 @@ def _accumulate_shared(acc, vb, s0, p, nb, rows):
                 a3[d] = a3[d] + w30 * x0 + w31 * x1 + w32 * x2 + w33 * x3
             r += 4
         while r < rows:
-            a0 = acc[r]
-            w0, w1, w2, w3 = p[r, i], p[r, i + 1], p[r, i + 2], p[r, i + 3]
-            for d in range(head_dim):
-                a0[d] = a0[d] + w0 * widen(v0[d]) + w1 * widen(v1[d]) + w2 * widen(v2[d]) + w3 * widen(v3[d])
+            _accumulate_row(acc, r, v0, v1, v2, v3, p, i)
             r += 1
         i += 4
     _accumulate_tail(acc, vb, s0, p, i, nb, rows)
@@ -186,6 +168,31 @@ def _accumulate_tail(acc, vb, s0, p, i, nb, rows):
             for d in range(head_dim):
                 acc[r, d] += w0 * widen(v0[d])
         i += 1
+
+
+def _by_cache_type(name: str, for_float32, for_16bit):
+    """A function for Numba code only, f(out, block, s0, p, nb, rows), that runs `for_float32` or `for_16bit` by
+    the element type of `block` (a KV head's cache [S_max, D])."""
+    def chosen(out, block, s0, p, nb, rows):
+        raise NotImplementedError(f"{name} is only callable from Numba-compiled code")
+
+    @overload(chosen, inline="always")
+    def _choose(out, block, s0, p, nb, rows):
+        kernel = for_float32 if block.dtype == types.float32 else for_16bit
+
+        def run(out, block, s0, p, nb, rows):
+            kernel(out, block, s0, p, nb, rows)
+        return run
+    return chosen
+
+
+# p[r, i] = qs[r] . widen(kb[s0 + i]) for i < nb, r < rows. 16-bit caches: positions in pairs (each query element
+# loaded feeds two FMAs; measured ~1.3x in cache); float32 caches one position at a time (pairs measured slower)
+_score_block = _by_cache_type("_score_block", _score_positions, _score_pairs)
+# acc[r] += sum_i p[r, i] * widen(vb[s0 + i]) for i < nb, r < rows. 16-bit caches: four rows share each widened V
+# element. A float32 cache needs no widening, and there LLVM would not vectorise four rows' stores (float32 like
+# the loads: they might alias), so row by row.
+_accumulate_block = _by_cache_type("_accumulate_block", _accumulate_rows, _accumulate_shared)
 
 
 @njit(nogil=True, fastmath=FASTMATH, cache=True, inline="always")
