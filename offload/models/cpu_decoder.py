@@ -42,6 +42,7 @@ class CpuDecoderSteps:
         self._layers: dict[int, tuple] = {}        # layer -> (its weight objects, prepared arguments)
         self._caches: dict[int, tuple] = {}        # id(backend) -> (backend, cache views)
         self._step: tuple | None = None            # (ctx, chunk, cos, sin, positions, blocks) of the step
+        self._last: tuple | None = None            # (the last step's result, the array it views)
 
     @staticmethod
     def supports(model, dtype: torch.dtype) -> bool:
@@ -64,17 +65,28 @@ class CpuDecoderSteps:
         if cos.shape != (B, self.arch.head_dim):
             return None                                    # partial rotary: the eager path
         arch = self.arch
-        result = torch.empty((B, 1, H), dtype=self.dtype)
-        x = cache_view(h.reshape(B, H).contiguous(), fp16_as_int16=True)           # the dtype's bits, no copy
-        out = cache_view(result.view(B, H), fp16_as_int16=False)
+        x = self._input_bits(h)
+        out = np.empty((B, H), np.float32 if self.dtype == torch.float32 else np.uint16)   # the result's bits
+        result = torch.from_numpy(out).view(self.dtype).view(B, 1, H)
         k_append, v_append, k_cache, v_cache, append_mode, scale, window = caches
         _run(decode_layer, x, *prepared, cos, sin, arch.num_heads, arch.num_kv_heads, arch.head_dim,
              k_append, v_append, append_mode, k_cache, v_cache, positions, scale, window, self.mode, blocks, out)
+        self._last = (result, out)
         return result
+
+    def _input_bits(self, h: torch.Tensor) -> np.ndarray:
+        """h [B, 1, H] as decode_layer reads it (float32, or the bits of bfloat16 as uint16 / float16 as int16),
+        no copy: the previous step's own array when h is its result (the next layer's input, most steps:
+        deriving a view from the tensor again cost ~50 us in a decode, its caches cold)."""
+        if self._last is not None and h is self._last[0]:
+            bits = self._last[1]
+            return bits.view(np.int16) if self.dtype == torch.float16 else bits
+        B, _, H = h.shape
+        return cache_view(h.reshape(B, H).contiguous(), fp16_as_int16=True)
 
     def close(self) -> None:
         """Drop the prepared views (they keep the weights' and caches' memory alive)."""
-        self._layers, self._caches, self._step = {}, {}, None
+        self._layers, self._caches, self._step, self._last = {}, {}, None, None
 
     def _step_arrays(self, ctx, chunk) -> tuple:
         """(cos, sin [B, D] f32, positions [B] int64, blocks) of the current step, made once for all its layers
