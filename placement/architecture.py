@@ -129,6 +129,18 @@ class Architecture:
         t.update(self.lm_head_tensors())
         return t
 
+    @property
+    def token_table(self) -> str:
+        """The checkpoint name of the token embedding table (a tied LM head reads it too)."""
+        return next(iter(self.embedding_tensors()))
+
+    def packable_tensors(self) -> dict[str, Shape]:
+        """What a file may hold packed: the layers' matrices (quantizable_tensors), the token table (its rows
+        gathered packed) and the LM head's matrix (multiplied packed)."""
+        shapes = self.all_tensors()
+        head = {name: shape for name, shape in self.lm_head_tensors().items() if len(shape) == 2}
+        return {**self.quantizable_tensors(), self.token_table: shapes[self.token_table], **head}
+
     def quantizable_tensors(self) -> dict[str, Shape]:
         """The decoder layers' matrices but the routers: what a quantization packs (placement/quantization.py)."""
         routers = {name for i in self.moe_layers for name in self.router_tensors(i)}

@@ -115,7 +115,7 @@ class CostModel:
         self.decode_context = workload.prompt_len + workload.gen_len / 2
         # a layer's ops dispatched: CUDA kernel launches, or on the CPU stand-in the CPU's own dispatch
         # how the CPU multiplies this model's layer matrices in decode (Hardware.cpu_matmul_bytes_per_s)
-        bits = {quantization.bits for quantization in spec.layouts.values()}
+        bits = {quantization.bits for quantization in spec.layer_layouts.values()}
         self.cpu_matmul_kind = "int4" if 4 in bits else "int8" if bits else "dense"
         # a decode step on the CPU runs fused (offload/models/cpu_decoder.py: what --profile measures) for
         # the plain llama-like decoder with SiLU, full RoPE and no soft-cap, a few rows at a time; otherwise
@@ -185,7 +185,7 @@ class CostModel:
                            read / hw.cpu_matmul_bytes_per_s(self.cpu_matmul_kind))
             gpu_s = self.layer_overhead_s + matmul_s
         else:
-            if spec.layouts:
+            if spec.layer_layouts:
                 # each matrix dequantized next to its matmul: packed bytes read, the dense weight written and read
                 read += 2 * spec.layer_matmul_params * self.dtype_bytes
             gpu_s = self.layer_overhead_s + self._gpu(2 * tokens * spec.layer_matmul_params, read)
@@ -219,8 +219,11 @@ class CostModel:
 
     def lm_head(self, weights: str) -> ItemCost:
         """Logits of the last position of every row (prefill computes them once, in its last chunk)."""
-        spec = self.spec
+        spec, hw = self.spec, self.hw
         read = spec.lm_head_read_bytes
+        if spec.lm_head_packed and not (hw.is_cpu_only and self.wl.batch_size <= CPU_DECODE_MAX_ROWS):
+            # dequantized next to its matmul (a few rows on the CPU read it packed): the dense matrix written, read
+            read += 2 * spec.arch.vocab_size * spec.arch.embed_dim * self.dtype_bytes
         gpu_s = self.layer_overhead_s / 2 + self._gpu(self.wl.batch_size * spec.lm_head_flops_per_token, read)
         if weights == "gpu":
             return ItemCost(0.0, gpu_s, 0.0, False)

@@ -163,7 +163,7 @@ class GGUFModel:
         return self.architecture in NORM_SHIFTED and name.endswith("norm.weight")
 
     def packed_layouts(self, matrix_names) -> dict[str, Quantization]:
-        """The layouts the layers' matrices (`matrix_names`) are held in as the file stores them: each
+        """The layouts the matrices `matrix_names` are held in as the file stores them: each
         quantized one in the layout its type converts into (PACKED_TYPES); float ones are left out (dense)."""
         types = {name: self.tensors[name].tensor_type.name for name in matrix_names}
         return {name: Quantization.parse(PACKED_TYPES[kind]) for name, kind in types.items() if kind in PACKED_TYPES}

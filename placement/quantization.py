@@ -1,7 +1,9 @@
 """Quantized weight layouts: which tensors are quantized, into what, and their exact bytes. Torch-free.
 
-The one place the layouts are defined (offload/quant.py packs and unpacks them). A decoder layer's matrices
-(2-D `.weight` tensors) are quantized; norms, biases, the embedding and the LM head keep the model dtype.
+The one place the layouts are defined (offload/quant.py packs and unpacks them). Quantize-on-load packs the
+decoder layers' matrices (2-D `.weight` tensors); norms, biases, the embedding and the LM head keep the model
+dtype, unless a GGUF file holds the token table and the LM head packed (then they are held as it has them: a
+row per token, gathered packed by the embedding and multiplied packed by the head).
 A matrix [out, in] with group size g (in / g groups per row) becomes three tensors:
 
     int4  qweight  uint8 [out, in / 2]   two 4-bit codes per byte: column 2j in the low nibble, 2j+1 high

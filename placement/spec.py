@@ -141,6 +141,19 @@ class ModelSpec:
         """The name of its packed layouts ("int4-g64", "int4-g32+int8-g16"), None when dense."""
         return layouts_label(self.layouts.values())
 
+    @cached_property
+    def layer_layouts(self) -> dict:
+        """Of `layouts`, the decoder layers' matrices (the token table and LM head a GGUF file may hold packed
+        left out)."""
+        quantizable = self.arch.quantizable_tensors()
+        return {name: layout for name, layout in self.layouts.items() if name in quantizable}
+
+    @property
+    def lm_head_packed(self) -> bool:
+        """Whether the LM head multiplies a packed matrix (its own, or the tied token table)."""
+        names = self.arch.lm_head_tensors() if not self.arch.tie_word_embeddings else (self.arch.token_table,)
+        return any(name in self.layouts for name in names)
+
     @property
     def quantized_shapes(self) -> list[tuple[int, ...]]:
         """The shapes of its packed matrices (each is dequantized next to its matmul)."""
@@ -188,8 +201,7 @@ class ModelSpec:
     @property
     def token_table_bytes(self) -> int:
         """The token embedding table alone (what a tied LM head reads)."""
-        name = next(iter(self.arch.embedding_tensors()))
-        return self.tensor_bytes[name]
+        return self.tensor_bytes[self.arch.token_table]
 
     @property
     def final_norm_bytes(self) -> int:
@@ -275,7 +287,7 @@ def _load_spec(name_or_path: str | Path, dtype: str | None) -> ModelSpec:
     if gguf_path is not None:    # held packed when its layout allows (gguf_file.py), else dequantized
         model = read_gguf(gguf_path)
         spec = ModelSpec.from_config(model.config, name=gguf_path.stem, dtype=dtype, path=str(gguf_path))
-        return spec.with_layouts(model.packed_layouts(spec.arch.quantizable_tensors()))
+        return spec.with_layouts(model.packed_layouts(spec.arch.packable_tensors()))
     if path.is_dir():
         return ModelSpec.from_checkpoint(path, dtype=dtype)
     if path.is_file():

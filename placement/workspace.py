@@ -17,16 +17,24 @@ at once (they are not: the sum is the conservative part):
   16-bit scores plus probabilities on the math path); with soft-capped scores (Gemma 2), computed outside
   SDPA, also their float32 softmax and its cast
 - logits of the last positions: B x V in float32 plus B x V in the model dtype
-- with quantized weights, the largest matrix dequantized: [out, in] codes (1 byte) + twice the model dtype
+- with quantized weights, the largest matrix dequantized: [out, in] codes (1 byte) + twice the model dtype, a
+  matrix of more than DEQUANT_MAX_WEIGHTS weights (a large vocabulary's packed LM head) in chunks of rows
+  (`dequant_rows`), each chunk's product [N, rows] in the model dtype before it joins the output
 - ALLOCATOR_SLACK_BYTES for allocator rounding and small temporaries
 """
 from __future__ import annotations
 
-import math
-
 from .architecture import DTYPE_BYTES, Architecture, normalize_dtype
 
 ALLOCATOR_SLACK_BYTES = 64 << 20
+DEQUANT_MAX_WEIGHTS = 1 << 25      # a packed matrix is dequantized at most this many weights at a time
+
+
+def dequant_rows(shape: tuple[int, int]) -> int:
+    """How many rows of a packed matrix [out, in] are dequantized at a time next to its matmul: all of them
+    up to DEQUANT_MAX_WEIGHTS weights (every layer matrix of a 14B model), else chunks of that size."""
+    out, in_features = shape
+    return max(1, min(out, DEQUANT_MAX_WEIGHTS // in_features))
 
 
 def workspace_bytes(arch: Architecture, batch_size: int, chunk_tokens: int, max_seq_len: int,
@@ -50,7 +58,9 @@ def workspace_bytes(arch: Architecture, batch_size: int, chunk_tokens: int, max_
     if arch.attn_logit_softcap is not None:   # soft-capped scores are computed out of SDPA: + their softmax
         scores += B * Hq * C * S * (4 + b)
     logits = B * V * (4 + b)
-    # quantized matrices are dequantized one at a time next to their matmul: the unpacked codes (1 byte),
-    # the codes in the model dtype and the weight
-    dequant = max((math.prod(shape) for shape in quantized_shapes), default=0) * (1 + 2 * b)
+    # quantized matrices are dequantized one at a time next to their matmul (a large one a chunk of rows at a
+    # time): the unpacked codes (1 byte), the codes in the model dtype and the weight; a chunk's product
+    dequant = max((dequant_rows(shape) * shape[1] for shape in quantized_shapes), default=0) * (1 + 2 * b)
+    dequant += max((N * dequant_rows(shape) * b for shape in quantized_shapes if dequant_rows(shape) < shape[0]),
+                   default=0)
     return hidden + qkv + gqa + attn_out + mlp + scores + logits + dequant + ALLOCATOR_SLACK_BYTES

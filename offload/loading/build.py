@@ -140,9 +140,9 @@ def tensor_layouts(checkpoint: Checkpoint, plan: Plan) -> tuple[dict, bool]:
 
 def _read_items(checkpoint: Checkpoint, tiers: dict, dtype: torch.dtype, progress: bool,
                 layouts: dict | None = None, held_packed: bool = False, apart=frozenset()):
-    """(item, {key: CPU tensor or QuantizedWeight}) in engine order, read one item at a time (a layer's
-    matrices in `layouts` read packed when the file holds them so (`held_packed`), else quantized as they
-    are read: never the whole model in 16 bits). A tied head placed on the same tier as the embedding is
+    """(item, {key: CPU tensor or QuantizedWeight}) in engine order, read one item at a time (the matrices in
+    `layouts` read packed when the file holds them so (`held_packed`: a GGUF file's token table and LM head
+    too), else quantized as they are read: never the whole model in 16 bits). A tied head placed on the same tier as the embedding is
     handed over as the same tensor object, so PlacedWeights stores it once (the one host table is then held
     until the head is reached)."""
     layouts = layouts or {}
@@ -156,13 +156,15 @@ def _read_items(checkpoint: Checkpoint, tiers: dict, dtype: torch.dtype, progres
         tensors = {}
         for key, name in item_tensors(arch, item, apart).items():
             tensor = tied.get(name)
-            if tensor is None and not (held_packed and name in layouts):
-                tensor = checkpoint.read(name, dtype)
+            if tensor is None:
+                if name not in layouts:
+                    tensor = checkpoint.read(name, dtype)
+                elif held_packed:         # packed as the file holds it (exactly)
+                    tensor = checkpoint.read_quantized(name, dtype)
+                else:                     # quantized now
+                    tensor = quant.quantize(checkpoint.read(name, dtype), layouts[name], name, dtype)
                 if keep_tied and item == "embedding":
                     tied[name] = tensor
-            if name in layouts:           # packed as the file holds it (exactly), or quantized now
-                tensor = checkpoint.read_quantized(name, dtype) if held_packed else \
-                    quant.quantize(tensor, layouts[name], name, dtype)
             tensors[key] = tensor
         if item == "lm_head":
             tied.clear()

@@ -108,8 +108,9 @@ class GGUFCheckpoint:
 
     @property
     def layouts(self) -> dict:
-        """The layers' matrices held packed as the file stores them: name -> Quantization (gguf_file.py)."""
-        return self.model.packed_layouts(self.arch.quantizable_tensors())
+        """The matrices held packed as the file stores them (the layers', the token table, the LM head): name ->
+        Quantization (gguf_file.py)."""
+        return self.model.packed_layouts(self.arch.packable_tensors())
 
     def read_quantized(self, name: str, dtype) -> QuantizedWeight:
         """A quantized matrix converted code for code into the packed layout its GGML type maps to

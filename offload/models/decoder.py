@@ -6,9 +6,8 @@ RoPE scaling, per-layer sliding windows (applied by the attention backend, see `
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from offload.models.layers import activation, gated_mlp, linear, merge_heads, qkv_heads, rms_norm
+from offload.models.layers import activation, embedding, gated_mlp, linear, merge_heads, qkv_heads, rms_norm
 from offload.models.rope import Rope
 from placement.architecture import Architecture
 
@@ -25,7 +24,7 @@ class DecoderModel:
 
     def embed(self, w: dict, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # input_ids: [B, T] -> h: [B, T, H]
-        return F.embedding(input_ids, w["model.embed_tokens.weight"])
+        return embedding(input_ids, w["model.embed_tokens.weight"])
 
     def prepare(self, positions: torch.Tensor, dtype: torch.dtype, seq_lens: torch.Tensor | None = None):
         """Per-chunk context shared by all layers: the RoPE cos/sin for `positions` [B, T].

@@ -5,9 +5,9 @@ attention backends' (arch.attn_logit_softcap, arch.window_of)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from offload.models.layers import activation, gated_mlp, gemma_rms_norm, linear, merge_heads, qkv_heads, soft_cap
+from offload.models.layers import (activation, embedding, gated_mlp, gemma_rms_norm, linear, merge_heads, qkv_heads,
+                                   soft_cap)
 from offload.models.rope import Rope
 from placement.architecture import Architecture
 
@@ -26,9 +26,9 @@ class GemmaModel:
         self.embed_scale = torch.tensor(arch.hidden_size ** 0.5, dtype=torch.float32)
 
     def embed(self, w: dict, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # input_ids: [B, T] -> h: [B, T, H], scaled in the table's dtype
-        table = w["model.embed_tokens.weight"]
-        return F.embedding(input_ids, table) * self.embed_scale.to(table.dtype)
+        # input_ids: [B, T] -> h: [B, T, H], scaled in the table's dtype (a packed table's: the model's)
+        rows = embedding(input_ids, w["model.embed_tokens.weight"])
+        return rows * self.embed_scale.to(rows.dtype)
 
     def prepare(self, positions: torch.Tensor, dtype: torch.dtype, seq_lens: torch.Tensor | None = None):
         """(global cos/sin, local cos/sin or None) for `positions` [B, T]."""

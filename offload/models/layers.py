@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from cpu_kernels import DENSE_MAX_ROWS, PACKED_MAX_ROWS, dense_linear_rows, native_half_gemm, wide_linear
 from offload.weights.quant import QuantizedWeight
 from placement.cost import CPU_DECODE_MAX_ROWS
+from placement.workspace import dequant_rows
 
 ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
                "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -37,6 +38,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.
             out = matrix(x2, integer) if rows <= PACKED_MAX_ROWS[integer] else wide_linear(x2, matrix)
             out = out.to(x.dtype).view(*x.shape[:-1], -1)
             return out if bias is None else out + bias
+        rows_at_a_time = dequant_rows(weight.shape)
+        if rows_at_a_time < weight.shape[0]:
+            return dequantized_linear(x, weight, bias, rows_at_a_time)
         weight = weight.dequantize(x.dtype)
     elif on_cpu and weight.dtype == x.dtype and weight.is_contiguous():
         # dense: a dot per output summed in float32, rounded once with the bias (as torch's addmm): faster
@@ -49,6 +53,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.
             out = out if bias is None else out + bias.to(torch.float32)
             return out.to(x.dtype).view(*x.shape[:-1], -1)
     return F.linear(x, weight, bias)
+
+
+def dequantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None,
+                       rows_at_a_time: int) -> torch.Tensor:
+    # x: [..., in] -> [..., out]: the packed matrix dequantized `rows_at_a_time` rows at a time next to their
+    # matmul, each chunk's product written into the output (what the plan's workspace holds of a large one)
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    for r in range(0, weight.shape[0], rows_at_a_time):
+        rows = slice(r, r + rows_at_a_time)
+        out[..., rows] = F.linear(x, weight.rows(rows).dequantize(x.dtype), None if bias is None else bias[rows])
+    return out
+
+
+def embedding(input_ids: torch.Tensor, table: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    # input_ids: [B, T] -> [B, T, E]: rows of the table (a packed one gathered packed, only they dequantized)
+    if isinstance(table, QuantizedWeight):
+        return table.rows(input_ids.reshape(-1)).dequantize().view(*input_ids.shape, -1)
+    return F.embedding(input_ids, table)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

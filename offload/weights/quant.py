@@ -72,6 +72,11 @@ class QuantizedWeight:
             object.__setattr__(self, "_cpu_matrix", PackedMatrix.of(self.qweight, self.scales, self.mins))
         return self._cpu_matrix
 
+    def rows(self, index) -> "QuantizedWeight":
+        """Some of its rows, still packed: `index` a slice (views) or a tensor of row indices (gathered)."""
+        return QuantizedWeight(qweight=self.qweight[index], scales=self.scales[index],
+                               mins=None if self.mins is None else self.mins[index])
+
     def codes(self) -> torch.Tensor:
         """The integer codes [out, in] (uint8 0..15 for 4-bit, int8 for 8-bit)."""
         if self.qweight.dtype == torch.int8:

@@ -103,7 +103,7 @@ def item_tensors(arch: Architecture, item: Item, cpu_experts=()) -> dict[str, st
         names = arch.final_norm_tensors()
     elif item == "lm_head":
         if arch.tie_word_embeddings:   # the head IS the token embedding table
-            return {LM_HEAD: next(iter(arch.embedding_tensors()))}
+            return {LM_HEAD: arch.token_table}
         names = arch.lm_head_tensors()
     else:
         raise ValueError(f"unknown weight item {item!r}; expected a layer index or one of {NAMED_ITEMS}")

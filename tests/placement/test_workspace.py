@@ -48,3 +48,15 @@ def test_workspace_grows_with_chunk_batch_and_context():
     assert workspace_bytes(arch, 1, 16, 64, "float32") > base
     with pytest.raises(ValueError, match="positive"):
         workspace_bytes(arch, 0, 16, 64, "bfloat16")
+
+
+def test_a_large_packed_head_is_held_a_chunk_of_rows_at_a_time():
+    """A packed LM head of 128256 x 4096 (Llama 3's) is dequantized DEQUANT_MAX_WEIGHTS weights at a time: the
+    workspace grows by one chunk and its product, not by the whole dense head (2.6 GB in bfloat16)."""
+    from placement.workspace import DEQUANT_MAX_WEIGHTS, dequant_rows
+    arch = Architecture.from_config(tiny_llama_config())
+    head, layer = (128256, 4096), (1024, 4096)
+    assert dequant_rows(layer) == 1024 and dequant_rows(head) * 4096 == DEQUANT_MAX_WEIGHTS
+    base = workspace_bytes(arch, 2, 16, 64, "bfloat16", [layer])
+    chunked = workspace_bytes(arch, 2, 16, 64, "bfloat16", [layer, head])
+    assert 0 < chunked - base < 200 << 20 and chunked - base < head[0] * head[1] * 5 / 10

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import offload
+import placement
 from offload.loading.checkpoint import CheckpointError
 from tests.offload.builders import build_checkpoint, hf_logits
 from tests.offload.gguf_builders import unpermute, write_gguf
 from tests.offload.offload_plans import layout_plan
 
-pytest.importorskip("gguf")
+gguf = pytest.importorskip("gguf")
 PACKED = {"Q4_0": "int4-sym-g32", "Q4_1": "int4-g32", "Q8_0": "int8-g32", "Q5_0": "int8-g32", "Q5_1": "int8-asym-g32",
           "Q4_K": "int4-g32", "Q5_K": "int8-asym-g32", "Q6_K": "int8-g16"}
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
@@ -66,8 +67,10 @@ def test_packed_gguf_matrices_are_exactly_the_files_values(sources, tmp_path, ma
     path = write_gguf(tmp_path / f"m.{matrix_type}.gguf", source, "llama", matrix_type)
     checkpoint = GGUFCheckpoint(path)
     assert {q.label for q in checkpoint.layouts.values()} == {PACKED[matrix_type]}
-    assert set(checkpoint.layouts) == set(checkpoint.arch.quantizable_tensors())
-    for name in checkpoint.arch.quantizable_tensors():
+    # the layers' matrices, the token table and the LM head (written in the same type here)
+    assert set(checkpoint.layouts) == set(checkpoint.arch.packable_tensors()) == \
+        set(checkpoint.arch.quantizable_tensors()) | {"model.embed_tokens.weight", "lm_head.weight"}
+    for name in checkpoint.arch.packable_tensors():
         packed = checkpoint.read_quantized(name, "float32")
         assert torch.equal(packed.dequantize(torch.float32), checkpoint.read(name, "float32")), name
     model = offload.load(path, max_seq_len=64, progress=False)              # float32: held packed
@@ -76,6 +79,42 @@ def test_packed_gguf_matrices_are_exactly_the_files_values(sources, tmp_path, ma
     dense = sum(torch.Size(s).numel() * 4 for s in checkpoint.arch.layer_tensors(0).values())
     # what a streamed layer moves: 4-bit codes (with float32 scales and mins per 32) or 8-bit ones
     assert layer < (0.2 if PACKED[matrix_type].startswith("int4") else 0.33) * dense
+
+
+@pytest.mark.parametrize("matrix_type", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("variant, architecture", [("llama", "llama"), ("qwen2_tied", "qwen2")])
+def test_the_token_table_and_lm_head_are_held_as_the_file_packs_them(sources, tmp_path, variant, architecture,
+                                                                      matrix_type):
+    """The token table and the LM head (tied or not) are held packed as the file stores them, in a 16-bit model
+    in the file's very bytes: looked up packed (only the rows asked for dequantized, exactly the gguf package's
+    values), multiplied packed, streamed through the ring, the table looked up on the host; the logits
+    transformers'."""
+    from offload.models.layers import embedding
+    from offload.weights.quant import QuantizedWeight
+    hf = sources(variant, **SMALL)
+    path = write_gguf(tmp_path / f"m.{matrix_type}.gguf", hf, architecture, matrix_type)
+    want = hf_logits(_transformers_gguf(path), PROMPT)
+    reader = gguf.GGUFReader(str(path))
+    file_bytes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    spec = placement.load_spec(path, dtype="float16")
+    assert spec.embedding_bytes == file_bytes["token_embd.weight"]
+    assert spec.lm_head_read_bytes == file_bytes["output.weight" if "output.weight" in file_bytes else "token_embd.weight"]
+    model = offload.load(path, dtype="float32", max_seq_len=64, progress=False)
+    table = model.engine.weights.acquire("embedding")["model.embed_tokens.weight"]
+    model.engine.weights.release("embedding")
+    assert isinstance(table, QuantizedWeight) and table.scheme == PACKED[matrix_type].rsplit("-", 1)[0]
+    ids = torch.tensor([[3, 99, 3], [0, 127, 64]])
+    dense = model.checkpoint.read("model.embed_tokens.weight", "float32")
+    assert torch.equal(embedding(ids, table), dense[ids])
+    assert model.engine.weights.resident_bytes == model.plan.memory.gpu.weights
+    torch.testing.assert_close(model.forward([PROMPT])[0], want, atol=1e-4, rtol=0)
+    weights = "cg" if hf.config.tie_word_embeddings else "gc"
+    offloaded = offload.load(path, progress=False, plan=layout_plan(path, weights=weights, kv="gc", embedding="cpu",
+                                                                    lm_head="cpu", dtype="float32"))
+    torch.testing.assert_close(offloaded.forward([PROMPT])[0], want, atol=1e-4, rtol=0)
+    assert offloaded.engine.weights.is_streamed("lm_head")
+    # what crosses PCIe for the head: the packed table (float32 scales here), not float32 weights
+    assert offloaded.plan.lm_head.read_bytes < 0.3 * hf.config.vocab_size * hf.config.hidden_size * 4
 
 
 @pytest.mark.parametrize("matrix_type", ["Q4_K", "Q5_K", "Q6_K"])
@@ -175,7 +214,7 @@ def smollm2():
 def test_smollm2_answers_paris_and_its_tokens_are_transformers(smollm2):
     path, tokenizer, prompts, want = smollm2
     model = offload.load(path, dtype="float32", max_seq_len=160, max_batch_size=4, progress=False)
-    assert model.plan.quantization == "int4-g32"                        # its Q4_1 layers held packed
+    assert model.plan.quantization == "int4-g32+int8-g32"     # its Q4_1 layers, its Q8_0 table, held packed
     got = model.generate(prompts, max_new_tokens=40)
     assert got == want
     assert max(map(len, got)) >= 32

@@ -103,6 +103,29 @@ def test_float32_steps_match_the_eager_math(backend_class, kind):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_step_on_the_previous_steps_result_reads_it_as_a_copy_would_be_read(dtype):
+    """The next layer's input is usually the step's own result, read through the array the step wrote (no view
+    derived from the tensor again; float16 bits as int16): two layers fed the result itself, and two fed a copy
+    of it, give the very same bits."""
+    arch, model, weights = _layer(dtype, kind="int4")
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 1, arch.hidden_size, generator=gen).to(dtype)
+    start = torch.tensor([0, 5])
+    ctx = model.prepare(start[:, None], dtype)
+    outs = []
+    for copy in (False, True):
+        steps = CpuDecoderSteps(model, dtype)
+        backends = [HostAttention(max_batch_size=2, max_seq_len=MAX_LEN, num_kv_heads=arch.num_kv_heads,
+                                  head_dim=arch.head_dim, dtype=dtype, device="cpu") for _ in range(2)]
+        chunk = Chunk(start=start, num_tokens=1, device=torch.device("cpu"))
+        first = steps.step(0, weights, h, ctx, backends[0], chunk)
+        assert (first is steps._last[0]) and first.dtype == dtype
+        outs.append(steps.step(0, weights, first.clone() if copy else first, ctx, backends[1], chunk))
+    assert torch.equal(outs[0].view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       outs[1].view(torch.int16 if dtype != torch.float32 else torch.int32))
+
+
 def test_sliding_window_is_applied():
     arch, model, weights = _layer(torch.float32, window=4)
     assert arch.window_of(0) == 4

@@ -75,3 +75,29 @@ def test_packed_rows_take_the_path_of_their_dtype(dtype, integer):
     assert _within_rounding(got, exact, dtype)
     if integer:                                      # not the integer path's quantized activations
         assert not torch.equal(got[0, :1], packed.cpu_matrix()(many[0, :1].float(), True).to(dtype))
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_a_large_packed_matrix_is_dequantized_a_chunk_of_rows_at_a_time(scheme, monkeypatch):
+    """Off the CPU, a packed matrix of more than DEQUANT_MAX_WEIGHTS weights (a large vocabulary's LM head) is
+    dequantized a chunk of rows at a time next to their matmuls (what the workspace holds): the same products
+    as the whole matrix dequantized (meta tensors route through it; CPU tensors give the numbers)."""
+    gen = torch.Generator().manual_seed(0)
+    weight = quantize(torch.randn(45, 64, generator=gen), Quantization(scheme), "head", torch.float32)
+    x, bias = torch.randn(3, 2, 64, generator=gen), torch.randn(45, generator=gen)
+    want = F.linear(x, weight.dequantize(torch.float32), bias)
+    got = layers.dequantized_linear(x, weight, bias, rows_at_a_time=7)            # 6 chunks of 7, one of 3
+    assert _within_rounding(got, want, torch.float32)
+    monkeypatch.setattr(layers, "dequant_rows", lambda shape: 7)
+    chunks = []
+    monkeypatch.setattr(layers, "dequantized_linear", lambda *args: chunks.append(args[-1]) or want)
+    on_meta = type(weight)(qweight=weight.qweight.to("meta"), scales=weight.scales.to("meta"),
+                           mins=None if weight.mins is None else weight.mins.to("meta"))
+    assert linear(x.to("meta"), on_meta) is want and chunks == [7]
+
+
+def test_a_packed_table_is_looked_up_row_by_row():
+    gen = torch.Generator().manual_seed(1)
+    table = quantize(torch.randn(50, 64, generator=gen), Quantization("int4"), "table", torch.bfloat16)
+    ids = torch.tensor([[7, 0, 49], [7, 7, 1]])
+    assert torch.equal(layers.embedding(ids, table), F.embedding(ids, table.dequantize()))
