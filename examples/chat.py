@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
     parser.add_argument("--seed", type=int, help="sampling seed, for repeatable replies")
+    parser.add_argument("--draft", choices=["ngram"], help="speculative decoding: ngram = prompt lookup (no "
+                        "second model; pays off when replies repeat the conversation)")
     parser.add_argument("--system", help="a system prompt")
     parser.add_argument("--show-plan", action="store_true", help="print the plan before chatting")
     parser.add_argument("--stats", action="store_true", help="print each turn's timings (to stderr)")
@@ -119,7 +121,9 @@ def stats_report(result, model) -> str:
         fed += f" (session reset: {turn.reason})" if turn.reason else " (new conversation)"
     elif turn.num_dropped_tokens:
         fed += f", dropped the {turn.num_dropped_tokens} after them ({turn.reason})"
-    return (f"{fed}; decode {s.num_decode_tokens} tokens at {s.decode_tokens_per_second:.1f} tokens/s; "
+    drafted = (f" ({s.num_verify_passes} verification passes kept {s.num_accepted_tokens} of "
+               f"{s.num_drafted_tokens} drafted tokens)" if s.num_verify_passes else "")
+    return (f"{fed}; decode {s.num_decode_tokens} tokens at {s.decode_tokens_per_second:.1f} tokens/s{drafted}; "
             f"host->device {s.host_to_device_bytes / 1e9:.2f} GB at {s.achieved_gb_per_second:.2f} GB/s; "
             f"reply {result.num_generated_tokens} tokens, ended by {result.stop_reason}")
 
@@ -145,7 +149,7 @@ def chat(args, tokenizer, template, model) -> None:
     is_tty = sys.stdin.isatty()
     session = model.session()
     conversation = Conversation(tokenizer, template, max_context=model.max_seq_len, system=args.system)
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, draft=args.draft)
     if is_tty:
         print(f"Chatting with {args.model_dir}. Commands: {COMMANDS}. Ctrl-C stops a reply, Ctrl-D exits.")
     last = None

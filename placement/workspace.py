@@ -16,7 +16,8 @@ at once (they are not: the sum is the conservative part):
 - SDPA scores B x Hq x chunk x S and the mask B x chunk x S, both float32 (float32 scores also bound
   16-bit scores plus probabilities on the math path); with soft-capped scores (Gemma 2), computed outside
   SDPA, also their float32 softmax and its cast
-- logits of the last positions: B x V in float32 plus B x V in the model dtype
+- logits of the last positions: B x V in float32 plus B x V in the model dtype, or of the MAX_VERIFY_TOKENS
+  positions a speculative decoding pass verifies (one row), when more
 - with quantized weights, the largest matrix dequantized: [out, in] codes (1 byte) + twice the model dtype, a
   matrix of more than DEQUANT_MAX_WEIGHTS weights (a large vocabulary's packed LM head) in chunks of rows
   (`dequant_rows`), each chunk's product [N, rows] in the model dtype before it joins the output
@@ -27,6 +28,7 @@ from __future__ import annotations
 from .architecture import DTYPE_BYTES, Architecture, normalize_dtype
 
 ALLOCATOR_SLACK_BYTES = 64 << 20
+MAX_VERIFY_TOKENS = 16            # positions one speculative decoding pass verifies at most (their logits)
 DEQUANT_MAX_WEIGHTS = 1 << 25      # a packed matrix is dequantized at most this many weights at a time
 
 
@@ -57,7 +59,7 @@ def workspace_bytes(arch: Architecture, batch_size: int, chunk_tokens: int, max_
     scores = B * Hq * C * S * 4 + B * C * S * 4
     if arch.attn_logit_softcap is not None:   # soft-capped scores are computed out of SDPA: + their softmax
         scores += B * Hq * C * S * (4 + b)
-    logits = B * V * (4 + b)
+    logits = max(B, MAX_VERIFY_TOKENS) * V * (4 + b)
     # quantized matrices are dequantized one at a time next to their matmul (a large one a chunk of rows at a
     # time): the unpacked codes (1 byte), the codes in the model dtype and the weight; a chunk's product
     dequant = max((dequant_rows(shape) * shape[1] for shape in quantized_shapes), default=0) * (1 + 2 * b)

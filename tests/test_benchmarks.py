@@ -160,6 +160,15 @@ def test_generate_cpu_runs():
     assert "ratio offload / transformers" in result.stdout
 
 
+def test_speculative_decode_quick_runs():
+    result = run_script("benchmarks/speculative_decode.py", "--quick", "--repeats", "1", "--new-tokens", "12",
+                        "--dtype", "float32", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("streamed", "resident"))]
+    assert len(rows) == 2 and all(row[-1] == "yes" for row in rows), result.stdout     # float32: plain greedy
+    assert "CPU (standing in for the GPU: no CUDA)" in result.stdout and "A pass of 9 tokens costs" in result.stdout
+
+
 def test_bandwidth_on_this_machine():
     bandwidth = measure_host_to_device_bandwidth("cpu", num_bytes=1 << 20, num_repeats=2)
     assert bandwidth.bytes_per_second > 0 and bandwidth.best_bytes_per_second >= bandwidth.bytes_per_second

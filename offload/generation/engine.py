@@ -20,6 +20,7 @@ from offload.weights.expert_stager import ExpertStager
 from offload.weights.source import HOST_STAGING, LM_HEAD, ROUTED_EXPERTS, WeightSource, experts_item
 from placement.architecture import Architecture
 from placement.cost import experts_on_the_side
+from placement.workspace import MAX_VERIFY_TOKENS
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -78,8 +79,10 @@ class Engine:
         self.device, self.dtype = canonical_device(device), dtype
         self.max_seq_len, self.prefill_chunk_size = max_seq_len, prefill_chunk_size
         self.staging = staging            # the CPU-attended layers' shared staging (counts its copies)
-        # the plan's workspace holds the logits of max_batch_size positions at a time (workspace.py)
-        self.max_logit_rows = max_batch_size
+        # the plan's workspace holds the logits of max_batch_size positions at a time, and of a verification
+        # pass's MAX_VERIFY_TOKENS (placement/workspace.py)
+        self.max_batch_size = max_batch_size
+        self.max_logit_rows = max(max_batch_size, MAX_VERIFY_TOKENS)
         if weights.is_streamed("final_norm") and weights.is_streamed("lm_head") and weights.prefetch_depth < 2:
             # logits() holds both at once: with one ring buffer the second acquire could never be served
             raise ValueError("final_norm and lm_head are both streamed, which needs a prefetch depth >= 2 "
@@ -272,6 +275,18 @@ class Engine:
         ids = torch.tensor(tokens, dtype=torch.long).reshape(-1, 1)               # [B, 1]
         h = self.run_layers(ids, start[:, None], start, decode=True)
         return self.logits(h)[:, 0]
+
+    def verify(self, tokens: list[int], start: int) -> torch.Tensor:
+        """One row's tokens fed at cache slots start, start + 1, ... in ONE pass over the weights (a prefill
+        chunk: what streams is streamed once for all of them) -> float32 logits [T, V] on the device of
+        every position (speculative decoding checks a draft with them; the plan's workspace holds the logits
+        of MAX_VERIFY_TOKENS positions)."""
+        T = len(tokens)
+        assert 1 <= T <= min(self.max_logit_rows, self.prefill_chunk_size * self.max_batch_size), T
+        ids = torch.tensor([tokens], dtype=torch.long)                                  # [1, T]
+        positions = start + torch.arange(T)[None]                                       # [1, T]
+        h = self.run_layers(ids, positions, torch.tensor([start]), torch.tensor([start + T]))
+        return self.logits(h)[0]                                                        # [T, V]
 
     # ---- control and accounting -------------------------------------------------------------------------
     def reset(self) -> None:

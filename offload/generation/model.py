@@ -6,10 +6,13 @@ from collections.abc import Iterator
 import torch
 
 from offload.generation.engine import Engine
+from offload.generation.drafts import DEFAULT_DRAFT_TOKENS, Draft, as_draft
+from offload.generation.speculative import SPECULATE, draft_steps
 from offload.generation.steps import generate_steps
 from offload.generation.sampling import Sampler, SamplingParams
 from offload.generation.stats import GenerationStats
 from placement.architecture import Architecture
+from placement.workspace import MAX_VERIFY_TOKENS
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -90,25 +93,51 @@ class Model:
                              f"{num_tokens + max_new_tokens} positions, more than max_seq_len="
                              f"{self.max_seq_len}; shorten it or load with a larger max_seq_len")
 
+    @staticmethod
+    def check_draft(draft, draft_tokens: int, speculate: str = "adaptive") -> Draft | None:
+        """The Draft of a call (as_draft), ValueError for a bad one, a draft_tokens outside 1..MAX_VERIFY_TOKENS - 1
+        (what a pass verifies: the last token and the proposal) or an unknown `speculate`."""
+        if speculate not in SPECULATE:
+            raise ValueError(f"speculate must be one of {', '.join(map(repr, SPECULATE))}, got {speculate!r}")
+        if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) \
+                or not 1 <= draft_tokens < MAX_VERIFY_TOKENS:
+            raise ValueError(f"draft_tokens must be an integer from 1 to {MAX_VERIFY_TOKENS - 1}, got {draft_tokens!r}")
+        return as_draft(draft)
+
     def micro_batches(self, rows: list[list[int]]) -> list[list[list[int]]]:
         """`rows` in successive batches of at most max_batch_size rows (the cache's, and the plan's)."""
         return [rows[i:i + self.max_batch_size] for i in range(0, len(rows), self.max_batch_size)]
 
     def run_steps(self, rows: list[list[int]], *, starts: list[int], max_new_tokens: int, params: SamplingParams,
                   stop_ids: frozenset[int], cache_lengths: list[int], owner=None, sampler: Sampler | None = None,
-                  stats: GenerationStats | None = None) -> Iterator[list[int | None]]:
+                  stats: GenerationStats | None = None, draft: Draft | None = None,
+                  draft_tokens: int = DEFAULT_DRAFT_TOKENS, context: list[int] | None = None,
+                  speculate: str = "adaptive") -> Iterator[list[int | None]]:
         """The step iterator of ONE batch (at most max_batch_size rows, validated by the caller): row b is
         written into the KV cache from slot starts[b]; each step yields every row's new token (None once
         stopped). `cache_lengths` is kept up to date (offload/generation/steps.py); `owner` is who the cache holds
-        afterwards (a Session, or None); `stats` (default: a new model.stats) accumulates the timings."""
+        afterwards (a Session, or None); `stats` (default: a new model.stats) accumulates the timings.
+        `draft` (as_draft): speculative decoding for a batch of one row (offload/generation/speculative.py), up to
+        `draft_tokens` proposed per pass, verified when it pays or always (`speculate`); `context`: the tokens
+        the cache holds before starts[0] (the draft sees them too). A batch of several rows, or a model whose cache may be rebuilt, decodes plainly (the
+        stats say why)."""
         if stats is None:
             stats = self.stats = GenerationStats()
         if max_new_tokens == 0 and owner is None:
             return iter(())
         self._cache_owner = owner
+        sampler = sampler or Sampler(params, self.device)
+        if draft is not None and len(rows) > 1:
+            stats.draft_unused = f"a batch of {len(rows)} rows (speculative decoding runs one row at a time)"
+        elif draft is not None and self.arch.kv_rebuild_len is not None:
+            stats.draft_unused = "this model's cache is rebuilt past its original context (Phi-3 longrope)"
+        elif draft is not None:
+            steps = draft_steps(self.engine, rows[0], start=starts[0], max_new_tokens=max_new_tokens, sampler=sampler,
+                                stop_ids=stop_ids, stats=stats, cache_lengths=cache_lengths, draft=draft,
+                                draft_tokens=draft_tokens, context=context, speculate=speculate)
+            return self._inference(steps, stats)
         steps = generate_steps(self.engine, rows, starts=starts, max_new_tokens=max_new_tokens,
-                               sampler=sampler or Sampler(params, self.device), stop_ids=stop_ids, stats=stats,
-                               cache_lengths=cache_lengths)
+                               sampler=sampler, stop_ids=stop_ids, stats=stats, cache_lengths=cache_lengths)
         return self._inference(steps, stats)
 
     # ---- public API ---------------------------------------------------------------------------------
@@ -136,7 +165,8 @@ class Model:
 
     def generate(self, input_ids, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop_token_ids=None) -> list[list[int]]:
+                 stop_token_ids=None, draft=None, draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+                 speculate: str = "adaptive") -> list[list[int]]:
         """New token ids of each row: exactly max_new_tokens, or fewer ending with the stop token produced.
 
         input_ids: LongTensor [B, T], or a list of token-id lists of any lengths (each row gets what it would
@@ -144,8 +174,15 @@ class Model:
         (never past the plan's memory; a seed seeds the call once). temperature None/top_k/top_p default to
         generation_config.json (greedy without it); stop tokens are the checkpoint's eos ids plus
         `stop_token_ids`. `model.stats` covers the whole call.
+        draft: speculative decoding for one prompt: "ngram" (prompt lookup), or an object with a
+        `propose(tokens, max_tokens)` method (offload/generation/drafts.py); up to `draft_tokens` tokens verified
+        a pass; `speculate`: "adaptive" verifies when this call's measured pass and step times say it pays
+        (offload/generation/speculative.py), "always" whenever the draft proposes. Greedy: the same tokens as
+        without a draft in float32 (16-bit passes of several tokens round differently from single steps, so
+        near-ties may break the other way); sampling: the same distribution.
         """
         rows = as_rows(input_ids, self.arch.vocab_size)
+        draft = self.check_draft(draft, draft_tokens, speculate)
         self.check_request(min(len(rows), self.max_batch_size), max(map(len, rows)), max_new_tokens)
         params, stop_ids = self.sampling_params(temperature, top_k, top_p, seed), self.stop_ids(stop_token_ids)
         sampler, stats = Sampler(params, self.device), GenerationStats()
@@ -155,7 +192,7 @@ class Model:
             new = [[] for _ in part]
             for step in self.run_steps(part, starts=[0] * len(part), max_new_tokens=max_new_tokens, params=params,
                                        stop_ids=stop_ids, cache_lengths=[0] * len(part), sampler=sampler,
-                                       stats=stats):
+                                       stats=stats, draft=draft, draft_tokens=draft_tokens, speculate=speculate):
                 for b, token in enumerate(step):
                     if token is not None:
                         new[b].append(token)
@@ -164,15 +201,18 @@ class Model:
 
     def stream(self, input_ids, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               stop_token_ids=None) -> Iterator[int]:
+               stop_token_ids=None, draft=None, draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+               speculate: str = "adaptive") -> Iterator[int]:
         """Like `generate` for ONE prompt, yielding each new token id as soon as it is chosen."""
         rows = as_rows(input_ids, self.arch.vocab_size)
         if len(rows) != 1:
             raise ValueError(f"stream takes one prompt, got {len(rows)} rows; use generate for batches")
+        draft = self.check_draft(draft, draft_tokens, speculate)
         self.check_request(1, len(rows[0]), max_new_tokens)        # now, not at the first next()
         steps = self.run_steps(rows, starts=[0], max_new_tokens=max_new_tokens,
                                params=self.sampling_params(temperature, top_k, top_p, seed),
-                               stop_ids=self.stop_ids(stop_token_ids), cache_lengths=[0])
+                               stop_ids=self.stop_ids(stop_token_ids), cache_lengths=[0], draft=draft,
+                               draft_tokens=draft_tokens, speculate=speculate)
         return (step[0] for step in steps)
 
     def session(self):

@@ -63,3 +63,32 @@ class Sampler:
             return logits.argmax(dim=-1)
         probs = filter_logits(logits, self.params).softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+    def accept(self, logits: torch.Tensor, proposal: list[int]) -> list[int]:
+        """What a verification pass yields: `logits` [k + 1, V] float32 are those after the last token fed and
+        after each of the k proposed tokens; the result is the proposed tokens kept, then one of the target's own.
+        Greedy: the proposed tokens while each is the argmax, then the argmax where they stop (or after the
+        last): exactly the tokens of plain greedy decoding. Sampling, the draft a point mass q on each proposed
+        token x (Leviathan et al. / Chen et al.): x is kept with probability min(1, p(x) / q(x)) = p(x), else the
+        position's token is drawn from (p - q)+ renormalised (p without x), so every token is drawn from p as
+        plain sampling draws it (not the same draws for a seed)."""
+        k = len(proposal)
+        assert logits.dim() == 2 and logits.shape[0] == k + 1 and logits.dtype == torch.float32, (logits.shape, k)
+        if self.params.is_greedy:
+            best = logits.argmax(dim=-1).tolist()
+            n = 0
+            while n < k and proposal[n] == best[n]:
+                n += 1
+            return proposal[:n] + [best[n]]
+        probs = filter_logits(logits, self.params).softmax(dim=-1)                      # [k + 1, V]
+        drafted = torch.tensor(proposal, dtype=torch.long, device=probs.device)
+        kept = (torch.rand(k, generator=self.generator, device=probs.device)
+                < probs[torch.arange(k, device=probs.device), drafted]).tolist()
+        n = 0
+        while n < k and kept[n]:
+            n += 1
+        last = probs[n]
+        if n < k:                                     # rejected: p without the proposed token
+            last = last.clone()
+            last[proposal[n]] = 0.0
+        return proposal[:n] + [int(torch.multinomial(last, 1, generator=self.generator))]

@@ -42,3 +42,14 @@ def test_the_chat_script_answers_paris_from_the_gguf_file(options):
                    stdin="What is the capital of France?\n", timeout=300)
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+
+
+def test_the_chat_script_with_the_ngram_draft_replies_as_without_it():
+    """Greedy replies are the same with speculative decoding; --stats says how many drafted tokens were kept."""
+    text = "Repeat exactly, then stop: one two three, one two three, one two three.\n"
+    plain = run_chat(smollm2_path(), "--temperature", 0, "--max-new-tokens", 24, stdin=text, timeout=300)
+    drafted = run_chat(smollm2_path(), "--temperature", 0, "--max-new-tokens", 24, "--draft", "ngram", "--stats",
+                       stdin=text, timeout=300)
+    assert plain.returncode == drafted.returncode == 0, drafted.stderr
+    assert drafted.stdout == plain.stdout and "one two three" in plain.stdout
+    assert "verification passes kept" in drafted.stderr

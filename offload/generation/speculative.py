@@ -1,0 +1,115 @@
+"""The generation loop with a draft (speculative decoding, batch 1): each step feeds the last token and the
+draft's proposal in ONE pass over the weights (Engine.verify: a streamed layer crosses PCIe once for all of
+them) and yields the tokens the target keeps (Sampler.accept: greedy, exactly plain greedy's tokens;
+sampling, exactly its distribution). The KV of rejected tokens is rolled back by the cache length alone: the
+slots past it are overwritten before anything attends to them, in every tier (GPU, CPU, streamed).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from offload.devices import wait_for_device
+from offload.generation.drafts import Draft
+from offload.generation.engine import Engine
+from offload.generation.sampling import Sampler
+from offload.generation.stats import GenerationStats
+from offload.generation.steps import read_tokens
+
+
+class WhenItPays:
+    """Whether a verification pass pays: the tokens a pass yields times a plain step's time against a pass's
+    time (moving averages of what this generation measured). Where compute is cheap against the weights'
+    copies (a GPU streaming them) a pass costs about a step and nearly always pays; where it is not (the CPU,
+    whose passes of several tokens cost several steps, or a draft that is rarely right) plain steps win. A
+    pass is tried again once the plain steps since the last took RETRY passes' time, as the draft's luck
+    changes with the text (a reply that starts quoting its prompt)."""
+
+    RETRY = 4
+    WEIGHT = 0.5                                   # of the newest measurement in the moving averages
+
+    def __init__(self):
+        self.step_s: float | None = None           # a plain decode step
+        self.pass_s: float | None = None           # a verification pass
+        self.tokens_per_pass: float | None = None  # what a pass yields: the draft's tokens kept, and one more
+        self.plain_steps = 0                       # plain steps since the last pass
+
+    def now(self) -> bool:
+        if self.step_s is None:
+            return False                           # a plain step is measured first
+        if self.pass_s is None or self.plain_steps * self.step_s >= self.RETRY * self.pass_s:
+            return True                            # (tried again: at most 1 / RETRY of the time on passes that lose)
+        return self.tokens_per_pass * self.step_s >= self.pass_s
+
+    def measured(self, seconds: float, tokens: int | None) -> None:
+        """A plain step (`tokens` None) or a verification pass that yielded `tokens` took `seconds`."""
+        def average(old, new):
+            return new if old is None else old + self.WEIGHT * (new - old)
+        if tokens is None:
+            self.step_s = average(self.step_s, seconds)
+            self.plain_steps += 1
+        else:
+            self.pass_s, self.tokens_per_pass = average(self.pass_s, seconds), average(self.tokens_per_pass, tokens)
+            self.plain_steps = 0
+
+
+class Always:
+    """A verification pass whenever the draft proposes (speculate="always")."""
+
+    def now(self) -> bool:
+        return True
+
+    def measured(self, seconds: float, tokens: int | None) -> None:
+        pass
+
+
+SPECULATE = {"adaptive": WhenItPays, "always": Always}
+
+
+def draft_steps(engine: Engine, row: list[int], *, start: int, max_new_tokens: int, sampler: Sampler,
+                stop_ids: frozenset[int], stats: GenerationStats, cache_lengths: list[int], draft: Draft,
+                draft_tokens: int, context: list[int] | None = None, speculate: str = "adaptive"
+                ) -> Iterator[list[int | None]]:
+    """Like generate_steps for ONE row (fed from cache slot `start`), yielding [token] per new token.
+    `context`: the tokens before `row` that the cache holds (a session's conversation), which the draft
+    sees too. `speculate`: "adaptive" (a pass when it pays: WhenItPays) or "always" (SPECULATE)."""
+    context = list(context or []) + list(row)     # context[i] is what cache slot i holds (or will)
+    assert len(context) == start + len(row), (len(context), start, len(row))
+    t0 = time.perf_counter()
+    logits = engine.prefill([row], [start])                                    # [1, V]
+    wait_for_device(engine.device)
+    stats.prefill_seconds += time.perf_counter() - t0
+    stats.num_prompt_tokens += len(row)
+    valid = len(context)                                 # slots whose KV is the context's
+    pays = SPECULATE[speculate]()
+    new = read_tokens(sampler.sample(logits))                                  # the first token
+    produced = 0
+    while True:
+        for token in new:
+            produced += 1
+            stats.num_decode_tokens += produced > 1
+            context.append(token)
+            # what the cache holds of the sequence so far (kept tokens past a stop are not part of it)
+            cache_lengths[:] = [min(valid, len(context))]
+            yield [token]
+            if token in stop_ids or produced == max_new_tokens:
+                return
+        t0 = time.perf_counter()
+        length = len(context) - 1                        # the last token is not fed yet: it goes to this slot
+        assert valid == length, (valid, length)
+        room = min(draft_tokens, max_new_tokens - produced - 1, engine.max_seq_len - length - 1,
+                   engine.max_logit_rows - 1, engine.prefill_chunk_size * engine.max_batch_size - 1)
+        proposal = [int(t) for t in draft.propose(context, room)[:room]] if room > 0 and pays.now() else []
+        if proposal:
+            logits = engine.verify([context[-1], *proposal], length)           # [k + 1, V]
+            new = sampler.accept(logits, proposal)
+            stats.num_verify_passes += 1
+            stats.num_drafted_tokens += len(proposal)
+            stats.num_accepted_tokens += len(new) - 1
+        else:
+            logits = engine.decode([context[-1]], [length])                   # [1, V]
+            new = read_tokens(sampler.sample(logits))
+        valid = length + len(new)                        # the last one fed and the kept ones: the rest rolled back
+        seconds = time.perf_counter() - t0
+        pays.measured(seconds, len(new) if proposal else None)
+        stats.decode_seconds += seconds

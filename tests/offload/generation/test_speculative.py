@@ -1,0 +1,198 @@
+"""Speculative decoding: with any draft, greedy decoding gives exactly the tokens of plain greedy decoding
+(every family, offloaded placements, sessions) and transformers' own; sampling draws from the target's
+distribution (a chi-square test against the distribution computed from the model's logits)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import offload
+from offload.generation.drafts import NgramDraft
+from tests.offload.builders import DEEP_LAYERS, hf_greedy
+from tests.offload.offload_plans import layout_plan
+
+# a prompt that repeats itself, so the n-gram draft finds something to propose
+PROMPT = [5, 17, 99, 42, 8, 63, 5, 17, 99, 42, 21, 7]
+
+
+class ScriptedDraft:
+    """Proposes what a script says follows: the plain greedy continuation (a perfect draft), with every
+    `wrong_every`-th proposed token replaced by another (0: never), and counts its proposals."""
+
+    def __init__(self, prompt: list[int], continuation: list[int], wrong_every: int = 0, vocab: int = 128):
+        self.script, self.offset, self.wrong_every, self.vocab = prompt + continuation, len(prompt), wrong_every, vocab
+        self.proposed = 0
+
+    def propose(self, tokens, max_tokens):
+        n = len(tokens)
+        assert list(tokens) == self.script[:n], "the draft is shown the sequence so far"
+        out = self.script[n:n + max_tokens]
+        if self.wrong_every:
+            out = [(t + 1) % self.vocab if (n + i) % self.wrong_every == 0 else t for i, t in enumerate(out)]
+        self.proposed += len(out)
+        return out
+
+
+class RandomDraft:
+    """Proposes random tokens: nearly always wrong."""
+
+    def __init__(self, seed: int = 0, vocab: int = 128):
+        self.rng, self.vocab = random.Random(seed), vocab
+
+    def propose(self, tokens, max_tokens):
+        return [self.rng.randrange(self.vocab) for _ in range(self.rng.randint(1, max_tokens))]
+
+
+def _drafts(plain: list[int]):
+    return {"ngram": "ngram", "perfect": ScriptedDraft(PROMPT, plain), "every 3rd wrong": ScriptedDraft(PROMPT, plain, 3),
+            "random": RandomDraft()}
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral_window", "qwen2_tied", "qwen3", "gemma2", "gemma3", "phi3",
+                                     "opt", "mixtral_window", "qwen2_moe", "qwen3_moe"])
+def test_greedy_with_any_draft_is_plain_greedy(checkpoint_factory, variant):
+    path, hf = checkpoint_factory(variant)
+    model = offload.load(path, dtype="float32", max_seq_len=64, progress=False)
+    plain = model.generate([PROMPT], max_new_tokens=24)[0]
+    assert plain == hf_greedy(hf, PROMPT, 24)[:len(plain)]
+    for name, draft in _drafts(plain).items():
+        got = model.generate([PROMPT], max_new_tokens=24, draft=draft, speculate="always")[0]
+        assert got == plain, name
+        stats = model.stats
+        assert stats.num_verify_passes > 0 or name == "ngram", name
+        assert stats.num_decode_tokens == len(plain) - 1 and stats.draft_unused is None
+        if name == "perfect":     # every proposal kept: passes of draft_tokens + 1 tokens
+            assert stats.num_accepted_tokens == stats.num_drafted_tokens == len(plain) - 1 - stats.num_verify_passes
+    # verifying when the measured times say it pays (here, on the CPU, seldom): the same tokens
+    assert model.generate([PROMPT], max_new_tokens=24, draft=_drafts(plain)["every 3rd wrong"])[0] == plain
+
+
+@pytest.mark.parametrize("weights, kv, chunk", [("ccccc", "ccccc", 5), ("gcgcg", "acgac", 3), ("ggggg", "aaaaa", 16)])
+def test_offloaded_placements_verify_in_one_pass_and_roll_back_every_tier(llama5, weights, kv, chunk):
+    """Streamed weights, KV on the CPU attended there, KV on the CPU streamed to the GPU: the rejected tokens'
+    KV is left past the cache length in every tier and overwritten; a pass copies each streamed layer once."""
+    plan = layout_plan(llama5, weights=weights, kv=kv, batch_size=1, chunk=chunk, max_seq_len=64, dtype="float32")
+    model = offload.load(llama5, plan=plan, progress=False)
+    plain = model.generate([PROMPT], max_new_tokens=20)[0]
+    plain_bytes = model.stats.host_to_device_bytes
+    for name, draft in _drafts(plain).items():
+        assert model.generate([PROMPT], max_new_tokens=20, draft=draft, speculate="always")[0] == plain, name
+        if name == "perfect":     # fewer passes over the streamed layers than tokens: fewer bytes copied
+            assert model.stats.num_verify_passes < len(plain) - 1
+            assert model.stats.host_to_device_bytes < plain_bytes
+
+
+def test_sessions_with_a_draft_give_the_plain_turns(checkpoint_factory):
+    path, _ = checkpoint_factory("llama")
+    model = offload.load(path, dtype="float32", max_seq_len=96, progress=False)
+    turns = [PROMPT, [33, 4, 5, 17], [99, 42]]
+    plain_session, drafted = model.session(), model.session()
+    want = [plain_session.generate(turn, max_new_tokens=10) for turn in turns]
+    stop = want[1][2]                        # a stop token in the middle of a kept proposal
+    plain_session.reset()
+    want = [plain_session.generate(turn, max_new_tokens=10, stop_token_ids=[stop]) for turn in turns]
+    conversation = []
+    for turn, expected in zip(turns, want):
+        conversation += turn
+        draft = ScriptedDraft(conversation, expected + [0] * 16)
+        assert drafted.generate(turn, max_new_tokens=10, stop_token_ids=[stop], draft=draft,
+                                speculate="always") == expected
+        conversation += expected
+        assert drafted.tokens == conversation
+    assert drafted.generate([], max_new_tokens=4, draft="ngram", speculate="always") == \
+        plain_session.generate([], max_new_tokens=4)
+
+
+def test_batches_decode_plainly_and_bad_drafts_are_clear_errors(checkpoint_factory):
+    path, _ = checkpoint_factory("llama")
+    model = offload.load(path, dtype="float32", max_seq_len=64, max_batch_size=2, progress=False)
+    rows = [PROMPT, PROMPT[:7]]
+    plain = model.generate(rows, max_new_tokens=6)
+    assert model.generate(rows, max_new_tokens=6, draft="ngram") == plain
+    assert "batch of 2 rows" in model.stats.draft_unused and model.stats.num_verify_passes == 0
+    assert "draft unused" in model.stats.summary()
+    with pytest.raises(ValueError, match="unknown draft 'ngrams'"):
+        model.generate([PROMPT], draft="ngrams")
+    with pytest.raises(ValueError, match="draft_tokens must be an integer from 1 to 15, got 0"):
+        model.stream([PROMPT], draft="ngram", draft_tokens=0)
+    with pytest.raises(ValueError, match="speculate must be one of 'adaptive', 'always', got 'often'"):
+        model.session().generate(PROMPT, draft="ngram", speculate="often")
+    assert model.generate(rows, max_new_tokens=6) == plain                       # nothing disturbed
+
+
+def test_passes_are_verified_when_they_pay_and_tried_again_now_and_then():
+    from offload.generation.speculative import WhenItPays
+    pays = WhenItPays()
+    assert not pays.now()                            # a plain step is measured first
+    step = 1 / 128                                   # (binary fractions: exact sums)
+    pays.measured(step, None)
+    assert pays.now()                                # then a pass
+    pays.measured(5 * step, 3)                       # 3 tokens for 5 steps' time: does not pay
+    assert not pays.now()
+    for _ in range(WhenItPays.RETRY * 5 - 1):        # tried again once the plain steps took RETRY passes' time
+        pays.measured(step, None)
+        assert not pays.now()
+    pays.measured(step, None)
+    assert pays.now()
+    pays.measured(1.25 * step, 4)                    # a GPU streaming its weights: a pass costs about a step
+    pays.measured(1.25 * step, 4)
+    assert pays.now() and pays.tokens_per_pass > 3
+
+
+def test_the_ngram_draft_proposes_what_followed_the_latest_match():
+    draft = NgramDraft(max_ngram=3)
+    assert draft.propose([1, 2, 3, 4, 5, 1, 2, 3], 4) == [4, 5, 1, 2]          # the 3-gram 1 2 3
+    assert draft.propose([1, 2, 9, 7, 2, 9, 8, 5, 2, 9], 2) == [8, 5]          # the latest 2 9, not the first
+    assert draft.propose([4, 6, 8, 6], 3) == [8, 6]                            # a 1-gram, running to the end
+    assert draft.propose([1, 2, 3], 3) == [] and draft.propose([7], 3) == []
+    with pytest.raises(ValueError, match="min_ngram <= max_ngram"):
+        NgramDraft(max_ngram=1, min_ngram=2)
+
+
+SMALL_VOCAB = 12
+
+
+def chi_square_999(degrees: int) -> float:
+    """The chi-square distribution's 99.9th percentile (Wilson-Hilferty: within 1.2% above it from 5 degrees on)."""
+    z, c = 3.0902, 2 / (9 * degrees)
+    return degrees * (1 - c + z * c ** 0.5) ** 3
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=6)])
+def test_sampling_with_a_draft_draws_from_the_targets_distribution(tmp_path, sampling):
+    """Model of 12 tokens; the draft proposes a fixed pair, so its tokens are kept, rejected and followed by
+    a token of the target's own. The second and third sampled tokens' frequencies over 3000 draws against their
+    exact distributions, computed from the model's logits: chi-square below its 99.9th percentile."""
+    from offload.generation.sampling import SamplingParams, filter_logits
+    from tests.offload.builders import build_checkpoint
+    build_checkpoint(tmp_path, "llama", vocab_size=SMALL_VOCAB, initializer_range=0.4, eos_token_id=None)   # no stop
+    model = offload.load(tmp_path, dtype="float32", max_seq_len=16, max_batch_size=12, progress=False)
+    prompt = [3, 7, 1, 4]
+    params = SamplingParams(**sampling)
+
+    def probs(prefixes):                                   # the target's next-token distribution after each
+        logits = model.forward(prefixes)[:, -1]                                   # [N, V]
+        return filter_logits(logits, params).softmax(-1)
+
+    p1 = probs([prompt])[0]                                                       # [V]
+    p2 = probs([prompt + [a] for a in range(SMALL_VOCAB)])                        # [V(a), V]
+    p3 = probs([prompt + [a, b] for a in range(SMALL_VOCAB) for b in range(SMALL_VOCAB)]).view(
+        SMALL_VOCAB, SMALL_VOCAB, SMALL_VOCAB)
+    exact = {1: p1 @ p2, 2: torch.einsum("a,ab,abc->c", p1, p2, p3)}             # the 2nd and 3rd tokens
+    draft = ScriptedDraft([], [], vocab=SMALL_VOCAB)
+    draft.propose = lambda tokens, max_tokens: [5, 9][:max_tokens]
+    counts = {i: torch.zeros(SMALL_VOCAB) for i in exact}
+    draws = 3000
+    for seed in range(draws):
+        out = model.generate([prompt], max_new_tokens=3, draft=draft, seed=seed, speculate="always", **sampling)[0]
+        for i in exact:
+            counts[i][out[i]] += 1
+    assert model.stats.num_verify_passes == 1
+    for i, p in exact.items():
+        expected = p * draws
+        seen = expected > 0
+        assert counts[i][~seen].sum() == 0                    # never a token the filtering removes
+        chi_square = float(((counts[i][seen] - expected[seen]) ** 2 / expected[seen]).sum())
+        assert chi_square < chi_square_999(int(seen.sum()) - 1), (i, chi_square, counts[i].tolist(), expected.tolist())
