@@ -119,6 +119,9 @@ def test_batches_decode_plainly_and_bad_drafts_are_clear_errors(checkpoint_facto
         model.stream([PROMPT], draft="ngram", draft_tokens=0)
     with pytest.raises(ValueError, match="speculate must be one of 'adaptive', 'always', got 'often'"):
         model.session().generate(PROMPT, draft="ngram", speculate="often")
+    bad = RandomDraft(vocab=1000)
+    with pytest.raises(ValueError, match="proposed token ids outside the vocabulary of 128"):
+        model.generate([PROMPT], max_new_tokens=30, draft=bad, speculate="always")
     assert model.generate(rows, max_new_tokens=6) == plain                       # nothing disturbed
 
 
