@@ -119,8 +119,8 @@ class Model:
         afterwards (a Session, or None); `stats` (default: a new model.stats) accumulates the timings.
         `draft` (as_draft): speculative decoding for a batch of one row (offload/generation/speculative.py), up to
         `draft_tokens` proposed per pass, verified when it pays or always (`speculate`); `context`: the tokens
-        the cache holds before starts[0] (the draft sees them too). A batch of several rows, or a model whose cache may be rebuilt, decodes plainly (the
-        stats say why)."""
+        the cache holds before starts[0] (the draft sees them too). A batch of several rows, or a model whose
+        cache may be rebuilt, decodes plainly (the stats say why)."""
         if stats is None:
             stats = self.stats = GenerationStats()
         if max_new_tokens == 0 and owner is None:

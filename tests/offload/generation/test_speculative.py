@@ -10,7 +10,7 @@ import torch
 
 import offload
 from offload.generation.drafts import NgramDraft
-from tests.offload.builders import DEEP_LAYERS, hf_greedy
+from tests.offload.builders import hf_greedy
 from tests.offload.offload_plans import layout_plan
 
 # a prompt that repeats itself, so the n-gram draft finds something to propose
@@ -46,8 +46,8 @@ class RandomDraft:
 
 
 def _drafts(plain: list[int]):
-    return {"ngram": "ngram", "perfect": ScriptedDraft(PROMPT, plain), "every 3rd wrong": ScriptedDraft(PROMPT, plain, 3),
-            "random": RandomDraft()}
+    return {"ngram": "ngram", "perfect": ScriptedDraft(PROMPT, plain),
+            "every 3rd wrong": ScriptedDraft(PROMPT, plain, 3), "random": RandomDraft()}
 
 
 @pytest.mark.parametrize("variant", ["llama", "mistral_window", "qwen2_tied", "qwen3", "gemma2", "gemma3", "phi3",
