@@ -276,13 +276,19 @@ class Engine:
         h = self.run_layers(ids, start[:, None], start, decode=True)
         return self.logits(h)[:, 0]
 
+    @property
+    def max_verify_tokens(self) -> int:
+        """Tokens one verify() pass takes at most: the logits the workspace holds, and a chunk's activations
+        (at most the prefill chunk of every row)."""
+        return min(self.max_logit_rows, self.prefill_chunk_size * self.max_batch_size)
+
     def verify(self, tokens: list[int], start: int) -> torch.Tensor:
         """One row's tokens fed at cache slots start, start + 1, ... in ONE pass over the weights (a prefill
         chunk: what streams is streamed once for all of them) -> float32 logits [T, V] on the device of
         every position (speculative decoding checks a draft with them; the plan's workspace holds the logits
         of MAX_VERIFY_TOKENS positions)."""
         T = len(tokens)
-        assert 1 <= T <= min(self.max_logit_rows, self.prefill_chunk_size * self.max_batch_size), T
+        assert 1 <= T <= self.max_verify_tokens, (T, self.max_verify_tokens)
         ids = torch.tensor([tokens], dtype=torch.long)                                  # [1, T]
         positions = start + torch.arange(T)[None]                                       # [1, T]
         h = self.run_layers(ids, positions, torch.tensor([start]), torch.tensor([start + T]))

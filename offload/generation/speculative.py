@@ -98,7 +98,7 @@ def draft_steps(engine: Engine, row: list[int], *, start: int, max_new_tokens: i
         length = len(context) - 1                        # the last token is not fed yet: it goes to this slot
         assert valid == length, (valid, length)
         room = min(draft_tokens, max_new_tokens - produced - 1, engine.max_seq_len - length - 1,
-                   engine.max_logit_rows - 1, engine.prefill_chunk_size * engine.max_batch_size - 1)
+                   engine.max_verify_tokens - 1)
         proposal = [int(t) for t in draft.propose(context, room)[:room]] if room > 0 and pays.now() else []
         if any(not 0 <= t < engine.arch.vocab_size for t in proposal):
             raise ValueError(f"the draft {draft!r} proposed token ids outside the vocabulary of "
