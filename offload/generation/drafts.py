@@ -9,6 +9,11 @@ sampling: exactly its distribution), so a draft only changes the speed.
 speculator): the tokens that followed the latest earlier occurrence of the sequence's last n tokens. It needs
 no second model, and pays off where replies repeat their context (code edits, summaries, quoting, chat turns
 that restate the question).
+
+`ModelDraft` is a small model with the target's tokenizer (Llama-3.2-1B for Llama-3.1-70B, Qwen3-0.6B for
+Qwen3-32B, or a 4-bit copy of the target itself), held resident: its greedy continuation, one cheap decode
+step per proposed token, over a KV cache of its own that follows the sequence (what the target rejected is
+rolled back by the cache length, as in the target).
 """
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
+import torch
+
+from offload.generation.steps import read_tokens
 
 DEFAULT_DRAFT_TOKENS = 8        # tokens proposed per verification pass
 
@@ -52,6 +60,57 @@ class NgramDraft:
 
     def __repr__(self) -> str:
         return f"NgramDraft(max_ngram={self.max_ngram}, min_ngram={self.min_ngram})"
+
+
+class ModelDraft:
+    """A loaded model (offload.load, everything resident is what makes it cheap) proposing its greedy
+    continuation. Its proposals are tokens of the target's vocabulary (`vocab_size`: the draft's own ids past
+    it are never proposed). The KV cache of `model` is the draft's: between proposals it holds the sequence
+    last shown (and the proposal but its last token); the next proposal feeds only what changed since (the
+    target's kept tokens and its own). Another call on `model` in between makes it feed everything again."""
+
+    def __init__(self, model, vocab_size: int | None = None):
+        self.model = model
+        self.vocab_size = min(model.arch.vocab_size, vocab_size or model.arch.vocab_size)
+        self._cached: list[int] = []          # the tokens whose KV is in model's cache, from slot 0
+
+    @torch.inference_mode()
+    def propose(self, tokens: Sequence[int], max_tokens: int) -> list[int]:
+        model, engine = self.model, self.model.engine
+        end = len(tokens)
+        # the draft feeds the sequence and its proposal but the last token: slots 0 .. end + max_tokens - 2
+        max_tokens = min(max_tokens, model.max_seq_len - end + 1)
+        if max_tokens < 1 or end == 0:
+            return []
+        cached = self._cached if model.cache_owner is self else []
+        n = min(_common_prefix(cached, tokens), end - 1)     # the last token is fed again for its logits
+        model.claim_cache(self)
+        self._cached = []                                    # (until the steps below are done)
+        try:
+            logits = engine.prefill([list(tokens[n:])], [n])                       # [1, V]
+            out = [self._pick(logits)]
+            for i in range(1, max_tokens):
+                logits = engine.decode([out[-1]], [end + i - 1])                   # [1, V]
+                out.append(self._pick(logits))
+        except BaseException:
+            engine.reset()
+            raise
+        self._cached = [*tokens, *out[:-1]]
+        return out
+
+    def _pick(self, logits: torch.Tensor) -> int:
+        """The draft's most likely token of the target's vocabulary; logits [1, V]."""
+        return read_tokens(logits[:, :self.vocab_size].argmax(-1))[0]
+
+    def __repr__(self) -> str:
+        return f"ModelDraft({self.model!r})"
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+    return int(differ[0]) if differ.size else n
 
 
 def as_draft(draft) -> Draft | None:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 import torch
 
 from offload.generation.engine import Engine
-from offload.generation.drafts import DEFAULT_DRAFT_TOKENS, Draft, as_draft
+from offload.generation.drafts import DEFAULT_DRAFT_TOKENS, Draft, ModelDraft, as_draft
 from offload.generation.speculative import SPECULATE, draft_steps
 from offload.generation.steps import generate_steps
 from offload.generation.sampling import Sampler, SamplingParams
@@ -52,6 +52,22 @@ class Model:
         self._cache_owner = None          # the Session whose conversation the KV cache holds, if any
         self._active_run = None           # token of the call whose steps are running (see _inference)
         self.is_closed = False
+        self.draft_model: Model | None = None    # the draft model loaded with it (offload.load(draft=...)), owned
+        self.default_draft: Draft | None = None   # the draft of calls given none (offload.load(draft=...))
+        self._model_draft: ModelDraft | None = None   # the ModelDraft of the last draft model given
+
+    def attach_draft(self, draft) -> None:
+        """Make `draft` the default draft of this model's calls: a Draft, or a Model loaded for this one (then
+        owned: closed with it)."""
+        if isinstance(draft, Model):
+            self.draft_model = draft
+            draft = self._model_draft = ModelDraft(draft, vocab_size=self.arch.vocab_size)
+        self.default_draft = draft
+
+    def claim_cache(self, owner) -> None:
+        """`owner` (a Session, a ModelDraft) writes the KV cache now: any earlier owner rebuilds from its tokens."""
+        self._cache_owner = owner
+        self._active_run = None
 
     @property
     def device(self) -> torch.device:
@@ -93,15 +109,29 @@ class Model:
                              f"{num_tokens + max_new_tokens} positions, more than max_seq_len="
                              f"{self.max_seq_len}; shorten it or load with a larger max_seq_len")
 
-    @staticmethod
-    def check_draft(draft, draft_tokens: int, speculate: str = "adaptive") -> Draft | None:
-        """The Draft of a call (as_draft), ValueError for a bad one, a draft_tokens outside 1..MAX_VERIFY_TOKENS - 1
+    def check_draft(self, draft, draft_tokens: int, speculate: str = "adaptive") -> Draft | None:
+        """The Draft of a call: None = the draft loaded with the model (offload.load(draft=...)) if any, False =
+        none, a loaded Model (a ModelDraft of it, kept across calls so that its cache follows the
+        conversation), else as_draft's. ValueError for a bad one, a draft_tokens outside 1..MAX_VERIFY_TOKENS - 1
         (what a pass verifies: the last token and the proposal) or an unknown `speculate`."""
         if speculate not in SPECULATE:
             raise ValueError(f"speculate must be one of {', '.join(map(repr, SPECULATE))}, got {speculate!r}")
         if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) \
                 or not 1 <= draft_tokens < MAX_VERIFY_TOKENS:
             raise ValueError(f"draft_tokens must be an integer from 1 to {MAX_VERIFY_TOKENS - 1}, got {draft_tokens!r}")
+        if draft is None:
+            return self.default_draft
+        if draft is False:
+            return None
+        if isinstance(draft, Model):
+            if draft is self:
+                raise ValueError("a model cannot be its own draft (their KV cache is one); load the checkpoint a "
+                                 "second time, e.g. quantized, to draft with a copy of it")
+            if draft.is_closed:
+                raise ValueError("the draft model is closed (draft.close() freed its memory); load it again")
+            if self._model_draft is None or self._model_draft.model is not draft:
+                self._model_draft = ModelDraft(draft, vocab_size=self.arch.vocab_size)
+            return self._model_draft
         return as_draft(draft)
 
     def micro_batches(self, rows: list[list[int]]) -> list[list[list[int]]]:
@@ -174,10 +204,12 @@ class Model:
         (never past the plan's memory; a seed seeds the call once). temperature None/top_k/top_p default to
         generation_config.json (greedy without it); stop tokens are the checkpoint's eos ids plus
         `stop_token_ids`. `model.stats` covers the whole call.
-        draft: speculative decoding for one prompt: "ngram" (prompt lookup), or an object with a
-        `propose(tokens, max_tokens)` method (offload/generation/drafts.py); up to `draft_tokens` tokens verified
-        a pass; `speculate`: "adaptive" verifies when this call's measured pass and step times say it pays
-        (offload/generation/speculative.py), "always" whenever the draft proposes. Greedy: the same tokens as
+        draft: speculative decoding for one prompt: None = the draft model loaded with this one
+        (offload.load(draft=...)) if any, False = none, "ngram" (prompt lookup), a loaded Model with the same
+        tokenizer (small and resident), or an object with a `propose(tokens, max_tokens)` method
+        (offload/generation/drafts.py); up to `draft_tokens` tokens verified a pass; `speculate`: "adaptive"
+        verifies when this call's measured pass and step times say it pays (offload/generation/speculative.py),
+        "always" whenever the draft proposes. Greedy: the same tokens as
         without a draft in float32 (16-bit passes of several tokens round differently from single steps, so
         near-ties may break the other way); sampling: the same distribution.
         """
@@ -257,6 +289,8 @@ class Model:
         self.is_closed = True
         self._active_run = None
         self.engine.close()
+        if self.draft_model is not None:
+            self.draft_model.close()
         if self.ledger is not None:
             for category in ("kv_cache", "workspace", "buffers"):     # (buffers: the expert stager's)
                 self.ledger.free(category, self.ledger.current_bytes(category))

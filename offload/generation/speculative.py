@@ -99,7 +99,10 @@ def draft_steps(engine: Engine, row: list[int], *, start: int, max_new_tokens: i
         assert valid == length, (valid, length)
         room = min(draft_tokens, max_new_tokens - produced - 1, engine.max_seq_len - length - 1,
                    engine.max_verify_tokens - 1)
-        proposal = [int(t) for t in draft.propose(context, room)[:room]] if room > 0 and pays.now() else []
+        proposal = []
+        if room > 0 and pays.now():
+            proposal = [int(t) for t in draft.propose(context, room)[:room]]
+            stats.draft_seconds += time.perf_counter() - t0
         if any(not 0 <= t < engine.arch.vocab_size for t in proposal):
             raise ValueError(f"the draft {draft!r} proposed token ids outside the vocabulary of "
                              f"{engine.arch.vocab_size}: {proposal}")

@@ -17,12 +17,13 @@ class GenerationStats:
     num_verify_passes: int = 0          # speculative decoding: passes that verified a draft's proposal
     num_drafted_tokens: int = 0         # tokens the draft proposed to them
     num_accepted_tokens: int = 0        # of those, the ones kept
+    draft_seconds: float = 0.0          # of decode_seconds, the draft's proposing (a draft model's steps)
     draft_unused: str | None = None     # why a draft given to the call was not used (plain decoding instead)
 
     def __post_init__(self):
         for name in ("num_prompt_tokens", "prefill_seconds", "num_decode_tokens", "decode_seconds",
                      "host_to_device_bytes", "transfer_wait_seconds", "num_verify_passes", "num_drafted_tokens",
-                     "num_accepted_tokens"):
+                     "num_accepted_tokens", "draft_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -51,8 +52,8 @@ class GenerationStats:
 
     def summary(self) -> str:
         drafted = (f", {self.num_verify_passes} verification passes keeping {self.num_accepted_tokens} of "
-                   f"{self.num_drafted_tokens} drafted tokens ({self.accepted_tokens_per_pass:.2f} a pass)"
-                   if self.num_verify_passes else "")
+                   f"{self.num_drafted_tokens} drafted tokens ({self.accepted_tokens_per_pass:.2f} a pass; "
+                   f"drafting took {self.draft_seconds:.3f} s)" if self.num_verify_passes else "")
         return (f"prefill {self.num_prompt_tokens} tok in {self.prefill_seconds:.3f} s "
                 f"({self.prefill_tokens_per_second:.1f} tok/s), decode {self.num_decode_tokens} tok at "
                 f"{self.decode_tokens_per_second:.2f} tok/s, {self.host_to_device_bytes / 1e9:.2f} GB "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +22,7 @@ from offload.attention.host import HostAttention, HostStaging
 from offload.weights.host_memory import align_up
 from offload.attention.device import TorchAttention
 from offload.loading.memory import MemoryLedger
+from offload.generation.drafts import NgramDraft
 from offload.generation.model import Model
 from offload.models import build_model
 from offload.loading.planning import choose_plan
@@ -31,6 +33,7 @@ from offload.weights.source import experts_item, item_tensors, weight_items
 from offload.weights.placed import PlacedWeights
 from offload.weights import quant
 from placement import Plan, PlanError
+from placement.sizes import format_size, parse_size
 from placement.architecture import Architecture, normalize_dtype
 from placement.quantization import QUANTIZE_SCHEMES, Quantization, layouts_label
 
@@ -177,7 +180,8 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
          max_seq_len: int | None = None, dtype=None, device=None, plan=None, gpu_layers: int | None = None,
          kv_gpu_layers: int | None = None, cpu_attention: bool | None = None,
          prefill_chunk_size: int | None = None, quantize: str | None = None, group_size: int | None = None,
-         cpu_compute: bool | None = None, experts: str | None = None, progress: bool = True) -> Model:
+         cpu_compute: bool | None = None, experts: str | None = None, draft=None, draft_quantize: str | None = None,
+         progress: bool = True) -> Model:
     """Load a Hugging Face model folder and place it as a plan says.
 
     Which plan (placement.Plan; `model.plan`, `model.plan.summary()`):
@@ -208,6 +212,12 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
     quantize: "int4" or "int8": the decoder layers' matrices quantized as they are read (round-to-nearest
     per group of `group_size` inputs; None: per matrix the largest of 128/64/32 that divides its inputs),
     held and streamed packed; the plan counts the packed bytes (a plan= made with --quantize carries it).
+    draft: the default draft of the model's calls for speculative decoding (offload/generation/speculative.py):
+    "ngram" (prompt lookup), or the folder / .gguf file of a small model with the same tokenizer, loaded first
+    with every weight and its KV cache (max_seq_len positions, one row) on the device, quantized as it is read
+    when `draft_quantize` says ("int4" / "int8": a 4-bit copy of the target itself drafts well when nothing
+    smaller exists). Its memory comes off `gpu_memory` before the target is planned (on CUDA without
+    `gpu_memory`, the free memory measured after it is loaded); `model.draft_model` is it, closed with the model.
     Raises CheckpointError for a bad folder, PlanError (a ValueError) when nothing fits the budgets —
     before anything is allocated — and ValueError for bad arguments.
     """
@@ -228,6 +238,62 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
     if quantize is not None and quantize not in QUANTIZE_SCHEMES:
         raise ValueError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANTIZE_SCHEMES)}")
     quantization = None if quantize is None else Quantization(scheme=quantize, group_size=group_size).label
+    if draft_quantize is not None and (draft is None or draft == "ngram"):
+        raise ValueError("draft_quantize is the quantization of a draft model; give draft='path' too")
+    if draft is not None and draft != "ngram" and not isinstance(draft, (str, os.PathLike)):
+        raise ValueError(f"draft must be \"ngram\" or the path of a draft model's folder or .gguf file, got "
+                         f"{type(draft).__name__}; pass a loaded Model to generate(draft=...) instead")
+    draft_model = None
+    if draft is not None and draft != "ngram":
+        draft_model = load_draft(draft, quantize=draft_quantize, device=device, dtype=dtype_name,
+                                 max_seq_len=default_max_seq_len(arch) if max_seq_len is None else max_seq_len,
+                                 gpu_memory=gpu_memory, progress=progress)
+        if gpu_memory is not None:        # the target is planned in what the draft leaves
+            gpu_memory = parse_size(gpu_memory, what="gpu memory") - draft_model.plan.memory.gpu.total
+            if gpu_memory <= 0:
+                draft_model.close()
+                raise PlanError(f"the draft {draft} takes {format_size(draft_model.plan.memory.gpu.total)}, all of "
+                                "gpu_memory; give a larger budget or a smaller draft (draft_quantize='int4')")
+    try:
+        model = _load_planned(checkpoint, device=device, quantization=quantization, dtype_name=dtype_name,
+                              max_batch_size=max_batch_size, max_batch_given=max_batch_given, max_seq_len=max_seq_len,
+                              plan=plan, gpu_memory=gpu_memory, cpu_memory=cpu_memory, gpu_layers=gpu_layers,
+                              kv_gpu_layers=kv_gpu_layers, cpu_attention=cpu_attention,
+                              prefill_chunk_size=prefill_chunk_size, cpu_compute=cpu_compute, experts=experts,
+                              progress=progress)
+    except PlanError as e:
+        if draft_model is None:
+            raise
+        draft_model.close()
+        raise PlanError(f"{e} (the draft {draft} took {format_size(draft_model.plan.memory.gpu.total)} of the "
+                        "GPU budget first)") from None
+    except BaseException:
+        if draft_model is not None:
+            draft_model.close()
+        raise
+    if draft == "ngram":
+        model.attach_draft(NgramDraft())
+    elif draft_model is not None:
+        model.attach_draft(draft_model)
+    return model
+
+
+def load_draft(path, *, quantize: str | None, device: torch.device, dtype: str | None, max_seq_len: int,
+               gpu_memory, progress: bool) -> Model:
+    """The draft model at `path` for a target of `max_seq_len` positions: every weight and its KV cache for one
+    row on `device` (checked against `gpu_memory` when given); errors name it as the draft."""
+    try:
+        num_layers = open_checkpoint(path).arch.num_layers
+        return load(path, gpu_memory=gpu_memory, max_seq_len=max_seq_len, dtype=dtype, device=device,
+                    gpu_layers=num_layers, quantize=quantize, progress=progress)
+    except ValueError as e:
+        raise type(e)(f"draft {path}: {e}") from None
+
+
+def _load_planned(checkpoint: Checkpoint, *, device, quantization, dtype_name, max_batch_size, max_batch_given,
+                  max_seq_len, plan, gpu_memory, cpu_memory, gpu_layers, kv_gpu_layers, cpu_attention,
+                  prefill_chunk_size, cpu_compute, experts, progress) -> Model:
+    arch = checkpoint.arch
     chosen = choose_plan(path=checkpoint.path, arch=arch, device=device, quantization=quantization,
                          dtype=dtype_name or normalize_dtype(arch.dtype), max_batch_size=max_batch_size,
                          max_seq_len=max_seq_len, default_max_seq_len=default_max_seq_len(arch), plan=plan,

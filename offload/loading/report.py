@@ -2,7 +2,8 @@
 holds memory (weights, KV cache, buffers, workspace), the total, and what is left of the budget.
 
 The "gpu" tier row shows what the runtime has charged to its ledger (equal to the plan's numbers; on
-CUDA, torch's own allocated bytes are shown beside it); the "cpu" tier row shows the plan's host memory.
+CUDA, torch's own allocated bytes are shown beside it); a draft model loaded with it (all on the device) has
+a row of its own; the "cpu" tier row shows the plan's host memory.
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ def memory_report(model) -> str:
         budget = plan.budget.gpu_bytes - plan.cuda_reserve_bytes if plan is not None else ledger.max_bytes
         free = budget - sum(used) if budget is not None else "-"
         lines.append(_row(gpu_label, used + [sum(used), "-" if budget is None else budget, free]))
+    draft = getattr(model, "draft_model", None)
+    if draft is not None and draft.ledger is not None:     # resident on the device, beside (not in) the budget above
+        used = [draft.ledger.current_bytes(c) for c in ("weights", "kv_cache", "buffers", "workspace")]
+        lines.append(_row("draft model", used + [sum(used), "-", "-"]))
     if plan is not None:
         cpu = plan.memory.cpu
         lines.append(_row("cpu tier (host)", [cpu.weights, cpu.kv_cache, 0, 0, cpu.total, plan.budget.cpu_bytes,

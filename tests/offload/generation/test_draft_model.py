@@ -1,0 +1,152 @@
+"""Speculative decoding with a draft MODEL: a small resident model proposing its greedy continuation
+(offload.generation.drafts.ModelDraft), given per call or loaded with the target (offload.load(draft=...,
+draft_quantize=...)), whose memory comes off the target's GPU budget. Greedy output is plain greedy decoding's
+whatever the draft; the draft's own KV cache follows the sequence, feeding only what changed."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import offload
+from offload.generation.drafts import ModelDraft
+from placement import PlanError
+from tests.offload.builders import build_checkpoint, hf_greedy
+from tests.offload.generation.test_speculative import PROMPT
+
+
+@pytest.fixture(scope="module")
+def other_llama(tmp_path_factory):
+    """A second random llama of the same shapes: a draft that is nearly always wrong."""
+    path = tmp_path_factory.mktemp("other_llama")
+    build_checkpoint(path, "llama", seed=7)
+    return path
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen3", "gemma2", "mixtral_window"])
+def test_greedy_with_a_draft_model_is_plain_greedy(checkpoint_factory, variant):
+    """Drafts: the target itself loaded again (always right), its int8 copy (mostly right), another random
+    model of the family (mostly wrong): every one gives the target's greedy tokens, transformers' own."""
+    path, hf = checkpoint_factory(variant)
+    model = offload.load(path, dtype="float32", max_seq_len=64, progress=False)
+    plain = model.generate([PROMPT], max_new_tokens=24)[0]
+    assert plain == hf_greedy(hf, PROMPT, 24)[:len(plain)]
+    drafts = {"copy": offload.load(path, dtype="float32", max_seq_len=64, progress=False),
+              "int8": offload.load(path, dtype="float32", max_seq_len=64, quantize="int8", progress=False)}
+    for name, draft in drafts.items():
+        assert model.generate([PROMPT], max_new_tokens=24, draft=draft, speculate="always")[0] == plain, name
+        stats = model.stats
+        assert stats.num_verify_passes > 0 and stats.draft_seconds > 0 and stats.num_decode_tokens == len(plain) - 1
+        if name == "copy":        # the same weights: every proposal kept
+            assert stats.num_accepted_tokens == stats.num_drafted_tokens == len(plain) - 1 - stats.num_verify_passes
+
+
+def test_a_wrong_draft_model_changes_nothing_but_the_speed(llama5, other_llama):
+    model = offload.load(llama5, dtype="float32", max_seq_len=64, progress=False)
+    draft = offload.load(other_llama, dtype="float32", max_seq_len=64, progress=False)
+    plain = model.generate([PROMPT], max_new_tokens=20)[0]
+    assert model.generate([PROMPT], max_new_tokens=20, draft=draft, speculate="always")[0] == plain
+    assert model.stats.num_accepted_tokens < model.stats.num_drafted_tokens
+
+
+def test_the_draft_cache_follows_the_sequence_feeding_only_what_changed(llama5, monkeypatch):
+    draft_model = offload.load(llama5, dtype="float32", max_seq_len=64, progress=False)
+    draft = ModelDraft(draft_model)
+    fed = []
+    prefill = draft_model.engine.prefill
+    monkeypatch.setattr(draft_model.engine, "prefill", lambda rows, starts, **kw: fed.append(
+        (len(rows[0]), starts[0])) or prefill(rows, starts, **kw))
+    greedy = draft_model.generate([PROMPT], max_new_tokens=12)[0]
+    assert draft.propose(PROMPT, 5) == greedy[:5]
+    assert fed[-1] == (len(PROMPT), 0)                       # the first proposal feeds everything
+    # the target kept 2 of them and chose another token: the draft keeps its KV of the 2, feeds the new one
+    sequence = PROMPT + greedy[:2] + [(greedy[2] + 1) % 128]
+    want = draft_model.generate([sequence], max_new_tokens=4)[0]
+    draft.propose(PROMPT, 5)                                 # (generate used the cache: fed all again)
+    assert draft.propose(sequence, 4) == want
+    assert fed[-1] == (1, len(PROMPT) + 2)                   # (its KV of the rejected 2 is overwritten)
+    # the whole proposal kept and one more token: only the proposal's last token and that one are fed
+    longer = sequence + want + [7]
+    assert draft.propose(longer, 3) == draft_model.generate([longer], max_new_tokens=3)[0]
+    draft.propose(sequence, 4)
+    draft.propose(longer, 3)
+    assert fed[-1] == (2, len(longer) - 2)
+    # near the end of the draft's cache: fewer tokens, then none
+    assert len(draft.propose(list(range(60)), 10)) == 5 and draft.propose(list(range(65)), 3) == []
+
+
+def test_a_draft_model_proposes_only_the_targets_vocabulary(tmp_path):
+    build_checkpoint(tmp_path, "llama", vocab_size=256, seed=3)
+    draft_model = offload.load(tmp_path, dtype="float32", max_seq_len=64, progress=False)
+    prompts = [[(7 * i + j) % 128 for j in range(6)] for i in range(12)]
+    unrestricted = [t for p in prompts for t in ModelDraft(draft_model).propose(p, 4)]
+    assert max(unrestricted) >= 128                           # the draft's own vocabulary is larger
+    restricted = [t for p in prompts for t in ModelDraft(draft_model, vocab_size=128).propose(p, 4)]
+    assert max(restricted) < 128
+
+
+def test_sessions_keep_a_draft_model_in_step(llama5):
+    model = offload.load(llama5, dtype="float32", max_seq_len=96, progress=False)
+    draft = offload.load(llama5, dtype="float32", max_seq_len=96, quantize="int8", progress=False)
+    turns = [PROMPT, [33, 4, 5, 17], [99, 42]]
+    plain = model.session()
+    want = [plain.generate(turn, max_new_tokens=10) for turn in turns]
+    drafted = model.session()
+    for i, (turn, expected) in enumerate(zip(turns, want)):
+        if i == 1:
+            draft.generate([[1, 2, 3]], max_new_tokens=2)     # someone else used the draft's cache in between
+        assert drafted.generate(turn, max_new_tokens=10, draft=draft, speculate="always") == expected
+        assert model.stats.num_verify_passes > 0
+
+
+def test_load_with_a_draft_reserves_its_memory_in_the_gpu_budget(llama5):
+    """offload.load(draft=path, draft_quantize=...): the draft is resident; the target is planned in what it
+    leaves of gpu_memory (so it streams), uses it by default, and closes it."""
+    alone = offload.load(llama5, dtype="float32", max_seq_len=64, progress=False)
+    plain = alone.generate([PROMPT], max_new_tokens=16)[0]
+    probe = offload.load(llama5, dtype="float32", max_seq_len=64, quantize="int8", gpu_layers=5, progress=False)
+    draft_bytes = probe.plan.memory.gpu.total
+    probe.close()
+    full = offload.load(llama5, dtype="float32", max_seq_len=64, gpu_layers=5, progress=False).plan.memory.gpu.total
+    budget = draft_bytes + full - 200_000                    # the target alone would fit; with the draft, not all
+    model = offload.load(llama5, dtype="float32", max_seq_len=64, gpu_memory=budget, draft=llama5,
+                         draft_quantize="int8", progress=False)
+    draft = model.draft_model
+    assert draft.plan.num_gpu_layers == 5 and draft.plan.quantization is not None
+    assert model.plan.budget.gpu_bytes == budget - draft_bytes
+    assert model.plan.num_gpu_layers < 5                     # streams what the draft's memory displaced
+    assert "draft model" in model.memory_report()
+    assert model.generate([PROMPT], max_new_tokens=16, speculate="always")[0] == plain
+    assert model.stats.num_verify_passes > 0                 # the loaded draft by default
+    assert model.generate([PROMPT], max_new_tokens=16, draft=False)[0] == plain
+    assert model.stats.num_verify_passes == 0
+    model.close()
+    assert draft.is_closed
+    ngram = offload.load(llama5, dtype="float32", max_seq_len=64, draft="ngram", progress=False)
+    assert ngram.generate([PROMPT], max_new_tokens=16, speculate="always")[0] == plain
+    assert ngram.draft_model is None and ngram.stats.num_drafted_tokens > 0
+
+
+def test_bad_drafts_are_clear_errors_and_disturb_nothing(llama5, tmp_path):
+    kwargs = dict(dtype="float32", max_seq_len=64, progress=False)
+    with pytest.raises(ValueError, match="draft_quantize is the quantization of a draft model; give draft="):
+        offload.load(llama5, draft_quantize="int4", **kwargs)
+    with pytest.raises(ValueError, match="draft must be \"ngram\" or the path .* got int"):
+        offload.load(llama5, draft=3, **kwargs)
+    with pytest.raises(ValueError, match=f"draft {tmp_path / 'missing'}: .*not a directory"):
+        offload.load(llama5, draft=tmp_path / "missing", **kwargs)
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        offload.load(llama5, draft=llama5, draft_quantize="int3", **kwargs)
+    draft_bytes = offload.load(llama5, gpu_layers=5, **kwargs).plan.memory.gpu.total
+    with pytest.raises(PlanError, match=f"draft {llama5}: manual plan"):          # the draft alone does not fit
+        offload.load(llama5, gpu_memory=draft_bytes // 2, draft=llama5, **kwargs)
+    with pytest.raises(PlanError, match=f"the draft {llama5} took .* of the GPU budget first"):
+        offload.load(llama5, gpu_memory=draft_bytes + 1000, draft=llama5, **kwargs)
+    model = offload.load(llama5, **kwargs)
+    plain = model.generate([PROMPT], max_new_tokens=8)
+    with pytest.raises(ValueError, match="a model cannot be its own draft"):
+        model.generate([PROMPT], draft=model)
+    closed = offload.load(llama5, **kwargs)
+    closed.close()
+    with pytest.raises(ValueError, match="the draft model is closed"):
+        model.session().generate(PROMPT, draft=closed)
+    assert model.generate([PROMPT], max_new_tokens=8) == plain
