@@ -42,8 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
     parser.add_argument("--seed", type=int, help="sampling seed, for repeatable replies")
-    parser.add_argument("--draft", choices=["ngram"], help="speculative decoding: ngram = prompt lookup (no "
-                        "second model; pays off when replies repeat the conversation)")
+    parser.add_argument("--draft", metavar="ngram|MODEL", help="speculative decoding: ngram = prompt lookup (no "
+                        "second model; pays off when replies repeat the conversation), or a small model with the "
+                        "same tokenizer (a folder or .gguf file), held on the GPU")
+    parser.add_argument("--draft-quantize", choices=["int4", "int8"], help="quantize the draft model as it is "
+                        "read (a 4-bit copy of the model itself drafts well when nothing smaller exists)")
     parser.add_argument("--system", help="a system prompt")
     parser.add_argument("--show-plan", action="store_true", help="print the plan before chatting")
     parser.add_argument("--stats", action="store_true", help="print each turn's timings (to stderr)")
@@ -52,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("give a MODEL_DIR or --demo (one of them)")
     if args.max_new_tokens is None:
         args.max_new_tokens = DEMO_MAX_NEW_TOKENS if args.demo else 512
+    if args.draft_quantize and args.draft in (None, "ngram"):
+        parser.error("--draft-quantize quantizes a draft model: give --draft MODEL too")
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     return args
@@ -92,7 +97,8 @@ def setup(args):
             fail(f"--system: this model's chat template rejects a system message ({error})")
     import offload
     options = {k: v for k, v in (("gpu_memory", args.gpu_memory), ("cpu_memory", args.cpu_memory),
-                                 ("max_seq_len", args.max_seq_len), ("device", args.device)) if v is not None}
+                                 ("max_seq_len", args.max_seq_len), ("device", args.device),
+                                 ("draft", args.draft), ("draft_quantize", args.draft_quantize)) if v is not None}
     try:
         model = offload.load(str(model_dir), **options)
     except (ValueError, MemoryError) as error:     # bad config, unsupported model, budget too small
@@ -104,9 +110,10 @@ def setup(args):
 
 
 def plan_report(model) -> str:
-    plan = getattr(model, "plan", None)
+    plan, draft = getattr(model, "plan", None), model.draft_model
     if plan is not None:
-        return plan.summary()
+        return plan.summary() + ("" if draft is None else f"\ndraft model: {draft.checkpoint.path} "
+                                 f"({draft.plan.quantization or draft.plan.dtype}), resident beside the budget above")
     return (f"no offloading plan: all {model.arch.num_layers} layers and the KV cache on {model.device} "
             f"({model.dtype}), context {model.max_seq_len} tokens")
 
@@ -122,7 +129,7 @@ def stats_report(result, model) -> str:
     elif turn.num_dropped_tokens:
         fed += f", dropped the {turn.num_dropped_tokens} after them ({turn.reason})"
     drafted = (f" ({s.num_verify_passes} verification passes kept {s.num_accepted_tokens} of "
-               f"{s.num_drafted_tokens} drafted tokens)" if s.num_verify_passes else "")
+               f"{s.num_drafted_tokens} drafted tokens, drafting {s.draft_seconds:.2f} s)" if s.num_verify_passes else "")
     return (f"{fed}; decode {s.num_decode_tokens} tokens at {s.decode_tokens_per_second:.1f} tokens/s{drafted}; "
             f"host->device {s.host_to_device_bytes / 1e9:.2f} GB at {s.achieved_gb_per_second:.2f} GB/s; "
             f"reply {result.num_generated_tokens} tokens, ended by {result.stop_reason}")
@@ -149,7 +156,7 @@ def chat(args, tokenizer, template, model) -> None:
     is_tty = sys.stdin.isatty()
     session = model.session()
     conversation = Conversation(tokenizer, template, max_context=model.max_seq_len, system=args.system)
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, draft=args.draft)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)   # (the draft: the model's)
     if is_tty:
         print(f"Chatting with {args.model_dir}. Commands: {COMMANDS}. Ctrl-C stops a reply, Ctrl-D exits.")
     last = None

@@ -39,6 +39,7 @@ from placement.quantization import QUANTIZE_SCHEMES, Quantization, layouts_label
 
 log = logging.getLogger(__name__)
 MAX_SEQ_LEN_CAP = 4096   # default cache length when the config allows more (a 128k cache is rarely wanted)
+DRAFT_PREFILL_CHUNK = 64  # a draft model's prefill chunk
 
 
 def default_max_seq_len(arch: Architecture) -> int:
@@ -281,11 +282,13 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
 def load_draft(path, *, quantize: str | None, device: torch.device, dtype: str | None, max_seq_len: int,
                gpu_memory, progress: bool) -> Model:
     """The draft model at `path` for a target of `max_seq_len` positions: every weight and its KV cache for one
-    row on `device` (checked against `gpu_memory` when given); errors name it as the draft."""
+    row on `device` (checked against `gpu_memory` when given), prefilling in chunks of DRAFT_PREFILL_CHUNK tokens
+    (it feeds a few tokens a proposal; a small workspace); errors name it as the draft."""
     try:
         num_layers = open_checkpoint(path).arch.num_layers
         return load(path, gpu_memory=gpu_memory, max_seq_len=max_seq_len, dtype=dtype, device=device,
-                    gpu_layers=num_layers, quantize=quantize, progress=progress)
+                    gpu_layers=num_layers, quantize=quantize, prefill_chunk_size=min(DRAFT_PREFILL_CHUNK, max_seq_len),
+                    progress=progress)
     except ValueError as e:
         raise type(e)(f"draft {path}: {e}") from None
 

@@ -88,11 +88,14 @@ def bad_folders(folder, tmp_path):
         "unsupported model": ([gpt2], "unsupported model_type 'gpt2'"),
         "system prompt the template refuses": ([mistral, "--system", "Be kind."], "rejects a system message"),
         "no model and no --demo": ([], "give a MODEL_DIR or --demo"),
+        "missing draft": ([folder, "--draft", tmp_path / "nowhere"], "draft " + str(tmp_path / "nowhere")),
+        "draft quantized without a draft": ([folder, "--draft-quantize", "int4"], "give --draft MODEL too"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing folder", "no tokenizer.json", "unsupported model",
-                                  "system prompt the template refuses", "no model and no --demo"])
+                                  "system prompt the template refuses", "no model and no --demo", "missing draft",
+                                  "draft quantized without a draft"])
 def test_bad_input_exits_2_with_one_line(folder, tmp_path, case):
     args, message = bad_folders(folder, tmp_path)[case]
     out = run_chat(*args, stdin="hi\n")

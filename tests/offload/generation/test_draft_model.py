@@ -5,7 +5,6 @@ whatever the draft; the draft's own KV cache follows the sequence, feeding only 
 from __future__ import annotations
 
 import pytest
-import torch
 
 import offload
 from offload.generation.drafts import ModelDraft
