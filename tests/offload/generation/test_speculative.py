@@ -76,12 +76,17 @@ def test_offloaded_placements_verify_in_one_pass_and_roll_back_every_tier(llama5
     plan = layout_plan(llama5, weights=weights, kv=kv, batch_size=1, chunk=chunk, max_seq_len=64, dtype="float32")
     model = offload.load(llama5, plan=plan, progress=False)
     plain = model.generate([PROMPT], max_new_tokens=20)[0]
-    plain_bytes = model.stats.host_to_device_bytes
+    plain_bytes, cycle = model.stats.host_to_device_bytes, model.engine.weights.streamed_bytes_per_cycle
+    assert model.stats.bytes_per_decode_token == cycle > 0          # a plain step streams everything once
     for name, draft in _drafts(plain).items():
         assert model.generate([PROMPT], max_new_tokens=20, draft=draft, speculate="always")[0] == plain, name
+        stats = model.stats
+        # one cycle a pass or plain step: the decode tokens less the drafted ones kept
+        assert stats.host_to_device_bytes - stats.prefill_host_to_device_bytes == \
+            cycle * (stats.num_decode_tokens - stats.num_accepted_tokens), name
         if name == "perfect":     # fewer passes over the streamed layers than tokens: fewer bytes copied
-            assert model.stats.num_verify_passes < len(plain) - 1
-            assert model.stats.host_to_device_bytes < plain_bytes
+            assert stats.num_verify_passes < len(plain) - 1
+            assert stats.host_to_device_bytes < plain_bytes and stats.bytes_per_decode_token < cycle / 2
 
 
 def test_sessions_with_a_draft_give_the_plain_turns(checkpoint_factory):
