@@ -13,9 +13,10 @@ from .hardware import Hardware
 from .plans import Budget, ItemPlan, LayerPlan, Plan, PlanError, Prediction
 from .spec import ModelSpec
 from .workload import Workload
-from .workspace import workspace_bytes
+from .workspace import MAX_VERIFY_TOKENS, workspace_bytes
 
 MIN_CHUNK_TOKENS = 16
+VERIFY_STEP_SLACK = 1.25         # a verification pass "costs about one step" up to this many steps
 
 
 def chunk_candidates(prompt_len: int) -> list[int]:
@@ -105,7 +106,33 @@ def predict(cost: CostModel, layers, embedding: str, lm_head: str, prefetch_dept
                                      embedding=cost.embedding(embedding, chunk), prefetch_depth=prefetch_depth,
                                      chunk=chunk)
     return Prediction(prefill_s=prefill_s, decode_tokens_per_s=cost.wl.batch_size / step.seconds,
-                      bottleneck=step.bottleneck)
+                      bottleneck=step.bottleneck,
+                      verify_tokens=verify_budget(cost, layers, embedding, lm_head, prefetch_depth))
+
+
+def verify_budget(cost: CostModel, layers, embedding: str, lm_head: str, prefetch_depth: int) -> int:
+    """Speculative decoding's token budget: the most tokens (up to MAX_VERIFY_TOKENS) of one row whose
+    verification pass costs at most VERIFY_STEP_SLACK times a plain decode step of that row. A pass runs as a
+    prefill chunk (offload/generation/engine.py verify): the layers a decode step computes on the CPU stream
+    for it, and every position gets logits."""
+    one = CostModel(cost.spec, cost.hw, dataclasses.replace(cost.wl, batch_size=1))
+    kinds = Counter((l.weights, l.kv, l.attention, l.weight_bytes, l.expert_bytes, l.experts) for l in layers)
+    on_cpu = Counter((l.weight_bytes, l.expert_bytes) for l in layers if l.compute == "cpu")
+    streamed = Counter((l.weights, l.kv, l.attention, l.weight_bytes, l.expert_bytes, l.experts) for l in layers
+                       if l.compute != "cpu")
+    serial = cost.hw.is_cpu_only
+    decode = [(n, one.decode_layer(*k)) for k, n in streamed.items()]
+    decode += [(n, one.decode_layer_on_cpu(*b)) for b, n in on_cpu.items()]
+    decode += [(1, one.embedding(embedding, 1)), (1, one.final_norm()), (1, one.lm_head(lm_head))]
+    limit = VERIFY_STEP_SLACK * step_time(decode, prefetch_depth, serial).seconds
+    for tokens in range(MAX_VERIFY_TOKENS, 1, -1):
+        groups = [(n, one.layer(weights=w, kv=kv, attention=a, weight_bytes=wb, num_rows=tokens,
+                                num_keys=one.decode_context, expert_bytes=eb, experts=e, decode=False))
+                  for (w, kv, a, wb, eb, e), n in kinds.items()]
+        groups += [(1, one.embedding(embedding, tokens)), (1, one.final_norm()), (1, one.lm_head(lm_head, tokens))]
+        if step_time(groups, prefetch_depth, serial).seconds <= limit:
+            return tokens
+    return 1
 
 
 def assemble(spec: ModelSpec, workload: Workload, hardware: Hardware, *, layers, embedding: str,

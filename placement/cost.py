@@ -217,14 +217,16 @@ class CostModel:
     def final_norm(self) -> ItemCost:
         return ItemCost(0.0, self.layer_overhead_s / 4 + self._gpu(0, self.spec.final_norm_bytes), 0.0, False)
 
-    def lm_head(self, weights: str) -> ItemCost:
-        """Logits of the last position of every row (prefill computes them once, in its last chunk)."""
+    def lm_head(self, weights: str, positions: int | None = None) -> ItemCost:
+        """Logits of the last position of every row (prefill computes them once, in its last chunk), or of
+        `positions` positions (a verification pass: every position of its row)."""
         spec, hw = self.spec, self.hw
+        positions = self.wl.batch_size if positions is None else positions
         read = spec.lm_head_read_bytes
-        if spec.lm_head_packed and not (hw.is_cpu_only and self.wl.batch_size <= CPU_DECODE_MAX_ROWS):
+        if spec.lm_head_packed and not (hw.is_cpu_only and positions <= CPU_DECODE_MAX_ROWS):
             # dequantized next to its matmul (a few rows on the CPU read it packed): the dense matrix written, read
             read += 2 * spec.arch.vocab_size * spec.arch.embed_dim * self.dtype_bytes
-        gpu_s = self.layer_overhead_s / 2 + self._gpu(self.wl.batch_size * spec.lm_head_flops_per_token, read)
+        gpu_s = self.layer_overhead_s / 2 + self._gpu(positions * spec.lm_head_flops_per_token, read)
         if weights == "gpu":
             return ItemCost(0.0, gpu_s, 0.0, False)
         return ItemCost(read / self.hw.pcie_bytes_per_s, gpu_s, 0.0, True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .workload import Workload
+from .workspace import DEFAULT_VERIFY_TOKENS
 from .jsonfile import parse_json_object, read_json_object
 
 PLACEMENTS = ("gpu", "cpu")
@@ -199,12 +200,15 @@ class Prediction:
     prefill_s: float
     decode_tokens_per_s: float
     bottleneck: str
+    verify_tokens: int = DEFAULT_VERIFY_TOKENS   # speculative decoding: tokens a pass verifies for about a step
 
     def __post_init__(self):
         if self.bottleneck not in BOTTLENECKS:
             raise PlanError(f"bottleneck must be one of {', '.join(BOTTLENECKS)}, got {self.bottleneck!r}")
         if not (self.prefill_s >= 0 and self.decode_tokens_per_s >= 0):
             raise PlanError("predicted times must be non-negative")
+        if isinstance(self.verify_tokens, bool) or not isinstance(self.verify_tokens, int) or self.verify_tokens < 1:
+            raise PlanError(f"predicted verify_tokens must be a positive int, got {self.verify_tokens!r}")
 
 
 @dataclass(frozen=True)
@@ -343,7 +347,8 @@ class Plan:
             "memory": self.memory.to_dict(),
             "predicted": {"prefill_s": self.predicted.prefill_s,
                           "decode_tokens_per_s": self.predicted.decode_tokens_per_s,
-                          "bottleneck": self.predicted.bottleneck},
+                          "bottleneck": self.predicted.bottleneck,
+                          "verify_tokens": self.predicted.verify_tokens},
         }
 
     @classmethod

@@ -86,5 +86,6 @@ def format_plan(plan) -> str:
     per_seq = pred.decode_tokens_per_s / wl.batch_size
     batch_note = f" ({per_seq:.2f} per sequence)" if wl.batch_size > 1 else ""
     lines.append(f"predicted prefill {pred.prefill_s:.2f} s, decode {pred.decode_tokens_per_s:.2f} "
-                 f"tokens/s{batch_note}, bottleneck: {pred.bottleneck}")
+                 f"tokens/s{batch_note}, bottleneck: {pred.bottleneck}; speculative decoding's budget: "
+                 f"{pred.verify_tokens} tokens a verification pass for about a step's cost")
     return "\n".join(lines)

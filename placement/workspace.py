@@ -29,6 +29,7 @@ from .architecture import DTYPE_BYTES, Architecture, normalize_dtype
 
 ALLOCATOR_SLACK_BYTES = 64 << 20
 MAX_VERIFY_TOKENS = 16            # positions one speculative decoding pass verifies at most (their logits)
+DEFAULT_VERIFY_TOKENS = 9         # a pass's positions where no cost model says (a plan from an older JSON)
 DEQUANT_MAX_WEIGHTS = 1 << 25      # a packed matrix is dequantized at most this many weights at a time
 
 

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from offload.generation.steps import read_tokens
+from placement.workspace import DEFAULT_VERIFY_TOKENS
 
-DEFAULT_DRAFT_TOKENS = 8        # tokens proposed per verification pass
+DEFAULT_DRAFT_TOKENS = DEFAULT_VERIFY_TOKENS - 1      # tokens proposed a pass where the plan has no budget
 
 
 class Draft(Protocol):

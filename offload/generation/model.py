@@ -109,16 +109,26 @@ class Model:
                              f"{num_tokens + max_new_tokens} positions, more than max_seq_len="
                              f"{self.max_seq_len}; shorten it or load with a larger max_seq_len")
 
-    def check_draft(self, draft, draft_tokens: int, speculate: str = "adaptive") -> Draft | None:
-        """The Draft of a call: None = the draft loaded with the model (offload.load(draft=...)) if any, False =
-        none, a loaded Model (a ModelDraft of it, kept across calls so that its cache follows the
-        conversation), else as_draft's. ValueError for a bad one, a draft_tokens outside 1..MAX_VERIFY_TOKENS - 1
-        (what a pass verifies: the last token and the proposal) or an unknown `speculate`."""
+    def check_draft(self, draft, draft_tokens: int | None, speculate: str = "adaptive") -> tuple[Draft | None, int]:
+        """(the Draft of a call, the tokens it proposes a pass at most). Draft: None = the draft loaded with the
+        model (offload.load(draft=...)) if any, False = none, a loaded Model (a ModelDraft of it, kept across
+        calls so that its cache follows the conversation), else as_draft's. draft_tokens: None = the plan's
+        budget (plan.predicted.verify_tokens: the tokens a pass verifies for about a step's cost) less the
+        pass's own last token, at least 1. ValueError for a bad draft, a draft_tokens outside
+        1..MAX_VERIFY_TOKENS - 1 (what a pass verifies: the last token and the proposal) or an unknown
+        `speculate`."""
         if speculate not in SPECULATE:
             raise ValueError(f"speculate must be one of {', '.join(map(repr, SPECULATE))}, got {speculate!r}")
-        if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) \
+        if draft_tokens is None:
+            draft_tokens = max(1, self.plan.predicted.verify_tokens - 1) if self.plan is not None \
+                else DEFAULT_DRAFT_TOKENS
+        elif isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) \
                 or not 1 <= draft_tokens < MAX_VERIFY_TOKENS:
-            raise ValueError(f"draft_tokens must be an integer from 1 to {MAX_VERIFY_TOKENS - 1}, got {draft_tokens!r}")
+            raise ValueError(f"draft_tokens must be an integer from 1 to {MAX_VERIFY_TOKENS - 1} (or None: the "
+                             f"plan's budget), got {draft_tokens!r}")
+        return self._draft(draft), draft_tokens
+
+    def _draft(self, draft) -> Draft | None:
         if draft is None:
             return self.default_draft
         if draft is False:
@@ -195,7 +205,7 @@ class Model:
 
     def generate(self, input_ids, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop_token_ids=None, draft=None, draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+                 stop_token_ids=None, draft=None, draft_tokens: int | None = None,
                  speculate: str = "adaptive") -> list[list[int]]:
         """New token ids of each row: exactly max_new_tokens, or fewer ending with the stop token produced.
 
@@ -207,14 +217,14 @@ class Model:
         draft: speculative decoding for one prompt: None = the draft model loaded with this one
         (offload.load(draft=...)) if any, False = none, "ngram" (prompt lookup), a loaded Model with the same
         tokenizer (small and resident), or an object with a `propose(tokens, max_tokens)` method
-        (offload/generation/drafts.py); up to `draft_tokens` tokens verified a pass; `speculate`: "adaptive"
-        verifies when this call's measured pass and step times say it pays (offload/generation/speculative.py),
-        "always" whenever the draft proposes. Greedy: the same tokens as
-        without a draft in float32 (16-bit passes of several tokens round differently from single steps, so
+        (offload/generation/drafts.py); up to `draft_tokens` tokens verified a pass (None: the plan's budget,
+        plan.predicted.verify_tokens, less one); `speculate`: "adaptive" verifies when this call's measured pass
+        and step times say it pays (offload/generation/speculative.py), "always" whenever the draft proposes.
+        Greedy: the same tokens as without a draft in float32 (16-bit passes of several tokens round differently from single steps, so
         near-ties may break the other way); sampling: the same distribution.
         """
         rows = as_rows(input_ids, self.arch.vocab_size)
-        draft = self.check_draft(draft, draft_tokens, speculate)
+        draft, draft_tokens = self.check_draft(draft, draft_tokens, speculate)
         self.check_request(min(len(rows), self.max_batch_size), max(map(len, rows)), max_new_tokens)
         params, stop_ids = self.sampling_params(temperature, top_k, top_p, seed), self.stop_ids(stop_token_ids)
         sampler, stats = Sampler(params, self.device), GenerationStats()
@@ -233,13 +243,13 @@ class Model:
 
     def stream(self, input_ids, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               stop_token_ids=None, draft=None, draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+               stop_token_ids=None, draft=None, draft_tokens: int | None = None,
                speculate: str = "adaptive") -> Iterator[int]:
         """Like `generate` for ONE prompt, yielding each new token id as soon as it is chosen."""
         rows = as_rows(input_ids, self.arch.vocab_size)
         if len(rows) != 1:
             raise ValueError(f"stream takes one prompt, got {len(rows)} rows; use generate for batches")
-        draft = self.check_draft(draft, draft_tokens, speculate)
+        draft, draft_tokens = self.check_draft(draft, draft_tokens, speculate)
         self.check_request(1, len(rows[0]), max_new_tokens)        # now, not at the first next()
         steps = self.run_steps(rows, starts=[0], max_new_tokens=max_new_tokens,
                                params=self.sampling_params(temperature, top_k, top_p, seed),
@@ -255,8 +265,9 @@ class Model:
     # ---- internals ----------------------------------------------------------------------------------
     def _inference(self, steps, stats: GenerationStats):
         """Run a generator under inference_mode across its resumptions; add the transfer stats after
-        each step (the first step's bytes are the prefill's too); reset the engine when a step is interrupted (any exception, KeyboardInterrupt) or the
-        caller closes the generator (GeneratorExit), so the model stays usable. The reset is skipped when
+        each step (the first step's bytes are the prefill's too); reset the engine when a step is interrupted
+        (any exception, KeyboardInterrupt) or the caller closes the generator (GeneratorExit), so the model
+        stays usable. The reset is skipped when
         another call has started since (a late close of an abandoned generator must not disturb it)."""
         token = object()
         self._active_run = token

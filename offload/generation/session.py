@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import torch
 
-from offload.generation.drafts import DEFAULT_DRAFT_TOKENS
 from offload.generation.model import DEFAULT_MAX_NEW_TOKENS, Model, as_rows
 
 
@@ -53,7 +52,7 @@ class Session:
     def generate(self, token_ids: list[int], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop_token_ids=None, draft=None,
-                 draft_tokens: int = DEFAULT_DRAFT_TOKENS, speculate: str = "adaptive") -> list[int]:
+                 draft_tokens: int | None = None, speculate: str = "adaptive") -> list[int]:
         """Append `token_ids` to the conversation and return the new ids (as model.generate for one row; a
         `draft` sees the whole conversation)."""
         return list(self.stream(token_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, draft,
@@ -62,7 +61,7 @@ class Session:
     def stream(self, token_ids: list[int], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                seed: int | None = None, stop_token_ids=None, draft=None,
-               draft_tokens: int = DEFAULT_DRAFT_TOKENS, speculate: str = "adaptive") -> Iterator[int]:
+               draft_tokens: int | None = None, speculate: str = "adaptive") -> Iterator[int]:
         """`generate` as an iterator. Everything is validated here, before the cache is touched."""
         model = self._model
         if isinstance(token_ids, torch.Tensor):
@@ -73,7 +72,7 @@ class Session:
         new = as_rows(token_ids, model.arch.vocab_size)[0] if token_ids else []
         if not new and not self._tokens:
             raise ValueError("the first turn of a session needs at least one token")
-        draft = model.check_draft(draft, draft_tokens, speculate)
+        draft, draft_tokens = model.check_draft(draft, draft_tokens, speculate)
         model.check_request(1, len(self._tokens) + len(new), max_new_tokens, what="this conversation")
         params = model.sampling_params(temperature, top_k, top_p, seed)
         stop_ids = model.stop_ids(stop_token_ids)

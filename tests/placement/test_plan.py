@@ -40,7 +40,7 @@ def test_json_has_the_documented_keys(streamed_plan):
         assert layer["expert_bytes"] == 0                     # a dense model
     assert set(d["memory"]["gpu"]) == {"weights", "kv_cache", "buffers", "workspace", "total"}
     assert set(d["memory"]["cpu"]) == {"weights", "kv_cache", "total"}
-    assert set(d["predicted"]) == {"prefill_s", "decode_tokens_per_s", "bottleneck"}
+    assert set(d["predicted"]) == {"prefill_s", "decode_tokens_per_s", "bottleneck", "verify_tokens"}
     for key in ("embedding", "final_norm", "lm_head"):
         assert d[key]["weights"] in ("gpu", "cpu")
     for key in ("prefetch_depth", "slot_bytes", "prefill_chunk_size", "workspace_bytes",

@@ -219,3 +219,33 @@ def test_copies_and_compute_add_up_on_the_cpu_stand_in():
     groups = [(2, streamed), (1, resident)]
     assert step_time(groups, 2, serial=True).seconds == pytest.approx(4.0 + 5.0)
     assert step_time(groups, 2).seconds < 9.0               # a GPU overlaps them
+
+
+def test_speculative_decoding_budget_is_the_longest_pass_that_costs_about_a_step():
+    """plan.predicted.verify_tokens: a streamed 70B model verifies MAX_VERIFY_TOKENS tokens for a step's copies;
+    resident on the GPU, a pass grows with its tokens once their FLOPs pass the weights' reads; where a decode
+    step computes layers on the CPU, a pass (a prefill chunk: those layers stream) costs more than a step."""
+    from placement.build import VERIFY_STEP_SLACK, verify_budget
+    from placement.cost import CostModel, step_time
+    from placement.workspace import MAX_VERIFY_TOKENS
+    workload = Workload(batch_size=1, prompt_len=512, gen_len=128)
+    streamed = plan(load_spec("llama-3.1-70b", quantization="int4"), hardware(24, 192), workload, cpu_compute=False)
+    assert streamed.predicted.bottleneck == "pcie" and streamed.predicted.verify_tokens == MAX_VERIFY_TOKENS
+    assert "speculative decoding's budget: 16 tokens" in streamed.summary()
+    small = load_spec("qwen2.5-0.5b")
+    slow_gpu = dataclasses.replace(hardware(24, 64), gpu_flops=2e12)        # FLOPs catch up with reads early
+    resident = plan(small, slow_gpu, workload)
+    budget = resident.predicted.verify_tokens
+    assert resident.num_gpu_layers == small.num_layers and 1 < budget < MAX_VERIFY_TOKENS
+    cost = CostModel(small, slow_gpu, workload)
+    layers = resident.layers
+
+    def pass_s(tokens):     # a pass of `tokens` tokens of the one row: every layer's T rows, the head's T positions
+        groups = [(1, cost.layer(weights=l.weights, kv=l.kv, attention=l.attention, weight_bytes=l.weight_bytes,
+                                 num_rows=tokens, num_keys=cost.decode_context, decode=False)) for l in layers]
+        groups += [(1, cost.embedding("gpu", tokens)), (1, cost.final_norm()), (1, cost.lm_head("gpu", tokens))]
+        return step_time(groups, 0).seconds
+    assert pass_s(budget) <= VERIFY_STEP_SLACK * pass_s(1) < pass_s(budget + 1)
+    assert verify_budget(cost, layers, "gpu", "gpu", 0) == budget
+    hybrid = plan(load_spec("llama-2-70b"), hardware(24, 192), workload)
+    assert any(l.compute == "cpu" for l in hybrid.layers) and hybrid.predicted.verify_tokens == 1

@@ -149,3 +149,25 @@ def test_bad_drafts_are_clear_errors_and_disturb_nothing(llama5, tmp_path):
     with pytest.raises(ValueError, match="the draft model is closed"):
         model.session().generate(PROMPT, draft=closed)
     assert model.generate([PROMPT], max_new_tokens=8) == plain
+
+
+def test_a_draft_proposes_the_plans_budget_by_default(llama5):
+    """draft_tokens=None: the plan's speculative decoding budget (plan.predicted.verify_tokens) less the pass's
+    own last token; an explicit draft_tokens wins."""
+    import dataclasses
+    base = offload.load(llama5, dtype="float32", max_seq_len=64, progress=False)
+    plain = base.generate([PROMPT], max_new_tokens=12)[0]
+    asked = []
+
+    class Recording:
+        def propose(self, tokens, max_tokens):
+            asked.append(max_tokens)
+            return (PROMPT + plain)[len(tokens):len(tokens) + max_tokens]
+
+    for budget, explicit, want in ((5, None, 4), (2, None, 1), (5, 3, 3)):
+        plan = dataclasses.replace(base.plan, predicted=dataclasses.replace(base.plan.predicted, verify_tokens=budget))
+        model = offload.load(llama5, plan=plan, progress=False)
+        asked.clear()
+        assert model.generate([PROMPT], max_new_tokens=12, draft=Recording(), draft_tokens=explicit,
+                              speculate="always")[0] == plain
+        assert max(asked) == want
