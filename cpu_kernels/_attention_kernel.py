@@ -221,7 +221,7 @@ def _online_softmax(p, nb, rows, run_max, run_sum, acc):
 
 
 @njit(nogil=True, fastmath=FASTMATH, cache=True)
-def _attend_item(q, k, v, lengths, scale, window, softcap, out, item, tile_t):
+def _attend_item(q, k, v, lengths, scale, window, softcap, tree, depth, out, item, tile_t):
     # q, out: [B, Hq, T, D] float32; k, v: [B, Hkv, S_max, D] (float32 or uint16 bits)
     num_heads, num_queries, head_dim = q.shape[1], q.shape[2], q.shape[3]
     num_kv_heads = k.shape[1]
@@ -242,15 +242,19 @@ def _attend_item(q, k, v, lengths, scale, window, softcap, out, item, tile_t):
     run_sum = np.zeros(rows, np.float32)
     row_lo = np.empty(rows, np.int64)  # first visible cache position of each row
     row_hi = np.empty(rows, np.int64)  # last visible cache position (the query's own)
+    has_tree = tree.shape[0] > 0  # a token tree: chunk keys visible by tree[t, u], positions start + depth
     for j in range(group):
         for i in range(nt):
             r = j * nt + i
             for d in range(head_dim):
                 qs[r, d] = q[b, h * group + j, t0 + i, d] * scale
             row_hi[r] = first_pos + t0 + i
-            row_lo[r] = max(0, row_hi[r] - window + 1) if window > 0 else 0
+            logical = first_pos + depth[t0 + i] if has_tree else row_hi[r]
+            row_lo[r] = max(0, logical - window + 1) if window > 0 else 0
 
-    lo = row_lo[0]  # row_lo grows with t and is the same for every head of the group
+    lo = row_lo[0]  # the smallest: row_lo grows with t (a tree's with depth) and is the same for every head
+    for r in range(rows):
+        lo = min(lo, row_lo[r])
     hi = first_pos + t0 + nt  # exclusive: one past the last query's position
     kb = k[b, h]  # [S_max, D]
     vb = v[b, h]
@@ -262,9 +266,15 @@ def _attend_item(q, k, v, lengths, scale, window, softcap, out, item, tile_t):
             _soft_cap(p, nb, rows, softcap)
         if is_ragged:
             for r in range(rows):
+                t = t0 + r % nt
                 for i in range(nb):
-                    if s0 + i < row_lo[r] or s0 + i > row_hi[r]:
+                    pos = s0 + i
+                    if pos < row_lo[r] or pos > row_hi[r]:
                         p[r, i] = -np.inf
+                    elif has_tree and pos >= first_pos:
+                        u = pos - first_pos
+                        if tree[t, u] == 0 or (window > 0 and depth[u] <= depth[t] - window):
+                            p[r, i] = -np.inf
         _online_softmax(p, nb, rows, run_max, run_sum, acc)
         _accumulate_block(acc, vb, s0, p, nb, rows)
 
@@ -277,13 +287,15 @@ def _attend_item(q, k, v, lengths, scale, window, softcap, out, item, tile_t):
 
 
 @njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
-def attend(q, k, v, lengths, scale, window, softcap, out, tile_t):
+def attend(q, k, v, lengths, scale, window, softcap, tree, depth, out, tile_t):
     """Attention for every (row, KV head, query tile); see the module docstring.
 
     q, out: [B, Hq, T, D] float32; k, v: [B, Hkv, S_max, D] as float32, uint16 (bfloat16 bits) or int16
     (float16 bits); lengths: [B] int64; window <= 0 means no sliding window; softcap: float32, > 0 caps
-    every score s at softcap * tanh(s / softcap), 0 means no cap (no tanh is evaluated).
+    every score s at softcap * tanh(s / softcap), 0 means no cap (no tanh is evaluated). tree: [T, T] uint8
+    and depth: [T] int64 of a token tree's chunk (B = 1: query t sees the chunk's key u iff tree[t, u], and
+    sits at logical position lengths[0] - T + depth[t]), or [0, 0] and [0] for a plain chunk.
     """
     num_items = q.shape[0] * k.shape[1] * ((q.shape[2] + tile_t - 1) // tile_t)
     for item in prange(num_items):
-        _attend_item(q, k, v, lengths, scale, window, softcap, out, item, tile_t)
+        _attend_item(q, k, v, lengths, scale, window, softcap, tree, depth, out, item, tile_t)

@@ -196,7 +196,7 @@ def decode_layer(h, w_in, w_post, eps, q_m, k_m, v_m, o_m, gate_m, up_m, down_m,
                 v.reshape(rows, num_kv_heads, 1, head_dim), positions, append_mode)
     attn = np.empty((rows, num_heads, 1, head_dim), np.float32)
     attend(q.reshape(rows, num_heads, 1, head_dim), k_cache, v_cache, positions + 1, np.float32(scale), window,
-           np.float32(0.0), attn, 1)
+           np.float32(0.0), np.zeros((0, 0), np.uint8), np.zeros(0, np.int64), attn, 1)   # (no token tree)
     merged = attn.reshape(rows, num_heads * head_dim)
     for m in range(rows):
         for j in range(num_heads * head_dim):

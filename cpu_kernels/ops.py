@@ -43,7 +43,8 @@ def _launch(kernel, *args) -> None:
             kernel(*args)
 
 
-def attention(q, k_cache, v_cache, lengths, scale=None, sliding_window=None, softcap=None) -> torch.Tensor:
+def attention(q, k_cache, v_cache, lengths, scale=None, sliding_window=None, softcap=None,
+              ancestors=None) -> torch.Tensor:
     """Causal attention of T new queries per row over a CPU KV cache that already holds them.
 
     q: float32 [B, Hq, T, D]; k_cache, v_cache: contiguous [B, Hkv, S_max, D] float32, bfloat16 or
@@ -52,6 +53,9 @@ def attention(q, k_cache, v_cache, lengths, scale=None, sliding_window=None, sof
     `sliding_window` of them when given). Query head h reads KV head h // (Hq // Hkv).
     scale defaults to 1 / sqrt(D). softcap (Gemma 2's attn_logit_softcapping): each score
     s = scale * q.k becomes softcap * tanh(s / softcap) before masking and softmax; None: no cap.
+    ancestors: a token tree's bool [T, T] (B = 1; offload/attention/contract.py): query t sees the cached keys
+    before the T new ones and, of these, the ones its row marks; it sits at logical position lengths[0] - T +
+    depth(t) (depth: its row's count less one), as do the keys, for the sliding window. None: causal.
     Returns float32 [B, Hq, T, D].
     """
     check_caches(k_cache, v_cache)
@@ -91,10 +95,22 @@ def attention(q, k_cache, v_cache, lengths, scale=None, sliding_window=None, sof
                              f"got {softcap!r}")
         cap = float(softcap)
 
+    tree, depth = np.zeros((0, 0), np.uint8), np.zeros(0, np.int64)
+    if ancestors is not None:
+        if not (isinstance(ancestors, torch.Tensor) and ancestors.dtype == torch.bool
+                and ancestors.shape == (num_queries, num_queries) and num_rows == 1):
+            raise ValueError(f"ancestors must be a bool [T, T] = [{num_queries}, {num_queries}] tensor of one row's "
+                             f"tree, got {getattr(ancestors, 'dtype', type(ancestors))} "
+                             f"{tuple(getattr(ancestors, 'shape', ()))} for {num_rows} rows")
+        tree = ancestors.cpu().numpy().astype(np.uint8)
+        if not (tree.diagonal().all() and not np.triu(tree, 1).any()):
+            raise ValueError("ancestors must mark each token itself and only earlier tokens (a tree in order)")
+        depth = tree.sum(axis=1).astype(np.int64) - 1
+
     q_np = q.detach().contiguous().numpy()  # q is small: [B, Hq, T, D]
     out = torch.empty((num_rows, num_heads, num_queries, head_dim), dtype=torch.float32)
     _launch(attend, q_np, cache_view(k_cache, fp16_as_int16=True), cache_view(v_cache, fp16_as_int16=True),
-            lengths_np, np.float32(scale), window, np.float32(cap), out.numpy(),
+            lengths_np, np.float32(scale), window, np.float32(cap), tree, depth, out.numpy(),
             tile_queries(num_queries, num_heads // num_kv_heads))
     return out
 

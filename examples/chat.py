@@ -42,9 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
     parser.add_argument("--seed", type=int, help="sampling seed, for repeatable replies")
-    parser.add_argument("--draft", metavar="ngram|MODEL", help="speculative decoding: ngram = prompt lookup (no "
-                        "second model; pays off when replies repeat the conversation), or a small model with the "
-                        "same tokenizer (a folder or .gguf file), held on the GPU")
+    parser.add_argument("--draft", metavar="ngram|ngram-tree|MODEL", help="speculative decoding: ngram = prompt "
+                        "lookup (no second model; pays off when replies repeat the conversation; ngram-tree: a tree "
+                        "of its latest matches), or a small model with the same tokenizer (a folder or .gguf file), "
+                        "held on the GPU")
     parser.add_argument("--draft-quantize", choices=["int4", "int8"], help="quantize the draft model as it is "
                         "read (a 4-bit copy of the model itself drafts well when nothing smaller exists)")
     parser.add_argument("--system", help="a system prompt")
@@ -55,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("give a MODEL_DIR or --demo (one of them)")
     if args.max_new_tokens is None:
         args.max_new_tokens = DEMO_MAX_NEW_TOKENS if args.demo else 512
-    if args.draft_quantize and args.draft in (None, "ngram"):
+    if args.draft_quantize and args.draft in (None, "ngram", "ngram-tree"):
         parser.error("--draft-quantize quantizes a draft model: give --draft MODEL too")
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -14,6 +14,11 @@ The engine calls, for every decoder layer, that layer's backend:
       weights:the layer's acquired tensors (a backend whose cache travels with them reads it there)
       out:    [B, Hq, T, D]  on the compute device
 
+A chunk may carry a token tree (speculative decoding verifying several draft continuations in one pass, one
+row): `ancestors` [T, T] says which of the chunk's tokens each query sees besides the whole cached prefix
+before `start` (itself and its ancestors); token t then sits at logical position start + depth(t) (what
+RoPE and sliding windows see), though it is written to slot start + t like any chunk token.
+
 start/lengths stay on the host so no backend needs a device sync to read them; what the device needs of
 them is copied once per chunk, without blocking (pinned, non_blocking).
 Rows are the first B rows of a cache preallocated for max_batch_size x max_seq_len. Slots past a row's
@@ -48,6 +53,22 @@ def attention_mask(start: torch.Tensor, T: int, num_keys: int, sliding_window: i
     return mask[:, None]
 
 
+def tree_mask(start: int, ancestors: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """Boolean [1, 1, T, start + T] mask of a token tree's chunk (one row, host): query t sees every cached key
+    before `start` and the chunk keys its row of `ancestors` [T, T] marks; with a window, only keys whose
+    logical positions (prefix: their slot; chunk token u: start + depth(u)) are within it of the query's."""
+    T = ancestors.shape[0]
+    assert ancestors.shape == (T, T) and ancestors.dtype == torch.bool and ancestors.device.type == "cpu"
+    depth = ancestors.sum(dim=1) - 1                                                  # [T]
+    visible = torch.ones(T, start + T, dtype=torch.bool)
+    visible[:, start:] = ancestors
+    if sliding_window is not None:
+        key_pos = torch.arange(start + T)
+        key_pos[start:] = start + depth
+        visible &= key_pos[None, :] > (start + depth)[:, None] - sliding_window
+    return visible[None, None]
+
+
 @dataclass(eq=False)
 class Chunk:
     """The positions of one chunk of T tokens per row, shared by every layer's attention backend.
@@ -58,6 +79,7 @@ class Chunk:
     start: torch.Tensor             # [B] int64, host: row b's tokens go to cache slots start[b] ..
     num_tokens: int                 # T
     device: torch.device            # the compute device
+    ancestors: torch.Tensor | None = None   # [T, T] bool, host: a token tree's (module docstring); one row
     lengths: torch.Tensor = field(init=False)   # [B] int64, host: start + T
     num_keys: int = field(init=False)           # max(lengths): the cache prefix any row attends over
     _write_index: tuple[torch.Tensor, torch.Tensor] | None = field(init=False, default=None, repr=False)
@@ -70,6 +92,11 @@ class Chunk:
         self.num_keys = int(self.lengths.max())
         # one query per row and every row as long as the longest: no mask unless a window cuts keys off
         self._is_full_decode = self.num_tokens == 1 and bool((self.lengths == self.num_keys).all())
+        if self.ancestors is not None:
+            T = self.num_tokens
+            assert self.batch_size == 1 and self.ancestors.shape == (T, T), (self.start, self.ancestors.shape)
+            assert bool(self.ancestors.diagonal().all()) and not bool(self.ancestors.triu(1).any()), \
+                "a token sees itself and earlier tokens only (its ancestors come before it)"
 
     @property
     def batch_size(self) -> int:
@@ -89,9 +116,18 @@ class Chunk:
         if self._is_full_decode and (sliding_window is None or self.num_keys <= sliding_window):
             return None
         if sliding_window not in self._masks:
-            start = to_device(self.start, self.device)
-            self._masks[sliding_window] = attention_mask(start, self.num_tokens, self.num_keys, sliding_window)
+            if self.ancestors is not None:
+                mask = to_device(tree_mask(int(self.start[0]), self.ancestors, sliding_window), self.device)
+            else:
+                mask = attention_mask(to_device(self.start, self.device), self.num_tokens, self.num_keys,
+                                      sliding_window)
+            self._masks[sliding_window] = mask
         return self._masks[sliding_window]
+
+    def depths(self) -> torch.Tensor | None:
+        """[T] int64 host: each token's depth in the chunk's tree (its logical position less start), or None
+        for a plain chunk (depth t)."""
+        return None if self.ancestors is None else self.ancestors.sum(dim=1) - 1
 
 
 def layer_attention(arch, layer: int, scale: float | None) -> dict:

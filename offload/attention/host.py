@@ -146,7 +146,8 @@ class HostAttention(OwnedCache):
         k_cache, v_cache = self.k_cache[:B], self.v_cache[:B]   # [B, Hkv, S_max, D], contiguous views
         cpu_kernels.append_kv(k_cache, v_cache, k_h, v_h, start)
         out = cpu_kernels.attention(q_h, k_cache, v_cache, lengths, scale=self.scale,
-                                    sliding_window=self.sliding_window, softcap=self.softcap)   # [B, Hq, T, D] f32
+                                    sliding_window=self.sliding_window, softcap=self.softcap,
+                                    ancestors=chunk.ancestors)                          # [B, Hq, T, D] f32
         if copying:
             return self.staging.to_device(out, q.dtype)
         return out.to(q.dtype)

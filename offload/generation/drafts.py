@@ -36,16 +36,28 @@ class Draft(Protocol):
     def propose(self, tokens: Sequence[int], max_tokens: int) -> list[int]: ...
 
 
+class TreeDraft(Draft, Protocol):
+    """A draft that may also propose a token tree of at most `max_tokens` nodes, in order: (tokens, parents),
+    node i under node parents[i] < i, or under the last of `tokens` (-1); a pass verifies all its branches."""
+
+    def propose_tree(self, tokens: Sequence[int], max_tokens: int) -> tuple[list[int], list[int]]: ...
+
+
 class NgramDraft:
     """Prompt lookup: find the latest earlier occurrence of the last n tokens (n from `max_ngram` down to
-    `min_ngram`) and propose what followed it."""
+    `min_ngram`) and propose what followed it. With `max_branches` > 1, a tree (`propose_tree`): what followed
+    each of the latest `max_branches` occurrences, merged where they agree (a trie, the latest first: its
+    continuation is the tree's first path)."""
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_branches: int = 1):
         if not (isinstance(max_ngram, int) and isinstance(min_ngram, int) and 1 <= min_ngram <= max_ngram):
             raise ValueError(f"the n-gram draft needs 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}")
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        if not isinstance(max_branches, int) or max_branches < 1:
+            raise ValueError(f"the n-gram draft needs max_branches >= 1, got {max_branches!r}")
+        self.max_ngram, self.min_ngram, self.max_branches = max_ngram, min_ngram, max_branches
 
-    def propose(self, tokens: Sequence[int], max_tokens: int) -> list[int]:
+    def _continuations(self, tokens: Sequence[int], max_tokens: int, count: int) -> list[list[int]]:
+        """What followed the latest `count` occurrences of the longest n-gram that recurs, latest first."""
         ids = np.asarray(tokens, dtype=np.int64)
         end = len(ids)
         for n in range(min(self.max_ngram, end - 1), self.min_ngram - 1, -1):
@@ -55,12 +67,32 @@ class NgramDraft:
                 match &= ids[j:end - n + j] == ids[end - n + j]
             hits = np.flatnonzero(match)
             if hits.size:
-                start = int(hits[-1]) + n                       # what followed the latest occurrence
-                return ids[start:start + max_tokens].tolist()
+                return [ids[s + n:s + n + max_tokens].tolist() for s in hits[::-1][:count]]
         return []
 
+    def propose(self, tokens: Sequence[int], max_tokens: int) -> list[int]:
+        found = self._continuations(tokens, max_tokens, 1)
+        return found[0] if found else []
+
+    def propose_tree(self, tokens: Sequence[int], max_tokens: int) -> tuple[list[int], list[int]]:
+        """(tokens, parents) of at most `max_tokens` nodes: the continuations merged into a trie (one
+        continuation: `propose`'s chain)."""
+        out, parents = [], []
+        child: dict[tuple[int, int], int] = {}             # (parent node, token) -> node
+        for continuation in self._continuations(tokens, max_tokens, self.max_branches):
+            node = -1
+            for token in continuation:
+                if (node, token) not in child:
+                    if len(out) == max_tokens:
+                        break
+                    child[node, token] = len(out)
+                    out.append(token)
+                    parents.append(node)
+                node = child[node, token]
+        return out, parents
+
     def __repr__(self) -> str:
-        return f"NgramDraft(max_ngram={self.max_ngram}, min_ngram={self.min_ngram})"
+        return f"NgramDraft(max_ngram={self.max_ngram}, min_ngram={self.min_ngram}, max_branches={self.max_branches})"
 
 
 class ModelDraft:
@@ -114,12 +146,16 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return int(differ[0]) if differ.size else n
 
 
+# the drafts named by a string: prompt lookup proposing a chain, or a tree of what followed its latest 4 matches
+NAMED_DRAFTS = {"ngram": NgramDraft, "ngram-tree": lambda: NgramDraft(max_branches=4)}
+
+
 def as_draft(draft) -> Draft | None:
-    """None (plain decoding), "ngram", or an object with a `propose(tokens, max_tokens)` method -> a Draft;
-    ValueError naming what would work otherwise."""
+    """None (plain decoding), a name of NAMED_DRAFTS, or an object with a `propose(tokens, max_tokens)` method
+    (and maybe `propose_tree`) -> a Draft; ValueError naming what would work otherwise."""
     if draft is None or (hasattr(draft, "propose") and callable(draft.propose)):
         return draft
-    if draft == "ngram":
-        return NgramDraft()
-    raise ValueError(f"unknown draft {draft!r}; use None, \"ngram\" (prompt lookup), or an object with a "
-                     "propose(tokens, max_tokens) method")
+    if isinstance(draft, str) and draft in NAMED_DRAFTS:
+        return NAMED_DRAFTS[draft]()
+    raise ValueError(f"unknown draft {draft!r}; use None, \"ngram\" (prompt lookup), \"ngram-tree\" (its tree of "
+                     "several matches), or an object with a propose(tokens, max_tokens) method")

@@ -25,6 +25,18 @@ from placement.workspace import MAX_VERIFY_TOKENS
 DEFAULT_PREFILL_CHUNK = 512
 
 
+def tree_ancestors(parents: list[int]) -> torch.Tensor:
+    """Bool [T, T] of a token tree given in order (parents[t] < t, -1 for a root): row t marks t and its ancestors."""
+    T = len(parents)
+    out = torch.zeros(T, T, dtype=torch.bool)
+    for t, parent in enumerate(parents):
+        assert -1 <= parent < t, (t, parent)
+        if parent >= 0:
+            out[t] = out[parent]
+        out[t, t] = True
+    return out
+
+
 class Engine:
     """Runs a family's math over a weight source and per-layer attention backends (see offload/attention/contract.py).
 
@@ -90,12 +102,14 @@ class Engine:
 
     # ---- one chunk through the decoder stack ----------------------------------------------------------
     def run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, start: torch.Tensor,
-                   seq_lens: torch.Tensor | None = None, decode: bool = False) -> torch.Tensor:
+                   seq_lens: torch.Tensor | None = None, decode: bool = False,
+                   ancestors: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions [B, T] int64 (CPU), start [B] (CPU) -> hidden states [B, T, H] on device.
 
         Row b's tokens go to cache slots start[b] .. start[b]+T-1; `positions` are what RoPE / learned
         positions see (equal to the slot for valid tokens; padded tokens may carry any valid position).
         `decode`: a decode step, in which the cpu layers run on the CPU (their ring turns skipped).
+        `ancestors`: a token tree's [T, T] (one row; offload/attention/contract.py), its positions given.
         """
         B, T = input_ids.shape
         on_host = self.cpu_layers if decode else frozenset()
@@ -106,7 +120,7 @@ class Engine:
         if int(start.max()) + T > self.max_seq_len:
             raise ValueError(f"chunk of {T} tokens at position {int(start.max())} exceeds max_seq_len "
                              f"{self.max_seq_len}")
-        chunk = Chunk(start=start, num_tokens=T, device=self.device)     # shared by every layer
+        chunk = Chunk(start=start, num_tokens=T, device=self.device, ancestors=ancestors)   # shared by every layer
         w = self.weights.acquire("embedding")
         table_device = next(iter(w.values())).device      # the lookup runs where the table lives
         h = self.model.embed(w, to_device(input_ids, table_device), to_device(positions, table_device))
@@ -282,16 +296,24 @@ class Engine:
         (at most the prefill chunk of every row)."""
         return min(self.max_logit_rows, self.prefill_chunk_size * self.max_batch_size)
 
-    def verify(self, tokens: list[int], start: int) -> torch.Tensor:
+    def verify(self, tokens: list[int], start: int, parents: list[int] | None = None) -> torch.Tensor:
         """One row's tokens fed at cache slots start, start + 1, ... in ONE pass over the weights (a prefill
         chunk: what streams is streamed once for all of them) -> float32 logits [T, V] on the device of
         every position (speculative decoding checks a draft with them; the plan's workspace holds the logits
-        of MAX_VERIFY_TOKENS positions)."""
+        of MAX_VERIFY_TOKENS positions). `parents`: a token tree, token t under token parents[t] < t (-1: under
+        the cached prefix alone); token t then sees the prefix and its ancestors, at position start + its depth.
+        None: a chain (each token under the one before)."""
         T = len(tokens)
         assert 1 <= T <= self.max_verify_tokens, (T, self.max_verify_tokens)
         ids = torch.tensor([tokens], dtype=torch.long)                                  # [1, T]
-        positions = start + torch.arange(T)[None]                                       # [1, T]
-        h = self.run_layers(ids, positions, torch.tensor([start]), torch.tensor([start + T]))
+        ancestors = None
+        if parents is not None and list(parents) != list(range(-1, T - 1)):
+            ancestors = tree_ancestors(parents)                                         # [T, T]
+            positions = start + ancestors.sum(dim=1)[None] - 1                          # [1, T]
+        else:
+            positions = start + torch.arange(T)[None]                                   # [1, T]
+        h = self.run_layers(ids, positions, torch.tensor([start]), torch.tensor([int(positions.max()) + 1]),
+                            ancestors=ancestors)
         return self.logits(h)[0]                                                        # [T, V]
 
     # ---- control and accounting -------------------------------------------------------------------------

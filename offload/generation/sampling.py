@@ -64,31 +64,44 @@ class Sampler:
         probs = filter_logits(logits, self.params).softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
 
-    def accept(self, logits: torch.Tensor, proposal: list[int]) -> list[int]:
-        """What a verification pass yields: `logits` [k + 1, V] float32 are those after the last token fed and
-        after each of the k proposed tokens; the result is the proposed tokens kept, then one of the target's own.
-        Greedy: the proposed tokens while each is the argmax, then the argmax where they stop (or after the
-        last): exactly the tokens of plain greedy decoding. Sampling, the draft a point mass q on each proposed
-        token x (Leviathan et al. / Chen et al.): x is kept with probability min(1, p(x) / q(x)) = p(x), else the
-        position's token is drawn from (p - q)+ renormalised (p without x), so every token is drawn from p as
-        plain sampling draws it (not the same draws for a seed)."""
-        k = len(proposal)
-        assert logits.dim() == 2 and logits.shape[0] == k + 1 and logits.dtype == torch.float32, (logits.shape, k)
+    def accept(self, logits: torch.Tensor, tokens: list[int], parents: list[int]) -> tuple[list[int], list[int]]:
+        """What a verification pass of a token tree yields: node i proposes tokens[i] after its parent
+        parents[i] (< i; -1: the root, the last token fed before the tree); `logits` [N + 1, V] float32 are
+        those after the root (row 0) and after each node (row i + 1). Returns (the nodes kept, a path from the
+        root; the tokens yielded: theirs, then one of the target's own). A chain is the tree whose node i
+        hangs under i - 1.
+        Greedy: from the root, the child proposing the argmax while there is one, then the argmax where none
+        does: exactly the tokens of plain greedy decoding. Sampling, each node's draft a point mass (Leviathan
+        et al. / Chen et al.; SpecInfer's multi-candidate form for siblings): at a node with distribution p,
+        its children's tokens x are tried in turn, each kept with probability p(x) / (what p has left), and
+        removed from p when not; if none is kept the token is drawn from what is left of p. So every token
+        is drawn from p as plain sampling draws it (not the same draws for a seed)."""
+        N = len(tokens)
+        assert len(parents) == N and all(-1 <= parent < i for i, parent in enumerate(parents)), parents
+        assert logits.dim() == 2 and logits.shape[0] == N + 1 and logits.dtype == torch.float32, (logits.shape, N)
+        children: dict[int, list[int]] = {}
+        for i, parent in enumerate(parents):
+            children.setdefault(parent, []).append(i)
+        path, node = [], -1
         if self.params.is_greedy:
             best = logits.argmax(dim=-1).tolist()
-            n = 0
-            while n < k and proposal[n] == best[n]:
-                n += 1
-            return proposal[:n] + [best[n]]
-        probs = filter_logits(logits, self.params).softmax(dim=-1)                      # [k + 1, V]
-        drafted = torch.tensor(proposal, dtype=torch.long, device=probs.device)
-        kept = (torch.rand(k, generator=self.generator, device=probs.device)
-                < probs[torch.arange(k, device=probs.device), drafted]).tolist()
-        n = 0
-        while n < k and kept[n]:
-            n += 1
-        last = probs[n]
-        if n < k:                                     # rejected: p without the proposed token
-            last = last.clone()
-            last[proposal[n]] = 0.0
-        return proposal[:n] + [int(torch.multinomial(last, 1, generator=self.generator))]
+            while True:
+                chosen = next((c for c in children.get(node, ()) if tokens[c] == best[node + 1]), None)
+                if chosen is None:
+                    return path, [tokens[i] for i in path] + [best[node + 1]]
+                path.append(node := chosen)
+        probs = filter_logits(logits, self.params).softmax(dim=-1)                      # [N + 1, V]
+        while True:
+            left = probs[node + 1].clone()                 # [V]: p, less the children's tokens rejected
+            chosen = None
+            for c in children.get(node, ()):
+                kept_p = float(left[tokens[c]] / left.sum())
+                # (>= 1: the last token p has left, kept whatever the draw)
+                if kept_p >= 1 or float(torch.rand((), generator=self.generator, device=probs.device)) < kept_p:
+                    chosen = c
+                    break
+                left[tokens[c]] = 0.0                      # rejected: p without the proposed token
+            if chosen is None:
+                last = int(torch.multinomial(left, 1, generator=self.generator))
+                return path, [tokens[i] for i in path] + [last]
+            path.append(node := chosen)

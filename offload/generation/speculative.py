@@ -66,13 +66,36 @@ class Always:
 SPECULATE = {"adaptive": WhenItPays, "always": Always}
 
 
+def draft_tree(draft: Draft, tokens: list[int], max_tokens: int, vocab_size: int) -> tuple[list[int], list[int]]:
+    """(tokens, parents) the draft proposes after `tokens`, at most `max_tokens` nodes: its `propose_tree` when
+    it has one (a token tree in order: node i under parents[i] < i, -1 under the last token), else its chain
+    (`propose`: node i under i - 1). ValueError for ids outside the vocabulary or a malformed tree."""
+    if hasattr(draft, "propose_tree"):
+        proposed, parents = draft.propose_tree(tokens, max_tokens)
+        proposed, parents = [int(t) for t in proposed][:max_tokens], [int(i) for i in parents][:max_tokens]
+        if len(parents) != len(proposed) or any(not -1 <= parent < i for i, parent in enumerate(parents)):
+            raise ValueError(f"the draft {draft!r} proposed a malformed tree: parents {parents} for "
+                             f"{len(proposed)} tokens (node i needs a parent from -1 to i - 1)")
+    else:
+        proposed = [int(t) for t in draft.propose(tokens, max_tokens)][:max_tokens]
+        parents = list(range(-1, len(proposed) - 1))
+    if any(not 0 <= t < vocab_size for t in proposed):
+        raise ValueError(f"the draft {draft!r} proposed token ids outside the vocabulary of {vocab_size}: "
+                         f"{proposed}")
+    return proposed, parents
+
+
 def draft_steps(engine: Engine, row: list[int], *, start: int, max_new_tokens: int, sampler: Sampler,
                 stop_ids: frozenset[int], stats: GenerationStats, cache_lengths: list[int], draft: Draft,
                 draft_tokens: int, context: list[int] | None = None, speculate: str = "adaptive"
                 ) -> Iterator[list[int | None]]:
     """Like generate_steps for ONE row (fed from cache slot `start`), yielding [token] per new token.
     `context`: the tokens before `row` that the cache holds (a session's conversation), which the draft
-    sees too. `speculate`: "adaptive" (a pass when it pays: WhenItPays) or "always" (SPECULATE)."""
+    sees too. `speculate`: "adaptive" (a pass when it pays: WhenItPays) or "always" (SPECULATE).
+
+    Each step feeds what the cache lacks of the sequence (the last token; after a tree's side branch was
+    kept, that branch too: its KV sits in other slots, so it is fed again, rather than moved) and the
+    draft's proposal (a chain or a tree) in one pass."""
     context = list(context or []) + list(row)     # context[i] is what cache slot i holds (or will)
     assert len(context) == start + len(row), (len(context), start, len(row))
     t0 = time.perf_counter()
@@ -95,27 +118,34 @@ def draft_steps(engine: Engine, row: list[int], *, start: int, max_new_tokens: i
             if token in stop_ids or produced == max_new_tokens:
                 return
         t0 = time.perf_counter()
-        length = len(context) - 1                        # the last token is not fed yet: it goes to this slot
-        assert valid == length, (valid, length)
-        room = min(draft_tokens, max_new_tokens - produced - 1, engine.max_seq_len - length - 1,
-                   engine.max_verify_tokens - 1)
-        proposal = []
+        pending = context[valid:]                        # fed this step, from slot `valid` (the last token, ...)
+        P = len(pending)
+        assert P >= 1, (valid, len(context))
+        room = min(draft_tokens, max_new_tokens - produced - 1, engine.max_seq_len - len(context),
+                   engine.max_verify_tokens - P)
+        proposed, parents = [], []
         if room > 0 and pays.now():
-            proposal = [int(t) for t in draft.propose(context, room)[:room]]
+            proposed, parents = draft_tree(draft, context, room, engine.arch.vocab_size)
             stats.draft_seconds += time.perf_counter() - t0
-        if any(not 0 <= t < engine.arch.vocab_size for t in proposal):
-            raise ValueError(f"the draft {draft!r} proposed token ids outside the vocabulary of "
-                             f"{engine.arch.vocab_size}: {proposal}")
-        if proposal:
-            logits = engine.verify([context[-1], *proposal], length)           # [k + 1, V]
-            new = sampler.accept(logits, proposal)
+        if proposed:
+            # the pending tokens as a chain, the tree under the last of them
+            fed_parents = list(range(-1, P - 1)) + [P - 1 if parent < 0 else P + parent for parent in parents]
+            logits = engine.verify(pending + proposed, valid, fed_parents)                 # [P + N, V]
+            path, new = sampler.accept(logits[P - 1:], proposed, parents)
             stats.num_verify_passes += 1
-            stats.num_drafted_tokens += len(proposal)
-            stats.num_accepted_tokens += len(new) - 1
+            stats.num_drafted_tokens += len(proposed)
+            stats.num_accepted_tokens += len(path)
+            # kept nodes whose slots are already theirs: node i sits at slot valid + P + i, and the k-th token
+            # kept belongs at valid + P + k - 1
+            in_place = next((k for k, node in enumerate(path) if node != k), len(path))
+            valid += P + in_place                        # the rest rolled back (and fed again if kept)
         else:
-            logits = engine.decode([context[-1]], [length])                   # [1, V]
+            if P == 1:
+                logits = engine.decode(pending, [valid])                                    # [1, V]
+            else:
+                logits = engine.prefill([pending], [valid])                                 # [1, V]
             new = read_tokens(sampler.sample(logits))
-        valid = length + len(new)                        # the last one fed and the kept ones: the rest rolled back
+            valid += P
         seconds = time.perf_counter() - t0
-        pays.measured(seconds, len(new) if proposal else None)
+        pays.measured(seconds, len(new) if proposed else None)
         stats.decode_seconds += seconds

@@ -22,7 +22,7 @@ from offload.attention.host import HostAttention, HostStaging
 from offload.weights.host_memory import align_up
 from offload.attention.device import TorchAttention
 from offload.loading.memory import MemoryLedger
-from offload.generation.drafts import NgramDraft
+from offload.generation.drafts import NAMED_DRAFTS
 from offload.generation.model import Model
 from offload.models import build_model
 from offload.loading.planning import choose_plan
@@ -214,7 +214,8 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
     per group of `group_size` inputs; None: per matrix the largest of 128/64/32 that divides its inputs),
     held and streamed packed; the plan counts the packed bytes (a plan= made with --quantize carries it).
     draft: the default draft of the model's calls for speculative decoding (offload/generation/speculative.py):
-    "ngram" (prompt lookup), or the folder / .gguf file of a small model with the same tokenizer, loaded first
+    "ngram" (prompt lookup; "ngram-tree": a tree of its latest matches), or the folder / .gguf file of a small
+    model with the same tokenizer, loaded first
     with every weight and its KV cache (max_seq_len positions, one row) on the device, quantized as it is read
     when `draft_quantize` says ("int4" / "int8": a 4-bit copy of the target itself drafts well when nothing
     smaller exists). Its memory comes off `gpu_memory` before the target is planned (on CUDA without
@@ -239,13 +240,14 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
     if quantize is not None and quantize not in QUANTIZE_SCHEMES:
         raise ValueError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANTIZE_SCHEMES)}")
     quantization = None if quantize is None else Quantization(scheme=quantize, group_size=group_size).label
-    if draft_quantize is not None and (draft is None or draft == "ngram"):
+    named = isinstance(draft, str) and draft in NAMED_DRAFTS
+    if draft_quantize is not None and (draft is None or named):
         raise ValueError("draft_quantize is the quantization of a draft model; give draft='path' too")
-    if draft is not None and draft != "ngram" and not isinstance(draft, (str, os.PathLike)):
+    if draft is not None and not named and not isinstance(draft, (str, os.PathLike)):
         raise ValueError(f"draft must be \"ngram\" or the path of a draft model's folder or .gguf file, got "
                          f"{type(draft).__name__}; pass a loaded Model to generate(draft=...) instead")
     draft_model = None
-    if draft is not None and draft != "ngram":
+    if draft is not None and not named:
         draft_model = load_draft(draft, quantize=draft_quantize, device=device, dtype=dtype_name,
                                  max_seq_len=default_max_seq_len(arch) if max_seq_len is None else max_seq_len,
                                  gpu_memory=gpu_memory, progress=progress)
@@ -272,8 +274,8 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
         if draft_model is not None:
             draft_model.close()
         raise
-    if draft == "ngram":
-        model.attach_draft(NgramDraft())
+    if named:
+        model.attach_draft(NAMED_DRAFTS[draft]())
     elif draft_model is not None:
         model.attach_draft(draft_model)
     return model

@@ -103,3 +103,67 @@ def test_nan_in_a_visible_value_propagates():
     out = cpu_kernels.attention(q, k, v, lengths)
     assert out[1, 0, 0, 3].isnan()
     assert not out[0].isnan().any() and not out[2].isnan().any()
+
+
+def random_tree(num_tokens: int, seed: int) -> list[int]:
+    """Parents of a random token tree in order: token 0 the root (-1), each later one under an earlier one."""
+    g = torch.Generator().manual_seed(seed)
+    return [-1] + [int(torch.randint(0, t, (), generator=g)) for t in range(1, num_tokens)]
+
+
+def sdpa_over_tree(q, k, v, length: int, parents: list[int], window=None, softcap=None):
+    """Torch SDPA (float64) with the mask a token tree means, built from the parents by walking them: query t
+    sees the cache before the T new tokens and its own ancestors; logical positions by depth for the window."""
+    T = len(parents)
+    start = length - T
+    depth = []
+    for t, parent in enumerate(parents):
+        depth.append(0 if parent < 0 else depth[parent] + 1)
+    mask = torch.zeros(T, length, dtype=torch.bool)
+    mask[:, :start] = True
+    for t in range(T):
+        u = t
+        while u >= 0:
+            mask[t, start + u] = True
+            u = parents[u]
+    if window is not None:
+        key_pos = list(range(start)) + [start + d for d in depth]
+        for t in range(T):
+            for j in range(length):
+                if key_pos[j] <= start + depth[t] - window:
+                    mask[t, j] = False
+    group = q.shape[1] // k.shape[1]
+    kk = k[:, :, :length].double().repeat_interleave(group, dim=1)
+    vv = v[:, :, :length].double().repeat_interleave(group, dim=1)
+    scores = q.double() @ kk.transpose(2, 3) / q.shape[-1] ** 0.5
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ vv).float()
+
+
+@pytest.mark.parametrize("dtype", CACHE_DTYPES)
+@pytest.mark.parametrize("window, softcap", [(None, None), (3, None), (None, 20.0)])
+def test_a_token_tree_sees_the_prefix_and_its_ancestors(dtype, window, softcap):
+    """Speculative decoding's token trees (ancestors [T, T]) against SDPA over the mask walked from the parents."""
+    T, length = 12, 40
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, T, 64, generator=g)
+    k, v = random_caches(1, NUM_KV_HEADS, 64, 64, dtype, g)
+    for seed in range(3):
+        parents = random_tree(T, seed)
+        ancestors = torch.zeros(T, T, dtype=torch.bool)
+        for t in range(T):
+            u = t
+            while u >= 0:
+                ancestors[t, u] = True
+                u = parents[u]
+        out = cpu_kernels.attention(q, k, v, torch.tensor([length]), sliding_window=window, softcap=softcap,
+                                    ancestors=ancestors)
+        torch.testing.assert_close(out, sdpa_over_tree(q, k, v, length, parents, window, softcap), rtol=1e-5,
+                                   atol=2e-6)
+    chain = torch.ones(T, T, dtype=torch.bool).tril()             # a chain is the causal chunk
+    torch.testing.assert_close(cpu_kernels.attention(q, k, v, torch.tensor([length]), ancestors=chain),
+                               cpu_kernels.attention(q, k, v, torch.tensor([length])), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="ancestors must mark each token itself and only earlier tokens"):
+        cpu_kernels.attention(q, k, v, torch.tensor([length]), ancestors=torch.ones(T, T, dtype=torch.bool))

@@ -62,7 +62,7 @@ def test_softcap_none_is_bit_identical_to_no_argument():
                 direct = np.empty(q.shape, np.float32)
                 attend(q.numpy(), cache_view(k, fp16_as_int16=True), cache_view(v, fp16_as_int16=True),
                        lengths.numpy().astype(np.int64), np.float32(80 ** -0.5), window or 0, np.float32(0.0),
-                       direct, tile_queries(num_queries, 4))
+                       np.zeros((0, 0), np.uint8), np.zeros(0, np.int64), direct, tile_queries(num_queries, 4))
                 assert np.array_equal(direct.view(np.int32), default.numpy().view(np.int32))
                 torch.testing.assert_close(default, reference_attention(q, k, v, lengths, sliding_window=window),
                                            rtol=1e-5, atol=2e-6)

@@ -22,8 +22,8 @@ def test_kernel_runs_without_the_gil():
     k, v = random_caches(1, 2, 8192, 128, torch.float32, g)
     lengths = np.array([8192], dtype=np.int64)
     out = np.empty_like(q)
-    args = (q, k.numpy(), v.numpy(), lengths, np.float32(1 / math.sqrt(128)), 0, np.float32(0.0), out,
-            tile_queries(1, 4))
+    args = (q, k.numpy(), v.numpy(), lengths, np.float32(1 / math.sqrt(128)), 0, np.float32(0.0),
+            np.zeros((0, 0), np.uint8), np.zeros(0, np.int64), out, tile_queries(1, 4))
     attend(*args)  # compiled (or loaded) before the measurement
 
     started, seen, done = threading.Event(), threading.Event(), threading.Event()

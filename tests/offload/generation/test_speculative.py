@@ -45,9 +45,50 @@ class RandomDraft:
         return [self.rng.randrange(self.vocab) for _ in range(self.rng.randint(1, max_tokens))]
 
 
+class TreeScript:
+    """Proposes token trees holding the plain greedy continuation on one branch, often not the first: decoy
+    branches before it, wrong siblings beside it, a wrong token on it now and then, cut at random lengths. Greedy
+    passes then keep side branches (whose KV sits in other slots: fed again next step)."""
+
+    def __init__(self, prompt: list[int], continuation: list[int], seed: int = 0, vocab: int = 128):
+        self.script, self.rng, self.vocab = prompt + continuation, random.Random(seed), vocab
+        self.side_branches_proposed = 0
+
+    def propose(self, tokens, max_tokens):
+        raise AssertionError("a tree draft is asked for trees")
+
+    def propose_tree(self, tokens, max_tokens):
+        rng, n = self.rng, len(tokens)
+        truth = self.script[n:n + rng.randint(1, max_tokens)]
+        out, parents = [], []
+
+        def add(token, parent):
+            if len(out) < max_tokens:
+                out.append(token)
+                parents.append(parent)
+            return len(out) - 1
+
+        if truth and rng.random() < 0.5:                       # a decoy branch first
+            node = add((truth[0] + 1) % self.vocab, -1)
+            for _ in range(rng.randint(0, 2)):
+                node = add(rng.randrange(self.vocab), node)
+            self.side_branches_proposed += 1
+        parent = -1
+        for i, token in enumerate(truth):
+            if rng.random() < 0.3:                             # a wrong sibling before it
+                add((token + 7) % self.vocab, parent)
+            if rng.random() < 0.1:                             # the branch goes wrong here
+                token = (token + 3) % self.vocab
+            if len(out) == max_tokens:
+                break
+            parent = add(token, parent)
+        return out, parents
+
+
 def _drafts(plain: list[int]):
-    return {"ngram": "ngram", "perfect": ScriptedDraft(PROMPT, plain),
-            "every 3rd wrong": ScriptedDraft(PROMPT, plain, 3), "random": RandomDraft()}
+    return {"ngram": "ngram", "ngram-tree": "ngram-tree", "perfect": ScriptedDraft(PROMPT, plain),
+            "every 3rd wrong": ScriptedDraft(PROMPT, plain, 3), "random": RandomDraft(),
+            "tree": TreeScript(PROMPT, plain)}
 
 
 @pytest.mark.parametrize("variant", ["llama", "mistral_window", "qwen2_tied", "qwen3", "gemma2", "gemma3", "phi3",
@@ -61,7 +102,7 @@ def test_greedy_with_any_draft_is_plain_greedy(checkpoint_factory, variant):
         got = model.generate([PROMPT], max_new_tokens=24, draft=draft, speculate="always")[0]
         assert got == plain, name
         stats = model.stats
-        assert stats.num_verify_passes > 0 or name == "ngram", name
+        assert stats.num_verify_passes > 0 or name.startswith("ngram"), name
         assert stats.num_decode_tokens == len(plain) - 1 and stats.draft_unused is None
         if name == "perfect":     # every proposal kept: passes of draft_tokens + 1 tokens
             assert stats.num_accepted_tokens == stats.num_drafted_tokens == len(plain) - 1 - stats.num_verify_passes
@@ -157,6 +198,16 @@ def test_the_ngram_draft_proposes_what_followed_the_latest_match():
     assert draft.propose([1, 2, 3], 3) == [] and draft.propose([7], 3) == []
     with pytest.raises(ValueError, match="min_ngram <= max_ngram"):
         NgramDraft(max_ngram=1, min_ngram=2)
+    # a tree: what followed the latest matches of the longest recurring n-gram, merged, the latest first
+    tree = NgramDraft(max_branches=3)
+    sequence = [1, 2, 3, 4, 1, 2, 5, 6, 1, 2, 3, 7, 1, 2]           # 1 2 at 0, 4 and 8 (7 1 2 recurs nowhere)
+    assert tree.propose_tree(sequence, 6) == ([3, 7, 1, 2, 5, 6], [-1, 0, 1, 2, -1, 4])
+    assert tree.propose_tree(sequence, 8) == ([3, 7, 1, 2, 5, 6, 1, 2], [-1, 0, 1, 2, -1, 4, 5, 6])
+    # 7 1 at 4 and 0: 2 4 7 1, then 2 3 ... merged under the shared 2
+    assert tree.propose_tree([7, 1, 2, 3, 7, 1, 2, 4, 7, 1], 5) == ([2, 4, 7, 1, 3], [-1, 0, 1, 2, 0])
+    assert draft.propose_tree(sequence, 3) == ([3, 7, 1], [-1, 0, 1])   # one branch: the chain
+    with pytest.raises(ValueError, match="max_branches >= 1"):
+        NgramDraft(max_branches=0)
 
 
 SMALL_VOCAB = 12
@@ -168,11 +219,23 @@ def chi_square_999(degrees: int) -> float:
     return degrees * (1 - c + z * c ** 0.5) ** 3
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=6)])
-def test_sampling_with_a_draft_draws_from_the_targets_distribution(tmp_path, sampling):
-    """Model of 12 tokens; the draft proposes a fixed pair, so its tokens are kept, rejected and followed by
-    a token of the target's own. The second and third sampled tokens' frequencies over 3000 draws against their
-    exact distributions, computed from the model's logits: chi-square below its 99.9th percentile."""
+class FixedTree:
+    """Proposes the same tree whatever the sequence: 5 and 9 as siblings, 2 under 5, 4 and 6 under 9."""
+
+    def propose(self, tokens, max_tokens):
+        raise AssertionError("a tree draft is asked for trees")
+
+    def propose_tree(self, tokens, max_tokens):
+        return [5, 9, 2, 4, 6][:max_tokens], [-1, -1, 0, 1, 1][:max_tokens]
+
+
+@pytest.mark.parametrize("sampling, tree", [(dict(temperature=1.0), False), (dict(temperature=0.7, top_k=6), False),
+                                            (dict(temperature=1.0), True)], ids=["chain", "chain-top-k", "tree"])
+def test_sampling_with_a_draft_draws_from_the_targets_distribution(tmp_path, sampling, tree):
+    """Model of 12 tokens; the draft proposes a fixed pair (or a fixed tree, siblings tried in turn), so its
+    tokens are kept, rejected and followed by a token of the target's own. The second and third sampled tokens'
+    frequencies over 3000 draws against their exact distributions, computed from the model's logits: chi-square
+    below its 99.9th percentile."""
     from offload.generation.sampling import SamplingParams, filter_logits
     from tests.offload.builders import build_checkpoint
     build_checkpoint(tmp_path, "llama", vocab_size=SMALL_VOCAB, initializer_range=0.4, eos_token_id=None)   # no stop
@@ -189,15 +252,17 @@ def test_sampling_with_a_draft_draws_from_the_targets_distribution(tmp_path, sam
     p3 = probs([prompt + [a, b] for a in range(SMALL_VOCAB) for b in range(SMALL_VOCAB)]).view(
         SMALL_VOCAB, SMALL_VOCAB, SMALL_VOCAB)
     exact = {1: p1 @ p2, 2: torch.einsum("a,ab,abc->c", p1, p2, p3)}             # the 2nd and 3rd tokens
-    draft = ScriptedDraft([], [], vocab=SMALL_VOCAB)
-    draft.propose = lambda tokens, max_tokens: [5, 9][:max_tokens]
+    draft = FixedTree() if tree else ScriptedDraft([], [], vocab=SMALL_VOCAB)
+    if not tree:
+        draft.propose = lambda tokens, max_tokens: [5, 9][:max_tokens]
     counts = {i: torch.zeros(SMALL_VOCAB) for i in exact}
     draws = 3000
     for seed in range(draws):
-        out = model.generate([prompt], max_new_tokens=3, draft=draft, seed=seed, speculate="always", **sampling)[0]
+        # (4 tokens: the pass after the first proposes 2 tokens (the tree: the siblings), the pass after them 1)
+        out = model.generate([prompt], max_new_tokens=4, draft=draft, seed=seed, speculate="always", **sampling)[0]
         for i in exact:
             counts[i][out[i]] += 1
-    assert model.stats.num_verify_passes == 1
+    assert model.stats.num_verify_passes >= 1
     for i, p in exact.items():
         expected = p * draws
         seen = expected > 0
