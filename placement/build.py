@@ -80,9 +80,7 @@ def cpu_compute_count(cost: CostModel, layers, embedding: str, lm_head: str, pre
     eligible = [l for l in layers if l.may_compute_on_cpu]
     if not eligible:
         return 0
-    others = Counter((l.weights, l.kv, l.attention, l.weight_bytes, l.expert_bytes, l.experts) for l in layers
-                     if l not in eligible)
-    groups = [(n, cost.decode_layer(*k)) for k, n in others.items()]
+    groups = [(n, cost.decode_layer(*k)) for k, n in layer_kinds(l for l in layers if l not in eligible).items()]
     groups += [(1, cost.embedding(embedding, 1)), (1, cost.final_norm()), (1, cost.lm_head(lm_head))]
     w, e, experts = max((l.weight_bytes, l.expert_bytes, l.experts) for l in eligible)
     return best_decode_step(groups, len(eligible), cost.decode_layer("cpu", "cpu", "cpu", w, e, experts),
@@ -93,14 +91,8 @@ def cpu_compute_count(cost: CostModel, layers, embedding: str, lm_head: str, pre
 def predict(cost: CostModel, layers, embedding: str, lm_head: str, prefetch_depth: int,
             chunk: int) -> Prediction:
     """The cost model's prediction for explicit per-layer placements."""
-    kinds = Counter((l.weights, l.kv, l.attention, l.weight_bytes, l.expert_bytes, l.experts) for l in layers)
-    on_cpu = Counter((l.weight_bytes, l.expert_bytes) for l in layers if l.compute == "cpu")
-    streamed = Counter((l.weights, l.kv, l.attention, l.weight_bytes, l.expert_bytes, l.experts) for l in layers
-                       if l.compute != "cpu")
-    decode = [(n, cost.decode_layer(*k)) for k, n in streamed.items()]
-    decode += [(n, cost.decode_layer_on_cpu(*b)) for b, n in on_cpu.items()]
-    decode += [(1, cost.embedding(embedding, 1)), (1, cost.final_norm()), (1, cost.lm_head(lm_head))]
-    step = step_time(decode, prefetch_depth, serial=cost.hw.is_cpu_only)
+    kinds = layer_kinds(layers)
+    step = step_time(decode_groups(cost, layers, embedding, lm_head), prefetch_depth, serial=cost.hw.is_cpu_only)
     body = [(n, cost.prefill_layer(*k, chunk)) for k, n in kinds.items()] + [(1, cost.final_norm())]
     prefill_s = cost.prefill_seconds(body, lm_head=cost.lm_head(lm_head),
                                      embedding=cost.embedding(embedding, chunk), prefetch_depth=prefetch_depth,
@@ -110,21 +102,31 @@ def predict(cost: CostModel, layers, embedding: str, lm_head: str, prefetch_dept
                       verify_tokens=verify_budget(cost, layers, embedding, lm_head, prefetch_depth))
 
 
+def layer_kinds(layers) -> Counter:
+    """How many layers share each placement and size: (weights, kv, attention, weight_bytes, expert_bytes,
+    experts) -> count, the arguments of CostModel.decode_layer / prefill_layer."""
+    return Counter((l.weights, l.kv, l.attention, l.weight_bytes, l.expert_bytes, l.experts) for l in layers)
+
+
+def decode_groups(cost: CostModel, layers, embedding: str, lm_head: str) -> list:
+    """(count, ItemCost) of a decode step: layers computed on the CPU where they lie (compute "cpu") or on the
+    GPU, the embedding of one token a row, the final norm and the LM head."""
+    on_cpu = Counter((l.weight_bytes, l.expert_bytes) for l in layers if l.compute == "cpu")
+    groups = [(n, cost.decode_layer(*k)) for k, n in layer_kinds(l for l in layers if l.compute != "cpu").items()]
+    groups += [(n, cost.decode_layer_on_cpu(*b)) for b, n in on_cpu.items()]
+    return groups + [(1, cost.embedding(embedding, 1)), (1, cost.final_norm()), (1, cost.lm_head(lm_head))]
+
+
 def verify_budget(cost: CostModel, layers, embedding: str, lm_head: str, prefetch_depth: int) -> int:
     """Speculative decoding's token budget: the most tokens (up to MAX_VERIFY_TOKENS) of one row whose
     verification pass costs at most VERIFY_STEP_SLACK times a plain decode step of that row. A pass runs as a
     prefill chunk (offload/generation/engine.py verify): the layers a decode step computes on the CPU stream
     for it, and every position gets logits."""
     one = CostModel(cost.spec, cost.hw, dataclasses.replace(cost.wl, batch_size=1))
-    kinds = Counter((l.weights, l.kv, l.attention, l.weight_bytes, l.expert_bytes, l.experts) for l in layers)
-    on_cpu = Counter((l.weight_bytes, l.expert_bytes) for l in layers if l.compute == "cpu")
-    streamed = Counter((l.weights, l.kv, l.attention, l.weight_bytes, l.expert_bytes, l.experts) for l in layers
-                       if l.compute != "cpu")
     serial = cost.hw.is_cpu_only
-    decode = [(n, one.decode_layer(*k)) for k, n in streamed.items()]
-    decode += [(n, one.decode_layer_on_cpu(*b)) for b, n in on_cpu.items()]
-    decode += [(1, one.embedding(embedding, 1)), (1, one.final_norm()), (1, one.lm_head(lm_head))]
-    limit = VERIFY_STEP_SLACK * step_time(decode, prefetch_depth, serial).seconds
+    limit = VERIFY_STEP_SLACK * step_time(decode_groups(one, layers, embedding, lm_head), prefetch_depth,
+                                          serial).seconds
+    kinds = layer_kinds(layers)
     for tokens in range(MAX_VERIFY_TOKENS, 1, -1):
         groups = [(n, one.layer(weights=w, kv=kv, attention=a, weight_bytes=wb, num_rows=tokens,
                                 num_keys=one.decode_context, expert_bytes=eb, experts=e, decode=False))

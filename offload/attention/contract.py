@@ -124,11 +124,6 @@ class Chunk:
             self._masks[sliding_window] = mask
         return self._masks[sliding_window]
 
-    def depths(self) -> torch.Tensor | None:
-        """[T] int64 host: each token's depth in the chunk's tree (its logical position less start), or None
-        for a plain chunk (depth t)."""
-        return None if self.ancestors is None else self.ancestors.sum(dim=1) - 1
-
 
 def layer_attention(arch, layer: int, scale: float | None) -> dict:
     """What every backend of decoder layer `layer` needs to know of the model's attention (keywords)."""

@@ -54,14 +54,14 @@ class Model:
         self.is_closed = False
         self.draft_model: Model | None = None    # the draft model loaded with it (offload.load(draft=...)), owned
         self.default_draft: Draft | None = None   # the draft of calls given none (offload.load(draft=...))
-        self._model_draft: ModelDraft | None = None   # the ModelDraft of the last draft model given
+        self._model_draft: ModelDraft | None = None   # the ModelDraft of the last other draft model given
 
     def attach_draft(self, draft) -> None:
         """Make `draft` the default draft of this model's calls: a Draft, or a Model loaded for this one (then
         owned: closed with it)."""
         if isinstance(draft, Model):
             self.draft_model = draft
-            draft = self._model_draft = ModelDraft(draft, vocab_size=self.arch.vocab_size)
+            draft = ModelDraft(draft, vocab_size=self.arch.vocab_size)
         self.default_draft = draft
 
     def claim_cache(self, owner) -> None:
@@ -139,8 +139,11 @@ class Model:
                                  "second time, e.g. quantized, to draft with a copy of it")
             if draft.is_closed:
                 raise ValueError("the draft model is closed (draft.close() freed its memory); load it again")
-            if self._model_draft is None or self._model_draft.model is not draft:
-                self._model_draft = ModelDraft(draft, vocab_size=self.arch.vocab_size)
+            # the same ModelDraft for the same draft model (its cache follows the conversation across calls)
+            for known in (self.default_draft, self._model_draft):
+                if isinstance(known, ModelDraft) and known.model is draft:
+                    return known
+            self._model_draft = ModelDraft(draft, vocab_size=self.arch.vocab_size)
             return self._model_draft
         return as_draft(draft)
 

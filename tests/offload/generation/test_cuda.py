@@ -26,3 +26,23 @@ def test_cuda_matches_transformers(checkpoint_factory, variant):
     first = session.generate(PROMPT, max_new_tokens=5)
     assert session.generate([3, 4], max_new_tokens=5) == hf_greedy(hf, PROMPT + first + [3, 4], 5)
     assert len(model.generate([PROMPT], max_new_tokens=6, temperature=0.8, seed=1)[0]) == 6
+
+
+@pytest.mark.cuda
+def test_cuda_speculative_decoding_with_trees_and_a_draft_model_is_plain_greedy(llama5):
+    """On the GPU: token trees verified through SDPA's tree mask over a streamed / host-attended / device KV mix,
+    and a draft model resident beside an offloaded target, give plain greedy decoding's tokens."""
+    from tests.offload.generation.test_speculative import PROMPT as REPEATING, TreeScript
+    from tests.offload.offload_plans import layout_plan
+    torch.backends.cuda.matmul.allow_tf32 = False
+    plan = layout_plan(llama5, weights="gcgcg", kv="acgac", batch_size=1, chunk=16, max_seq_len=64, dtype="float32")
+    model = offload.load(llama5, plan=plan, device="cuda", progress=False)
+    plain = model.generate([REPEATING], max_new_tokens=20)[0]
+    for seed in range(3):
+        assert model.generate([REPEATING], max_new_tokens=20, draft=TreeScript(REPEATING, plain, seed),
+                              speculate="always")[0] == plain
+    assert model.generate([REPEATING], max_new_tokens=20, draft="ngram-tree", speculate="always")[0] == plain
+    drafted = offload.load(llama5, device="cuda", dtype="float32", max_seq_len=64, gpu_layers=2, draft=llama5,
+                           draft_quantize="int8", progress=False)
+    assert drafted.generate([REPEATING], max_new_tokens=20, speculate="always")[0] == plain
+    assert drafted.stats.num_verify_passes > 0 and drafted.stats.bytes_per_decode_token > 0
