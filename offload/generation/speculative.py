@@ -1,8 +1,9 @@
 """The generation loop with a draft (speculative decoding, batch 1): each step feeds the last token and the
-draft's proposal in ONE pass over the weights (Engine.verify: a streamed layer crosses PCIe once for all of
-them) and yields the tokens the target keeps (Sampler.accept: greedy, exactly plain greedy's tokens;
-sampling, exactly its distribution). The KV of rejected tokens is rolled back by the cache length alone: the
-slots past it are overwritten before anything attends to them, in every tier (GPU, CPU, streamed).
+draft's proposal, a chain or a token tree, in ONE pass over the weights (Engine.verify: a streamed layer
+crosses PCIe once for all of them) and yields the tokens the target keeps (Sampler.accept: greedy, exactly
+plain greedy's tokens; sampling, exactly its distribution). The KV of rejected tokens is rolled back by the
+cache length alone: the slots past it are overwritten before anything attends to them, in every tier (GPU,
+CPU, streamed). A kept side branch of a tree is rolled back too and fed again with the next pass.
 """
 from __future__ import annotations
 

@@ -168,6 +168,10 @@ def test_batches_decode_plainly_and_bad_drafts_are_clear_errors(checkpoint_facto
     bad = RandomDraft(vocab=1000)
     with pytest.raises(ValueError, match="proposed token ids outside the vocabulary of 128"):
         model.generate([PROMPT], max_new_tokens=30, draft=bad, speculate="always")
+    malformed = FixedTree()
+    malformed.propose_tree = lambda tokens, max_tokens: ([5, 9, 2], [-1, 2, 0])     # node 1 under a later node
+    with pytest.raises(ValueError, match=r"proposed a malformed tree: parents \[-1, 2, 0\] for 3 tokens"):
+        model.session().generate(PROMPT, max_new_tokens=8, draft=malformed, speculate="always")
     assert model.generate(rows, max_new_tokens=6) == plain                       # nothing disturbed
 
 
