@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import offload  # noqa: E402
 from offload.chat import ChatTemplate  # noqa: E402
 from offload.chat.gguf_tokenizer import tokenizer_from_gguf  # noqa: E402
+from offload.devices import wait_for_device  # noqa: E402
 from offload.generation.drafts import DEFAULT_DRAFT_TOKENS  # noqa: E402
 from offload.loading.gguf_checkpoint import GGUFCheckpoint  # noqa: E402
 
@@ -66,6 +67,7 @@ def pass_cost(model, tokens: int, repeats: int = 5) -> float:
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 engine.decode([5], [len(ids)]) if T == 1 else engine.verify(list(range(5, 5 + T)), len(ids))
+                wait_for_device(engine.device)             # (on CUDA the calls return before their kernels ran)
                 times.append(time.perf_counter() - t0)
             best[T] = min(times)
     return best[tokens] / best[1]
