@@ -56,7 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("give a MODEL_DIR or --demo (one of them)")
     if args.max_new_tokens is None:
         args.max_new_tokens = DEMO_MAX_NEW_TOKENS if args.demo else 512
-    if args.draft_quantize and args.draft in (None, "ngram", "ngram-tree"):
+    if args.draft_quantize:
+        from offload.generation.drafts import NAMED_DRAFTS      # (torch: imported only when needed)
+    if args.draft_quantize and (args.draft is None or args.draft in NAMED_DRAFTS):
         parser.error("--draft-quantize quantizes a draft model: give --draft MODEL too")
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
