@@ -19,12 +19,15 @@ setup(
         "numpy",
         "tqdm",
         "gguf>=0.10",          # GGUF files: llama.cpp's own reader (numpy only)
+        "huggingface_hub>=0.25",   # Hub names: the cache, downloads, remote safetensors headers
+        "tokenizers>=0.15",    # the `offload` command's tokenizers (folders and GGUF files)
+        "jinja2>=3.1",         # chat templates
     ],
     extras_require={
         "test": ["pytest>=7", "transformers>=5.0", "accelerate>=0.30", "tokenizers>=0.15", "jinja2>=3.1",
                  "compressed-tensors>=0.12"],
-        "chat": ["tokenizers>=0.15", "jinja2>=3.1"],
+        "chat": [],            # (now installed by default; kept so `pip install -e ".[chat]"` still works)
         "bench": ["transformers>=4.45", "accelerate>=0.30"],
     },
-    entry_points={"console_scripts": ["offload-plan=placement.cli:main"]},
+    entry_points={"console_scripts": ["offload=offload.cli:main", "offload-plan=placement.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""`offload-plan MODEL ...` (also `python -m placement ...`): plan memory for a model and print it.
+"""`offload plan MODEL ...` (also `offload-plan`, `python -m placement ...`): plan memory for a model and print it.
 
 Bad input gets one line on stderr and exit status 2, never a traceback.
 """
@@ -25,7 +25,9 @@ class UsageError(Exception):
     """A command-line mistake: printed as one line, exit status 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake raised as UsageError (one line) rather than printed with the usage."""
+
     def error(self, message):          # argparse would print the usage too: keep it to one line
         raise UsageError(message)
 
@@ -54,14 +56,16 @@ CPU_COMPUTE = {"on": True, "off": False, "auto": None}
 EXPERTS = {"gpu": "gpu", "cpu": "cpu", "streamed": "streamed", "auto": None}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Plan where the weights and KV cache of an LLM live (GPU memory "
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = OneLineParser(prog=prog, description="Plan where the weights and KV cache of an LLM live (GPU memory "
                 "or CPU RAM) and predict prefill time and decode speed.",
                 epilog="Sizes: 8GiB, 7.5GB, 512MiB (GiB/MiB binary, GB/MB decimal). Without --gpu-memory "
                 "or --gpu the GPU is detected (this imports torch); without CUDA the CPU stands in for "
                 "the GPU.")
-    p.add_argument("model", nargs="?", help="preset name (--list-presets), checkpoint directory, or "
-                   "config.json path")
+    p.add_argument("model", nargs="?", help="preset name (--list-presets), checkpoint folder, .gguf file, "
+                   "config.json path, Hugging Face Hub name (org/name: config and safetensors headers read "
+                   "without downloading the weights; org/name:Q4_K_M: that GGUF file), or a pip package "
+                   "shipping a GGUF file")
     p.add_argument("--gpu-memory", metavar="SIZE", help="GPU budget, including the CUDA context")
     p.add_argument("--cpu-memory", metavar="SIZE", help="CPU RAM budget (default: 90%% of what is "
                    "available now)")
@@ -104,7 +108,7 @@ def _list_presets() -> str:
         "\n".join(rows)
 
 
-def _hardware(args) -> Hardware:
+def _hardware(args, prog: str) -> Hardware:
     if args.gpu:
         if args.profile:
             raise UsageError("--profile measures this machine; it cannot be combined with --gpu")
@@ -115,38 +119,38 @@ def _hardware(args) -> Hardware:
         from .profile import load_profile, measure, store_profile
         measured = load_profile()
         if measured is None:
-            print(f"{PROG}: profiling this machine (a few seconds) ...", file=sys.stderr)
+            print(f"{prog}: profiling this machine (a few seconds) ...", file=sys.stderr)
             measured = measure()
             path = store_profile(measured)
-            print(f"{PROG}: measurements cached in {path}", file=sys.stderr)
+            print(f"{prog}: measurements cached in {path}", file=sys.stderr)
         hw = measured.apply(hw)
     return hw
 
 
-def _warn_budgets(args, hw: Hardware) -> None:
+def _warn_budgets(args, hw: Hardware, prog: str) -> None:
     """Explicit budgets are taken as given (people plan for other machines): warn when they exceed
     this one."""
     if args.cpu_memory is not None:
         ram = machine_ram_bytes()
         if hw.cpu_bytes > ram:
-            print(f"{PROG}: warning: --cpu-memory {format_size(hw.cpu_bytes)} exceeds this machine's "
+            print(f"{prog}: warning: --cpu-memory {format_size(hw.cpu_bytes)} exceeds this machine's "
                   f"{format_size(ram)} of RAM; planning for the budget as given", file=sys.stderr)
     if args.gpu_memory is not None:
         if args.gpu:
             card = gpu_preset(args.gpu).memory_bytes      # a known name: _hardware() built from it
             if hw.gpu_bytes > card:
-                print(f"{PROG}: warning: --gpu-memory {format_size(hw.gpu_bytes)} exceeds the "
+                print(f"{prog}: warning: --gpu-memory {format_size(hw.gpu_bytes)} exceeds the "
                       f"{format_size(card)} of a {args.gpu}", file=sys.stderr)
             return
         have = machine_gpu_bytes()
         if have is None or hw.gpu_bytes > have:
             mine = "no NVIDIA GPU" if have is None else f"a {format_size(have)} GPU"
-            print(f"{PROG}: warning: --gpu-memory {format_size(hw.gpu_bytes)} exceeds this machine "
+            print(f"{prog}: warning: --gpu-memory {format_size(hw.gpu_bytes)} exceeds this machine "
                   f"({mine}); planning for the budget as given", file=sys.stderr)
 
 
-def run(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.list_presets:
         print(_list_presets())
         return 0
@@ -161,8 +165,8 @@ def run(argv: list[str] | None = None) -> int:
     if args.experts != "auto" and not spec.arch.moe_layers:
         raise UsageError(f"--experts {args.experts} places routed experts; {spec.name} ({spec.arch.model_type}) has "
                          "none: leave --experts out")
-    hw = _hardware(args)
-    _warn_budgets(args, hw)
+    hw = _hardware(args, prog)
+    _warn_budgets(args, hw, prog)
     if args.gpu_layers is not None or args.kv_gpu_layers is not None:
         result = manual_plan(spec, workload, hw, gpu_layers=args.gpu_layers,
                              kv_gpu_layers=args.kv_gpu_layers, cpu_compute=CPU_COMPUTE[args.cpu_compute],
@@ -174,12 +178,12 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """Console entry point: 0 on success, 2 with one line on stderr for any user mistake."""
     try:
-        return run(argv)
+        return run(argv, prog)
     except (UsageError, ConfigError, SizeError, HardwareError, PlanError, ValueError, OSError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -7,6 +7,7 @@ data (offload/loading/gguf_checkpoint.py); llama.cpp's q/k row permutation of Ll
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,13 +170,25 @@ class GGUFModel:
         return {name: Quantization.parse(PACKED_TYPES[kind]) for name, kind in types.items() if kind in PACKED_TYPES}
 
 
+def gguf_reader(path):
+    """The `gguf` package's reader of `path`, kept for the file as it is now: the tokenizer, the planner and the
+    checkpoint each read a GGUF file's metadata, whose parsing takes seconds for a large vocabulary."""
+    stat = Path(path).stat()
+    return _cached_reader(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, mtime_ns: int, size: int):
+    import gguf
+    return gguf.GGUFReader(path)
+
+
 def read_gguf(path) -> GGUFModel:
     """Open `path` (a .gguf) and read its config; ConfigError naming the file for a corrupt file, an
     architecture or a tensor type this library does not run."""
-    import gguf
     path = Path(path)
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = gguf_reader(path)
     except Exception as error:                    # truncated, not a GGUF, bad magic/version
         raise ConfigError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from None
     metadata = {}

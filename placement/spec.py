@@ -1,7 +1,8 @@
 """ModelSpec: the exact bytes, FLOPs and KV bytes of a model, per placement item.
 
 Built from a checkpoint directory (config.json plus the safetensors headers: exact per-tensor dtype
-and bytes), from a config.json path, or from a bundled preset name; `load_spec` picks the right one.
+and bytes), a GGUF file, a config.json path, a Hugging Face Hub name (its config and headers read over HTTP
+when the cache lacks them: no weights downloaded), or a bundled preset name; `load_spec` picks the right one.
 The placement items are the decoder layers, the embedding (token table, plus OPT's positions and
 project_in), the final norm (plus OPT's project_out) and the LM head (no bytes of its own when tied).
 """
@@ -17,6 +18,7 @@ from .architecture import DTYPE_BYTES, Architecture, ConfigError, normalize_dtyp
 from .headers import SAFETENSORS_DTYPES, TensorInfo, read_checkpoint_headers
 from .jsonfile import read_json_object
 from .gguf_file import find_gguf, read_gguf
+from .hub import HubName, packaged_gguf
 from .compressed_tensors import packed_matrices
 from .quantization import QUANTIZE_SCHEMES, Quantization, layouts_label
 from . import presets
@@ -90,14 +92,19 @@ class ModelSpec:
         """
         directory = Path(directory)
         config_path = directory / "config.json"
-        config = _read_config(config_path)
-        headers = read_checkpoint_headers(directory)
+        return cls.from_headers(_read_config(config_path), read_checkpoint_headers(directory),
+                                name=_name_of(directory, config_path), path=str(directory), dtype=dtype)
+
+    @classmethod
+    def from_headers(cls, config: dict, headers: dict[str, TensorInfo], *, name: str, path: str,
+                     dtype: str | None = None) -> "ModelSpec":
+        """From a config and its checkpoint's safetensors headers (name -> TensorInfo; read from a folder, or
+        over HTTP for a Hub name); `path` names the checkpoint in errors."""
         if not headers:
-            return cls.from_config(config, name=_name_of(directory, config_path), dtype=dtype,
-                                   path=str(directory))
+            return cls.from_config(config, name=name, dtype=dtype, path=path)
         arch = Architecture.from_config(config)
-        packed = packed_matrices(config, arch.all_tensors(), headers, directory)   # compressed-tensors
-        found = _match_tensors(arch, headers, directory, skip=packed)
+        packed = packed_matrices(config, arch.all_tensors(), headers, path)   # compressed-tensors
+        found = _match_tensors(arch, headers, path, skip=packed)
         if dtype is None:
             by_dtype: Counter = Counter()
             for info in found.values():
@@ -109,8 +116,7 @@ class ModelSpec:
             tensor_bytes = {n: _numel(info.shape) * size for n, info in found.items()}
         shapes, quantizable = arch.all_tensors(), arch.quantizable_tensors()
         tensor_bytes.update({n: _numel(shapes[n]) * DTYPE_BYTES[normalize_dtype(dtype)] for n in packed})
-        spec = cls(name=_name_of(directory, config_path), arch=arch, dtype=dtype,
-                   tensor_bytes=tensor_bytes, source="checkpoint", path=str(directory))
+        spec = cls(name=name, arch=arch, dtype=dtype, tensor_bytes=tensor_bytes, source="checkpoint", path=path)
         # the layers' packed matrices held as they are; any other (a quantized head) is dequantized
         return spec.with_layouts({n: q for n, q in packed.items() if n in quantizable})
 
@@ -265,7 +271,7 @@ class ModelSpec:
 
 def load_spec(name_or_path: str | Path, dtype: str | None = None,
               quantization: Quantization | str | None = None) -> ModelSpec:
-    """A checkpoint directory, a config.json path, or a preset name -> ModelSpec (its layers' matrices
+    """A checkpoint directory, a .gguf file, a config.json path, a Hub name or a preset name -> ModelSpec (its layers' matrices
     in `quantization`'s layout when given: "int4", "int8-g64", a Quantization).
 
     Raises ConfigError (a ValueError) with one line naming what is wrong and what would work.
@@ -283,6 +289,14 @@ def _load_spec(name_or_path: str | Path, dtype: str | None) -> ModelSpec:
         dtype = normalize_dtype(dtype)
     text = str(name_or_path)
     path = Path(text).expanduser()
+    hub_name = None if path.exists() or isinstance(name_or_path, Path) else HubName.parse(text)
+    if hub_name is not None:
+        spec = _hub_spec(hub_name, dtype)
+        if spec is not None:
+            return spec
+        path = hub_name.download()                        # a GGUF file: its header needs the file
+    elif not path.exists():
+        path = packaged_gguf(text) or path
     gguf_path = find_gguf(path)
     if gguf_path is not None:    # held packed when its layout allows (gguf_file.py), else dequantized
         model = read_gguf(gguf_path)
@@ -295,8 +309,24 @@ def _load_spec(name_or_path: str | Path, dtype: str | None) -> ModelSpec:
     if isinstance(name_or_path, Path) or "/" in text or "\\" in text or text.endswith(".json") \
             or text.startswith("."):
         raise ConfigError(f"{text}: no such file or directory (expected a checkpoint directory, a "
-                          f"config.json, or a preset name: offload-plan --list-presets)")
+                          f".gguf file, a config.json, a Hugging Face Hub name (org/name) or a preset name: "
+                          f"offload plan --list-presets)")
     return ModelSpec.from_preset(text, dtype=dtype)
+
+
+def _hub_spec(name: HubName, dtype: str | None) -> "ModelSpec | None":
+    """A Hub name's spec from the cache when it holds the files, else from the Hub's config.json and safetensors
+    headers (no weights downloaded); None for a GGUF repository (read once its file is downloaded)."""
+    cached = name.cached()
+    if cached is not None:
+        spec = _load_spec(cached, dtype)
+    elif name.remote_selection().gguf is not None:
+        return None
+    else:
+        config, headers = name.remote_headers()
+        spec = ModelSpec.from_headers(config, headers, name=str(name), path=f"https://huggingface.co/{name}",
+                                      dtype=dtype)
+    return dataclasses.replace(spec, name=str(name)) if cached is not None and cached.is_dir() else spec
 
 
 def _read_config(path: Path) -> dict:

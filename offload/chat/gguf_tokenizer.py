@@ -49,10 +49,10 @@ def _field(reader, key: str):
 
 def tokenizer_from_gguf(path) -> tuple[ChatTokenizer, str | None]:
     """(the ChatTokenizer, the chat template or None) of the .gguf file at `path`."""
-    import gguf
+    from placement.gguf_file import gguf_reader
     path = Path(path)
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = gguf_reader(path)
     except Exception as error:                        # noqa: BLE001
         raise ChatSetupError(f"{path}: not a readable GGUF file ({error})") from None
     kind = _field(reader, "tokenizer.ggml.model")

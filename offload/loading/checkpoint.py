@@ -51,7 +51,9 @@ class Checkpoint:
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise CheckpointError(f"{self.path}: not a directory (expected a Hugging Face model folder)")
+            what = "not a folder" if self.path.exists() else "no such folder or file"
+            raise CheckpointError(f"{self.path}: {what} (give a Hugging Face model folder, a .gguf file or a Hub "
+                                  "name such as Qwen/Qwen3-8B)")
         config_path = self.path / "config.json"
         if not config_path.is_file():
             raise CheckpointError(f"{config_path}: missing; a model folder needs config.json")
@@ -194,10 +196,13 @@ class Checkpoint:
 
 
 def open_checkpoint(path):
-    """A Hugging Face folder (`Checkpoint`) or a .gguf file / a folder holding one (`GGUFCheckpoint`)."""
+    """A Hugging Face folder (`Checkpoint`) or a .gguf file / a folder holding one (`GGUFCheckpoint`); `path` may
+    be a Hugging Face Hub name or a pip package shipping a GGUF file (placement/hub.py: cached or downloaded)."""
     from offload.loading.gguf_checkpoint import GGUFCheckpoint
     from placement.gguf_file import find_gguf
+    from placement.hub import resolve_model
     try:
+        path = resolve_model(path)
         gguf_path = find_gguf(path)
     except ConfigError as error:
         raise CheckpointError(str(error)) from None

@@ -1,5 +1,5 @@
-"""A .gguf file is all the chat script needs: its tokenizer and chat template come from the metadata.
-Against transformers' own GGUF tokenizer, and the real SmolLM2-135M answering as a user runs it."""
+"""A .gguf file is all a chat needs: its tokenizer and chat template come from the metadata, as transformers' own
+GGUF tokenizer reads them (the real SmolLM2-135M answering is in tests/offload/cli/test_chat.py)."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +7,6 @@ import pytest
 from offload.chat import ChatSetupError, ChatTemplate
 from offload.chat.gguf_tokenizer import tokenizer_from_gguf
 from tests.offload.loading.test_gguf import smollm2_path
-
-from .test_chat_script import run_chat
 
 TEXTS = ["What is the capital of France?", "Hello,   world!\n\nNew line 12345 and 3.14",
          "<|im_start|>user\nHi there<|im_end|>\n", "Ünïcödé ☃ emoji 🤖 tab\tend", "don't you'll we've",
@@ -33,27 +31,3 @@ def test_gguf_tokenizer_and_template_are_transformers(tmp_path):
     not_gguf.write_bytes(b"GGUF but not really")
     with pytest.raises(ChatSetupError, match="x.gguf: not a readable GGUF file"):
         tokenizer_from_gguf(not_gguf)
-
-
-@pytest.mark.parametrize("options", [[], ["--gpu-memory", "400MB", "--cpu-memory", "2GiB"]],
-                         ids=["one_device", "offloaded"])
-def test_the_chat_script_answers_paris_from_the_gguf_file(options):
-    out = run_chat(smollm2_path(), "--temperature", 0, "--max-new-tokens", 20, *options,
-                   stdin="What is the capital of France?\n", timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "Paris" in out.stdout
-
-
-def test_the_chat_script_with_a_draft_replies_as_without_it():
-    """Greedy replies are the same with speculative decoding, with the n-gram draft or a draft model (here the
-    file itself, held resident beside an offloaded copy); --stats says how many drafted tokens were kept."""
-    text = "Repeat exactly, then stop: one two three, one two three, one two three.\n"
-    plain = run_chat(smollm2_path(), "--temperature", 0, "--max-new-tokens", 24, stdin=text, timeout=300)
-    assert plain.returncode == 0 and "one two three" in plain.stdout, plain.stderr
-    model_draft = ["--draft", str(smollm2_path()), "--gpu-memory", "850MB", "--max-seq-len", "512", "--show-plan"]
-    for draft in (["--draft", "ngram"], model_draft):
-        drafted = run_chat(smollm2_path(), "--temperature", 0, "--max-new-tokens", 24, *draft, "--stats",
-                           stdin=text, timeout=300)
-        assert drafted.returncode == 0, drafted.stderr
-        assert drafted.stdout.endswith(plain.stdout) and "verification passes kept" in drafted.stderr
-    assert "draft model: " in drafted.stdout

@@ -1,18 +1,17 @@
-"""examples/generate.py and examples/plan_and_load.py run as a user runs them, on a tiny model."""
+"""examples/plan_and_load.py and examples/chat.py run as a user runs them, on a tiny model and the real SmolLM2."""
 import subprocess
 import sys
 
 import pytest
 
 from offload.chat import ChatTokenizer
+from tests.offload.loading.test_gguf import smollm2_path
 
 from .builders import REPO, demo_model_dir, hf_greedy
 
-PROMPTS = ["Hello there", "Tell me a story about the sea", "Café?"]
 
-
-def run_example(name, *args, timeout=120):
-    return subprocess.run([sys.executable, str(REPO / "examples" / name), *map(str, args)],
+def run_example(name, *args, stdin="", timeout=300):
+    return subprocess.run([sys.executable, str(REPO / "examples" / name), *map(str, args)], input=stdin,
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
@@ -21,27 +20,12 @@ def folder(tmp_path_factory):
     return demo_model_dir(tmp_path_factory.mktemp("examples") / "tiny")
 
 
-def test_generate_batches_prompts_and_prints_throughput(folder, tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS[:2]) + "\n\n" + PROMPTS[2] + "\n", encoding="utf-8")
-    out = run_example("generate.py", folder, prompts, "--batch-size", 2, "--max-new-tokens", 6)
+def test_the_chat_example_answers_paris():
+    out = run_example("chat.py", smollm2_path(), "--gpu-memory", "400MB",
+                      stdin="What is the capital of France?\nAnd of Italy?\n")
     assert out.returncode == 0, out.stderr
-    tokenizer = ChatTokenizer.from_dir(folder)
-    blocks = out.stdout.split("=== prompt ")[1:]
-    assert len(blocks) == 3
-    for i, (prompt, block) in enumerate(zip(PROMPTS, blocks)):
-        header, completion = block.split("\n", 1)
-        assert header == f"{i + 1}: {prompt}"
-        # Each completion is transformers' greedy continuation of the prompt alone (batching, ragged
-        # lengths included, changes nothing).
-        ids = hf_greedy(folder, tokenizer.encode(prompt, add_special_tokens=True), 6, tokenizer.stop_token_ids)
-        assert completion.startswith(tokenizer.decode(ids).strip())
-    assert "--- 3 prompts in batches of 2:" in out.stdout and "new tokens/s" in out.stdout
-
-
-def test_generate_bad_prompts_file(folder, tmp_path):
-    out = run_example("generate.py", folder, tmp_path / "missing.txt")
-    assert out.returncode == 2 and "missing.txt: no such file" in out.stderr and "Traceback" not in out.stderr
+    first, second = out.stdout.split("assistant> ")[1:3]
+    assert "Paris" in first and "Rome" in second
 
 
 def test_plan_and_load(folder, tmp_path):

@@ -1,24 +1,23 @@
-"""examples/chat.py as a user runs it: a subprocess with piped stdin, on tiny models made here."""
+"""`offload chat` as a user runs it: a subprocess with piped stdin, on tiny models made here and the real
+SmolLM2."""
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from offload.chat import ChatTokenizer
+from tests.examples import templates
+from tests.examples.builders import demo_model_dir, hf_greedy
+from tests.offload.loading.test_gguf import smollm2_path
 
-from . import templates
-from .builders import REPO, demo_model_dir, hf_greedy
+from .run import one_error_line, run_offload
 
-CHAT = str(REPO / "examples" / "chat.py")
 STATS = re.compile(r"\[stats: prefill (\d+) tokens \((\d+) new\) in [\d.]+ s, reused (\d+) tokens")
 
 
-def run_chat(*args, stdin="", timeout=120):
-    return subprocess.run([sys.executable, CHAT, *map(str, args)], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO)
+def run_chat(*args, stdin="", timeout=300, script=False):
+    return run_offload("chat", *args, stdin=stdin, timeout=timeout, script=script)
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +64,6 @@ def test_commands_and_fallback_format(folder, tmp_path):
     assert "(new conversation)" in out.stdout and "unknown command /bogus" in out.stdout
 
 
-def test_demo_runs():
-    out = run_chat("--demo", "--max-new-tokens", 5, "--show-plan", stdin="Hello!\n")
-    assert out.returncode == 0, out.stderr
-    assert "RANDOM weights" in out.stderr and "replies are random" in out.stderr
-    assert out.stdout.strip()
-
-
 def bad_folders(folder, tmp_path):
     no_tokenizer = tmp_path / "no-tokenizer"
     shutil.copytree(folder, no_tokenizer)
@@ -83,29 +75,48 @@ def bad_folders(folder, tmp_path):
     shutil.copytree(folder, mistral)
     (mistral / "chat_template.jinja").write_text(templates.MISTRAL)
     return {
-        "missing folder": ([tmp_path / "nowhere"], "nowhere: no such file or folder"),
+        "missing folder": ([tmp_path / "nowhere"], "nowhere: no such file or folder, and not a Hugging Face"),
         "no tokenizer.json": ([no_tokenizer], "no tokenizer.json"),
         "unsupported model": ([gpt2], "unsupported model_type 'gpt2'"),
         "system prompt the template refuses": ([mistral, "--system", "Be kind."], "rejects a system message"),
-        "no model and no --demo": ([], "give a MODEL_DIR or --demo"),
+        "no model": ([], "the following arguments are required: MODEL"),
         "missing draft": ([folder, "--draft", tmp_path / "nowhere"], "draft " + str(tmp_path / "nowhere")),
         "draft quantized without a draft": ([folder, "--draft-quantize", "int4"], "give --draft MODEL too"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing folder", "no tokenizer.json", "unsupported model",
-                                  "system prompt the template refuses", "no model and no --demo", "missing draft",
+                                  "system prompt the template refuses", "no model", "missing draft",
                                   "draft quantized without a draft"])
 def test_bad_input_exits_2_with_one_line(folder, tmp_path, case):
     args, message = bad_folders(folder, tmp_path)[case]
     out = run_chat(*args, stdin="hi\n")
-    assert out.returncode == 2
-    assert message in out.stderr and "Traceback" not in out.stderr
-    assert out.stdout == ""
+    assert message in one_error_line(out, "offload chat")
 
 
 def test_budget_too_small(folder):
     out = run_chat(folder, "--gpu-memory", "1KiB", "--cpu-memory", "1KiB", stdin="hi\n")
-    assert out.returncode == 2 and "Traceback" not in out.stderr and out.stdout == ""
-    errors = [line for line in out.stderr.splitlines() if line.startswith("chat.py: error: ")]
-    assert len(errors) == 1 and any(unit in errors[0] for unit in ("KiB", "MiB", "GiB"))
+    assert any(unit in one_error_line(out, "offload chat") for unit in ("KiB", "MiB", "GiB"))
+
+
+@pytest.mark.parametrize("options", [[], ["--gpu-memory", "400MB", "--cpu-memory", "2GiB"]],
+                         ids=["one_device", "offloaded"])
+def test_the_chat_command_answers_paris_from_the_gguf_file(options):
+    out = run_chat(smollm2_path(), "--temperature", 0, "--max-new-tokens", 20, *options,
+                   stdin="What is the capital of France?\n", script=not options)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+def test_the_chat_command_with_a_draft_replies_as_without_it():
+    """Greedy replies are the same with speculative decoding, with the n-gram draft or a draft model (here the
+    file itself, held resident beside an offloaded copy); --stats says how many drafted tokens were kept."""
+    text = "Repeat exactly, then stop: one two three, one two three, one two three.\n"
+    plain = run_chat(smollm2_path(), "--temperature", 0, "--max-new-tokens", 24, stdin=text)
+    assert plain.returncode == 0 and "one two three" in plain.stdout, plain.stderr
+    model_draft = ["--draft", str(smollm2_path()), "--gpu-memory", "850MB", "--max-seq-len", "512", "--show-plan"]
+    for draft in (["--draft", "ngram"], model_draft):
+        drafted = run_chat(smollm2_path(), "--temperature", 0, "--max-new-tokens", 24, *draft, "--stats", stdin=text)
+        assert drafted.returncode == 0, drafted.stderr
+        assert drafted.stdout.endswith(plain.stdout) and "verification passes kept" in drafted.stderr
+    assert "draft model: " in drafted.stdout

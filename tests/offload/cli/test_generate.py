@@ -1,0 +1,66 @@
+"""`offload generate` as a user runs it, on a tiny model made here and the real SmolLM2."""
+import pytest
+
+from offload.chat import ChatTokenizer
+from tests.examples.builders import demo_model_dir, hf_greedy
+from tests.offload.loading.test_gguf import smollm2_path
+
+from .run import one_error_line, run_offload
+
+PROMPTS = ["Hello there", "Tell me a story about the sea", "Café?"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return demo_model_dir(tmp_path_factory.mktemp("generate") / "tiny")
+
+
+def test_generate_batches_prompts_and_prints_throughput(folder, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n\n" + PROMPTS[2] + "\n", encoding="utf-8")
+    out = run_offload("generate", folder, "--file", prompts, "--raw", "--batch-size", 2, "--max-new-tokens", 6)
+    assert out.returncode == 0, out.stderr
+    tokenizer = ChatTokenizer.from_dir(folder)
+    blocks = out.stdout.split("=== prompt ")[1:]
+    assert len(blocks) == 3
+    for i, (prompt, block) in enumerate(zip(PROMPTS, blocks)):
+        header, completion = block.split("\n", 1)
+        assert header == f"{i + 1}: {prompt}"
+        # Each completion is transformers' greedy continuation of the prompt alone (batching, ragged
+        # lengths included, changes nothing).
+        ids = hf_greedy(folder, tokenizer.encode(prompt, add_special_tokens=True), 6, tokenizer.stop_token_ids)
+        assert completion.startswith(tokenizer.decode(ids).strip())
+    assert "[3 prompts in batches of 2:" in out.stderr and "new tokens/s" in out.stderr
+
+
+def test_generate_puts_a_prompt_through_the_chat_template(folder):
+    out = run_offload("generate", folder, "--prompt", PROMPTS[0], "--max-new-tokens", 6)
+    assert out.returncode == 0, out.stderr
+    from transformers import AutoTokenizer
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    prompt = hf_tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}],
+                                              add_generation_prompt=True, return_dict=False)
+    ids = hf_greedy(folder, list(prompt), 6, ChatTokenizer.from_dir(folder).stop_token_ids)
+    assert out.stdout == hf_tokenizer.decode(ids, skip_special_tokens=True).strip() + "\n"
+    assert "[stats: prefill" in out.stderr
+
+
+def test_generate_answers_paris_offloaded_with_the_plan():
+    """The Quickstart's main job: the real SmolLM2 under a GPU budget too small for it, plan and stats shown."""
+    out = run_offload("generate", smollm2_path(), "--prompt", "What is the capital of France?", "--gpu-memory",
+                      "400MB", "--show-plan", script=True)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    assert "budget    GPU 381.47 MiB" in out.stderr and "[stats: prefill" in out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--file", "missing.txt"], "missing.txt: no such file"),
+    ([], "give --prompt TEXT or --file PROMPTS.txt"),
+    (["--prompt", "hi", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--prompt", "hi", "--gpu-memory", "lots"], "lots"),
+    (["--prompt", "hi", "--temperature", "warm"], "argument --temperature: invalid float value: 'warm'"),
+])
+def test_generate_bad_input_exits_2_with_one_line(folder, args, message):
+    assert message in one_error_line(run_offload("generate", folder, *args), "offload generate")
