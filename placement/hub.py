@@ -105,12 +105,12 @@ class HubName:
                        "*.safetensors, or a .gguf file); give another repository, a local folder or a .gguf file")
 
     def _gguf(self, chosen: list[str]) -> Selection:
-        if len(chosen) > 1:
-            raise HubError(f"{self}: {self.repo_id} has {len(chosen)} files of that quantization "
-                           f"({', '.join(chosen[:4])}); download the one you want and give its path")
         if _SPLIT_GGUF.search(chosen[0]):
             raise HubError(f"{self}: {chosen[0]} is one part of a split GGUF file; merge the parts with llama.cpp's "
                            "`llama-gguf-split --merge` and give the merged file's path")
+        if len(chosen) > 1:
+            raise HubError(f"{self}: {self.repo_id} has {len(chosen)} files of that quantization "
+                           f"({', '.join(chosen[:4])}); download the one you want and give its path")
         return Selection(gguf=chosen[0], files=(chosen[0],))
 
     # ---- the network ----------------------------------------------------------------------------------------
@@ -162,6 +162,9 @@ class HubName:
         return config, headers
 
     def _require_online(self) -> None:
+        snapshot = _cached_snapshot(self.repo_id)
+        if _offline() and snapshot is not None:   # what the cache holds cannot do: say why (e.g. which QUANT)
+            self.select(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
         if _offline():
             raise HubError(f"{self}: not in the Hugging Face cache ({_cache_dir()}) and HF_HUB_OFFLINE is set: "
                            "unset HF_HUB_OFFLINE to download it, or give a local folder or .gguf file")
