@@ -17,7 +17,7 @@ from typing import NoReturn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
 import offload  # noqa: E402
-from offload.chat import ChatSetupError, ChatTokenizer  # noqa: E402
+from offload.chat import open_chat  # noqa: E402
 from offload.chat.conversation import in_context_text  # noqa: E402
 from placement.hardware import Hardware  # noqa: E402
 from placement.search import plan as make_plan  # noqa: E402
@@ -27,7 +27,8 @@ from placement.workload import Workload  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", help="a Hugging Face model folder")
+    parser.add_argument("model", help="a Hugging Face model folder, a .gguf file, a Hub name or a pip package "
+                        "shipping a GGUF file")
     parser.add_argument("--gpu-memory", help="GPU memory budget, e.g. 8GiB (default: what is free)")
     parser.add_argument("--cpu-memory", help="CPU RAM budget, e.g. 32GiB (default: what is free)")
     parser.add_argument("--prompt", default="The library runs large language models", help="text to continue")
@@ -47,11 +48,9 @@ def fail(message: str) -> NoReturn:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    model_dir = Path(args.model_dir)
-    if not model_dir.is_dir():
-        fail(f"{model_dir}: no such folder (give a Hugging Face model folder)")
     try:
-        tokenizer = ChatTokenizer.from_dir(model_dir)
+        chat = open_chat(args.model)                  # the local path (a Hub name: from the cache, or downloaded)
+        model_dir, tokenizer = chat.path, chat.tokenizer
         prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=True)
         if len(prompt_ids) > args.prompt_len:
             fail(f"the prompt is {len(prompt_ids)} tokens, more than --prompt-len {args.prompt_len}")
@@ -61,7 +60,7 @@ def main(argv=None) -> int:
         hardware = Hardware.detect(gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory)
         workload = Workload(batch_size=1, prompt_len=args.prompt_len, gen_len=args.max_new_tokens)
         plan = make_plan(spec, hardware, workload)
-    except (ChatSetupError, ValueError) as error:     # bad folder, unsupported model, budget too small
+    except ValueError as error:     # bad path or name, unsupported model, budget too small
         fail(str(error).splitlines()[0])
     print(plan.summary())
     # 2. Save it: a plain JSON file, reviewable and reusable.

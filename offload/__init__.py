@@ -5,6 +5,7 @@
     model = offload.load("path/to/hf-model", gpu_layers=20, kv_gpu_layers=0)          # llama.cpp-style
     model = offload.load("path/to/hf-model", device="cpu", dtype="float32")           # all on one device
     model = offload.load("model.Q4_K_M.gguf") or offload.load("path", quantize="int4")  # 4/8-bit weights
+    model = offload.load("Qwen/Qwen3-8B") or offload.load("unsloth/Qwen3-8B-GGUF:Q4_K_M")  # Hub names (cached)
     offload.quantize("path/to/hf-model", "path/to/int4-model", "int4")   # compressed-tensors, loads fast
     print(model.plan.summary()); print(model.memory_report())
     new_ids = model.generate([[1, 15043, 29892]], max_new_tokens=64); print(model.stats.summary())

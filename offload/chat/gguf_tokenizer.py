@@ -1,4 +1,4 @@
-"""A .gguf file's tokenizer and chat template, from its metadata: what `examples/chat.py model.gguf` needs.
+"""A .gguf file's tokenizer and chat template, from its metadata: what `offload chat model.gguf` needs.
 
 Built as transformers' own GGUF tokenizer is (`AutoTokenizer.from_pretrained(folder, gguf_file=name)`):
 

@@ -56,7 +56,7 @@ class ChatTokenizer:
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.is_file():
-            raise ChatSetupError(f"{model_dir}: no tokenizer.json (the chat script needs the fast-tokenizer "
+            raise ChatSetupError(f"{model_dir}: no tokenizer.json (a chat needs the fast-tokenizer "
                                  "file that Hugging Face model folders ship)")
         try:
             from tokenizers import Tokenizer

@@ -11,7 +11,7 @@ from .common import CommandError, UsageError, parser, run_command
 PROG = "offload quantize"
 
 
-def _run(argv) -> int:
+def parse_args(argv):
     p = parser(PROG, __doc__.split("\n\n")[0])
     p.add_argument("src", metavar="SRC", help="a Hugging Face model folder of 16/32-bit safetensors, or a Hub name "
                    "(org/name: from the Hub cache, else downloaded)")
@@ -24,6 +24,11 @@ def _run(argv) -> int:
     args = p.parse_args(argv)
     if args.group_size is not None and args.group_size < 1:
         raise UsageError(f"--group-size must be >= 1, got {args.group_size}")
+    return args
+
+
+def _run(argv) -> int:
+    args = parse_args(argv)
     import offload
     try:
         dst = offload.quantize(args.src, args.dst, args.scheme, args.group_size, symmetric=not args.asymmetric)

