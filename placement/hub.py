@@ -5,8 +5,8 @@ repository's file of that quantization, as llama.cpp's `-hf` does).
 Hub names are resolved with `huggingface_hub`: from the local Hub cache when the files we read are there (no
 network: `HF_HUB_OFFLINE=1` works), else downloaded with its progress bars, fetching only what we read (the
 config, tokenizer and generation files and the safetensors shards the index names, or the one GGUF file).
-`remote_headers` reads a repository's config and safetensors headers without downloading the weights (for
-the planner). Every failure is a `HubError` (a ConfigError): one line naming the name and what to do.
+`remote_headers` reads a repository's config and safetensors headers, and `remote_gguf_header` a GGUF file's
+header, without downloading the weights (for the planner). Every failure is a `HubError` (a ConfigError): one line naming the name and what to do.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from .headers import INDEX_FILE, TensorInfo
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "chat_template.jinja", "chat_template.json", INDEX_FILE)
 DEFAULT_GGUF_QUANT = "Q4_K_M"         # llama.cpp -hf's choice among several files
+GGUF_HEADER_FETCH = 4 << 20           # a GGUF header's first range request (a 150k-token vocabulary: ~6 MB)
 _NAME = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<quant>[\w.-]+))?$")
 _SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 
@@ -160,6 +161,38 @@ class HubName:
                 headers[name] = TensorInfo(name=name, dtype=info.dtype, shape=tuple(info.shape),
                                            num_bytes=end - begin, file=file)
         return config, headers
+
+    def remote_gguf_header(self, file: str, folder: Path) -> Path:
+        """A sparse copy of the repository's GGUF `file` in `folder` holding only its header (metadata and tensor
+        infos, fetched with HTTP range requests, 4 MiB first and 4x more while the header runs past what was
+        fetched; the tensor data reads as zeros): enough to plan, not to run. No weights are downloaded."""
+        self._require_online()
+        from huggingface_hub import get_session, hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+        from .gguf_file import gguf_reader
+        url, headers = hf_hub_url(self.repo_id, file), build_hf_headers()
+        target = folder / file.rsplit("/", 1)[-1]
+        fetched, size = 0, None
+        want = GGUF_HEADER_FETCH
+        with _hub_errors(self):
+            while True:
+                response = get_session().get(url, headers={**headers, "range": f"bytes={fetched}-{want - 1}"})
+                hf_raise_for_status(response)
+                total = response.headers.get("content-range", "").rpartition("/")[2]
+                size = int(total) if total.isdigit() else fetched + len(response.content)
+                with open(target, "r+b" if fetched else "wb") as out:
+                    out.seek(fetched)
+                    out.write(response.content)
+                    out.truncate(size)                  # sparse: the rest of the file reads as zeros
+                fetched += len(response.content)
+                try:
+                    if gguf_reader(target).data_offset <= fetched:
+                        return target
+                except Exception:                       # noqa: BLE001 (a header cut short: fetch more)
+                    pass
+                if fetched >= size:
+                    raise HubError(f"{self}: {file} is not a readable GGUF file")
+                want = min(size, want * 4)
 
     def _require_online(self) -> None:
         snapshot = _cached_snapshot(self.repo_id)

@@ -9,6 +9,7 @@ project_in), the final norm (plus OPT's project_out) and the LM head (no bytes o
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -291,11 +292,8 @@ def _load_spec(name_or_path: str | Path, dtype: str | None) -> ModelSpec:
     path = Path(text).expanduser()
     hub_name = None if path.exists() or isinstance(name_or_path, Path) else HubName.parse(text)
     if hub_name is not None:
-        spec = _hub_spec(hub_name, dtype)
-        if spec is not None:
-            return spec
-        path = hub_name.download()                        # a GGUF file: its header needs the file
-    elif not path.exists():
+        return _hub_spec(hub_name, dtype)
+    if not path.exists():
         path = packaged_gguf(text) or path
     gguf_path = find_gguf(path)
     if gguf_path is not None:    # held packed when its layout allows (gguf_file.py), else dequantized
@@ -314,14 +312,17 @@ def _load_spec(name_or_path: str | Path, dtype: str | None) -> ModelSpec:
     return ModelSpec.from_preset(text, dtype=dtype)
 
 
-def _hub_spec(name: HubName, dtype: str | None) -> "ModelSpec | None":
+def _hub_spec(name: HubName, dtype: str | None) -> "ModelSpec":
     """A Hub name's spec from the cache when it holds the files, else from the Hub's config.json and safetensors
-    headers (no weights downloaded); None for a GGUF repository (read once its file is downloaded)."""
+    headers, or its GGUF file's header (no weights downloaded)."""
     cached = name.cached()
     if cached is not None:
         spec = _load_spec(cached, dtype)
-    elif name.remote_selection().gguf is not None:
-        return None
+    elif (gguf := name.remote_selection().gguf) is not None:
+        with tempfile.TemporaryDirectory(prefix="offload-gguf-header-") as folder:
+            header = name.remote_gguf_header(gguf, Path(folder))
+            spec = _load_spec(header, dtype)
+        return dataclasses.replace(spec, path=f"https://huggingface.co/{name.repo_id}/blob/main/{gguf}")
     else:
         config, headers = name.remote_headers()
         spec = ModelSpec.from_headers(config, headers, name=str(name), path=f"https://huggingface.co/{name}",

@@ -116,11 +116,15 @@ def test_load_takes_a_cached_hub_name(tiny, offline, monkeypatch):
 
 @pytest.fixture
 def hub(tiny, tmp_path):
-    """The fake Hub serving org/tiny, org/gated and org/docs (a README only), and an empty cache."""
-    docs = tmp_path / "docs"
+    """The fake Hub serving org/tiny, org/gated, org/docs (a README only) and org/smol-GGUF (the real SmolLM2
+    file), and an empty cache."""
+    docs, gguf_repo = tmp_path / "docs", tmp_path / "smol-GGUF"
     docs.mkdir()
     (docs / "README.md").write_text("no weights here")
-    server = FakeHub({"org/tiny": tiny, "org/gated": tiny, "org/docs": docs}, gated=("org/gated",))
+    gguf_repo.mkdir()
+    (gguf_repo / "SmolLM2-135M-Instruct-Q4_1.gguf").symlink_to(smollm2_path())
+    server = FakeHub({"org/tiny": tiny, "org/gated": tiny, "org/docs": docs, "org/smol-GGUF": gguf_repo},
+                     gated=("org/gated",))
     env = {"HF_ENDPOINT": server.url, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home"),
            "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
     yield server, env
@@ -136,6 +140,19 @@ def test_plan_reads_headers_without_downloading_the_weights(hub, tiny):
     weights = [(method, ranged) for method, path, ranged in server.requests if path.endswith(".safetensors")]
     assert weights and all(method == "HEAD" or ranged for method, ranged in weights), weights
     assert not list(Path(env["HF_HUB_CACHE"]).rglob("*.safetensors"))
+
+
+def test_plan_reads_a_gguf_files_header_without_downloading_it(hub, tmp_path):
+    server, env = hub
+    out = run_offload("plan", "org/smol-GGUF", *BUDGET, env=env)
+    assert out.returncode == 0, out.stderr
+    renamed = tmp_path / "SmolLM2-135M-Instruct-Q4_1.gguf"
+    renamed.symlink_to(smollm2_path())
+    assert out.stdout == run_offload("plan", renamed, *BUDGET).stdout
+    fetched = [(method, ranged) for method, path, ranged in server.requests if path.endswith(".gguf")]
+    begins_ends = [tuple(map(int, ranged.removeprefix("bytes=").split("-"))) for _, ranged in fetched]
+    assert sum(end + 1 - begin for begin, end in begins_ends) < smollm2_path().stat().st_size / 10, fetched
+    assert not list(Path(env["HF_HUB_CACHE"]).rglob("*.gguf"))
 
 
 def test_a_name_is_downloaded_once_then_read_from_the_cache(hub, tiny):
