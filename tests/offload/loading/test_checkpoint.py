@@ -100,7 +100,8 @@ def test_missing_config(llama_copy):
 
 
 def test_not_a_folder(tmp_path):
-    assert "not a directory" in _error(tmp_path / "nope")
+    assert "nope: no such folder or file (give a Hugging Face model folder, a .gguf file or a Hub name" in \
+        _error(tmp_path / "nope")
 
 
 def test_unsupported_model_type_lists_the_supported(llama_copy):
