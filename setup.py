@@ -25,7 +25,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "transformers>=5.0", "accelerate>=0.30", "tokenizers>=0.15", "jinja2>=3.1",
-                 "compressed-tensors>=0.12"],
+                 "compressed-tensors>=0.12", "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.40"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],   # offload serve
         "chat": [],            # (now installed by default; kept so `pip install -e ".[chat]"` still works)
         "bench": ["transformers>=4.45", "accelerate>=0.30"],
     },

