@@ -186,16 +186,16 @@ class Worker:
         job = row.job
         row.count += 1
         self.metrics["generated_tokens"] += 1
-        if token in self.stop_ids:
-            return self._finish(b, "stop")
-        text = row.stops.push(row.detokenizer.push(token))
-        if not row.stops.done and row.count >= job.max_tokens:
-            text += row.stops.push(row.detokenizer.flush())
+        is_stop_token = token in self.stop_ids
+        text = "" if is_stop_token else row.stops.push(row.detokenizer.push(token))
+        is_last = is_stop_token or row.stops.done or row.count >= job.max_tokens
+        if is_last and not row.stops.done:             # what was held back: an incomplete character, the start
+            text += row.stops.push(row.detokenizer.flush())     # of a stop string that never came
             text += "" if row.stops.done else row.stops.flush()
         if text:
             job.events.put(("text", text))
-        if row.stops.done or row.count >= job.max_tokens:
-            return self._finish(b, "stop" if row.stops.done else "length")
+        if is_last:
+            return self._finish(b, "stop" if is_stop_token or row.stops.done else "length")
         row.last = token
 
     def _finish(self, b: int, reason: str) -> None:

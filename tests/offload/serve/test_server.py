@@ -254,9 +254,9 @@ class Gate:
         self.engine.prefill, self.engine.decode = self.prefill, self.decode
 
 
-def job(prompt_ids, max_tokens, **sampling):
-    return Job(kind="text_completion", prompt_ids=prompt_ids, max_tokens=max_tokens, stop=[], stream=False,
-               **{"temperature": 0.0, "top_p": None, "seed": None, **sampling})
+def job(prompt_ids, max_tokens, **options):
+    return Job(kind="text_completion", prompt_ids=prompt_ids, max_tokens=max_tokens, stream=False,
+               **{"temperature": 0.0, "top_p": None, "seed": None, "stop": [], **options})
 
 
 def result(job, timeout=60):
@@ -295,6 +295,27 @@ def test_requests_join_the_running_batch_and_get_what_they_get_alone(tiny):
     assert [text for text, _ in texts] == [tokenizer.decode(ids) for ids in alone]
     assert all(event == ("done", "length", 12) for _, event in texts)
     assert gate.passes == 13 < 3 * 12                    # 1 + (jobs 2, 3 prefilled beside job 1) + 11 decodes
+
+
+def test_text_held_for_a_stop_string_is_sent_when_the_reply_ends_without_it(tiny):
+    """A stop string's start held back ("Hel" of "Hello") is sent when a stop token or max_tokens ends the reply."""
+    model, tokenizer = tiny
+    prompt = tokenizer.encode("Hello there", add_special_tokens=True)
+    alone = model.generate([prompt], max_new_tokens=6, draft=False)[0]
+    text = tokenizer.decode(alone)
+    worker = Worker(model, tokenizer, max_queue=2)
+    worker.stop_ids = frozenset(model.eos_token_ids)
+    try:
+        whole = job(prompt, 6, stop=[text[-2:] + "\u2603never"])          # its start is the reply's end
+        worker.submit(whole)
+        assert result(whole) == (text, ("done", "length", 6))
+        before = tokenizer.decode(alone[:-1])
+        ended = job(prompt, 6, stop=[before[-2:] + "\u2603never"])
+        worker.stop_ids = frozenset({alone[-1]})                              # the 6th token now stops it
+        worker.submit(ended)
+        assert result(ended) == (before, ("done", "stop", 6))
+    finally:
+        worker.stop()
 
 
 def test_a_full_queue_is_503_and_the_worker_goes_on(tiny):
