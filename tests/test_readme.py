@@ -79,7 +79,7 @@ def test_the_serving_example_answers():
     import socket
     import time
     import urllib.request
-    block = next(b for b in bash_blocks() if "offload serve" in b)
+    block = next(b for b in bash_blocks() if "offload serve" in b and "curl " in b)
     serve_line = next(line for line in block.splitlines() if line.startswith("offload serve")).split("  #")[0]
     curl = shlex.split(next(line for line in block.splitlines() if line.startswith("curl ")))
     with socket.socket() as s:
