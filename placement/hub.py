@@ -65,7 +65,7 @@ class HubName:
         snapshot = _cached_snapshot(self.repo_id)
         if snapshot is None:
             return None
-        files = {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()}
+        files = _snapshot_files(snapshot)
         try:
             selection = self.select(files)
         except HubError:
@@ -136,7 +136,7 @@ class HubName:
         """Which files we would read, from the cache's listing or the Hub's."""
         snapshot = _cached_snapshot(self.repo_id)
         if snapshot is not None and self.cached() is not None:
-            return self.select(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
+            return self.select(_snapshot_files(snapshot))
         self._require_online()
         import huggingface_hub
         with _hub_errors(self):
@@ -197,7 +197,7 @@ class HubName:
     def _require_online(self) -> None:
         snapshot = _cached_snapshot(self.repo_id)
         if _offline() and snapshot is not None:   # what the cache holds cannot do: say why (e.g. which QUANT)
-            self.select(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
+            self.select(_snapshot_files(snapshot))
         if _offline():
             raise HubError(f"{self}: not in the Hugging Face cache ({_cache_dir()}) and HF_HUB_OFFLINE is set: "
                            "unset HF_HUB_OFFLINE to download it, or give a local folder or .gguf file")
@@ -263,6 +263,11 @@ def _cached_snapshot(repo_id: str) -> Path | None:
         return None
     snapshot = folder / "snapshots" / ref.read_text(encoding="utf-8").strip()
     return snapshot if snapshot.is_dir() else None
+
+
+def _snapshot_files(snapshot: Path) -> set[str]:
+    """The paths in the repository of the files a cached snapshot holds."""
+    return {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()}
 
 
 def _offline() -> bool:

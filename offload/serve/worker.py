@@ -156,13 +156,14 @@ class Worker:
         if any(row is not None and row.is_prefilling for row in rows):
             feeds, starts = [], []
             for row in rows:
-                if row is None:
-                    feeds.append([0]); starts.append(0)
+                if row is None:                                  # a free row: a throwaway token at slot 0
+                    feed, start = [0], 0
                 elif row.is_prefilling:
-                    feeds.append(row.job.prompt_ids[row.length:row.length + engine.prefill_chunk_size])
-                    starts.append(row.length)
+                    feed, start = row.job.prompt_ids[row.length:row.length + engine.prefill_chunk_size], row.length
                 else:
-                    feeds.append([row.last]); starts.append(row.length)
+                    feed, start = [row.last], row.length
+                feeds.append(feed)
+                starts.append(start)
             logits = engine.prefill(feeds, starts)                           # [B, V]
             for row, fed in zip(rows, feeds):
                 if row is not None:
@@ -173,9 +174,11 @@ class Worker:
                 if row is not None:
                     row.length += 1
         busy = [row for row in rows if row is not None]
-        for b, row in enumerate(rows):
-            if row is not None and not row.is_prefilling:
-                self._take(b, row, read_tokens(row.sampler.sample(logits[b:b + 1]))[0])
+        ready = [b for b, row in enumerate(rows) if row is not None and not row.is_prefilling]
+        if ready:       # each row's own sampler, then ONE device->host read of the step's tokens
+            tokens = read_tokens(torch.cat([rows[b].sampler.sample(logits[b:b + 1]) for b in ready]))
+            for b, token in zip(ready, tokens):
+                self._take(b, rows[b], token)
         metrics = self.metrics
         metrics["steps"] += 1
         metrics["batched_rows"] += len(busy)
