@@ -27,6 +27,8 @@ def parse_args(argv):
                    "in one batch (default 4; the plan reserves KV cache for N rows of --max-seq-len)")
     p.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests that may wait (default 64; "
                    "more get 503)")
+    p.add_argument("--speculate", choices=["adaptive", "always"], default="adaptive", help="with --draft: verify "
+                   "the draft's proposals when this server's measured times say it pays (default), or always")
     args = p.parse_args(argv)
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be 1-65535, got {args.port}")
@@ -34,8 +36,6 @@ def parse_args(argv):
         raise UsageError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     if args.max_queue < 1:
         raise UsageError(f"--max-queue must be >= 1, got {args.max_queue}")
-    if args.draft is not None:
-        raise UsageError("--draft: the server decodes without speculative decoding for now")
     check_options(args)
     return args
 
@@ -57,7 +57,7 @@ def _run(argv) -> int:
         if args.show_plan:
             print(plan_report(model), file=sys.stderr, flush=True)
         try:
-            worker = Worker(model, tokenizer, max_queue=args.max_queue)
+            worker = Worker(model, tokenizer, max_queue=args.max_queue, speculate=args.speculate)
         except ValueError as error:
             raise CommandError(str(error)) from None
         name = args.served_model_name or args.model

@@ -98,42 +98,78 @@ class NgramDraft:
 class ModelDraft:
     """A loaded model (offload.load, everything resident is what makes it cheap) proposing its greedy
     continuation. Its proposals are tokens of the target's vocabulary (`vocab_size`: the draft's own ids past
-    it are never proposed). The KV cache of `model` is the draft's: between proposals it holds the sequence
-    last shown (and the proposal but its last token); the next proposal feeds only what changed since (the
-    target's kept tokens and its own). Another call on `model` in between makes it feed everything again."""
+    it are never proposed). The KV cache of `model` is the draft's: between proposals its row b holds the
+    sequence last shown for row b (and the proposal but its last token); the next proposal feeds only what
+    changed since (the target's kept tokens and its own). Another call on `model` in between makes it feed
+    everything again. `propose_rows` proposes for several sequences at once (a server's rows: row b of the
+    draft's cache follows row b), in passes over all of them; `propose` is its one-row case."""
 
     def __init__(self, model, vocab_size: int | None = None):
         self.model = model
         self.vocab_size = min(model.arch.vocab_size, vocab_size or model.arch.vocab_size)
-        self._cached: list[int] = []          # the tokens whose KV is in model's cache, from slot 0
+        self._cached: list[list[int]] = []    # per row: the tokens whose KV is in model's cache, from slot 0
+
+    def propose(self, tokens: Sequence[int], max_tokens: int) -> list[int]:
+        return self.propose_rows([tokens], [max_tokens])[0]
 
     @torch.inference_mode()
-    def propose(self, tokens: Sequence[int], max_tokens: int) -> list[int]:
+    def propose_rows(self, sequences: Sequence[Sequence[int]], max_tokens: Sequence[int]) -> list[list[int]]:
+        """Up to max_tokens[b] tokens to follow sequences[b], for each row b (at most the draft model's
+        max_batch_size rows; each sequence at least one token). Rows that want none are fed too (their last
+        token again, in its slot) while the others run."""
         model, engine = self.model, self.model.engine
-        end = len(tokens)
-        # the draft feeds the sequence and its proposal but the last token: slots 0 .. end + max_tokens - 2
-        max_tokens = min(max_tokens, model.max_seq_len - end + 1)
-        if max_tokens < 1 or end == 0:
-            return []
+        B, S = len(sequences), model.max_seq_len
+        if B > model.max_batch_size:
+            raise ValueError(f"the draft model holds {model.max_batch_size} rows of KV cache, not {B}: load it "
+                             f"with max_batch_size={B}")
+        ends = [len(seq) for seq in sequences]
+        assert len(max_tokens) == B and min(ends) >= 1, (len(max_tokens), ends)
+        if B > 1 and max(ends) > S:
+            raise ValueError(f"a sequence of {max(ends)} tokens is longer than the draft model's cache ({S})")
+        # the draft feeds a sequence and its proposal but the last token: slots 0 .. end + wanted - 2
+        wanted = [max(0, min(m, S - end + 1)) for m, end in zip(max_tokens, ends)]
+        if max(wanted) < 1:
+            return [[] for _ in sequences]
         cached = self._cached if model.cache_owner is self else []
-        n = min(_common_prefix(cached, tokens), end - 1)     # the last token is fed again for its logits
+        cached = [*cached[:B], *[[]] * (B - len(cached))]
+        # slots each row keeps; the last token is fed again for its logits
+        fed = [min(_common_prefix(c, seq), end - 1) for c, seq, end in zip(cached, sequences, ends)]
         model.claim_cache(self)
         self._cached = []                                    # (until the steps below are done)
+        out: list[list[int]] = [[] for _ in sequences]
         try:
-            logits = engine.prefill([list(tokens[n:])], [n])                       # [1, V]
-            out = [self._pick(logits)]
-            for i in range(1, max_tokens):
-                logits = engine.decode([out[-1]], [end + i - 1])                   # [1, V]
-                out.append(self._pick(logits))
+            # catching up, in passes of T tokens a row: a row fed all it lacked feeds its last token again
+            # (same slot: its KV unchanged), and no row's T slots may run past the cache
+            last = [(seq[end - 1], end - 1) for seq, end in zip(sequences, ends)]      # (token, slot) fed last
+            while any(f < end for f, end in zip(fed, ends)):
+                starts = [f if f < end else slot for f, end, (_, slot) in zip(fed, ends, last)]
+                T = min(engine.prefill_chunk_size, max(end - f for f, end in zip(fed, ends)), S - max(starts))
+                rows = [list(seq[f:f + T]) if f < end else [token]
+                        for seq, f, end, (token, _) in zip(sequences, fed, ends, last)]
+                logits = engine.prefill(rows, starts)                                  # [B, V]
+                picks = self._pick(logits)
+                for b in range(B):
+                    if fed[b] < ends[b]:
+                        fed[b] += len(rows[b])
+                        if fed[b] == ends[b] and wanted[b]:
+                            out[b].append(picks[b])
+            for i in range(1, max(wanted)):
+                going = [wanted[b] > i for b in range(B)]
+                last = [(out[b][-1], ends[b] + i - 1) if going[b] else last[b] for b in range(B)]
+                logits = engine.decode([token for token, _ in last], [slot for _, slot in last])   # [B, V]
+                picks = self._pick(logits)
+                for b in range(B):
+                    if going[b]:
+                        out[b].append(picks[b])
         except BaseException:
             engine.reset()
             raise
-        self._cached = [*tokens, *out[:-1]]
+        self._cached = [[*seq, *proposal[:-1]] for seq, proposal in zip(sequences, out)]
         return out
 
-    def _pick(self, logits: torch.Tensor) -> int:
-        """The draft's most likely token of the target's vocabulary; logits [1, V]."""
-        return read_tokens(logits[:, :self.vocab_size].argmax(-1))[0]
+    def _pick(self, logits: torch.Tensor) -> list[int]:
+        """Each row's most likely token of the target's vocabulary; logits [B, V]."""
+        return read_tokens(logits[:, :self.vocab_size].argmax(-1))
 
     def __repr__(self) -> str:
         return f"ModelDraft({self.model!r})"

@@ -37,6 +37,24 @@ def tree_ancestors(parents: list[int]) -> torch.Tensor:
     return out
 
 
+def _ragged_chunk(rows: list[list[int]], starts: list[int], c0: int, T: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, positions [B, T], start [B]) of the chunk of ragged `rows` from their token c0, T tokens per
+    row: row b's tokens written from slot starts[b] + c0, right-padded (id 0, its last position) after its end; a
+    row already done writes its padding past its end."""
+    B = len(rows)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    start = torch.zeros(B, dtype=torch.long)
+    for b, row in enumerate(rows):
+        valid = max(0, min(T, len(row) - c0))
+        row_start = starts[b] + min(c0, len(row))
+        ids[b, :valid] = torch.tensor(row[c0:c0 + valid], dtype=torch.long)
+        positions[b] = torch.clamp(row_start + torch.arange(T), max=starts[b] + len(row) - 1)
+        start[b] = row_start
+    return ids, positions, start
+
+
 class Engine:
     """Runs a family's math over a weight source and per-layer attention backends (see offload/attention/contract.py).
 
@@ -253,17 +271,7 @@ class Engine:
         chunks = []
         for c0 in range(0, T_max, C):
             T = min(C, T_max - c0)
-            ids = torch.zeros(B, T, dtype=torch.long)
-            positions = torch.zeros(B, T, dtype=torch.long)
-            start = torch.zeros(B, dtype=torch.long)
-            for b, row in enumerate(rows):
-                valid = max(0, min(T, num_tokens[b] - c0))
-                row_start = starts[b] + min(c0, num_tokens[b])      # finished rows: write past their end
-                ids[b, :valid] = torch.tensor(row[c0:c0 + valid], dtype=torch.long)
-                last_pos = starts[b] + num_tokens[b] - 1
-                positions[b] = torch.clamp(row_start + torch.arange(T), max=last_pos)
-                start[b] = row_start
-            h = self.run_layers(ids, positions, start, seq_lens)   # [B, T, H]
+            h = self.run_layers(*_ragged_chunk(rows, starts, c0, T), seq_lens)   # [B, T, H]
             if not all_logits and c0 + T < T_max:
                 # no logits for this chunk: pass over the head's items so the streamed cycle stays in step
                 self.weights.skip("final_norm")
@@ -289,6 +297,23 @@ class Engine:
         ids = torch.tensor(tokens, dtype=torch.long).reshape(-1, 1)               # [B, 1]
         h = self.run_layers(ids, start[:, None], start, decode=True)
         return self.logits(h)[:, 0]
+
+    def verify_rows(self, rows: list[list[int]], starts: list[int]) -> list[torch.Tensor]:
+        """Each row's tokens (a chain: the last token and a draft's proposal) fed at cache slots starts[b],
+        starts[b] + 1, ... in ONE pass over the weights for all rows (the batched form of `verify`, for a server's
+        rows) -> the float32 logits of every fed position on the device, [T_b, V] for row b. At most
+        `max_logit_rows` positions in all (the plan's workspace holds their logits); row b's T_max slots from
+        starts[b] must fit in max_seq_len (a shorter row's padding is written past its tokens)."""
+        num_tokens = [len(r) for r in rows]
+        assert len(starts) == len(rows) and min(num_tokens) >= 1, (len(starts), num_tokens)
+        assert sum(num_tokens) <= self.max_logit_rows, (num_tokens, self.max_logit_rows)
+        T = max(num_tokens)
+        assert T <= self.prefill_chunk_size, (T, self.prefill_chunk_size)
+        seq_lens = torch.tensor([s + n for s, n in zip(starts, num_tokens)], dtype=torch.long)
+        h = self.run_layers(*_ragged_chunk(rows, starts, 0, T), seq_lens)                 # [B, T, H]
+        fed = torch.cat([h[b, :n] for b, n in enumerate(num_tokens)])[None]            # [1, sum T_b, H]
+        del h
+        return list(self.logits(fed)[0].split(num_tokens))                             # each [T_b, V]
 
     @property
     def max_verify_tokens(self) -> int:

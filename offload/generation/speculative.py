@@ -80,10 +80,15 @@ def draft_tree(draft: Draft, tokens: list[int], max_tokens: int, vocab_size: int
     else:
         proposed = [int(t) for t in draft.propose(tokens, max_tokens)][:max_tokens]
         parents = list(range(-1, len(proposed) - 1))
+    return checked_ids(draft, proposed, vocab_size), parents
+
+
+def checked_ids(draft: Draft, proposed: list[int], vocab_size: int) -> list[int]:
+    """`proposed` (host ints) when every id is in the vocabulary; else ValueError naming the draft."""
     if any(not 0 <= t < vocab_size for t in proposed):
         raise ValueError(f"the draft {draft!r} proposed token ids outside the vocabulary of {vocab_size}: "
                          f"{proposed}")
-    return proposed, parents
+    return proposed
 
 
 def draft_steps(engine: Engine, row: list[int], *, start: int, max_new_tokens: int, sampler: Sampler,

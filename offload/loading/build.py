@@ -218,7 +218,7 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
     draft: the default draft of the model's calls for speculative decoding (offload/generation/speculative.py):
     "ngram" (prompt lookup; "ngram-tree": a tree of its latest matches), or the folder / .gguf file of a small
     model with the same tokenizer, loaded first
-    with every weight and its KV cache (max_seq_len positions, one row) on the device, quantized as it is read
+    with every weight and its KV cache (max_seq_len positions, max_batch_size rows) on the device, quantized as it is read
     when `draft_quantize` says ("int4" / "int8": a 4-bit copy of the target itself drafts well when nothing
     smaller exists). Its memory comes off `gpu_memory` before the target is planned (on CUDA without
     `gpu_memory`, the free memory measured after it is loaded); `model.draft_model` is it, closed with the model.
@@ -252,7 +252,7 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
     if draft is not None and not named:
         draft_model = load_draft(draft, quantize=draft_quantize, device=device, dtype=dtype_name,
                                  max_seq_len=default_max_seq_len(arch) if max_seq_len is None else max_seq_len,
-                                 gpu_memory=gpu_memory, progress=progress)
+                                 max_batch_size=max_batch_size, gpu_memory=gpu_memory, progress=progress)
         if gpu_memory is not None:        # the target is planned in what the draft leaves
             gpu_memory = parse_size(gpu_memory, what="gpu memory") - draft_model.plan.memory.gpu.total
             if gpu_memory <= 0:
@@ -284,15 +284,16 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
 
 
 def load_draft(path, *, quantize: str | None, device: torch.device, dtype: str | None, max_seq_len: int,
-               gpu_memory, progress: bool) -> Model:
-    """The draft model at `path` for a target of `max_seq_len` positions: every weight and its KV cache for one
-    row on `device` (checked against `gpu_memory` when given), prefilling in chunks of DRAFT_PREFILL_CHUNK tokens
-    (it feeds a few tokens a proposal; a small workspace); errors name it as the draft."""
+               gpu_memory, progress: bool, max_batch_size: int = 1) -> Model:
+    """The draft model at `path` for a target of `max_batch_size` rows of `max_seq_len` positions: every weight
+    and its KV cache for as many rows on `device` (checked against `gpu_memory` when given), prefilling in chunks
+    of DRAFT_PREFILL_CHUNK tokens (it feeds a few tokens a proposal; a small workspace); errors name it as the
+    draft."""
     try:
         num_layers = open_checkpoint(path).arch.num_layers
-        return load(path, gpu_memory=gpu_memory, max_seq_len=max_seq_len, dtype=dtype, device=device,
-                    gpu_layers=num_layers, quantize=quantize, prefill_chunk_size=min(DRAFT_PREFILL_CHUNK, max_seq_len),
-                    progress=progress)
+        return load(path, gpu_memory=gpu_memory, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                    dtype=dtype, device=device, gpu_layers=num_layers, quantize=quantize,
+                    prefill_chunk_size=min(DRAFT_PREFILL_CHUNK, max_seq_len), progress=progress)
     except ValueError as e:
         raise type(e)(f"draft {path}: {e}") from None
 

@@ -73,6 +73,36 @@ def test_the_draft_cache_follows_the_sequence_feeding_only_what_changed(llama5, 
     assert len(draft.propose(list(range(60)), 10)) == 5 and draft.propose(list(range(65)), 3) == []
 
 
+def test_a_draft_model_proposes_for_several_rows_each_cache_row_following_its_sequence(llama5, monkeypatch):
+    """propose_rows (a server's rows): row b's proposal is the greedy continuation of sequences[b], computed in
+    passes over all rows; the next call feeds each row only what changed in its sequence, and a row that wants
+    no tokens is fed its last token again, in its slot."""
+    draft_model = offload.load(llama5, dtype="float32", max_seq_len=64, max_batch_size=3, progress=False)
+    reference = offload.load(llama5, dtype="float32", max_seq_len=64, progress=False)
+    draft = ModelDraft(draft_model)
+    fed = []
+    prefill = draft_model.engine.prefill
+    monkeypatch.setattr(draft_model.engine, "prefill", lambda rows, starts, **kw: fed.append(
+        ([len(r) for r in rows], list(starts))) or prefill(rows, starts, **kw))
+    sequences = [PROMPT, PROMPT[:3] + [9, 8], [5] * 20]
+    want = [reference.generate([s], max_new_tokens=4)[0] for s in sequences]
+    assert draft.propose_rows(sequences, [4, 4, 4]) == want
+    assert fed == [([len(s) for s in sequences], [0, 0, 0])]
+    longer = [sequences[0] + want[0][:2] + [(want[0][2] + 1) % 128], sequences[1] + want[1] + [7], sequences[2]]
+    fed.clear()
+    assert draft.propose_rows(longer, [3, 2, 0]) == [reference.generate([longer[0]], max_new_tokens=3)[0],
+                                                      reference.generate([longer[1]], max_new_tokens=2)[0], []]
+    assert fed == [([1, 2, 1], [len(sequences[0]) + 2, len(sequences[1]) + 3, len(sequences[2]) - 1])]
+    # a row at the end of the cache beside a long new one: no pass writes past the cache
+    near_end = [PROMPT + [1] * (62 - len(PROMPT)), [3] * 40]
+    assert draft.propose_rows(near_end, [2, 2]) == [reference.generate([near_end[0]], max_new_tokens=2)[0],
+                                                    reference.generate([near_end[1]], max_new_tokens=2)[0]]
+    with pytest.raises(ValueError, match="holds 3 rows of KV cache, not 4: load it with max_batch_size=4"):
+        draft.propose_rows(sequences + [PROMPT], [1] * 4)
+    reference.close()
+    draft_model.close()
+
+
 def test_a_draft_model_proposes_only_the_targets_vocabulary(tmp_path):
     build_checkpoint(tmp_path, "llama", vocab_size=256, seed=3)
     draft_model = offload.load(tmp_path, dtype="float32", max_seq_len=64, progress=False)
