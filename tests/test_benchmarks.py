@@ -221,7 +221,7 @@ def test_serve_throughput_runs_and_prints_every_column():
     assert out.returncode == 0, out.stderr[-3000:]
     header = next(line for line in out.stdout.splitlines() if line.lstrip().startswith("clients"))
     assert header.split() == ["clients", "tokens", "seconds", "tok/s", "all", "tok/s", "each", "one", "at", "a",
-                              "time", "ratio", "rows/pass", "H2D", "MB/token"]
+                              "time", "ratio", "rows/pass", "tok/pass", "H2D", "MB/token"]
     rows = [line.split() for line in out.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [row[0] for row in rows] == ["1", "2"] and all(row[6].endswith("x") for row in rows)
     assert ("no CUDA" in out.stdout) != torch.cuda.is_available()

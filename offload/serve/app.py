@@ -18,7 +18,7 @@ from .protocol import APIError, Job, chunk, parse_job, response, usage
 from .worker import Worker
 
 MAX_BODY_BYTES = 1 << 20
-POLL_SECONDS = 0.05            # how often a waiting route looks for its job's events and its client
+DISCONNECT_CHECK_SECONDS = 0.5     # how often a route waiting for its job's next event looks at its client
 
 
 def build_app(worker: Worker, *, model_name: str, template, max_seq_len: int, api_key: str | None = None) -> FastAPI:
@@ -80,13 +80,21 @@ def build_app(worker: Worker, *, model_name: str, template, max_seq_len: int, ap
     async def run(request: Request, kind: str):
         job = parse_job(await body_of(request), kind=kind, model_name=model_name, tokenizer=worker.tokenizer,
                         template=template, max_seq_len=max_seq_len)
+        woken, loop = asyncio.Event(), asyncio.get_running_loop()
+
+        def wake():                                       # (called from the worker's thread)
+            try:
+                loop.call_soon_threadsafe(woken.set)
+            except RuntimeError:                          # the loop is closed: the server has stopped
+                pass
+        job.wake = wake
         worker.submit(job)
         if job.stream:
-            return StreamingResponse(stream_events(request, job), media_type="text/event-stream")
+            return StreamingResponse(stream_events(request, job, woken), media_type="text/event-stream")
         pieces = []
         try:
             while True:
-                event = await next_event(request, job)
+                event = await next_event(request, job, woken)
                 if event is None:                          # the client went away
                     return JSONResponse({}, status_code=499)
                 if event[0] == "text":
@@ -98,8 +106,9 @@ def build_app(worker: Worker, *, model_name: str, template, max_seq_len: int, ap
         finally:
             job.cancelled.set()                             # a no-op once done; frees the row otherwise
 
-    async def next_event(request: Request, job: Job):
-        """The job's next event, or None once its client has disconnected."""
+    async def next_event(request: Request, job: Job, woken: asyncio.Event):
+        """The job's next event as soon as the worker emits it (it sets `woken`), or None once its client has
+        disconnected (looked at every DISCONNECT_CHECK_SECONDS while waiting)."""
         while True:
             try:
                 return job.events.get_nowait()
@@ -107,16 +116,22 @@ def build_app(worker: Worker, *, model_name: str, template, max_seq_len: int, ap
                 pass
             if await request.is_disconnected():
                 return None
-            await asyncio.sleep(POLL_SECONDS)
+            woken.clear()
+            if not job.events.empty():                    # emitted before the clear: its wake-up may be gone
+                continue
+            try:
+                await asyncio.wait_for(woken.wait(), DISCONNECT_CHECK_SECONDS)
+            except asyncio.TimeoutError:
+                pass
 
-    async def stream_events(request: Request, job: Job):
+    async def stream_events(request: Request, job: Job, woken: asyncio.Event):
         def sse(data: dict) -> str:
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
         try:
             if job.kind == "chat.completion":
                 yield sse(chunk(job, model_name, None, first=True))
             while True:
-                event = await next_event(request, job)
+                event = await next_event(request, job, woken)
                 if event is None:
                     return
                 if event[0] == "text":

@@ -6,6 +6,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MAX_STOP_STRINGS = 4          # as OpenAI
@@ -41,6 +42,13 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     events: queue.Queue = field(default_factory=queue.Queue)   # ("text", str) | ("done", reason, n) | ("error", msg)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    wake: Callable[[], None] | None = None    # called (from the worker's thread) after each event: the route's waker
+
+    def emit(self, *event) -> None:
+        """Queue an event for the route and wake it (the worker's side)."""
+        self.events.put(event)
+        if self.wake is not None:
+            self.wake()
 
 
 def _number(body: dict, name: str, default, *, low: float, high: float, integer: bool = False):

@@ -128,18 +128,18 @@ class Worker:
                 self.model.engine.reset()
                 for b, row in enumerate(self.rows):
                     if row is not None:
-                        row.job.events.put(("error", f"{type(error).__name__}: {error}"))
+                        row.job.emit("error", f"{type(error).__name__}: {error}")
                         self.rows[b] = None
         for row in self.rows:
             if row is not None:
-                row.job.events.put(("error", "the server is shutting down"))
+                row.job.emit("error", "the server is shutting down")
         while True:
             try:
                 job = self.jobs.get_nowait()
             except queue.Empty:
                 return
             if job is not None:
-                job.events.put(("error", "the server is shutting down"))
+                job.emit("error", "the server is shutting down")
 
     def _admit(self, wait: bool) -> None:
         """Free rows take queued jobs (waiting for one when no row is busy)."""
@@ -270,10 +270,10 @@ class Worker:
             text += row.stops.push(row.detokenizer.flush())     # of a stop string that never came
             text += "" if row.stops.done else row.stops.flush()
         if text:
-            job.events.put(("text", text))
+            job.emit("text", text)
         if is_last:
             self._finish(b, "stop" if is_stop_token or row.stops.done else "length")
 
     def _finish(self, b: int, reason: str) -> None:
         row, self.rows[b] = self.rows[b], None
-        row.job.events.put(("done", reason, len(row.generated)))
+        row.job.emit("done", reason, len(row.generated))

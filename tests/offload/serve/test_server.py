@@ -339,3 +339,31 @@ def test_a_full_queue_is_503_and_the_worker_goes_on(tiny):
         gate.close()
         worker.stop()
     assert not worker.thread.is_alive()
+
+
+def test_a_route_is_woken_by_its_jobs_events_not_by_polling(tiny, monkeypatch):
+    """With the route's look at its client every hour, replies (whole and streamed) still come: each event the
+    worker emits wakes the route at once."""
+    from fastapi.testclient import TestClient
+
+    import offload.serve.app as app_module
+    model, tokenizer = tiny
+    monkeypatch.setattr(app_module, "DISCONNECT_CHECK_SECONDS", 3600.0)
+    worker = Worker(model, tokenizer, max_queue=4)
+    replies = []
+
+    def ask():
+        with TestClient(app_module.build_app(worker, model_name="tiny", template=None, max_seq_len=128)) as http:
+            body = {"model": "tiny", "prompt": "Hello there", "max_tokens": 8, "temperature": 0}
+            replies.append(http.post("/v1/completions", json=body).json()["choices"][0]["text"])
+            with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
+                chunks = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {")]
+            replies.append("".join(c["choices"][0]["text"] for c in chunks))
+    try:
+        thread = threading.Thread(target=ask, daemon=True)
+        thread.start()
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "a route waited for its next look instead of being woken"
+    finally:
+        worker.stop()
+    assert len(replies) == 2 and replies[0] == replies[1] != ""
