@@ -120,17 +120,21 @@ def decode_groups(cost: CostModel, layers, embedding: str, lm_head: str) -> list
 def verify_budget(cost: CostModel, layers, embedding: str, lm_head: str, prefetch_depth: int) -> int:
     """Speculative decoding's token budget: the most tokens (up to MAX_VERIFY_TOKENS) of one row whose
     verification pass costs at most VERIFY_STEP_SLACK times a plain decode step of that row. A pass runs as a
-    prefill chunk (offload/generation/engine.py verify): the layers a decode step computes on the CPU stream
-    for it, and every position gets logits."""
+    decode step of its tokens (offload/generation/engine.py verify): the layers a decode step computes on the
+    CPU run there on all of them, the others' experts kept apart are taken on the side, and every position gets
+    logits."""
     one = CostModel(cost.spec, cost.hw, dataclasses.replace(cost.wl, batch_size=1))
     serial = cost.hw.is_cpu_only
     limit = VERIFY_STEP_SLACK * step_time(decode_groups(one, layers, embedding, lm_head), prefetch_depth,
                                           serial).seconds
-    kinds = layer_kinds(layers)
+    on_cpu = Counter((l.weight_bytes, l.expert_bytes) for l in layers if l.compute == "cpu")
+    kinds = layer_kinds(l for l in layers if l.compute != "cpu")
     for tokens in range(MAX_VERIFY_TOKENS, 1, -1):
+        rows = CostModel(cost.spec, cost.hw, dataclasses.replace(cost.wl, batch_size=tokens))  # its tokens as rows
         groups = [(n, one.layer(weights=w, kv=kv, attention=a, weight_bytes=wb, num_rows=tokens,
-                                num_keys=one.decode_context, expert_bytes=eb, experts=e, decode=False))
+                                num_keys=one.decode_context, expert_bytes=eb, experts=e))
                   for (w, kv, a, wb, eb, e), n in kinds.items()]
+        groups += [(n, rows.decode_layer_on_cpu(*b)) for b, n in on_cpu.items()]
         groups += [(1, one.embedding(embedding, tokens)), (1, one.final_norm()), (1, one.lm_head(lm_head, tokens))]
         if step_time(groups, prefetch_depth, serial).seconds <= limit:
             return tokens

@@ -126,7 +126,9 @@ class Engine:
 
         Row b's tokens go to cache slots start[b] .. start[b]+T-1; `positions` are what RoPE / learned
         positions see (equal to the slot for valid tokens; padded tokens may carry any valid position).
-        `decode`: a decode step, in which the cpu layers run on the CPU (their ring turns skipped).
+        `decode`: a decode step or a verification pass (a few tokens a row), in which the cpu layers run on the
+        CPU where their weights lie (their ring turns skipped) and every layer's experts kept apart are taken on
+        the side; else a prefill chunk, which streams them.
         `ancestors`: a token tree's [T, T] (one row; offload/attention/contract.py), its positions given.
         """
         B, T = input_ids.shape
@@ -310,7 +312,7 @@ class Engine:
         T = max(num_tokens)
         assert T <= self.prefill_chunk_size, (T, self.prefill_chunk_size)
         seq_lens = torch.tensor([s + n for s, n in zip(starts, num_tokens)], dtype=torch.long)
-        h = self.run_layers(*_ragged_chunk(rows, starts, 0, T), seq_lens)                 # [B, T, H]
+        h = self.run_layers(*_ragged_chunk(rows, starts, 0, T), seq_lens, decode=True)    # [B, T, H]
         fed = torch.cat([h[b, :n] for b, n in enumerate(num_tokens)])[None]            # [1, sum T_b, H]
         del h
         return list(self.logits(fed)[0].split(num_tokens))                             # each [T_b, V]
@@ -322,8 +324,9 @@ class Engine:
         return min(self.max_logit_rows, self.prefill_chunk_size * self.max_batch_size)
 
     def verify(self, tokens: list[int], start: int, parents: list[int] | None = None) -> torch.Tensor:
-        """One row's tokens fed at cache slots start, start + 1, ... in ONE pass over the weights (a prefill
-        chunk: what streams is streamed once for all of them) -> float32 logits [T, V] on the device of
+        """One row's tokens fed at cache slots start, start + 1, ... in ONE pass over the weights (as a decode
+        step: what streams is streamed once for all of them, the layers computed on the CPU run there, on the T
+        tokens) -> float32 logits [T, V] on the device of
         every position (speculative decoding checks a draft with them; the plan's workspace holds the logits
         of MAX_VERIFY_TOKENS positions). `parents`: a token tree, token t under token parents[t] < t (-1: under
         the cached prefix alone); token t then sees the prefix and its ancestors, at position start + its depth.
@@ -338,7 +341,7 @@ class Engine:
         else:
             positions = start + torch.arange(T)[None]                                   # [1, T]
         h = self.run_layers(ids, positions, torch.tensor([start]), torch.tensor([int(positions.max()) + 1]),
-                            ancestors=ancestors)
+                            decode=True, ancestors=ancestors)
         return self.logits(h)[0]                                                        # [T, V]
 
     # ---- control and accounting -------------------------------------------------------------------------

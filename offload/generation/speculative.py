@@ -148,8 +148,8 @@ def draft_steps(engine: Engine, row: list[int], *, start: int, max_new_tokens: i
         else:
             if P == 1:
                 logits = engine.decode(pending, [valid])                                    # [1, V]
-            else:
-                logits = engine.prefill([pending], [valid])                                 # [1, V]
+            else:                        # a kept side branch fed again, in a pass (cpu layers run in place)
+                logits = engine.verify(pending, valid)[-1:]                                 # [1, V]
             new = read_tokens(sampler.sample(logits))
             valid += P
         seconds = time.perf_counter() - t0

@@ -224,8 +224,9 @@ def test_copies_and_compute_add_up_on_the_cpu_stand_in():
 def test_speculative_decoding_budget_is_the_longest_pass_that_costs_about_a_step():
     """plan.predicted.verify_tokens: a streamed 70B model verifies MAX_VERIFY_TOKENS tokens for a step's copies;
     resident on the GPU, a pass grows with its tokens once their FLOPs pass the weights' reads; where a decode
-    step computes layers on the CPU, a pass (a prefill chunk: those layers stream) costs more than a step."""
-    from placement.build import VERIFY_STEP_SLACK, verify_budget
+    step computes layers on the CPU, a pass computes them there too (as a decode step of its tokens), so it
+    also verifies several tokens for about a step's reads, until the CPU's FLOPs catch up."""
+    from placement.build import VERIFY_STEP_SLACK, decode_groups, verify_budget
     from placement.cost import CostModel, step_time
     from placement.workspace import MAX_VERIFY_TOKENS
     workload = Workload(batch_size=1, prompt_len=512, gen_len=128)
@@ -247,5 +248,20 @@ def test_speculative_decoding_budget_is_the_longest_pass_that_costs_about_a_step
         return step_time(groups, 0).seconds
     assert pass_s(budget) <= VERIFY_STEP_SLACK * pass_s(1) < pass_s(budget + 1)
     assert verify_budget(cost, layers, "gpu", "gpu", 0) == budget
-    hybrid = plan(load_spec("llama-2-70b"), hardware(24, 192), workload)
-    assert any(l.compute == "cpu" for l in hybrid.layers) and hybrid.predicted.verify_tokens == 1
+    big = load_spec("llama-2-70b")
+    hybrid = plan(big, hardware(24, 192), workload)
+    budget = hybrid.predicted.verify_tokens
+    assert any(l.compute == "cpu" for l in hybrid.layers) and 1 < budget < MAX_VERIFY_TOKENS
+    cost = CostModel(big, hardware(24, 192), workload)
+
+    def hybrid_pass_s(tokens):  # the CPU layers as a decode step of `tokens` rows there, the others' T rows
+        rows = CostModel(cost.spec, cost.hw, dataclasses.replace(workload, batch_size=tokens))
+        groups = [(1, rows.decode_layer_on_cpu(l.weight_bytes) if l.compute == "cpu" else
+                   cost.layer(weights=l.weights, kv=l.kv, attention=l.attention, weight_bytes=l.weight_bytes,
+                              num_rows=tokens, num_keys=cost.decode_context)) for l in hybrid.layers]
+        groups += [(1, cost.embedding(hybrid.embedding.weights, tokens)), (1, cost.final_norm()),
+                   (1, cost.lm_head(hybrid.lm_head.weights, tokens))]
+        return step_time(groups, hybrid.prefetch_depth).seconds
+    step_s = step_time(decode_groups(cost, hybrid.layers, hybrid.embedding.weights, hybrid.lm_head.weights),
+                       hybrid.prefetch_depth).seconds
+    assert hybrid_pass_s(budget) <= VERIFY_STEP_SLACK * step_s < hybrid_pass_s(budget + 1)

@@ -99,3 +99,25 @@ def test_an_engine_refuses_cpu_layers_it_cannot_compute_there(llama5):
     with pytest.raises(ValueError, match="layer 3 is computed on the cpu: it needs host attention"):
         Engine(**{**args, "backends": resident_kv.backends}, cpu_layers=[3])
     assert Engine(**args, cpu_layers=[2, 3, 4]).cpu_layers == {2, 3, 4}
+
+
+@pytest.mark.parametrize("variant", ["llama", "gemma2", "phi3", "qwen3_moe"])
+def test_verification_passes_compute_the_cpu_layers_where_they_lie(checkpoint_factory, variant):
+    """A speculative decoding pass runs as a decode step does: the layers computed on the CPU run there on all
+    the pass's tokens (chains and trees), so a pass copies what a plain step copies (here the LM head), not the
+    layers as a prefill chunk would; the tokens are plain greedy's (transformers')."""
+    from tests.offload.generation.test_speculative import PROMPT, _drafts
+    path, hf = checkpoint_factory(variant)
+    model = _load(path, gpu_layers=1, kv_gpu_layers=1, cpu_compute=True)
+    plain = model.generate([PROMPT], max_new_tokens=NUM_NEW)[0]
+    assert plain == hf_greedy(hf, PROMPT, NUM_NEW)[:len(plain)]
+    weights = model.engine.weights
+    head = weights.prefetcher.items[weights.streamed_items.index("lm_head")].num_bytes
+    for name in ("perfect", "every 3rd wrong", "tree"):
+        assert model.generate([PROMPT], max_new_tokens=NUM_NEW, draft=_drafts(plain)[name],
+                              speculate="always")[0] == plain, name
+        stats = model.stats
+        assert stats.num_verify_passes > 0
+        # one LM head a pass or plain step: the decode tokens less the drafted ones kept
+        assert stats.host_to_device_bytes - stats.prefill_host_to_device_bytes == \
+            head * (stats.num_decode_tokens - stats.num_accepted_tokens), name
