@@ -11,8 +11,9 @@ no second model, and pays off where replies repeat their context (code edits, su
 that restate the question).
 
 `ModelDraft` is a small model with the target's tokenizer (Llama-3.2-1B for Llama-3.1-70B, Qwen3-0.6B for
-Qwen3-32B, or a 4-bit copy of the target itself), held resident: its greedy continuation, one cheap decode
-step per proposed token, over a KV cache of its own that follows the sequence (what the target rejected is
+Qwen3-32B, or a 4-bit copy of the target itself), held resident: its greedy continuation (sampling: its tokens
+drawn with the target's settings, and the distributions they came from, for the min(1, p / q) rule), one cheap
+decode step per proposed token, over a KV cache of its own that follows the sequence (what the target rejected is
 rolled back by the cache length, as in the target).
 """
 from __future__ import annotations
@@ -97,7 +98,7 @@ class NgramDraft:
 
 class ModelDraft:
     """A loaded model (offload.load, everything resident is what makes it cheap) proposing its greedy
-    continuation. Its proposals are tokens of the target's vocabulary (`vocab_size`: the draft's own ids past
+    continuation (`sample_rows`: drawn as the target samples). Its proposals are tokens of the target's vocabulary (`vocab_size`: the draft's own ids past
     it are never proposed). The KV cache of `model` is the draft's: between proposals its row b holds the
     sequence last shown for row b (and the proposal but its last token); the next proposal feeds only what
     changed since (the target's kept tokens and its own). Another call on `model` in between makes it feed
@@ -106,17 +107,44 @@ class ModelDraft:
 
     def __init__(self, model, vocab_size: int | None = None):
         self.model = model
-        self.vocab_size = min(model.arch.vocab_size, vocab_size or model.arch.vocab_size)
+        self.target_vocab_size = vocab_size or model.arch.vocab_size
+        self.vocab_size = min(model.arch.vocab_size, self.target_vocab_size)
         self._cached: list[list[int]] = []    # per row: the tokens whose KV is in model's cache, from slot 0
 
     def propose(self, tokens: Sequence[int], max_tokens: int) -> list[int]:
         return self.propose_rows([tokens], [max_tokens])[0]
 
-    @torch.inference_mode()
     def propose_rows(self, sequences: Sequence[Sequence[int]], max_tokens: Sequence[int]) -> list[list[int]]:
         """Up to max_tokens[b] tokens to follow sequences[b], for each row b (at most the draft model's
-        max_batch_size rows; each sequence at least one token). Rows that want none are fed too (their last
-        token again, in its slot) while the others run."""
+        max_batch_size rows; each sequence at least one token): the draft's greedy continuations. Rows that want
+        none are fed too (their last token again, in its slot) while the others run."""
+        return self._rows(sequences, max_tokens, lambda logits, used: self._pick(logits))
+
+    def sample_rows(self, sequences: Sequence[Sequence[int]], max_tokens: Sequence[int], samplers: Sequence
+                    ) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        """Like propose_rows, row b's tokens drawn with samplers[b] (offload.generation.sampling.Sampler: the
+        target's settings and generator; a greedy one takes the most likely) from the draft's distributions,
+        which come back too: (proposals, probs), probs[b] [len(proposals[b]), V] float32 over the target's
+        vocabulary (None for a greedy row), what Sampler.accept's min(1, p / q) rule needs."""
+        drawn: list[list[torch.Tensor]] = [[] for _ in sequences]
+        greedy = [sampler.params.is_greedy for sampler in samplers]
+        pad = self.target_vocab_size - self.vocab_size
+
+        def pick(logits: torch.Tensor, used: list[bool]) -> list[int]:
+            logits = logits[:, :self.vocab_size]                                       # [B, v]
+            out = logits.argmax(-1)                                                    # [B]
+            for b, sampler in enumerate(samplers):
+                if used[b] and not greedy[b]:
+                    q = torch.nn.functional.pad(sampler.probs(logits[b:b + 1]), (0, pad))  # [1, V]
+                    drawn[b].append(q[0])
+                    out[b] = sampler.draw(q)[0]
+            return read_tokens(out)
+        proposals = self._rows(sequences, max_tokens, pick)
+        return proposals, [None if g or not p else torch.stack(q) for g, p, q in zip(greedy, proposals, drawn)]
+
+    @torch.inference_mode()
+    def _rows(self, sequences, max_tokens, pick) -> list[list[int]]:
+        """propose_rows with `pick(logits [B, V], used) -> B tokens`, `used[b]` whether row b's token is taken."""
         model, engine = self.model, self.model.engine
         B, S = len(sequences), model.max_seq_len
         if B > model.max_batch_size:
@@ -147,17 +175,19 @@ class ModelDraft:
                 rows = [list(seq[f:f + T]) if f < end else [token]
                         for seq, f, end, (token, _) in zip(sequences, fed, ends, last)]
                 logits = engine.prefill(rows, starts)                                  # [B, V]
-                picks = self._pick(logits)
+                used = [f < end and f + len(row) == end and n > 0
+                        for f, end, row, n in zip(fed, ends, rows, wanted)]
+                picks = pick(logits, used)
                 for b in range(B):
                     if fed[b] < ends[b]:
                         fed[b] += len(rows[b])
-                        if fed[b] == ends[b] and wanted[b]:
-                            out[b].append(picks[b])
+                    if used[b]:
+                        out[b].append(picks[b])
             for i in range(1, max(wanted)):
                 going = [wanted[b] > i for b in range(B)]
                 last = [(out[b][-1], ends[b] + i - 1) if going[b] else last[b] for b in range(B)]
                 logits = engine.decode([token for token, _ in last], [slot for _, slot in last])   # [B, V]
-                picks = self._pick(logits)
+                picks = pick(logits, going)
                 for b in range(B):
                     if going[b]:
                         out[b].append(picks[b])

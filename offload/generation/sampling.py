@@ -61,10 +61,19 @@ class Sampler:
         assert logits.dim() == 2 and logits.dtype == torch.float32, (logits.shape, logits.dtype)
         if self.params.is_greedy:
             return logits.argmax(dim=-1)
-        probs = filter_logits(logits, self.params).softmax(dim=-1)
+        return self.draw(self.probs(logits))
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution sampling draws from: float32 logits [B, V] -> probabilities [B, V] (not greedy)."""
+        assert not self.params.is_greedy
+        return filter_logits(logits, self.params).softmax(dim=-1)
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One token per row from probabilities [B, V] -> [B] int64, with this sampler's generator."""
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
 
-    def accept(self, logits: torch.Tensor, tokens: list[int], parents: list[int]) -> tuple[list[int], list[int]]:
+    def accept(self, logits: torch.Tensor, tokens: list[int], parents: list[int],
+               draft_probs: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
         """What a verification pass of a token tree yields: node i proposes tokens[i] after its parent
         parents[i] (< i; -1: the root, the last token fed before the tree); `logits` [N + 1, V] float32 are
         those after the root (row 0) and after each node (row i + 1). Returns (the nodes kept, a path from the
@@ -75,10 +84,18 @@ class Sampler:
         et al. / Chen et al.; SpecInfer's multi-candidate form for siblings): at a node with distribution p,
         its children's tokens x are tried in turn, each kept with probability p(x) / (what p has left), and
         removed from p when not; if none is kept the token is drawn from what is left of p. So every token
-        is drawn from p as plain sampling draws it (not the same draws for a seed)."""
+        is drawn from p as plain sampling draws it (not the same draws for a seed).
+        `draft_probs` [N, V]: a chain whose token i was drawn from draft_probs[i] (a draft model sampling with
+        these settings): token i is kept with probability min(1, p(x) / q(x)), and at the first one rejected the
+        token is drawn from max(0, p - q), normalised (Leviathan et al.): again exactly p, and where the draft's
+        q is close to p nearly every token is kept (a point mass keeps only p(x) of them)."""
         N = len(tokens)
         assert len(parents) == N and all(-1 <= parent < i for i, parent in enumerate(parents)), parents
         assert logits.dim() == 2 and logits.shape[0] == N + 1 and logits.dtype == torch.float32, (logits.shape, N)
+        if draft_probs is not None and not self.params.is_greedy:
+            assert parents == list(range(-1, N - 1)) and draft_probs.shape == (N, logits.shape[1]), \
+                (parents, draft_probs.shape, logits.shape)
+            return self._accept_sampled_chain(self.probs(logits), tokens, draft_probs)
         children: dict[int, list[int]] = {}
         for i, parent in enumerate(parents):
             children.setdefault(parent, []).append(i)
@@ -90,14 +107,15 @@ class Sampler:
                 if chosen is None:
                     return path, [tokens[i] for i in path] + [best[node + 1]]
                 path.append(node := chosen)
-        probs = filter_logits(logits, self.params).softmax(dim=-1)                      # [N + 1, V]
+        probs = self.probs(logits)                                                      # [N + 1, V]
         while True:
             left = probs[node + 1].clone()                 # [V]: p, less the children's tokens rejected
             chosen = None
             for c in children.get(node, ()):
                 kept_p = float(left[tokens[c]] / left.sum())
-                # (>= 1: the last token p has left, kept whatever the draw)
-                if kept_p >= 1 or float(torch.rand((), generator=self.generator, device=probs.device)) < kept_p:
+                # (>= 1: the last token p has left, kept whatever the draw; drawn all the same, so that a seed's
+                # stream of draws does not hang on rounding)
+                if float(torch.rand((), generator=self.generator, device=probs.device)) < kept_p or kept_p >= 1:
                     chosen = c
                     break
                 left[tokens[c]] = 0.0                      # rejected: p without the proposed token
@@ -105,3 +123,19 @@ class Sampler:
                 last = int(torch.multinomial(left, 1, generator=self.generator))
                 return path, [tokens[i] for i in path] + [last]
             path.append(node := chosen)
+
+    def _accept_sampled_chain(self, probs: torch.Tensor, tokens: list[int], draft_probs: torch.Tensor
+                              ) -> tuple[list[int], list[int]]:
+        """accept() for a chain drawn from `draft_probs` [N, V]; probs [N + 1, V] the target's."""
+        for i, token in enumerate(tokens):
+            p, q = float(probs[i, token]), float(draft_probs[i, token])
+            assert q > 0, (i, token)                      # (the draft drew it)
+            # (a draw every time, even where p >= q keeps it anyway: a seed's stream of draws does not hang on
+            # the rounding of p and q)
+            if float(torch.rand((), generator=self.generator, device=probs.device)) < p / q:
+                continue
+            residual = (probs[i] - draft_probs[i]).clamp_(min=0)             # [V]: where p exceeds q
+            if not float(residual.sum()) > 0:             # (p <= q everywhere: p == q up to rounding)
+                residual = probs[i]
+            return list(range(i)), [*tokens[:i], int(self.draw(residual[None])[0])]
+        return list(range(len(tokens))), [*tokens, int(self.draw(probs[len(tokens)][None])[0])]

@@ -129,15 +129,20 @@ def draft_steps(engine: Engine, row: list[int], *, start: int, max_new_tokens: i
         assert P >= 1, (valid, len(context))
         room = min(draft_tokens, max_new_tokens - produced - 1, engine.max_seq_len - len(context),
                    engine.max_verify_tokens - P)
-        proposed, parents = [], []
+        proposed, parents, draft_probs = [], [], None
         if room > 0 and pays.now():
-            proposed, parents = draft_tree(draft, context, room, engine.arch.vocab_size)
+            if sampler.params.is_greedy or not hasattr(draft, "sample_rows"):
+                proposed, parents = draft_tree(draft, context, room, engine.arch.vocab_size)
+            else:                        # a draft model sampling as the target does: its q for min(1, p / q)
+                (chain,), (draft_probs,) = draft.sample_rows([context], [room], [sampler])
+                proposed = checked_ids(draft, [int(t) for t in chain][:room], engine.arch.vocab_size)
+                parents = list(range(-1, len(proposed) - 1))
             stats.draft_seconds += time.perf_counter() - t0
         if proposed:
             # the pending tokens as a chain, the tree under the last of them
             fed_parents = list(range(-1, P - 1)) + [P - 1 if parent < 0 else P + parent for parent in parents]
             logits = engine.verify(pending + proposed, valid, fed_parents)                 # [P + N, V]
-            path, new = sampler.accept(logits[P - 1:], proposed, parents)
+            path, new = sampler.accept(logits[P - 1:], proposed, parents, draft_probs)
             stats.num_verify_passes += 1
             stats.num_drafted_tokens += len(proposed)
             stats.num_accepted_tokens += len(path)

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 import torch
 
 from offload.chat.detokenizer import IncrementalDetokenizer
-from offload.generation.sampling import Sampler
+from offload.generation.sampling import Sampler, SamplingParams
 from offload.generation.speculative import SPECULATE, checked_ids
 from offload.generation.steps import read_tokens
 
 from .protocol import APIError, Job
 
 log = logging.getLogger(__name__)
+GREEDY = Sampler(SamplingParams(), "cpu")        # a free row's, for a draft model proposing for every row
 
 
 class StopStrings:
@@ -189,7 +190,7 @@ class Worker:
             self._sample(rows, logits)
         else:
             proposals = self._proposals(rows, room) if self.draft is not None and self.pays.now() else []
-            if any(proposals):
+            if any(chain for chain, _ in proposals):
                 yielded = self._verify(rows, proposals)
                 self.pays.measured(time.perf_counter() - t0, yielded / len(busy))
             else:
@@ -213,11 +214,12 @@ class Worker:
             for b, token in zip(ready, tokens):
                 self._take(b, rows[b], token)
 
-    def _proposals(self, rows: list[Row | None], room: int) -> list[list[int]]:
-        """The draft's chain for each decoding row (none for free rows). A pass verifies the plan's budget of
-        positions in all (what costs about a step), but at least two a row (its last token and one proposed, as
-        a lone generation proposes at least one) and at most what the workspace holds logits for; the proposed
-        ones are shared among the rows, each bounded by its max_tokens and the cache."""
+    def _proposals(self, rows: list[Row | None], room: int) -> list[tuple[list[int], torch.Tensor | None]]:
+        """The draft's chain for each decoding row (none for free rows), and the distributions a draft model drew
+        a sampled row's chain from (None otherwise). A pass verifies the plan's budget of positions in all (what
+        costs about a step), but at least two a row (its last token and one proposed, as a lone generation
+        proposes at least one) and at most what the workspace holds logits for; the proposed ones are shared
+        among the rows, each bounded by its max_tokens and the cache."""
         engine = self.model.engine
         decoding = [b for b, row in enumerate(rows) if row is not None]
         spare = min(engine.max_logit_rows - len(rows), max(self.draft_tokens + 1 - len(rows), len(decoding)))
@@ -229,24 +231,26 @@ class Worker:
         if not any(share):
             return []
         sequences = [[*row.job.prompt_ids, *row.generated] if row else [0] for row in rows]
-        if hasattr(self.draft, "propose_rows"):                   # a draft model: all rows in its passes
-            proposed = self.draft.propose_rows(sequences, share)
+        probs = [None] * len(rows)
+        if hasattr(self.draft, "sample_rows"):     # a draft model: all rows in its passes, each sampling as it does
+            proposed, probs = self.draft.sample_rows(sequences, share, [row.sampler if row else GREEDY for row in rows])
         else:
             proposed = [self.draft.propose(seq, n) if n else [] for seq, n in zip(sequences, share)]
         vocab_size = engine.arch.vocab_size
-        return [checked_ids(self.draft, [int(t) for t in chain][:n], vocab_size) for chain, n in zip(proposed, share)]
+        return [(checked_ids(self.draft, [int(t) for t in chain][:n], vocab_size), None if q is None else q[:n])
+                for chain, n, q in zip(proposed, share, probs)]
 
-    def _verify(self, rows: list[Row | None], proposals: list[list[int]]) -> int:
+    def _verify(self, rows: list[Row | None], proposals: list[tuple[list[int], torch.Tensor | None]]) -> int:
         """One pass feeding each row its last token and its proposal; each row keeps what its sampler accepts
         (the rejected tokens' KV rolled back by the row's length) and takes the tokens. Returns how many."""
-        feeds = [[row.generated[-1], *chain] if row else [0] for row, chain in zip(rows, proposals)]
+        feeds = [[row.generated[-1], *chain] if row else [0] for row, (chain, _) in zip(rows, proposals)]
         logits = self.model.engine.verify_rows(feeds, [row.length if row else 0 for row in rows])   # [T_b, V] each
         yielded = 0
         for b, row in enumerate(rows):
             if row is None:
                 continue
-            chain = proposals[b]
-            path, tokens = row.sampler.accept(logits[b], chain, list(range(-1, len(chain) - 1)))
+            chain, draft_probs = proposals[b]
+            path, tokens = row.sampler.accept(logits[b], chain, list(range(-1, len(chain) - 1)), draft_probs)
             row.length += 1 + len(path)                    # the last token and the kept proposal, in place
             self.metrics["verify_passes"] += bool(chain)
             self.metrics["drafted_tokens"] += len(chain)

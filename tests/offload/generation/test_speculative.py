@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import offload
-from offload.generation.drafts import NgramDraft
+from offload.generation.drafts import ModelDraft, NgramDraft
 from tests.offload.builders import hf_greedy
 from tests.offload.offload_plans import layout_plan
 
@@ -273,3 +273,44 @@ def test_sampling_with_a_draft_draws_from_the_targets_distribution(tmp_path, sam
         assert counts[i][~seen].sum() == 0                    # never a token the filtering removes
         chi_square = float(((counts[i][seen] - expected[seen]) ** 2 / expected[seen]).sum())
         assert chi_square < chi_square_999(int(seen.sum()) - 1), (i, chi_square, counts[i].tolist(), expected.tolist())
+
+
+def test_a_chain_drawn_from_the_drafts_distribution_keeps_the_targets():
+    """Sampler.accept with the draft's q (a draft model sampling): token x drawn from q is kept with probability
+    min(1, p(x) / q(x)), else the token comes from max(0, p - q): over 20000 draws the first token is
+    distributed as p (chi-square below its 99.9th percentile), the tokens kept are sum(min(p, q)) of them (a
+    point mass on q's most likely token keeps only p of that token), and with q = p every token is kept."""
+    from offload.generation.sampling import Sampler, SamplingParams
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5], [0.0, 0.3, 2.0, 0.1, -0.5, 0.0],
+                           [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])                           # [N + 1 = 3, V = 6]
+    sampler = Sampler(SamplingParams(temperature=0.8, seed=11), "cpu")
+    p = sampler.probs(logits)                                                       # [3, 6]
+    q = torch.tensor([[0.05, 0.4, 0.3, 0.1, 0.05, 0.1], [0.1, 0.1, 0.5, 0.1, 0.1, 0.1]])
+    draws, counts, kept = 20000, torch.zeros(6), 0
+    drafter = torch.Generator().manual_seed(5)
+    for _ in range(draws):
+        chain = [int(torch.multinomial(q[i], 1, generator=drafter)) for i in range(2)]
+        path, tokens = sampler.accept(logits, chain, [-1, 0], q)
+        assert path == list(range(len(path))) and tokens[:len(path)] == chain[:len(path)] and len(tokens) == len(path) + 1
+        counts[tokens[0]] += 1
+        kept += bool(path)
+    expected = p[0] * draws
+    chi_square = float(((counts - expected) ** 2 / expected).sum())
+    assert chi_square < chi_square_999(5), (chi_square, counts.tolist(), expected.tolist())
+    rate = float(torch.minimum(p[0], q[0]).sum())                                   # P(the first token kept)
+    assert abs(kept / draws - rate) < 4 * (rate * (1 - rate) / draws) ** 0.5, (kept / draws, rate)
+    assert sampler.accept(logits, [1, 2], [-1, 0], p[:2])[0] == [0, 1]              # q = p: all kept
+
+
+def test_a_sampling_draft_model_keeps_what_its_distribution_shares(checkpoint_factory):
+    """Sampling with the target loaded again as the draft: it draws from the target's own distribution, so every
+    proposal is kept (as greedy; its greedy tokens as point masses would keep only their probability), and a
+    seed gives the same tokens again."""
+    path, _ = checkpoint_factory("llama")
+    model = offload.load(path, dtype="float32", max_seq_len=64, progress=False)
+    copy = offload.load(path, dtype="float32", max_seq_len=64, progress=False)
+    options = dict(max_new_tokens=24, speculate="always", temperature=1.0, seed=3)
+    first = model.generate([PROMPT], draft=ModelDraft(copy), **options)[0]
+    stats = model.stats
+    assert stats.num_verify_passes > 0 and stats.num_accepted_tokens == stats.num_drafted_tokens > 0
+    assert model.generate([PROMPT], draft=ModelDraft(copy), **options)[0] == first
