@@ -157,8 +157,8 @@ class CostModel:
         `num_keys` keys on average; `expert_bytes` of its `weight_bytes` are routed experts (the tokens
         read only those they are routed to; a streamed layer copies them all). With `experts` "cpu" a decode
         step computes them on the CPU (neither streamed nor read by the GPU), with "streamed" it copies the ones
-        hit; a prefill chunk streams them all, unless it is short enough to do as a decode step does
-        (experts_on_the_side)."""
+        hit (a verification pass too, while its tokens' experts fit the slots sized for a decode step); a prefill
+        chunk streams them all, unless it is short enough to do as a decode step does (experts_on_the_side)."""
         spec, hw, B = self.spec, self.hw, self.wl.batch_size
         tokens = B * num_rows
         kv_read = B * num_keys * spec.kv_bytes_per_token
@@ -169,8 +169,10 @@ class CostModel:
         if experts != "gpu":                                  # kept apart in CPU RAM
             placed = weight_bytes - expert_bytes
             arch = spec.arch
-            if not (decode or experts_on_the_side(experts, tokens, arch.num_experts, arch.num_experts_per_tok,
-                                                  spec.expert_slots(B))):
+            slots = spec.expert_slots(B)         # the stager's, sized for a decode step
+            fits = experts == "cpu" or min(arch.num_experts, arch.num_experts_per_tok * tokens) <= slots
+            if not (decode and fits or experts_on_the_side(experts, tokens, arch.num_experts,
+                                                           arch.num_experts_per_tok, slots)):
                 transfer_s += expert_bytes / hw.pcie_bytes_per_s
             elif experts == "cpu":
                 cpu_s += self.cpu_experts_s(expert_bytes, tokens)

@@ -182,12 +182,17 @@ class Engine:
 
     def _experts_on_the_side(self, tokens: int, decode: bool) -> frozenset:
         """The layers whose experts kept in CPU RAM a chunk of `tokens` tokens takes where they lie (cpu) or
-        fetches on demand (streamed) instead of through the ring: all in a decode step, and in a prefill chunk
-        short enough (placement.cost.experts_on_the_side, which the planner's prediction follows)."""
-        if decode or not self.experts_apart:
-            return self.experts_apart
+        fetches on demand (streamed) instead of through the ring: in a decode step or a verification pass the cpu
+        ones, and the streamed ones while the experts its tokens may hit fit the stager's slots (always, in a
+        decode step: the slots are sized for it); in a prefill chunk those of a chunk short enough
+        (placement.cost.experts_on_the_side, which the planner's prediction follows)."""
+        if not self.experts_apart:
+            return frozenset()
         a = self.arch
         slots = self.expert_stager.num_slots if self.expert_stager is not None else 0
+        if decode:
+            fits = min(a.num_experts, a.num_experts_per_tok * tokens) <= slots
+            return self.cpu_experts | (self.streamed_experts if fits else frozenset())
         return frozenset(i for i in self.experts_apart if experts_on_the_side(
             "cpu" if i in self.cpu_experts else "streamed", tokens, a.num_experts, a.num_experts_per_tok, slots))
 

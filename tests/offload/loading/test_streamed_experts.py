@@ -64,6 +64,35 @@ def test_experts_placed_layer_by_layer(tmp_path):
     assert model.ledger.peak_total_bytes <= mixed.memory.gpu.total
 
 
+def test_verification_passes_fetch_routed_experts_while_they_fit_the_slots(tmp_path):
+    """Speculative decoding over a mixed plan (experts gpu / cpu / streamed by layer): a pass whose tokens may
+    hit more experts than the slots hold (sized for a decode step) streams that layer's experts whole, a short
+    one fetches the routed ones; the tokens are plain greedy's either way."""
+    from tests.offload.generation.test_speculative import PROMPT, ScriptedDraft
+    path = tmp_path
+    build_checkpoint(path, "mixtral_window", num_hidden_layers=3, num_local_experts=8)
+    base = _load(path, gpu_layers=1, kv_gpu_layers=1, experts="gpu").plan
+    layers = list(base.layers)
+    layers[1] = dataclasses.replace(layers[1], experts="cpu", compute="cpu")
+    layers[2] = dataclasses.replace(layers[2], experts="streamed")
+    mixed = assemble(placement.load_spec(path, dtype="float32"), base.workload, REFERENCE_HARDWARE,
+                     layers=tuple(layers), embedding=base.embedding.weights, lm_head=base.lm_head.weights,
+                     prefetch_depth=2, chunk=base.prefill_chunk_size)
+    model = _load(path, plan=mixed)
+    assert model.engine.expert_stager.num_slots == 6     # top-2 x 3 rows, of 8
+    fetched, engine = [], model.engine
+    fetch = engine._fetch[2]
+    engine._fetch[2] = lambda experts: fetched.append(len(experts)) or fetch(experts)
+    plain = model.generate([PROMPT], max_new_tokens=24)[0]
+    for draft_tokens in (1, 12):                          # passes of 2 tokens (4 experts at most) and of 13
+        fetched.clear()
+        got = model.generate([PROMPT], max_new_tokens=24, draft=ScriptedDraft(PROMPT, plain),
+                             draft_tokens=draft_tokens, speculate="always")[0]
+        assert got == plain and model.stats.num_verify_passes > 0, draft_tokens
+        assert fetched and max(fetched) <= 6             # (a pass of 13 tokens streams the layer's experts)
+    assert model.stats.num_accepted_tokens >= 12            # (a pass of 13 tokens was made)
+
+
 def test_decode_steps_copy_only_the_routed_experts(checkpoint_factory):
     path, _ = checkpoint_factory("qwen3_moe")
     model = _load(path, experts="streamed")                 # layers resident, experts streamed on demand
