@@ -153,6 +153,11 @@ def test_load_with_a_draft_reserves_its_memory_in_the_gpu_budget(llama5):
     ngram = offload.load(llama5, dtype="float32", max_seq_len=64, draft="ngram", progress=False)
     assert ngram.generate([PROMPT], max_new_tokens=16, speculate="always")[0] == plain
     assert ngram.draft_model is None and ngram.stats.num_drafted_tokens > 0
+    # a target for several rows (a server's) gets a draft with KV for as many, and its plan counts them
+    rows = offload.load(llama5, dtype="float32", max_seq_len=64, max_batch_size=3, draft=llama5, progress=False)
+    assert rows.draft_model.max_batch_size == rows.draft_model.plan.max_batch_size == 3
+    assert rows.generate([PROMPT] * 3, max_new_tokens=4) == [plain[:4]] * 3
+    rows.close()
 
 
 def test_bad_drafts_are_clear_errors_and_disturb_nothing(llama5, tmp_path):
