@@ -46,3 +46,33 @@ def test_cuda_speculative_decoding_with_trees_and_a_draft_model_is_plain_greedy(
                            draft_quantize="int8", progress=False)
     assert drafted.generate([REPEATING], max_new_tokens=20, speculate="always")[0] == plain
     assert drafted.stats.num_verify_passes > 0 and drafted.stats.bytes_per_decode_token > 0
+
+
+@pytest.mark.cuda
+def test_cuda_verification_passes_run_the_cpu_layers_in_place_and_batch_a_servers_rows(llama5, device="cuda"):
+    """On the GPU: a pass over layers computed on the CPU runs them there on all its tokens (a chain or a tree),
+    copying only what a plain step copies (the LM head); a server's rows verified in one pass
+    (Engine.verify_rows) and a draft model proposing for all of them give each row's plain greedy tokens."""
+    from offload.generation.drafts import ModelDraft
+    from tests.offload.generation.test_speculative import PROMPT as REPEATING, ScriptedDraft, TreeScript
+    torch.backends.cuda.matmul.allow_tf32 = False
+    options = dict(device=device, dtype="float32", max_seq_len=64, max_batch_size=3, progress=False)
+    model = offload.load(llama5, gpu_layers=1, kv_gpu_layers=1, cpu_compute=True, **options)
+    assert model.engine.cpu_layers
+    weights = model.engine.weights
+    head = weights.prefetcher.items[weights.streamed_items.index("lm_head")].num_bytes
+    plain = model.generate([REPEATING], max_new_tokens=16)[0]
+    for draft in (ScriptedDraft(REPEATING, plain), TreeScript(REPEATING, plain, 0)):
+        assert model.generate([REPEATING], max_new_tokens=16, draft=draft, speculate="always")[0] == plain
+        stats = model.stats
+        assert stats.num_verify_passes > 0
+        assert stats.host_to_device_bytes - stats.prefill_host_to_device_bytes == \
+            head * (stats.num_decode_tokens - stats.num_accepted_tokens)
+    prompts = [REPEATING, REPEATING[:5], REPEATING[2:9]]
+    alone = [model.generate([p], max_new_tokens=6)[0] for p in prompts]
+    draft_model = offload.load(llama5, **options)
+    assert ModelDraft(draft_model).propose_rows(prompts, [5, 5, 5]) == [a[:5] for a in alone]
+    engine = model.engine
+    assert engine.prefill(prompts, [0, 0, 0]).argmax(-1).tolist() == [a[0] for a in alone]
+    checked = engine.verify_rows([a[:5] for a in alone], [len(p) for p in prompts])   # each [5, V]
+    assert [row.argmax(-1).tolist() for row in checked] == [a[1:6] for a in alone]
