@@ -44,9 +44,9 @@ PY
   echo "== quantized weights (SmolLM2-135M GGUF: bytes per step, dequantize vs PCIe, tokens/s, quality)"
   timeout 600 python benchmarks/quantized_decode.py || status=1
   echo
-  echo "== serving: continuous batching, 1/2/4/8 concurrent clients against one at a time (SmolLM2, streamed)"
+  echo "== serving: continuous batching, 1/2/4/8 concurrent clients against one at a time (SmolLM2, every layer streamed)"
   if python -c "import fastapi, uvicorn" 2>/dev/null; then
-    timeout 900 python benchmarks/serve_throughput.py --gpu-memory 200MB || status=1
+    timeout 900 python benchmarks/serve_throughput.py --gpu-memory 200MB --cpu-compute off || status=1
   else
     echo "(skipped: the server needs FastAPI and uvicorn: pip install -e \".[serve]\")"
   fi

@@ -83,6 +83,8 @@ def main() -> int:
     parser.add_argument("--gpu-memory", default="600MB", help="the server's GPU budget (default 600MB)")
     parser.add_argument("--draft", help="the server's --draft (ngram, ngram-tree or a model)")
     parser.add_argument("--speculate", choices=["adaptive", "always"], default="adaptive")
+    parser.add_argument("--cpu-compute", choices=["auto", "on", "off"], default="auto", help="the server's: off "
+                        "streams every layer kept in RAM (decode bound by PCIe on a GPU)")
     args = parser.parse_args()
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu (no CUDA: the CPU stands in for the GPU)"
@@ -90,6 +92,7 @@ def main() -> int:
     server = subprocess.Popen([sys.executable, "-m", "offload", "serve", str(smollm2_gguf()), "--port", str(port),
                                "--served-model-name", "smol", "--gpu-memory", args.gpu_memory, "--max-seq-len", "512",
                                "--max-batch-size", str(batch), "--show-plan", "--speculate", args.speculate,
+                               "--cpu-compute", args.cpu_compute,
                                *(["--draft", args.draft] if args.draft else [])], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -103,7 +106,8 @@ def main() -> int:
                 time.sleep(0.5)
         ask(port, QUESTIONS[0], 4)                                   # warm-up
         print(f"SmolLM2-135M (Q4_1 GGUF) served on {device}, --gpu-memory {args.gpu_memory}, --max-batch-size "
-              f"{batch}{f', --draft {args.draft} --speculate {args.speculate}' if args.draft else ''}; "
+              f"{batch}{f', --draft {args.draft} --speculate {args.speculate}' if args.draft else ''}"
+              f"{f', --cpu-compute {args.cpu_compute}' if args.cpu_compute != 'auto' else ''}; "
               f"{args.requests} requests a client, {args.max_tokens} new tokens each at most, greedy\n")
         print(f"{'clients':>7} {'tokens':>7} {'seconds':>8} {'tok/s all':>10} {'tok/s each':>11} "
               f"{'one at a time':>14} {'ratio':>6} {'rows/pass':>10} {'tok/pass':>9} {'H2D MB/token':>13}")

@@ -28,6 +28,9 @@ def add_model_options(p: OneLineParser) -> None:
                    "checkpoint's; float32 for GGUF files)")
     p.add_argument("--quantize", choices=["int4", "int8"], help="quantize the layers' matrices as they are read "
                    "(held and streamed packed)")
+    p.add_argument("--cpu-compute", choices=["auto", "on", "off"], default="auto", help="layers whose weights stay "
+                   "in RAM decode on the CPU where they lie (on, as llama.cpp does), stream to the GPU (off), or as "
+                   "the planner finds fastest (auto, the default)")
     p.add_argument("--draft", metavar="ngram|ngram-tree|MODEL", help="speculative decoding: ngram = prompt "
                    "lookup (no second model; pays off when replies repeat the conversation; ngram-tree: a tree "
                    "of its latest matches), or a small model with the same tokenizer (any MODEL), held on the GPU")
@@ -70,6 +73,7 @@ def open_model(args, *, max_batch_size: int | None = None):
     options = {k: v for k, v in (("gpu_memory", args.gpu_memory), ("cpu_memory", args.cpu_memory),
                                  ("max_seq_len", args.max_seq_len), ("device", args.device), ("dtype", args.dtype),
                                  ("quantize", args.quantize), ("draft", args.draft),
+                                 ("cpu_compute", {"on": True, "off": False}.get(args.cpu_compute)),
                                  ("draft_quantize", args.draft_quantize), ("max_batch_size", max_batch_size))
                if v is not None}
     try:

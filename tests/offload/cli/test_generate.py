@@ -45,6 +45,22 @@ def test_generate_puts_a_prompt_through_the_chat_template(folder):
     assert "[stats: prefill" in out.stderr
 
 
+def test_cpu_compute_says_where_layers_in_ram_decode(folder):
+    """--cpu-compute on: the layers kept in RAM decode on the CPU where they lie (as llama.cpp's); off: they
+    stream to the "GPU"; the text is the same (the tiny model at a budget too small for its layers)."""
+    texts, plans = {}, {}
+    for mode in ("on", "off"):
+        out = run_offload("generate", folder, "--prompt", PROMPTS[0], "--max-new-tokens", 6, "--gpu-memory", "64.8MiB",
+                          "--cpu-compute", mode, "--show-plan")
+        assert out.returncode == 0, out.stderr
+        texts[mode] = out.stdout
+        rows = out.stderr.split("decode on", 1)[1].split("\n\n", 1)[0].splitlines()[1:]     # the layer rows
+        plans[mode] = [row.split()[2:6] for row in rows]                       # weights, kv, attention, decode on
+    assert plans["on"] == [["cpu", "cpu", "cpu", "cpu"]]
+    assert ["cpu", "cpu", "cpu", "gpu"] in plans["off"] and not any(row[3] == "cpu" for row in plans["off"])
+    assert texts["on"] == texts["off"] != ""
+
+
 @pytest.mark.parametrize("args, message", [
     (["--file", "missing.txt"], "missing.txt: no such file"),
     ([], "give --prompt TEXT or --file PROMPTS.txt"),
@@ -52,6 +68,7 @@ def test_generate_puts_a_prompt_through_the_chat_template(folder):
     (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     (["--prompt", "hi", "--gpu-memory", "lots"], "lots"),
     (["--prompt", "hi", "--temperature", "warm"], "argument --temperature: invalid float value: 'warm'"),
+    (["--prompt", "hi", "--cpu-compute", "maybe"], "argument --cpu-compute: invalid choice: 'maybe'"),
 ])
 def test_generate_bad_input_exits_2_with_one_line(folder, args, message):
     assert message in one_error_line(run_offload("generate", folder, *args), "offload generate")
