@@ -16,7 +16,7 @@ from offload.serve.worker import Worker
 from tests.examples.builders import demo_model_dir
 from tests.offload.loading.test_gguf import smollm2_path
 
-from .test_server import MAX_SEQ_LEN, QUESTION, Gate, job, result, start_server
+from .test_server import MAX_SEQ_LEN, QUESTION, job, result, start_server
 from .test_server import reference  # noqa: F401 (a fixture)
 
 PROMPTS = ("Hello there", "The sea is", "Café?", "One two three")
@@ -70,9 +70,9 @@ def encode(tokenizer, texts):
 
 
 def test_every_rows_proposal_is_verified_in_one_pass_and_greedy_rows_get_their_plain_tokens(tiny):
-    """Four jobs at once (one sampled with a seed): each pass verifies every row's proposal; the greedy rows'
-    tokens are what model.generate gives them alone, the sampled row gets its max_tokens; fewer passes than
-    plain decoding takes, and the metrics count what was drafted and kept."""
+    """Four jobs at once (one sampled with a seed, shorter): each pass verifies every row's proposal; the greedy
+    rows' tokens are what model.generate gives them alone, the sampled row gets its max_tokens; fewer passes
+    than plain decoding takes, and the metrics count what was drafted and kept."""
     model, tokenizer = tiny
     prompts = encode(tokenizer, PROMPTS)
     alone = [model.generate([p], max_new_tokens=20, draft=False)[0] for p in prompts[:3]]
@@ -81,24 +81,21 @@ def test_every_rows_proposal_is_verified_in_one_pass_and_greedy_rows_get_their_p
     try:
         worker = Worker(model, tokenizer, max_queue=8, speculate="always")
         worker.stop_ids = frozenset(model.eos_token_ids)
-        gate = Gate(model.engine)
-        gate.open()
         try:
-            jobs = [job(p, 20) for p in prompts[:3]] + [job(prompts[3], 20, temperature=0.9, seed=5)]
+            jobs = [job(p, 20) for p in prompts[:3]] + [job(prompts[3], 8, temperature=0.9, seed=5)]
             texts = run_jobs(worker, jobs)
         finally:
-            gate.close()
             worker.stop()
     finally:
         model.attach_draft(None)
     assert [text for text, _ in texts[:3]] == [tokenizer.decode(a) for a in alone[:3]]
-    assert all(event == ("done", "length", 20) for _, event in texts)
+    assert [event for _, event in texts] == [("done", "length", 20)] * 3 + [("done", "length", 8)]
     metrics = worker.metrics
-    assert metrics["generated_tokens"] == 80
+    assert metrics["generated_tokens"] == 68
     assert 0 < metrics["accepted_tokens"] < metrics["drafted_tokens"]
     # the plan's budget of positions a pass (at least two a row) is shared by the rows
     assert max(oracle.rows) <= max(1, worker.draft_tokens) and metrics["verify_passes"] > 0
-    assert gate.passes < 20 * 4 / 4 + 4                  # plain decoding: 1 prefill + 19 decode steps a row
+    assert metrics["steps"] < 20                          # plain decoding: a prefill and 19 decode steps at least
 
 
 def test_a_draft_model_proposes_for_every_row_in_its_own_passes(tiny, folder):
