@@ -98,12 +98,12 @@ class NgramDraft:
 
 class ModelDraft:
     """A loaded model (offload.load, everything resident is what makes it cheap) proposing its greedy
-    continuation (`sample_rows`: drawn as the target samples). Its proposals are tokens of the target's vocabulary (`vocab_size`: the draft's own ids past
-    it are never proposed). The KV cache of `model` is the draft's: between proposals its row b holds the
-    sequence last shown for row b (and the proposal but its last token); the next proposal feeds only what
-    changed since (the target's kept tokens and its own). Another call on `model` in between makes it feed
-    everything again. `propose_rows` proposes for several sequences at once (a server's rows: row b of the
-    draft's cache follows row b), in passes over all of them; `propose` is its one-row case."""
+    continuation (`sample_rows`: drawn as the target samples). Its proposals are tokens of the target's vocabulary
+    (`vocab_size`: the draft's own ids past it are never proposed). The KV cache of `model` is the draft's: between
+    proposals its row b holds the sequence last shown for row b (and the proposal but its last token); the next
+    proposal feeds only what changed since (the target's kept tokens and its own). Another call on `model` in
+    between makes it feed everything again. `propose_rows` proposes for several sequences at once (a server's rows:
+    row b of the draft's cache follows row b), in passes over all of them; `propose` is its one-row case."""
 
     def __init__(self, model, vocab_size: int | None = None):
         self.model = model

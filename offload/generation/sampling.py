@@ -127,12 +127,17 @@ class Sampler:
     def _accept_sampled_chain(self, probs: torch.Tensor, tokens: list[int], draft_probs: torch.Tensor
                               ) -> tuple[list[int], list[int]]:
         """accept() for a chain drawn from `draft_probs` [N, V]; probs [N + 1, V] the target's."""
+        N = len(tokens)
+        # the chain's p(x), q(x) and one uniform draw for each of its tokens, read to the host in ONE copy (one
+        # sync on a GPU, not three a token); every token gets its draw, kept or not, so a seed's stream of draws
+        # does not hang on the rounding of p and q
+        index = torch.tensor(tokens, device=probs.device)[:, None]                        # [N, 1]
+        uniform = torch.rand(N, generator=self.generator, device=probs.device)            # [N]
+        p, q, u = torch.stack([probs[:N].gather(1, index)[:, 0], draft_probs.gather(1, index)[:, 0],
+                               uniform]).tolist()                                         # [3, N] -> host
         for i, token in enumerate(tokens):
-            p, q = float(probs[i, token]), float(draft_probs[i, token])
-            assert q > 0, (i, token)                      # (the draft drew it)
-            # (a draw every time, even where p >= q keeps it anyway: a seed's stream of draws does not hang on
-            # the rounding of p and q)
-            if float(torch.rand((), generator=self.generator, device=probs.device)) < p / q:
+            assert q[i] > 0, (i, token)                   # (the draft drew it)
+            if u[i] < p[i] / q[i]:
                 continue
             residual = (probs[i] - draft_probs[i]).clamp_(min=0)             # [V]: where p exceeds q
             if not float(residual.sum()) > 0:             # (p <= q everywhere: p == q up to rounding)

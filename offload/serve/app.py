@@ -1,4 +1,5 @@
-"""The FastAPI application: `GET /health`, `GET /metrics`, `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`,
+"""The FastAPI application: `GET /health`, `GET /metrics`, `GET /v1/models`, `POST /v1/chat/completions`,
+`POST /v1/completions`,
 with OpenAI's error JSON, the optional API key (Bearer, every route but /health), bounded bodies, and streamed
 responses as server-sent events ending in `data: [DONE]`."""
 from __future__ import annotations
