@@ -29,7 +29,7 @@ import offload  # noqa: E402
 from offload.chat import ChatTemplate  # noqa: E402
 from offload.chat.gguf_tokenizer import tokenizer_from_gguf  # noqa: E402
 from offload.devices import wait_for_device  # noqa: E402
-from offload.generation.drafts import DEFAULT_DRAFT_TOKENS  # noqa: E402
+from offload.generation.drafts import DEFAULT_DRAFT_TOKENS, ModelDraft  # noqa: E402
 from offload.loading.gguf_checkpoint import GGUFCheckpoint  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--drafts", nargs="+", choices=["ngram", "n-tree", "int4", "i-tree"],
+                        default=["ngram", "n-tree", "int4", "i-tree"], help="the drafts to run (default: all)")
     args = parser.parse_args()
     new_tokens = args.new_tokens or (24 if args.quick else 96)
     prompts = {"repeat: list": PROMPTS["repeat: list"]} if args.quick else PROMPTS
@@ -104,11 +106,14 @@ def main() -> None:
     print(f"device: {'CUDA ' + torch.cuda.get_device_name() if cuda else 'CPU (standing in for the GPU: no CUDA)'}; "
           f"threads: torch {torch.get_num_threads()}; target: SmolLM2-135M ({gguf.name} dequantized), {args.dtype}, "
           f"greedy, {new_tokens} new tokens, best of {args.repeats}; drafts: ngram (prompt lookup, a chain), n-tree "
-          f"(ngram-tree: a tree of its latest 4 matches) and int4 (the target quantized on load, resident; a chain), "
+          f"(ngram-tree: a tree of its latest 4 matches), int4 (the target quantized on load, resident; a chain) and "
+          f"i-tree (int4 proposing the tree of its likeliest continuations), "
           f"proposing the plan's budget less one token a pass")
     draft_model = offload.load(path, dtype=args.dtype, max_seq_len=512, quantize="int4", gpu_layers=30,
                                progress=False)
-    drafts = {"ngram": "ngram", "n-tree": "ngram-tree", "int4": draft_model}
+    drafts = {"ngram": "ngram", "n-tree": "ngram-tree", "int4": draft_model,
+              "i-tree": ModelDraft(draft_model, vocab_size=draft_model.arch.vocab_size, tree=True)}
+    drafts = {name: drafts[name] for name in args.drafts}
     # (a budget makes the plan this machine's: its cost model predicts speculative decoding's budget here)
     layouts = {"streamed": dict(gpu_layers=0, kv_gpu_layers=30, cpu_compute=False, gpu_memory="4GiB"),
                "resident": dict(gpu_layers=30, kv_gpu_layers=30, gpu_memory="4GiB")}

@@ -36,6 +36,8 @@ def add_model_options(p: OneLineParser) -> None:
                    "of its latest matches), or a small model with the same tokenizer (any MODEL), held on the GPU")
     p.add_argument("--draft-quantize", choices=["int4", "int8"], help="quantize the draft model as it is read "
                    "(a 4-bit copy of the model itself drafts well when nothing smaller exists)")
+    p.add_argument("--draft-tree", action="store_true", help="the draft model proposes a tree of its likeliest "
+                   "continuations (SpecExec), not a chain (a server's rows verify chains)")
     p.add_argument("--show-plan", action="store_true", help="print the plan (and the draft) before starting")
 
 
@@ -51,6 +53,9 @@ def check_options(args) -> None:
     from offload.generation.drafts import NAMED_DRAFTS
     if args.draft_quantize and (args.draft is None or args.draft in NAMED_DRAFTS):
         raise UsageError("--draft-quantize quantizes a draft model: give --draft MODEL too")
+    if args.draft_tree and (args.draft is None or args.draft in NAMED_DRAFTS):
+        raise UsageError("--draft-tree makes a draft model propose trees: give --draft MODEL too "
+                         "(or --draft ngram-tree)")
     for flag in ("max_new_tokens", "max_seq_len"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
@@ -74,7 +79,8 @@ def open_model(args, *, max_batch_size: int | None = None):
                                  ("max_seq_len", args.max_seq_len), ("device", args.device), ("dtype", args.dtype),
                                  ("quantize", args.quantize), ("draft", args.draft),
                                  ("cpu_compute", {"on": True, "off": False}.get(args.cpu_compute)),
-                                 ("draft_quantize", args.draft_quantize), ("max_batch_size", max_batch_size))
+                                 ("draft_quantize", args.draft_quantize), ("max_batch_size", max_batch_size),
+                                 ("draft_tree", args.draft_tree or None))
                if v is not None}
     try:
         model = offload.load(str(path), **options)

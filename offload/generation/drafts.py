@@ -14,12 +14,17 @@ that restate the question).
 Qwen3-32B, or a 4-bit copy of the target itself), held resident: its greedy continuation (sampling: its tokens
 drawn with the target's settings, and the distributions they came from, for the min(1, p / q) rule), one cheap
 decode step per proposed token, over a KV cache of its own that follows the sequence (what the target rejected is
-rolled back by the cache length, as in the target).
+rolled back by the cache length, as in the target). With `tree=True` it proposes a token tree instead (SpecExec,
+Svirschevski et al. 2024): the nodes of highest cumulative draft probability, found best first in passes that feed
+the tree so far with a tree mask, each pass revealing the children of the nodes it fed.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Protocol
+
+import heapq
+import math
 
 import numpy as np
 import torch
@@ -96,6 +101,36 @@ class NgramDraft:
         return f"NgramDraft(max_ngram={self.max_ngram}, min_ngram={self.min_ngram}, max_branches={self.max_branches})"
 
 
+class Acceptance:
+    """How often a draft model's tree nodes turn out right, by the draft's probability p of the node's token (in
+    BINS bins) and whether it was its parent's likeliest child: (hits + PRIOR p) / (tries + PRIOR) estimates the
+    chance that the sequence goes on with a node once it reached its parent (a fresh draft: p itself). A draft's
+    probabilities are seldom calibrated against its target's choices: a 4-bit copy of the target picks the
+    target's greedy token far more often than its probability says, and its second choices far less; a tree built
+    on what was seen then deepens where the draft is reliable and branches where it is not (Sequoia, Chen et al.
+    2024, estimates acceptance per sibling rank the same way)."""
+
+    BINS = 10
+    PRIOR = 4.0                                     # observations the draft's own probability counts as
+
+    def __init__(self):
+        self.hits = np.zeros((2, self.BINS))        # [first child or not, bin of p]
+        self.tries = np.zeros((2, self.BINS))
+
+    def _cell(self, rank: int, p: float) -> tuple[int, int]:
+        return min(rank, 1), min(int(p * self.BINS), self.BINS - 1)
+
+    def estimate(self, rank: int, p: float) -> float:
+        """The chance that a child of rank `rank` (0: the likeliest) with draft probability p is taken."""
+        cell = self._cell(rank, p)
+        return (self.hits[cell] + self.PRIOR * p) / (self.tries[cell] + self.PRIOR)
+
+    def record(self, rank: int, p: float, hit: bool) -> None:
+        cell = self._cell(rank, p)
+        self.tries[cell] += 1
+        self.hits[cell] += hit
+
+
 class ModelDraft:
     """A loaded model (offload.load, everything resident is what makes it cheap) proposing its greedy
     continuation (`sample_rows`: drawn as the target samples). Its proposals are tokens of the target's vocabulary
@@ -105,14 +140,131 @@ class ModelDraft:
     between makes it feed everything again. `propose_rows` proposes for several sequences at once (a server's rows:
     row b of the draft's cache follows row b), in passes over all of them; `propose` is its one-row case."""
 
-    def __init__(self, model, vocab_size: int | None = None):
+    def __init__(self, model, vocab_size: int | None = None, tree: bool = False):
         self.model = model
         self.target_vocab_size = vocab_size or model.arch.vocab_size
         self.vocab_size = min(model.arch.vocab_size, self.target_vocab_size)
+        self.tree = bool(tree)                # propose_tree: a tree (else the chain), sampling included
+        self.acceptance = Acceptance()        # what the trees proposed turned out to be worth (propose_tree)
+        self._last_tree: tuple | None = None  # (tokens, node tokens, parents, ranks, p) of the last tree proposed
         self._cached: list[list[int]] = []    # per row: the tokens whose KV is in model's cache, from slot 0
 
     def propose(self, tokens: Sequence[int], max_tokens: int) -> list[int]:
         return self.propose_rows([tokens], [max_tokens])[0]
+
+    def propose_tree(self, tokens: Sequence[int], max_tokens: int) -> tuple[list[int], list[int]]:
+        """(tokens, parents) of at most `max_tokens` nodes after `tokens` (TreeDraft's order: parents first). Without
+        `tree`: propose's chain. With it: the nodes most likely to be right, as SpecExec builds them: the largest
+        products along their paths of each node's chance (Acceptance: the draft's probability of its token at
+        first, then what the trees proposed before turned out to be worth; ties to the node found first), which
+        always form a tree. The children of the last token come from the pass that catches the cache up; each
+        further pass feeds the best nodes not yet fed, with their ancestors (from slot len(tokens), a tree mask),
+        and reveals their children, until every best node but the least is fed (or as many passes as nodes). In
+        the order of a depth-first walk, the likelier child first: node 0 is the draft's first choice, node 1 its
+        choice after node 0 when that is among the best, and so on, so the path a target keeps often lies in the
+        first slots. A path fed before whose slots hold it still is not fed again (a pass of a chain-like tree
+        feeds its new node alone)."""
+        if not self.tree:
+            chain = self.propose(tokens, max_tokens)
+            return chain, list(range(-1, len(chain) - 1))
+        self._learn(tokens)
+        model, engine = self.model, self.model.engine
+        end = len(tokens)
+        K = min(max_tokens, model.max_seq_len - end, engine.max_verify_tokens, self.vocab_size)
+        if K < 1:
+            return [], []
+        root: list[torch.Tensor] = []          # the logits after the last token [1, V], from the catch-up pass
+
+        def keep_root(logits: torch.Tensor, used: list[bool]) -> list[int]:
+            if used[0]:
+                root.append(logits[:1])
+            return [0]                         # (its "proposal": the cache then holds `tokens` alone)
+        self._rows([tokens], [1], keep_root)
+        # every node found: its token, its parent (-1: the last token), its rank among its siblings, the draft's
+        # probability of its token, and the log of its path's chance
+        found_token, found_parent, found_rank, found_p, found_logp = [], [], [], [], []
+
+        def reveal(parents: list[int], logits: torch.Tensor) -> None:
+            """The K likeliest children of each of `parents`, after them the logits [len(parents), V]."""
+            probs = torch.softmax(logits[:, :self.vocab_size].float(), dim=-1)           # [n, v]
+            values, ids = probs.topk(K, dim=-1)                                          # [n, K] each
+            for parent, row_values, row_ids in zip(parents, *torch.stack([values.double(), ids.double()]).tolist()):
+                base = 0.0 if parent < 0 else found_logp[parent]
+                for rank, (p, token) in enumerate(zip(row_values, row_ids)):
+                    found_token.append(int(token))
+                    found_parent.append(parent)
+                    found_rank.append(rank)
+                    found_p.append(p)
+                    # (<= the parent's: a parent always ranks first)
+                    found_logp.append(base + math.log(max(self.acceptance.estimate(rank, p), 1e-30)))
+
+        def best() -> list[int]:
+            """The K likeliest nodes found, the likeliest first."""
+            return heapq.nsmallest(K, range(len(found_logp)), key=lambda i: (-found_logp[i], i))
+
+        def path(i: int) -> list[int]:
+            """Node i and its ancestors."""
+            out = []
+            while i >= 0:
+                out.append(i)
+                i = found_parent[i]
+            return out
+
+        fed: set[int] = set()                  # nodes whose children are found
+        trunk: list[int] = []                  # a path from the last token whose KV is in slots end, end + 1, ...
+        try:
+            reveal([-1], root[0])
+            for _ in range(K):
+                ranked = best()
+                # (the K-th node's children rank below it: they could not join)
+                todo = [i for i in ranked[:K - 1] if i not in fed]
+                if not todo:
+                    break
+                nodes = {a for i in todo for a in path(i)}          # to feed: them and their ancestors
+                # as much of the trunk as every other node descends from is in the cache: fed after it
+                k = len(trunk)
+                while k and not all(trunk[k - 1] in path(i) for i in nodes - set(trunk[:k])):
+                    k -= 1
+                rest = sorted(nodes - set(trunk[:k]))                   # in the order found: parents first
+                at = {node: j for j, node in enumerate(rest)}           # slot end + k + j holds rest[j]
+                logits = engine.verify([found_token[i] for i in rest], end + k,
+                                       [at.get(found_parent[i], -1) for i in rest])    # [len(rest), V]
+                reveal(todo, logits[[at[i] for i in todo]])
+                fed.update(todo)
+                trunk = trunk[:k]
+                for i in rest:                                          # the path rest starts with
+                    if found_parent[i] != (trunk[-1] if trunk else -1):
+                        break
+                    trunk.append(i)
+        except BaseException:
+            engine.reset()
+            raise
+        out, parents, order = _depth_first(best(), found_token, found_parent, found_logp)
+        self._last_tree = (list(tokens), out, parents, [found_rank[i] for i in order], [found_p[i] for i in order])
+        return out, parents
+
+    def _learn(self, tokens: Sequence[int]) -> None:
+        """Record in `acceptance` what became of the last tree proposed, when `tokens` go on from where it was:
+        from its root, each node whose parent the sequence reached either is the sequence's next token (a hit:
+        the walk goes on from it) or is not."""
+        if self._last_tree is None:
+            return
+        before, nodes, parents, ranks, probs = self._last_tree
+        self._last_tree = None
+        end = len(before)
+        if len(tokens) <= end or _common_prefix(before, tokens[:end]) < end:
+            return                                         # (not the same sequence gone on: nothing to learn)
+        at, j = -1, end
+        while j < len(tokens):
+            nxt = None
+            for i, parent in enumerate(parents):
+                if parent == at:
+                    hit = nodes[i] == tokens[j]
+                    self.acceptance.record(ranks[i], probs[i], hit)
+                    nxt = i if hit and nxt is None else nxt
+            if nxt is None:
+                return
+            at, j = nxt, j + 1
 
     def propose_rows(self, sequences: Sequence[Sequence[int]], max_tokens: Sequence[int]) -> list[list[int]]:
         """Up to max_tokens[b] tokens to follow sequences[b], for each row b (at most the draft model's
@@ -202,7 +354,24 @@ class ModelDraft:
         return read_tokens(logits[:, :self.vocab_size].argmax(-1))
 
     def __repr__(self) -> str:
-        return f"ModelDraft({self.model!r})"
+        return f"ModelDraft({self.model!r}{', tree=True' if self.tree else ''})"
+
+
+def _depth_first(nodes: list[int], token: list[int], parent: list[int], logp: list[float]
+                 ) -> tuple[list[int], list[int], list[int]]:
+    """(tokens, parents, the found nodes in that order) of the tree of `nodes` (indices of found nodes, each one's
+    parent among them or -1) in the order of a depth-first walk that visits the likelier child first."""
+    children: dict[int, list[int]] = {}
+    for i in sorted(nodes, key=lambda i: (-logp[i], i)):
+        children.setdefault(parent[i], []).append(i)
+    tokens, parents, order, stack = [], [], [], [(i, -1) for i in reversed(children.get(-1, []))]
+    while stack:
+        node, at = stack.pop()
+        parents.append(at)
+        tokens.append(token[node])
+        order.append(node)
+        stack.extend((child, len(tokens) - 1) for child in reversed(children.get(node, [])))
+    return tokens, parents, order
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -56,12 +56,12 @@ class Model:
         self.default_draft: Draft | None = None   # the draft of calls given none (offload.load(draft=...))
         self._model_draft: ModelDraft | None = None   # the ModelDraft of the last other draft model given
 
-    def attach_draft(self, draft) -> None:
+    def attach_draft(self, draft, tree: bool = False) -> None:
         """Make `draft` the default draft of this model's calls: a Draft, or a Model loaded for this one (then
-        owned: closed with it)."""
+        owned: closed with it; proposing token trees with `tree`)."""
         if isinstance(draft, Model):
             self.draft_model = draft
-            draft = ModelDraft(draft, vocab_size=self.arch.vocab_size)
+            draft = ModelDraft(draft, vocab_size=self.arch.vocab_size, tree=tree)
         self.default_draft = draft
 
     def claim_cache(self, owner) -> None:

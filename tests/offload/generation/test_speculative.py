@@ -234,12 +234,14 @@ class FixedTree:
 
 
 @pytest.mark.parametrize("sampling, tree", [(dict(temperature=1.0), False), (dict(temperature=0.7, top_k=6), False),
-                                            (dict(temperature=1.0), True)], ids=["chain", "chain-top-k", "tree"])
+                                            (dict(temperature=1.0), True), (dict(temperature=1.0), "model")],
+                         ids=["chain", "chain-top-k", "tree", "model-tree"])
 def test_sampling_with_a_draft_draws_from_the_targets_distribution(tmp_path, sampling, tree):
-    """Model of 12 tokens; the draft proposes a fixed pair (or a fixed tree, siblings tried in turn), so its
-    tokens are kept, rejected and followed by a token of the target's own. The second and third sampled tokens'
-    frequencies over 3000 draws against their exact distributions, computed from the model's logits: chi-square
-    below its 99.9th percentile."""
+    """Model of 12 tokens; the draft proposes a fixed pair (or a fixed tree, siblings tried in turn; or the tree
+    of another model's likeliest continuations, a new one each pass), so its tokens are kept, rejected and
+    followed by a token of the target's own. The second and third sampled tokens' frequencies over 3000 draws
+    against their exact distributions, computed from the model's logits: chi-square below its 99.9th
+    percentile."""
     from offload.generation.sampling import SamplingParams, filter_logits
     from tests.offload.builders import build_checkpoint
     build_checkpoint(tmp_path, "llama", vocab_size=SMALL_VOCAB, initializer_range=0.4, eos_token_id=None)   # no stop
@@ -256,7 +258,12 @@ def test_sampling_with_a_draft_draws_from_the_targets_distribution(tmp_path, sam
     p3 = probs([prompt + [a, b] for a in range(SMALL_VOCAB) for b in range(SMALL_VOCAB)]).view(
         SMALL_VOCAB, SMALL_VOCAB, SMALL_VOCAB)
     exact = {1: p1 @ p2, 2: torch.einsum("a,ab,abc->c", p1, p2, p3)}             # the 2nd and 3rd tokens
-    draft = FixedTree() if tree else ScriptedDraft([], [], vocab=SMALL_VOCAB)
+    if tree == "model":
+        from offload.generation.drafts import ModelDraft
+        build_checkpoint(tmp_path / "draft", "llama", vocab_size=SMALL_VOCAB, initializer_range=0.4, seed=5)
+        draft = ModelDraft(offload.load(tmp_path / "draft", dtype="float32", max_seq_len=16, progress=False), tree=True)
+    else:
+        draft = FixedTree() if tree else ScriptedDraft([], [], vocab=SMALL_VOCAB)
     if not tree:
         draft.propose = lambda tokens, max_tokens: [5, 9][:max_tokens]
     counts = {i: torch.zeros(SMALL_VOCAB) for i in exact}
