@@ -1,6 +1,7 @@
 """One decode step of a llama-like decoder layer on the CPU, as one Numba call: for a few rows of one new
-token each, RMSNorm, the q/k/v projections (+ biases), RoPE, the KV append and attention over the cache,
-o_proj + residual, RMSNorm, the SwiGLU MLP + residual.
+token each (or of a few tokens each: a speculative decoding pass, a chain or one row's token tree), RMSNorm, the
+q/k/v projections (+ biases), RoPE, the KV append and attention over the cache, o_proj + residual, RMSNorm, the
+SwiGLU MLP + residual.
 
 Called once per layer instead of ~40 eager torch ops (each a Python dispatch: on 2 cores that cost ~1 ms a
 layer, more than a small model's matmuls). Activations are float32 arrays inside; the hidden states come in and
@@ -173,17 +174,46 @@ def _rope(x, heads, head_dim, cos, sin, mode):
 
 
 @njit(nogil=True, cache=True)
+def _heads_first(x, num_rows, num_tokens, heads, head_dim):
+    # x [B * T, heads * D] (row b's tokens in turn) -> [B, heads, T, D], a copy
+    out = np.empty((num_rows, heads, num_tokens, head_dim), np.float32)
+    for b in range(num_rows):
+        for h in range(heads):
+            for t in range(num_tokens):
+                for d in range(head_dim):
+                    out[b, h, t, d] = x[b * num_tokens + t, h * head_dim + d]
+    return out
+
+
+@njit(nogil=True, cache=True)
+def _tokens_first(x, mode):
+    # x [B, heads, T, D] -> [B * T, heads * D], each value rounded to the model dtype
+    num_rows, heads, num_tokens, head_dim = x.shape
+    out = np.empty((num_rows * num_tokens, heads * head_dim), np.float32)
+    for b in range(num_rows):
+        for h in range(heads):
+            for t in range(num_tokens):
+                for d in range(head_dim):
+                    out[b * num_tokens + t, h * head_dim + d] = rnd(x[b, h, t, d], mode)
+    return out
+
+
+@njit(nogil=True, cache=True)
 def decode_layer(h, w_in, w_post, eps, q_m, k_m, v_m, o_m, gate_m, up_m, down_m, cos, sin,
                  num_heads, num_kv_heads, head_dim, k_append, v_append, append_mode, k_cache, v_cache,
-                 positions, scale, window, mode, blocks, out):
+                 positions, num_tokens, tree, depth, tile_t, scale, window, mode, blocks, out):
     """h [M, H] -> out [M, H]: the layer's output hidden states, in the model dtype as torch holds them (float32,
     or h as uint16 bfloat16 / int16 float16 bits and out as uint16 bits of either: no conversion outside).
+    M = B x T: T tokens of each of B rows, row b's in turn (T = 1: a decode step; T > 1: a verification pass).
 
     w_in, w_post [H] f32: the norms' weights; *_m: matrices (see the module docstring); cos, sin [M, D] f32
-    (this token's RoPE, in the dtype); k_append / v_append: the caches [B, Hkv, S_max, D] as append_rows takes
+    (each token's RoPE, in the dtype); k_append / v_append: the caches [B, Hkv, S_max, D] as append_rows takes
     them (float32 or uint16 bits, `append_mode`), k_cache / v_cache: the same caches as attend takes them;
-    positions [M] int64: each row's slot (its length before this token); scale, window (0: none)."""
+    positions [B] int64: each row's slot of its first token (its length before them); tree [T, T] uint8 and
+    depth [T] int64: a token tree's (B = 1; attend's), or [0, 0] and [0] for chains; tile_t: attend's queries per
+    work item; scale, window (0: none)."""
     rows, hidden = h.shape
+    num_rows = rows // num_tokens
     x = np.empty((rows, hidden), np.float32)
     _rms_norm(h, w_in, eps, mode, x)
     q = np.empty((rows, num_heads * head_dim), np.float32)
@@ -192,15 +222,20 @@ def decode_layer(h, w_in, w_post, eps, q_m, k_m, v_m, o_m, gate_m, up_m, down_m,
     matmul_rows_many(x, (q_m, k_m, v_m), blocks, mode, (q, k, v))
     _rope(q, num_heads, head_dim, cos, sin, mode)
     _rope(k, num_kv_heads, head_dim, cos, sin, mode)
-    append_rows(k_append, v_append, k.reshape(rows, num_kv_heads, 1, head_dim),
-                v.reshape(rows, num_kv_heads, 1, head_dim), positions, append_mode)
-    attn = np.empty((rows, num_heads, 1, head_dim), np.float32)
-    attend(q.reshape(rows, num_heads, 1, head_dim), k_cache, v_cache, positions + 1, np.float32(scale), window,
-           np.float32(0.0), np.zeros((0, 0), np.uint8), np.zeros(0, np.int64), attn, 1)   # (no token tree)
-    merged = attn.reshape(rows, num_heads * head_dim)
-    for m in range(rows):
-        for j in range(num_heads * head_dim):
-            merged[m, j] = rnd(merged[m, j], mode)
+    # [B, heads, T, D] as append_rows and attend take them (for one token a row, views)
+    if num_tokens == 1:
+        q4 = q.reshape(rows, num_heads, 1, head_dim)
+        k4 = k.reshape(rows, num_kv_heads, 1, head_dim)
+        v4 = v.reshape(rows, num_kv_heads, 1, head_dim)
+    else:
+        q4 = _heads_first(q, num_rows, num_tokens, num_heads, head_dim)
+        k4 = _heads_first(k, num_rows, num_tokens, num_kv_heads, head_dim)
+        v4 = _heads_first(v, num_rows, num_tokens, num_kv_heads, head_dim)
+    append_rows(k_append, v_append, k4, v4, positions, append_mode)
+    attn = np.empty((num_rows, num_heads, num_tokens, head_dim), np.float32)
+    attend(q4, k_cache, v_cache, positions + num_tokens, np.float32(scale), window, np.float32(0.0), tree, depth,
+           attn, tile_t)
+    merged = _tokens_first(attn, mode)                                    # [M, Hq * D]
     o = np.empty((rows, hidden), np.float32)
     matmul_rows(merged, o_m, blocks, mode, o)
     for m in range(rows):

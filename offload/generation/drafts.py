@@ -15,8 +15,9 @@ Qwen3-32B, or a 4-bit copy of the target itself), held resident: its greedy cont
 drawn with the target's settings, and the distributions they came from, for the min(1, p / q) rule), one cheap
 decode step per proposed token, over a KV cache of its own that follows the sequence (what the target rejected is
 rolled back by the cache length, as in the target). With `tree=True` it proposes a token tree instead (SpecExec,
-Svirschevski et al. 2024): the nodes of highest cumulative draft probability, found best first in passes that feed
-the tree so far with a tree mask, each pass revealing the children of the nodes it fed.
+Svirschevski et al. 2024): the nodes most likely to be right (the draft's probabilities, then what its earlier
+trees turned out to be worth: `Acceptance`), found best first in passes with a tree mask, each revealing the
+children of the nodes it fed.
 """
 from __future__ import annotations
 

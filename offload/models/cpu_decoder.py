@@ -2,8 +2,9 @@
 `decode_layer`) instead of ~40 eager torch ops: a layer's per-token cost on the CPU becomes its weight reads,
 not Python dispatch.
 
-Used by the engine for a decode step (one token per row, at most CPU_DECODE_MAX_ROWS rows) of a layer
-whose weights, hidden states and KV cache are all in CPU memory: the layers a plan computes on the CPU,
+Used by the engine for a decode step (one token per row, at most CPU_DECODE_MAX_ROWS rows) or a speculative
+decoding pass (a few tokens a row, a chain or one row's token tree, at most MAX_VERIFY_TOKENS in all) of a
+layer whose weights, hidden states and KV cache are all in CPU memory: the layers a plan computes on the CPU,
 and every layer on the CPU fallback. It covers `DecoderModel` itself (Llama, Mistral, Qwen2: RMSNorm, full-width RoPE, SiLU
 MLP, optional biases, sliding windows); other families and everything else take the eager path. It
 computes what the eager math computes with HostAttention (rounding to the model dtype at the same points);
@@ -19,12 +20,14 @@ import torch
 from cpu_kernels._checks import cache_view
 from cpu_kernels._decoder_kernel import BF16, F16, F32, decode_layer
 from cpu_kernels._append_kernel import COPY, TO_BF16, TO_F16
+from cpu_kernels._attention_kernel import tile_queries
 from cpu_kernels.linear import BLOCKS_PER_THREAD, _run
 from offload.attention.device import TorchAttention
 from offload.attention.host import HostAttention
 from offload.models.decoder import DecoderModel
 from offload.weights.quant import QuantizedWeight
 from placement.cost import CPU_DECODE_MAX_ROWS
+from placement.workspace import MAX_VERIFY_TOKENS
 
 MODES = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16}
 APPEND_MODES = {torch.float32: COPY, torch.bfloat16: TO_BF16, torch.float16: TO_F16}
@@ -32,6 +35,7 @@ MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_at
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _UNUSED = np.zeros((1, 1), np.float32)
 _NO_BIAS = np.zeros(0, np.float32)
+_NO_TREE, _NO_DEPTH = np.zeros((0, 0), np.uint8), np.zeros(0, np.int64)
 
 
 class CpuDecoderSteps:
@@ -50,10 +54,12 @@ class CpuDecoderSteps:
         return type(model) is DecoderModel and model.arch.hidden_act in ("silu", "swish") and dtype in MODES
 
     def step(self, layer: int, lw: dict, h: torch.Tensor, ctx, backend, chunk) -> torch.Tensor | None:
-        """Layer `layer`'s decode step on the CPU: h [B, 1, H] -> [B, 1, H] (its KV appended and attended),
-        or None when this step is not one the fused kernel covers (the caller runs the eager math)."""
+        """Layer `layer`'s decode step on the CPU: h [B, T, H] -> [B, T, H] (its KV appended and attended; T = 1,
+        or a verification pass's T tokens a row, a tree's in `chunk`), or None when this step is not one the
+        fused kernel covers (the caller runs the eager math)."""
         B, T, H = h.shape
-        if T != 1 or B > CPU_DECODE_MAX_ROWS or h.device.type != "cpu" or h.dtype != self.dtype:
+        if (B > CPU_DECODE_MAX_ROWS if T == 1 else B * T > MAX_VERIFY_TOKENS) or h.device.type != "cpu" \
+                or h.dtype != self.dtype:
             return None
         caches = self._cache_views(backend)
         if caches is None or B > backend.max_batch_size or chunk.num_keys > backend.max_seq_len:
@@ -61,42 +67,48 @@ class CpuDecoderSteps:
         prepared = self._prepared(layer, lw)
         if prepared is None:
             return None
-        cos, sin, positions, blocks = self._step_arrays(ctx, chunk)
-        if cos.shape != (B, self.arch.head_dim):
+        cos, sin, positions, tree, depth, blocks = self._step_arrays(ctx, chunk)
+        if cos.shape != (B * T, self.arch.head_dim):
             return None                                    # partial rotary: the eager path
         arch = self.arch
         x = self._input_bits(h)
-        out = np.empty((B, H), np.float32 if self.dtype == torch.float32 else np.uint16)   # the result's bits
-        result = torch.from_numpy(out).view(self.dtype).view(B, 1, H)
+        out = np.empty((B * T, H), np.float32 if self.dtype == torch.float32 else np.uint16)   # the result's bits
+        result = torch.from_numpy(out).view(self.dtype).view(B, T, H)
         k_append, v_append, k_cache, v_cache, append_mode, scale, window = caches
         _run(decode_layer, x, *prepared, cos, sin, arch.num_heads, arch.num_kv_heads, arch.head_dim,
-             k_append, v_append, append_mode, k_cache, v_cache, positions, scale, window, self.mode, blocks, out)
+             k_append, v_append, append_mode, k_cache, v_cache, positions, T, tree, depth,
+             tile_queries(T, arch.num_heads // arch.num_kv_heads), scale, window, self.mode, blocks, out)
         self._last = (result, out)
         return result
 
     def _input_bits(self, h: torch.Tensor) -> np.ndarray:
-        """h [B, 1, H] as decode_layer reads it (float32, or the bits of bfloat16 as uint16 / float16 as int16),
-        no copy: the previous step's own array when h is its result (the next layer's input, most steps:
-        deriving a view from the tensor again cost ~50 us in a decode, its caches cold)."""
+        """h [B, T, H] as decode_layer reads it ([B * T, H]: float32, or the bits of bfloat16 as uint16 / float16
+        as int16), no copy: the previous step's own array when h is its result (the next layer's input, most
+        steps: deriving a view from the tensor again cost ~50 us in a decode, its caches cold)."""
         if self._last is not None and h is self._last[0]:
             bits = self._last[1]
             return bits.view(np.int16) if self.dtype == torch.float16 else bits
-        B, _, H = h.shape
-        return cache_view(h.reshape(B, H).contiguous(), fp16_as_int16=True)
+        B, T, H = h.shape
+        return cache_view(h.reshape(B * T, H).contiguous(), fp16_as_int16=True)
 
     def close(self) -> None:
         """Drop the prepared views (they keep the weights' and caches' memory alive)."""
         self._layers, self._caches, self._step, self._last = {}, {}, None, None
 
     def _step_arrays(self, ctx, chunk) -> tuple:
-        """(cos, sin [B, D] f32, positions [B] int64, blocks) of the current step, made once for all its layers
-        (ctx: its (cos, sin) [B, 1, 1, R] in the dtype and chunk, one of each per step)."""
+        """(cos, sin [B * T, D] f32, positions [B] int64, tree [T, T] uint8, depth [T] int64 (a chain: [0, 0], [0]),
+        blocks) of the current step, made once for all its layers (ctx: its (cos, sin) [B, 1, T, R] in the dtype
+        and chunk, one of each per step)."""
         if self._step is None or self._step[0] is not ctx or self._step[1] is not chunk:
             cos, sin = ctx
-            self._step = (ctx, chunk, cos[:, 0, 0].to(torch.float32).cpu().numpy(),
-                          sin[:, 0, 0].to(torch.float32).cpu().numpy(),
+            tree, depth = _NO_TREE, _NO_DEPTH
+            if chunk.ancestors is not None:
+                tree = chunk.ancestors.numpy().astype(np.uint8)
+                depth = tree.sum(axis=1).astype(np.int64) - 1
+            self._step = (ctx, chunk, cos[:, 0].reshape(-1, cos.shape[-1]).to(torch.float32).cpu().numpy(),
+                          sin[:, 0].reshape(-1, sin.shape[-1]).to(torch.float32).cpu().numpy(),
                           np.ascontiguousarray(chunk.start.numpy(), dtype=np.int64),     # a view: start is int64
-                          numba.get_num_threads() * BLOCKS_PER_THREAD)
+                          tree, depth, numba.get_num_threads() * BLOCKS_PER_THREAD)
         return self._step[2:]
 
     def _cache_views(self, backend):

@@ -20,6 +20,7 @@ from offload.models.cpu_decoder import CpuDecoderSteps
 from offload.weights.quant import QuantizedWeight, quantize
 from placement.architecture import Architecture
 from placement.cost import CPU_DECODE_MAX_ROWS
+from placement.workspace import MAX_VERIFY_TOKENS
 from placement.quantization import Quantization
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INNER, MAX_LEN = 64, 4, 2, 16, 160, 32
@@ -126,6 +127,48 @@ def test_a_step_on_the_previous_steps_result_reads_it_as_a_copy_would_be_read(dt
                        outs[1].view(torch.int16 if dtype != torch.float32 else torch.int32))
 
 
+@pytest.mark.parametrize("kind", ["dense", "int4", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_verification_passes_run_fused_and_match_the_eager_math(dtype, kind):
+    """A speculative decoding pass computed fused: several tokens a row (two ragged rows of chains; one row's
+    token tree, each token at its depth and seeing only its ancestors among the pass's tokens), after a few
+    decode steps, against the eager math with HostAttention: as close as a decode step (above), but for a 16-bit
+    row that a one-ulp SiLU difference reaches through 4-bit down_proj, whose input is quantized to integers
+    per row (its scale moves with that value): up to 4 rounding steps there."""
+    from offload.generation.engine import tree_ancestors
+    arch, model, weights = _layer(dtype, kind=kind, window=None)
+    cpu = torch.device("cpu")
+    fused_steps = CpuDecoderSteps(model, dtype)
+    backends = [HostAttention(max_batch_size=2, max_seq_len=MAX_LEN, num_kv_heads=arch.num_kv_heads,
+                              head_dim=arch.head_dim, dtype=dtype, device="cpu") for _ in range(2)]
+    gen = torch.Generator().manual_seed(3)
+    parents = [-1, 0, 0, 1, 2, 2, 4]                                    # a tree of 7 tokens, 4 deep
+    passes = [(2, 1, None), (2, 1, None), (2, 5, None), (1, 7, parents), (2, 8, None)]   # (rows, T, tree)
+    got, want = [], []
+    for i, (rows, T, tree) in enumerate(passes):
+        h = torch.randn(rows, T, arch.hidden_size, generator=gen).to(dtype)
+        start = torch.tensor([2 * i + 5 * b for b in range(rows)])          # ragged rows
+        ancestors = None if tree is None else tree_ancestors(tree)
+        depth = torch.arange(T) if tree is None else ancestors.sum(dim=1) - 1
+        ctx = model.prepare(start[:, None] + depth[None], dtype)
+        out = fused_steps.step(0, weights, h, ctx, backends[0], Chunk(start=start, num_tokens=T, device=cpu,
+                                                                       ancestors=ancestors))
+        assert out is not None and out.shape == (rows, T, arch.hidden_size), "the fused step declined a pass"
+        chunk = Chunk(start=start, num_tokens=T, device=cpu, ancestors=ancestors)
+        q, k, v = model.attention_inputs(weights, h, ctx, 0)
+        got.append(out.float().reshape(-1, arch.hidden_size))
+        want.append(model.attention_output(weights, h, backends[1].attend(q, k, v, chunk, weights)).float()
+                    .reshape(-1, arch.hidden_size))
+    got, want = torch.cat(got), torch.cat(want)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        return
+    differ = got != want
+    assert int(differ.any(-1).sum()) <= 2, f"{int(differ.sum())} elements in {int(differ.any(-1).sum())} rows differ"
+    step = torch.finfo(dtype).eps * want.abs().amax(dim=-1, keepdim=True)
+    assert ((got - want).abs() <= (2 if kind == "dense" else 4) * step).all()
+
+
 def test_sliding_window_is_applied():
     arch, model, weights = _layer(torch.float32, window=4)
     assert arch.window_of(0) == 4
@@ -138,7 +181,8 @@ def test_declines_what_it_does_not_cover():
     steps = CpuDecoderSteps(model, torch.float32)
     backend = HostAttention(max_batch_size=CPU_DECODE_MAX_ROWS + 1, max_seq_len=MAX_LEN, num_kv_heads=KV_HEADS,
                             head_dim=HEAD_DIM, dtype=torch.float32, device="cpu")
-    for rows, tokens in ((CPU_DECODE_MAX_ROWS + 1, 1), (1, 2)):              # too many rows; a prefill chunk
+    # too many rows; more tokens than a verification pass holds
+    for rows, tokens in ((CPU_DECODE_MAX_ROWS + 1, 1), (1, MAX_VERIFY_TOKENS + 1), (2, MAX_VERIFY_TOKENS // 2 + 1)):
         start = torch.zeros(rows, dtype=torch.long)
         positions = start[:, None] + torch.arange(tokens)
         h = torch.randn(rows, tokens, HIDDEN)
@@ -171,21 +215,28 @@ def test_declines_what_it_does_not_cover():
 
 @pytest.mark.parametrize("kwargs", [{}, dict(gpu_layers=1, kv_gpu_layers=1, cpu_compute=True)])
 def test_the_engine_decodes_with_it_and_matches_transformers(checkpoint_factory, monkeypatch, kwargs):
-    """On the CPU fallback (every layer) and for the layers a plan computes on the CPU, decode steps run
-    fused (counted), and greedy generation still gives transformers' tokens."""
+    """On the CPU fallback (every layer) and for the layers a plan computes on the CPU, decode steps and
+    speculative decoding's passes (chains and trees) run fused (counted), and greedy generation still gives
+    transformers' tokens."""
     import offload
     from tests.offload.builders import hf_greedy
+    from tests.offload.generation.test_speculative import ScriptedDraft, TreeScript
     path, hf = checkpoint_factory("llama_bias")
     fused = []
     original = CpuDecoderSteps.step
 
-    def counted(self, layer, *args):
-        out = original(self, layer, *args)
-        fused.append(out is not None)
+    def counted(self, layer, lw, h, *args):
+        out = original(self, layer, lw, h, *args)
+        fused.append((out is not None, h.shape[1]))
         return out
     monkeypatch.setattr(CpuDecoderSteps, "step", counted)
     model = offload.load(path, dtype="float32", max_seq_len=64, progress=False, **kwargs)
     prompts = [[1, 5, 9, 2, 7], [3, 4]]
     got = model.generate(prompts, max_new_tokens=6)
-    assert fused and all(fused), "decode steps declined by the fused path"
+    assert fused and all(ok for ok, _ in fused), "decode steps declined by the fused path"
     assert all(got[b] == hf_greedy(hf, prompt, 6) for b, prompt in enumerate(prompts))
+    want = hf_greedy(hf, prompts[0], 16)
+    for draft in (ScriptedDraft(prompts[0], want, wrong_every=3), TreeScript(prompts[0], want)):
+        fused.clear()
+        assert model.generate([prompts[0]], max_new_tokens=16, draft=draft, speculate="always")[0] == want
+        assert all(ok for ok, _ in fused) and max(tokens for _, tokens in fused) > 1, fused
