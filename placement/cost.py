@@ -47,11 +47,13 @@ FUSED_CPU_MATH = "offload.models.decoder:DecoderModel"   # the family math the f
 EXPERTS_STREAM_MIN_TOKENS = 32
 
 
-def experts_on_the_side(experts: str, tokens: int, num_experts: int, top_k: int, slots: int) -> bool:
+def experts_on_the_side(experts: str, tokens: int, num_experts: int, top_k: int, slots: int,
+                        decode: bool = False) -> bool:
     """Whether a chunk of `tokens` tokens takes a layer's routed experts kept in CPU RAM where they lie ("cpu":
     computed there) or copies only the routed ones ("streamed": when at most `slots` can be hit), rather than
-    streaming them all through the ring."""
-    if experts == "gpu" or tokens >= EXPERTS_STREAM_MIN_TOKENS:
+    streaming them all through the ring: a decode step or a verification pass (`decode`) whatever its length, a
+    prefill chunk when shorter than EXPERTS_STREAM_MIN_TOKENS."""
+    if experts == "gpu" or (not decode and tokens >= EXPERTS_STREAM_MIN_TOKENS):
         return False
     return experts == "cpu" or min(num_experts, top_k * tokens) <= slots
 
@@ -170,9 +172,7 @@ class CostModel:
             placed = weight_bytes - expert_bytes
             arch = spec.arch
             slots = spec.expert_slots(B)         # the stager's, sized for a decode step
-            fits = experts == "cpu" or min(arch.num_experts, arch.num_experts_per_tok * tokens) <= slots
-            if not (decode and fits or experts_on_the_side(experts, tokens, arch.num_experts,
-                                                           arch.num_experts_per_tok, slots)):
+            if not experts_on_the_side(experts, tokens, arch.num_experts, arch.num_experts_per_tok, slots, decode):
                 transfer_s += expert_bytes / hw.pcie_bytes_per_s
             elif experts == "cpu":
                 cpu_s += self.cpu_experts_s(expert_bytes, tokens)

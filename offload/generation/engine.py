@@ -190,11 +190,9 @@ class Engine:
             return frozenset()
         a = self.arch
         slots = self.expert_stager.num_slots if self.expert_stager is not None else 0
-        if decode:
-            fits = min(a.num_experts, a.num_experts_per_tok * tokens) <= slots
-            return self.cpu_experts | (self.streamed_experts if fits else frozenset())
         return frozenset(i for i in self.experts_apart if experts_on_the_side(
-            "cpu" if i in self.cpu_experts else "streamed", tokens, a.num_experts, a.num_experts_per_tok, slots))
+            "cpu" if i in self.cpu_experts else "streamed", tokens, a.num_experts, a.num_experts_per_tok, slots,
+            decode))
 
     def _with_experts(self, layer: int, lw: dict, side) -> dict:
         """Layer `layer`'s weights with its routed experts when they are an item of their own: for a layer in

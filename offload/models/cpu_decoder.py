@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cpu_kernels._checks import cache_view
-from cpu_kernels._decoder_kernel import BF16, F16, F32, decode_layer
+from cpu_kernels._decoder_kernel import BF16, F16, F32, NO_DEPTH, NO_TREE, decode_layer
 from cpu_kernels._append_kernel import COPY, TO_BF16, TO_F16
 from cpu_kernels._attention_kernel import tile_queries
 from cpu_kernels.linear import BLOCKS_PER_THREAD, _run
@@ -35,7 +35,6 @@ MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_at
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _UNUSED = np.zeros((1, 1), np.float32)
 _NO_BIAS = np.zeros(0, np.float32)
-_NO_TREE, _NO_DEPTH = np.zeros((0, 0), np.uint8), np.zeros(0, np.int64)
 
 
 class CpuDecoderSteps:
@@ -101,7 +100,7 @@ class CpuDecoderSteps:
         and chunk, one of each per step)."""
         if self._step is None or self._step[0] is not ctx or self._step[1] is not chunk:
             cos, sin = ctx
-            tree, depth = _NO_TREE, _NO_DEPTH
+            tree, depth = NO_TREE, NO_DEPTH
             if chunk.ancestors is not None:
                 tree = chunk.ancestors.numpy().astype(np.uint8)
                 depth = tree.sum(axis=1).astype(np.int64) - 1

@@ -31,7 +31,8 @@ def test_cuda_matches_transformers(checkpoint_factory, variant):
 @pytest.mark.cuda
 def test_cuda_speculative_decoding_with_trees_and_a_draft_model_is_plain_greedy(llama5):
     """On the GPU: token trees verified through SDPA's tree mask over a streamed / host-attended / device KV mix,
-    and a draft model resident beside an offloaded target, give plain greedy decoding's tokens."""
+    and a draft model resident beside an offloaded target (proposing chains, and trees built in its own tree
+    passes), give plain greedy decoding's tokens."""
     from tests.offload.generation.test_speculative import PROMPT as REPEATING, TreeScript
     from tests.offload.offload_plans import layout_plan
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -46,6 +47,11 @@ def test_cuda_speculative_decoding_with_trees_and_a_draft_model_is_plain_greedy(
                            draft_quantize="int8", progress=False)
     assert drafted.generate([REPEATING], max_new_tokens=20, speculate="always")[0] == plain
     assert drafted.stats.num_verify_passes > 0 and drafted.stats.bytes_per_decode_token > 0
+    from offload.generation.drafts import ModelDraft
+    tree = ModelDraft(drafted.draft_model, tree=True)
+    for _ in range(2):                                   # (the second time, with what the first taught it)
+        assert drafted.generate([REPEATING], max_new_tokens=20, draft=tree, speculate="always")[0] == plain
+    assert tree.acceptance.tries.sum() > 0
 
 
 @pytest.mark.cuda
