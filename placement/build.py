@@ -123,14 +123,16 @@ def verify_budget(cost: CostModel, layers, embedding: str, lm_head: str, prefetc
     decode step of its tokens (offload/generation/engine.py verify): the layers a decode step computes on the
     CPU run there on all of them, the others' experts kept apart are taken on the side, and every position gets
     logits."""
-    one = CostModel(cost.spec, cost.hw, dataclasses.replace(cost.wl, batch_size=1))
+    # (a pass of up to MAX_VERIFY_TOKENS tokens runs the fused CPU step, as decode steps of a few rows do)
+    one = CostModel(cost.spec, cost.hw, dataclasses.replace(cost.wl, batch_size=1), fused_rows=MAX_VERIFY_TOKENS)
     serial = cost.hw.is_cpu_only
     limit = VERIFY_STEP_SLACK * step_time(decode_groups(one, layers, embedding, lm_head), prefetch_depth,
                                           serial).seconds
     on_cpu = Counter((l.weight_bytes, l.expert_bytes) for l in layers if l.compute == "cpu")
     kinds = layer_kinds(l for l in layers if l.compute != "cpu")
     for tokens in range(MAX_VERIFY_TOKENS, 1, -1):
-        rows = CostModel(cost.spec, cost.hw, dataclasses.replace(cost.wl, batch_size=tokens))  # its tokens as rows
+        rows = CostModel(cost.spec, cost.hw, dataclasses.replace(cost.wl, batch_size=tokens),   # its tokens as rows
+                         fused_rows=MAX_VERIFY_TOKENS)
         groups = [(n, one.layer(weights=w, kv=kv, attention=a, weight_bytes=wb, num_rows=tokens,
                                 num_keys=one.decode_context, expert_bytes=eb, experts=e))
                   for (w, kv, a, wb, eb, e), n in kinds.items()]

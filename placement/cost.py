@@ -109,8 +109,13 @@ def step_time(groups, prefetch_depth: int, serial: bool = False) -> StepTime:
 class CostModel:
     """Per-item costs of one model on one hardware for one workload (decode and prefill chunks)."""
 
-    def __init__(self, spec: ModelSpec, hardware: Hardware, workload: Workload):
+    def __init__(self, spec: ModelSpec, hardware: Hardware, workload: Workload,
+                 fused_rows: int = CPU_DECODE_MAX_ROWS):
+        """`fused_rows`: the most rows (tokens) whose step on the CPU runs fused: a decode step's
+        CPU_DECODE_MAX_ROWS; MAX_VERIFY_TOKENS for a speculative decoding pass's tokens (placement.build's
+        verify_budget prices a pass as a decode step of its tokens)."""
         self.spec, self.hw, self.wl = spec, hardware, workload
+        self.fused_rows = fused_rows
         arch = spec.arch
         self.dtype_bytes = spec.kv_bytes_per_token // (2 * arch.num_kv_heads * arch.head_dim)
         # decode attends over the average cache length of the generation
@@ -120,11 +125,11 @@ class CostModel:
         bits = {quantization.bits for quantization in spec.layer_layouts.values()}
         self.cpu_matmul_kind = "int4" if 4 in bits else "int8" if bits else "dense"
         # a decode step on the CPU runs fused (offload/models/cpu_decoder.py: what --profile measures) for
-        # the plain llama-like decoder with SiLU, full RoPE and no soft-cap, a few rows at a time; otherwise
-        # its eager ops cost the default overhead
+        # the plain llama-like decoder with SiLU, full RoPE and no soft-cap, a few rows at a time (fused_rows);
+        # otherwise its eager ops cost the default overhead
         self.cpu_step_fused = (arch.family.math == FUSED_CPU_MATH and arch.hidden_act in ("silu", "swish")
                                and arch.rotary_dim == arch.head_dim and arch.attn_logit_softcap is None
-                               and workload.batch_size <= CPU_DECODE_MAX_ROWS)
+                               and workload.batch_size <= fused_rows)
         self.cpu_layer_overhead_s = (hardware.cpu_layer_overhead_s(self.cpu_matmul_kind) if self.cpu_step_fused
                                      else DEFAULT_CPU_LAYER_OVERHEAD_S)
         self.layer_overhead_s = self.cpu_layer_overhead_s if hardware.is_cpu_only else LAYER_OVERHEAD_S
@@ -181,7 +186,7 @@ class CostModel:
                 on_demand_s = self.streamed_experts_s(expert_bytes, tokens)
                 transfer_s += on_demand_s - ROUND_TRIP_S
         read = self.read_bytes(weight_bytes, expert_bytes, tokens)
-        if hw.is_cpu_only and tokens <= CPU_DECODE_MAX_ROWS:
+        if hw.is_cpu_only and (tokens <= CPU_DECODE_MAX_ROWS or decode and tokens <= self.fused_rows):
             # the CPU stand-in decoding: its matmuls read the matrices as held, at the CPU's rate for them
             matmul_s = max(2 * tokens * spec.layer_matmul_params / hw.gpu_flops,
                            read / hw.cpu_matmul_bytes_per_s(self.cpu_matmul_kind))

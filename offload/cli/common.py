@@ -54,8 +54,8 @@ def check_options(args) -> None:
     if args.draft_quantize and (args.draft is None or args.draft in NAMED_DRAFTS):
         raise UsageError("--draft-quantize quantizes a draft model: give --draft MODEL too")
     if args.draft_tree and (args.draft is None or args.draft in NAMED_DRAFTS):
-        raise UsageError("--draft-tree makes a draft model propose trees: give --draft MODEL too "
-                         "(or --draft ngram-tree)")
+        raise UsageError("--draft-tree makes a draft model propose trees: give --draft MODEL too (the n-gram "
+                         "draft's tree is --draft ngram-tree, without --draft-tree)")
     for flag in ("max_new_tokens", "max_seq_len"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
@@ -96,8 +96,10 @@ def open_model(args, *, max_batch_size: int | None = None):
 def plan_report(model) -> str:
     plan, draft = getattr(model, "plan", None), model.draft_model
     if plan is not None:
+        trees = ", proposing token trees" if getattr(model.default_draft, "tree", False) else ""
         return plan.summary() + ("" if draft is None else f"\ndraft model: {draft.checkpoint.path} "
-                                 f"({draft.plan.quantization or draft.plan.dtype}), resident beside the budget above")
+                                 f"({draft.plan.quantization or draft.plan.dtype}){trees}, resident beside the "
+                                 "budget above")
     return (f"no offloading plan: all {model.arch.num_layers} layers and the KV cache on {model.device} "
             f"({model.dtype}), context {model.max_seq_len} tokens")
 

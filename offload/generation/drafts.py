@@ -153,12 +153,14 @@ class ModelDraft:
     def propose(self, tokens: Sequence[int], max_tokens: int) -> list[int]:
         return self.propose_rows([tokens], [max_tokens])[0]
 
+    @torch.inference_mode()
     def propose_tree(self, tokens: Sequence[int], max_tokens: int) -> tuple[list[int], list[int]]:
         """(tokens, parents) of at most `max_tokens` nodes after `tokens` (TreeDraft's order: parents first). Without
         `tree`: propose's chain. With it: the nodes most likely to be right, as SpecExec builds them: the largest
         products along their paths of each node's chance (Acceptance: the draft's probability of its token at
         first, then what the trees proposed before turned out to be worth; ties to the node found first), which
-        always form a tree. The children of the last token come from the pass that catches the cache up; each
+        always form a tree; a node's children are drawn from its `max_tokens` likeliest tokens under the draft.
+        The children of the last token come from the pass that catches the cache up; each
         further pass feeds the best nodes not yet fed, with their ancestors (from slot len(tokens), a tree mask),
         and reveals their children, until every best node but the least is fed (or as many passes as nodes). In
         the order of a depth-first walk, the likelier child first: node 0 is the draft's first choice, node 1 its

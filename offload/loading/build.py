@@ -248,7 +248,8 @@ def load(path, gpu_memory=None, cpu_memory=None, max_batch_size: int | None = No
     if draft_quantize is not None and (draft is None or named):
         raise ValueError("draft_quantize is the quantization of a draft model; give draft='path' too")
     if draft_tree and (draft is None or named):
-        raise ValueError("draft_tree makes a draft model propose trees; give draft='path' too (or draft='ngram-tree')")
+        raise ValueError("draft_tree makes a draft model propose trees; give draft='path' too (the n-gram draft's "
+                         "tree is draft='ngram-tree', without draft_tree)")
     if draft is not None and not named and not isinstance(draft, (str, os.PathLike)):
         raise ValueError(f"draft must be \"ngram\" or the path of a draft model's folder or .gguf file, got "
                          f"{type(draft).__name__}; pass a loaded Model to generate(draft=...) instead")

@@ -7,7 +7,9 @@ decoding pass (a few tokens a row, a chain or one row's token tree, at most MAX_
 layer whose weights, hidden states and KV cache are all in CPU memory: the layers a plan computes on the CPU,
 and every layer on the CPU fallback. It covers `DecoderModel` itself (Llama, Mistral, Qwen2: RMSNorm, full-width RoPE, SiLU
 MLP, optional biases, sliding windows); other families and everything else take the eager path. It
-computes what the eager math computes with HostAttention (rounding to the model dtype at the same points);
+computes what the eager math computes with HostAttention (rounding to the model dtype at the same points; a
+float32 model's 4/8-bit matrices on more than 8 rows, which the eager path multiplies with torch's GEMM on
+dequantized chunks, take the packed kernel here: the same float32 values up to summation order);
 against TorchAttention in bf16/f16 (the CPU fallback's cache) it attends in float32 where SDPA rounds its
 probabilities to the model dtype.
 """

@@ -136,3 +136,20 @@ def test_cost_model_reads_only_the_routed_experts():
     assert cost.read_bytes(w, e, 512) == pytest.approx(w, rel=1e-6)
     one = cost.decode_layer_on_cpu(w, e).cpu_s
     assert one < cost.decode_layer_on_cpu(w, 0).cpu_s / 5      # a dense layer of the same bytes reads them all
+
+
+@pytest.mark.parametrize("experts, tokens, slots, decode, expected", [
+    ("gpu", 1, 8, True, False),              # with the layer: never apart
+    ("cpu", 40, 4, True, True),              # a decode step or a pass computes them where they lie, any length
+    ("cpu", 31, 4, False, True),             # a prefill chunk too, when short
+    ("cpu", 32, 4, False, False),            # a long one streams them through the ring
+    ("streamed", 2, 4, True, True),          # 2 tokens x top-2 = 4 experts: the 4 slots hold them
+    ("streamed", 3, 4, True, False),         # 6 may be hit: more than the slots, so the layer's experts stream
+    ("streamed", 40, 8, True, True),         # at most all 8: they fit 8 slots whatever the pass's length
+    ("streamed", 2, 4, False, True),         # a short prefill chunk fetches them as a step does
+    ("streamed", 40, 8, False, False),       # a long prefill chunk streams them whatever the slots
+])
+def test_experts_taken_on_the_side_follow_one_rule(experts, tokens, slots, decode, expected):
+    """placement.cost.experts_on_the_side, which the engine and the cost model both call: 8 experts, top-2."""
+    from placement.cost import experts_on_the_side
+    assert experts_on_the_side(experts, tokens, 8, 2, slots, decode) is expected

@@ -121,4 +121,4 @@ def test_the_chat_command_with_a_draft_replies_as_without_it():
         drafted = run_chat(smollm2_path(), "--temperature", 0, "--max-new-tokens", 24, *draft, "--stats", stdin=text)
         assert drafted.returncode == 0, drafted.stderr
         assert drafted.stdout.endswith(plain.stdout) and "verification passes kept" in drafted.stderr
-    assert "draft model: " in drafted.stdout
+    assert "draft model: " in drafted.stdout and ", proposing token trees" in drafted.stdout

@@ -274,6 +274,8 @@ def test_sampling_with_a_draft_draws_from_the_targets_distribution(tmp_path, sam
         for i in exact:
             counts[i][out[i]] += 1
     assert model.stats.num_verify_passes >= 1
+    if tree == "model":                            # (its trees, not chains sampled from it: what it learns from)
+        assert draft.acceptance.tries.sum() > 0
     for i, p in exact.items():
         expected = p * draws
         seen = expected > 0
