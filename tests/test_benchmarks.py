@@ -165,7 +165,8 @@ def test_speculative_decode_quick_runs():
                         "--dtype", "float32", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("streamed", "resident"))]
-    assert len(rows) == 6 and all(row[-1] == "yes" for row in rows), result.stdout     # float32: plain greedy
+    assert len(rows) == 8 and all(row[-1] == "yes" for row in rows), result.stdout     # float32: plain greedy
+    assert {row[4] for row in rows} == {"ngram", "n-tree", "int4", "i-tree"}            # chains and trees
     assert "CPU (standing in for the GPU: no CUDA)" in result.stdout
     assert "a pass of the budget / of 9 tokens costs" in result.stdout
 
