@@ -260,6 +260,8 @@ def test_a_draft_models_tree_is_its_likeliest_continuations(peaky_llama):
                 later = [j for j in range(i + 1, K) if parents[j] == parent]
                 assert all(cum[i] >= cum[j] - 1e-5 for j in later), (cum, parents)
     assert deep >= 3                                       # (these trees both branch and deepen)
+    # near the end of the draft's cache (64 slots): as many nodes as slots are left, then none
+    assert len(draft.propose_tree(list(range(62)), 6)[0]) == 2 and draft.propose_tree(list(range(64)), 6) == ([], [])
     chain = ModelDraft(draft.model)
     assert chain.propose_tree(PROMPT, 6) == (chain.propose(PROMPT, 6), [-1, 0, 1, 2, 3, 4])
     draft.model.close()
