@@ -6,7 +6,7 @@ For each cache dtype and shape (T = 1, every row at full length S) it prints, me
   sdpa      torch.nn.functional.scaled_dot_product_attention on the same cache tensors in the same
             dtype (q cast to it), GQA through `enable_gqa=True` (no K/V repeat copy)
   speedup   sdpa time / our time
-Read bandwidth is the best of a large numpy sum on one thread and on the kernel's thread count.
+Read bandwidth: cpu_kernels.speed.read_bandwidth (the best of numpy sums and a Numba wide-lane sum of 1 GiB).
 Each timed call reads a different copy of the cache (copies sum to > 4x the L3 size) so that the
 cache is read from RAM, as in a real decode step where every layer's cache is touched once.
 
@@ -16,36 +16,16 @@ cache is read from RAM, as in a real decode step where every layer's cache is to
 import argparse
 import math
 import statistics
-import threading
 import time
 
 import numba
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import cpu_kernels
+from cpu_kernels.speed import read_bandwidth
 
 MIN_WORKING_SET_BYTES = 512 << 20  # > 4x a 32 MiB L3: timed calls read from RAM
-
-
-def read_bandwidth(num_threads: int, num_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Best GB/s of summing a float32 array that does not fit in cache, on 1 and on num_threads threads."""
-    data = np.ones(num_bytes // 4, dtype=np.float32)
-    chunks = np.array_split(data, num_threads)
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        best = max(best, data.nbytes / (time.perf_counter() - start))
-        threads = [threading.Thread(target=chunk.sum) for chunk in chunks]  # numpy drops the GIL
-        start = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        best = max(best, data.nbytes / (time.perf_counter() - start))
-    return best / 1e9
 
 
 def time_per_call(fn, num_copies: int, repeats: int) -> float:
@@ -102,7 +82,7 @@ def main(argv=None) -> None:
 
     bandwidth = read_bandwidth(num_threads)
     print(f"threads: numba {num_threads}, torch {torch.get_num_threads()}; measured read bandwidth "
-          f"{bandwidth:.1f} GB/s (numpy sum, best of 1 and {num_threads} threads)")
+          f"{bandwidth:.1f} GB/s (best of numpy sums and a Numba wide-lane sum)")
     print("torch SDPA: same cache tensors and dtype, q cast to it, GQA via enable_gqa=True")
     shapes = [("GQA 32/8", b, 32, 8, s, 128) for b in batch_sizes for s in seq_lens]
     shapes += [("MHA 32/32", 1, 32, 32, s, 128) for s in seq_lens[-1:]]

@@ -13,8 +13,8 @@ runs in a child process of its own (see LlamaCppPeer).
 Per row: decode tokens/s (greedy, batch 1; N - 1 tokens over the time from the first new token to the N-th,
 streamed (transformers: its streamer's clock), so prefill is left out; the fastest of the repeats, ours and
 the peers interleaved), the weight bytes a token reads (every layer, the final norm and the LM head,
-as held), the GB/s that makes, and its share of the measured read bandwidth (summing a 1 GiB array on all
-threads). SmolLM2's int4 row is its GGUF file as it is (Q4_1, held packed as int4-g32); its bf16 and int8
+as held), the GB/s that makes, and its share of the measured read bandwidth (cpu_kernels.speed.read_bandwidth:
+sums of a 1 GiB array). SmolLM2's int4 row is its GGUF file as it is (Q4_1, held packed as int4-g32); its bf16 and int8
 rows are the same weights written once as a Hugging Face folder. The 1.2B model's GGUF rows are its
 weights written by the gguf package (benchmarks/random_gguf.py: layers Q8_0 or Q4_0, embedding and output
 F16). transformers runs the bf16 rows (it dequantizes GGUF files to float32 and has no CPU int4/int8
@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_attention import read_bandwidth  # noqa: E402
 from quantized_decode import default_model  # noqa: E402
 from random_checkpoint import build_random_checkpoint  # noqa: E402
 from random_gguf import build_random_gguf  # noqa: E402
 
+from cpu_kernels.speed import read_bandwidth  # noqa: E402
 import offload  # noqa: E402
 import placement  # noqa: E402
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_attention import read_bandwidth  # noqa: E402
 from cpu_decode import decode_parser, decode_rates, ours, transformers_peer  # noqa: E402
 from random_checkpoint import build_random_checkpoint, read_config  # noqa: E402
 
+from cpu_kernels.speed import read_bandwidth  # noqa: E402
 from offload.models.moe import routed_experts  # noqa: E402
 from offload.models.layers import ACTIVATIONS  # noqa: E402
 

@@ -14,6 +14,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from ._bits import fast_exp, fast_tanh, widen
+from ._prefetch import prefetch_row
 
 BLOCK = 128  # cache positions per online-softmax step
 MAX_TILE_ROWS = 64  # query rows (group heads x queries) per work item for T > 1
@@ -86,14 +87,17 @@ def _scores_of_position(qs, k_row, p, i, rows):
 
 
 @njit(nogil=True, fastmath=FASTMATH, cache=True, inline="always")
-def _score_positions(qs, kb, s0, p, nb, rows):
+def _score_positions(qs, kb, s0, p, nb, rows, ahead, first_ahead, ahead_end):
     for i in range(nb):
+        prefetch_row(ahead, first_ahead + i, ahead_end)
         _scores_of_position(qs, kb[s0 + i], p, i, rows)
 
 
 @njit(nogil=True, fastmath=FASTMATH, cache=True, inline="always")
-def _score_pairs(qs, kb, s0, p, nb, rows):
+def _score_pairs(qs, kb, s0, p, nb, rows, ahead, first_ahead, ahead_end):
     for i in range(0, nb - 1, 2):
+        prefetch_row(ahead, first_ahead + i, ahead_end)
+        prefetch_row(ahead, first_ahead + i + 1, ahead_end)
         _scores_of_pair(qs, kb[s0 + i], kb[s0 + i + 1], p, i, rows)
     if nb % 2:
         _scores_of_position(qs, kb[s0 + nb - 1], p, nb - 1, rows)
@@ -117,11 +121,13 @@ def _accumulate_row(acc, r, v0, v1, v2, v3, p, i):
 
 
 @njit(nogil=True, fastmath=FASTMATH, cache=True, inline="always")
-def _accumulate_rows(acc, vb, s0, p, nb, rows):
+def _accumulate_rows(acc, vb, s0, p, nb, rows, ahead, first_ahead, ahead_end):
     # four positions per sweep, so that each acc element is loaded and stored once per four FMAs
     i = 0
     while i + 4 <= nb:
         v0, v1, v2, v3 = vb[s0 + i], vb[s0 + i + 1], vb[s0 + i + 2], vb[s0 + i + 3]
+        for j in range(4):
+            prefetch_row(ahead, first_ahead + i + j, ahead_end)
         for r in range(rows):
             _accumulate_row(acc, r, v0, v1, v2, v3, p, i)
         i += 4
@@ -129,13 +135,15 @@ def _accumulate_rows(acc, vb, s0, p, nb, rows):
 
 
 @njit(nogil=True, fastmath=FASTMATH, cache=True, inline="always")
-def _accumulate_shared(acc, vb, s0, p, nb, rows):
+def _accumulate_shared(acc, vb, s0, p, nb, rows, ahead, first_ahead, ahead_end):
     # four positions by four rows per sweep: each widened V element feeds four rows, each acc element is loaded
     # and stored once per four FMAs (one chain of FMAs per element: fewer operations than a tree of sums)
     head_dim = acc.shape[1]
     i = 0
     while i + 4 <= nb:
         v0, v1, v2, v3 = vb[s0 + i], vb[s0 + i + 1], vb[s0 + i + 2], vb[s0 + i + 3]
+        for j in range(4):
+            prefetch_row(ahead, first_ahead + i + j, ahead_end)
         r = 0
         while r + 4 <= rows:
             a0, a1, a2, a3 = acc[r], acc[r + 1], acc[r + 2], acc[r + 3]
@@ -171,17 +179,19 @@ def _accumulate_tail(acc, vb, s0, p, i, nb, rows):
 
 
 def _by_cache_type(name: str, for_float32, for_16bit):
-    """A function for Numba code only, f(out, block, s0, p, nb, rows), that runs `for_float32` or `for_16bit` by
-    the element type of `block` (a KV head's cache [S_max, D])."""
-    def chosen(out, block, s0, p, nb, rows):
+    """A function for Numba code only, f(out, block, s0, p, nb, rows, ahead, first_ahead, ahead_end), that runs
+    `for_float32` or `for_16bit` by the element type of `block` (a KV head's cache [S_max, D]). While it works on
+    block rows s0 .. s0 + nb - 1 it prefetches the rows first_ahead .. of `ahead` (below ahead_end), one for each
+    row it reads: what the next step reads arrives while this one computes."""
+    def chosen(out, block, s0, p, nb, rows, ahead, first_ahead, ahead_end):
         raise NotImplementedError(f"{name} is only callable from Numba-compiled code")
 
     @overload(chosen, inline="always")
-    def _choose(out, block, s0, p, nb, rows):
+    def _choose(out, block, s0, p, nb, rows, ahead, first_ahead, ahead_end):
         kernel = for_float32 if block.dtype == types.float32 else for_16bit
 
-        def run(out, block, s0, p, nb, rows):
-            kernel(out, block, s0, p, nb, rows)
+        def run(out, block, s0, p, nb, rows, ahead, first_ahead, ahead_end):
+            kernel(out, block, s0, p, nb, rows, ahead, first_ahead, ahead_end)
         return run
     return chosen
 
@@ -261,7 +271,7 @@ def _attend_item(q, k, v, lengths, scale, window, softcap, tree, depth, out, ite
     is_ragged = num_queries > 1  # T = 1: every position in [lo, hi) is visible to every row
     for s0 in range(lo, hi, BLOCK):
         nb = min(BLOCK, hi - s0)
-        _score_block(qs, kb, s0, p, nb, rows)
+        _score_block(qs, kb, s0, p, nb, rows, vb, s0, hi)
         if softcap > 0.0:  # before the mask: a masked -inf must stay -inf, not become -softcap
             _soft_cap(p, nb, rows, softcap)
         if is_ragged:
@@ -276,7 +286,7 @@ def _attend_item(q, k, v, lengths, scale, window, softcap, tree, depth, out, ite
                         if tree[t, u] == 0 or (window > 0 and depth[u] <= depth[t] - window):
                             p[r, i] = -np.inf
         _online_softmax(p, nb, rows, run_max, run_sum, acc)
-        _accumulate_block(acc, vb, s0, p, nb, rows)
+        _accumulate_block(acc, vb, s0, p, nb, rows, kb, s0 + BLOCK, hi)
 
     for j in range(group):
         for i in range(nt):

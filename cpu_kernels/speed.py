@@ -4,6 +4,7 @@ the CPU, measured with the kernels the runtime runs there.
 Per kind of layer matrix ("dense": bfloat16; "int8", "int4": packed per group of 32, bf16 scales):
 - the matmul rate: bytes of weights as held read per second by one-row products over matrices that do not
   fit in the caches (the dense and packed kernels of `_linear_kernel.py`);
+- the memory read bandwidth (`read_bandwidth`): the physical limit the kernels' rates are compared against;
 - the layer overhead: one fused decode step (`decode_layer`, what offload/models/cpu_decoder.py calls for
   a Llama-like layer, with the same conversions of the hidden states around it) of a tiny layer whose
   weights are small enough that only the dispatch of its work counts. Families the fused step does not
@@ -11,11 +12,13 @@ Per kind of layer matrix ("dense": bfloat16; "int8", "int4": packed per group of
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import numba
 import numpy as np
 import torch
+from numba import njit, prange
 
 from ._append_kernel import TO_BF16
 from ._checks import cache_view
@@ -25,6 +28,50 @@ from .linear import BLOCKS_PER_THREAD, PackedMatrix
 
 KINDS = ("dense", "int8", "int4")
 GROUP = 32
+LANES = 64  # float32 partial sums per thread in `_stream_sum`: eight AVX2 registers, no loop-carried stall
+
+
+@njit(parallel=True, nogil=True, fastmath=True, cache=True)
+def _stream_sum(data, parts):
+    # data: [N, LANES] float32, read once in `parts` contiguous slabs (one per thread); each row is summed into
+    # LANES independent partial sums, so the loop issues loads as fast as the core can and RAM sets the rate
+    step = (data.shape[0] + parts - 1) // parts
+    sums = np.zeros((parts, LANES), np.float32)
+    for part in prange(parts):
+        acc = np.zeros(LANES, np.float32)
+        for i in range(part * step, min(data.shape[0], (part + 1) * step)):
+            for lane in range(LANES):
+                acc[lane] += data[i, lane]
+        sums[part] = acc
+    return sums.sum()
+
+
+def read_bandwidth(num_threads: int | None = None, num_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """The machine's memory read bandwidth in GB/s: the best of `repeats` reads of a float32 array of `num_bytes`
+    (more than the caches hold), each way measured: numpy's sum on one thread and on `num_threads` threads (numba's
+    count by default), and a Numba loop of wide partial sums on those threads (numpy's pairwise sum measured
+    ~20% below it on a 2-core Zen 3: a kernel must not be compared against a limit it can beat)."""
+    num_threads = num_threads or numba.get_num_threads()
+    data = np.ones((max(num_bytes // 4 // LANES, num_threads), LANES), dtype=np.float32)
+    flat = data.reshape(-1)
+    chunks = np.array_split(flat, num_threads)
+    _stream_sum(data[:num_threads], num_threads)  # compile
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        flat.sum()
+        best = max(best, data.nbytes / (time.perf_counter() - start))
+        threads = [threading.Thread(target=chunk.sum) for chunk in chunks]  # numpy drops the GIL
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        best = max(best, data.nbytes / (time.perf_counter() - start))
+        start = time.perf_counter()
+        _stream_sum(data, num_threads)
+        best = max(best, data.nbytes / (time.perf_counter() - start))
+    return best / 1e9
 
 
 def _bf16_bits(shape, rng: np.random.Generator, scale: float) -> np.ndarray:
