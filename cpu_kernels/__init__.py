@@ -3,6 +3,7 @@
     out = cpu_kernels.attention(q, k_cache, v_cache, lengths, scale=None, sliding_window=None,
                                 softcap=None)
     cpu_kernels.append_kv(k_cache, v_cache, k_new, v_new, positions)
+    out = cpu_kernels.HostCache.of(k_cache, v_cache).append_and_attend(q, k_new, v_new, positions)  # both
 
 q and out are float32 [B, Hq, T, D]; caches are contiguous [B, Hkv, S_max, D] float32, bfloat16 or
 float16 tensors on the CPU (pinned or not). numpy/numba at the core, torch only at this edge.
@@ -21,7 +22,7 @@ parallel loop over all their outputs), activation, down (another) and their weig
 """
 from .linear import (DENSE_MAX_ROWS, PACKED_MAX_ROWS, PackedMatrix, dense_linear_rows, gated_experts,
                      native_half_gemm, quantized_linear, wide_linear)
-from .ops import append_kv, attention
+from .ops import HostCache, append_kv, attention
 
-__all__ = ["attention", "append_kv", "quantized_linear", "PackedMatrix", "dense_linear_rows", "gated_experts",
+__all__ = ["attention", "append_kv", "HostCache", "quantized_linear", "PackedMatrix", "dense_linear_rows", "gated_experts",
            "wide_linear", "native_half_gemm", "PACKED_MAX_ROWS", "DENSE_MAX_ROWS"]

@@ -16,24 +16,31 @@ def append_rows(k_cache, v_cache, k_new, v_new, positions, mode):
 
     Row b's tokens land at cache positions positions[b] .. positions[b] + T - 1.
     """
-    num_rows, num_kv_heads, num_new, head_dim = k_new.shape
-    for item in prange(num_rows * num_kv_heads):
-        b = item // num_kv_heads
-        h = item % num_kv_heads
-        start = positions[b]
-        for t in range(num_new):
-            k_dst = k_cache[b, h, start + t]
-            v_dst = v_cache[b, h, start + t]
-            k_src = k_new[b, h, t]
-            v_src = v_new[b, h, t]
-            if mode == TO_BF16:
-                for d in range(head_dim):
-                    k_dst[d] = narrow_bf16(np.float32(k_src[d]))
-                    v_dst[d] = narrow_bf16(np.float32(v_src[d]))
-            elif mode == TO_F16:
-                for d in range(head_dim):
-                    k_dst[d] = narrow_f16(np.float32(k_src[d]))
-                    v_dst[d] = narrow_f16(np.float32(v_src[d]))
-            else:
-                k_dst[:] = k_src
-                v_dst[:] = v_src
+    for item in prange(k_new.shape[0] * k_new.shape[1]):
+        append_item(k_cache, v_cache, k_new, v_new, positions, mode, item)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def append_item(k_cache, v_cache, k_new, v_new, positions, mode, item):
+    """append_rows' work for item = b * Hkv + h (row b, KV head h): on one thread, where the T tokens of a
+    decode step are too few to pay for waking the others."""
+    num_kv_heads, num_new, head_dim = k_new.shape[1], k_new.shape[2], k_new.shape[3]
+    b = item // num_kv_heads
+    h = item % num_kv_heads
+    start = positions[b]
+    for t in range(num_new):
+        k_dst = k_cache[b, h, start + t]
+        v_dst = v_cache[b, h, start + t]
+        k_src = k_new[b, h, t]
+        v_src = v_new[b, h, t]
+        if mode == TO_BF16:
+            for d in range(head_dim):
+                k_dst[d] = narrow_bf16(np.float32(k_src[d]))
+                v_dst[d] = narrow_bf16(np.float32(v_src[d]))
+        elif mode == TO_F16:
+            for d in range(head_dim):
+                k_dst[d] = narrow_f16(np.float32(k_src[d]))
+                v_dst[d] = narrow_f16(np.float32(v_src[d]))
+        else:
+            k_dst[:] = k_src
+            v_dst[:] = v_src

@@ -123,6 +123,7 @@ class HostAttention(OwnedCache):
         self.k_cache, self.v_cache = allocate_host_kv(
             max_batch_size=max_batch_size, num_kv_heads=num_kv_heads, max_seq_len=max_seq_len,
             head_dim=head_dim, dtype=dtype)
+        self.kernels = cpu_kernels.HostCache.of(self.k_cache, self.v_cache)     # checked once, not per token
 
     def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, chunk: Chunk,
                weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -134,7 +135,7 @@ class HostAttention(OwnedCache):
         copying = self.is_copying and q.device.type != "cpu"
         assert B <= self.max_batch_size and (B, T) == (chunk.batch_size, chunk.num_tokens), (q.shape, chunk)
         assert chunk.num_keys <= self.max_seq_len, (chunk.lengths, self.max_seq_len)
-        start, lengths = chunk.start, chunk.lengths                       # [B] each, host
+        start = chunk.start                                               # [B], host
         cache_dtype = self.k_cache.dtype
         kv_dtype = cache_dtype if k_new.dtype == cache_dtype else torch.float32
         if copying:
@@ -143,11 +144,9 @@ class HostAttention(OwnedCache):
             q_h, k_h, v_h = host["q"], host["k"], host["v"]
         else:                                                # the CPU fallback: no copies at all
             q_h, k_h, v_h = q.float(), k_new.to(kv_dtype), v_new.to(kv_dtype)
-        k_cache, v_cache = self.k_cache[:B], self.v_cache[:B]   # [B, Hkv, S_max, D], contiguous views
-        cpu_kernels.append_kv(k_cache, v_cache, k_h, v_h, start)
-        out = cpu_kernels.attention(q_h, k_cache, v_cache, lengths, scale=self.scale,
-                                    sliding_window=self.sliding_window, softcap=self.softcap,
-                                    ancestors=chunk.ancestors)                          # [B, Hq, T, D] f32
+        out = self.kernels.append_and_attend(q_h, k_h, v_h, start, scale=self.scale,    # [B, Hq, T, D] f32
+                                             sliding_window=self.sliding_window, softcap=self.softcap,
+                                             ancestors=chunk.ancestors)
         if copying:
             return self.staging.to_device(out, q.dtype)
         return out.to(q.dtype)
