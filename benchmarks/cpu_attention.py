@@ -3,11 +3,6 @@
 For each cache dtype and shape (T = 1, every row at full length S) it prints, measured in one run:
   ours      time per call of cpu_kernels.attention and its achieved K+V read rate (GB/s)
   %bw       that rate as a fraction of the machine's measured read bandwidth
-  cached    the same kernel's rate on a cache small enough to stay in L3 (B = 1, at most 8 MB of K + V, read
-            20 times in a row): what it computes at when RAM costs nothing. Where this is below the read
-            bandwidth the kernel is bound by arithmetic, not memory (GQA: every K and V element feeds the
-            group's query heads, 2 FMAs each)
-  %roof     ours as a fraction of the lower of the two
   sdpa      torch.nn.functional.scaled_dot_product_attention on the same cache tensors in the same
             dtype (q cast to it), GQA through `enable_gqa=True` (no K/V repeat copy)
   speedup   sdpa time / our time
@@ -28,39 +23,21 @@ import torch
 import torch.nn.functional as F
 
 import cpu_kernels
-from cpu_kernels._attention_kernel import BLOCK
 from cpu_kernels.speed import read_bandwidth
 
 MIN_WORKING_SET_BYTES = 512 << 20  # > 4x a 32 MiB L3: timed calls read from RAM
 
 
-def time_per_call(fn, num_copies: int, repeats: int, calls: int = 0) -> float:
-    """Median seconds of fn(i) over `repeats` rounds, each round cycling through every copy once (or making
-    `calls` calls, cycling through the copies)."""
+def time_per_call(fn, num_copies: int, repeats: int) -> float:
+    """Median seconds of fn(i) over `repeats` rounds, each round cycling through every copy once."""
     fn(0)  # compile / warm up
-    calls = calls or num_copies
     rounds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        for i in range(calls):
-            fn(i % num_copies)
-        rounds.append((time.perf_counter() - start) / calls)
+        for i in range(num_copies):
+            fn(i)
+        rounds.append((time.perf_counter() - start) / num_copies)
     return statistics.median(rounds)
-
-
-CACHED_BYTES = 8 << 20  # K + V of the in-cache measurement: a quarter of a 32 MiB L3
-
-
-def cached_rate(dtype, num_heads, num_kv_heads, seq_len, head_dim, repeats) -> float:
-    """GB/s of cpu_kernels.attention on one cache of at most CACHED_BYTES (B = 1, S cut to fit), read again
-    and again: the kernel's arithmetic speed."""
-    position_bytes = 2 * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
-    positions = min(seq_len, max(BLOCK, CACHED_BYTES // position_bytes // BLOCK * BLOCK))
-    k, v = (torch.randn(1, num_kv_heads, positions, head_dim).to(dtype) for _ in range(2))
-    q = torch.randn(1, num_heads, 1, head_dim)
-    lengths = torch.full((1,), positions)
-    seconds = time_per_call(lambda i: cpu_kernels.attention(q, k, v, lengths), 1, repeats, calls=20)
-    return positions * position_bytes / seconds / 1e9
 
 
 def bench_shape(dtype, num_rows, num_heads, num_kv_heads, seq_len, head_dim, repeats):
@@ -81,7 +58,7 @@ def bench_shape(dtype, num_rows, num_heads, num_kv_heads, seq_len, head_dim, rep
                                               enable_gqa=num_heads != num_kv_heads)
     error = (cpu_kernels.attention(q, caches[0][0], caches[0][1], lengths) - expected).abs().max().item()
     assert error < 1e-4, f"kernel disagrees with float64 SDPA by {error}"
-    return ours, theirs, cache_bytes, cached_rate(dtype, num_heads, num_kv_heads, seq_len, head_dim, repeats)
+    return ours, theirs, cache_bytes
 
 
 def main(argv=None) -> None:
@@ -110,17 +87,16 @@ def main(argv=None) -> None:
     shapes = [("GQA 32/8", b, 32, 8, s, 128) for b in batch_sizes for s in seq_lens]
     shapes += [("MHA 32/32", 1, 32, 32, s, 128) for s in seq_lens[-1:]]
     header = (f"{'dtype':9} {'shape':9} {'B':>2} {'S':>6} {'KV MB':>7} {'ours ms':>8} {'GB/s':>6} {'%bw':>5} "
-              f"{'cached':>6} {'%roof':>5} {'sdpa ms':>8} {'speedup':>7}")
+              f"{'sdpa ms':>8} {'speedup':>7}")
     print(header)
     print("-" * len(header))
     for dtype in (getattr(torch, name) for name in args.dtypes):
         for name, num_rows, num_heads, num_kv_heads, seq_len, head_dim in shapes:
-            ours, theirs, cache_bytes, cached = bench_shape(dtype, num_rows, num_heads, num_kv_heads, seq_len,
+            ours, theirs, cache_bytes = bench_shape(dtype, num_rows, num_heads, num_kv_heads, seq_len,
                                                     head_dim, args.repeats)
             rate = cache_bytes / ours / 1e9
             print(f"{str(dtype).replace('torch.', ''):9} {name:9} {num_rows:>2} {seq_len:>6} "
                   f"{cache_bytes / 1e6:>7.1f} {ours * 1e3:>8.3f} {rate:>6.1f} {100 * rate / bandwidth:>4.0f}% "
-                  f"{cached:>6.1f} {100 * rate / min(bandwidth, cached):>4.0f}% "
                   f"{theirs * 1e3:>8.3f} {theirs / ours:>6.1f}x", flush=True)
 
 
