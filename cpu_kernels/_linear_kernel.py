@@ -20,8 +20,8 @@ import numpy as np
 from numba import njit, prange
 
 from ._bits import widen
-from ._prefetch import prefetch_row
 from ._int_dot import RUN, activations_for, packed_dot, quantize_rows
+from ._prefetch import prefetch_row
 
 LANES_4BIT = 16         # partial sums per output: runs of 16 bytes of 4-bit codes (32 codes)
 LANES_8BIT = 32         # runs of 32 8-bit codes (16 measured 5x slower: LLVM's choice of vector loop)
