@@ -230,7 +230,7 @@ def _int_linear(xq, xs, sums, codes, scales, mins, min_factor, blocks, outs):
     per_block = (total + blocks - 1) // blocks
     for block in prange(blocks):
         run_scales = np.empty((1, runs), np.float32)
-        wide = np.empty((1, most_groups), np.float32)
+        wide = np.empty((2, most_groups), np.float32)      # a row's scales, and its mins times min_factor
         low, high = block * per_block, min(total, (block + 1) * per_block)
         for i in range(count):
             first = ends[i] - codes[i].shape[0]
@@ -258,6 +258,9 @@ def _int_outputs(xq, xs, xs_wide, group_sums, codes, scales, mins, min_factor, f
         if block_shift >= 0:
             for g in range(groups):
                 wide[0, g] = widen(scales[n, g])
+        if factor != 0:
+            for g in range(np.uint64(groups)):
+                wide[1, g] = factor * widen(mins[n, g])
         for m in range(rows):
             if block_shift >= 0 and four_bit:
                 dot = packed_dot(codes, n, xq, m, xs_wide, m, wide, block_shift)
@@ -275,8 +278,10 @@ def _int_outputs(xq, xs, xs_wide, group_sums, codes, scales, mins, min_factor, f
                             run_scales[0, r] = scale * xs[m, r]
                 dot = packed_dot(codes, n, xq, m, run_scales, 0, None, 0)
             if factor != 0:
-                for g in range(groups):
-                    dot += factor * widen(mins[n, g]) * group_sums[m, g]
+                offset = np.float32(0.0)
+                for g in range(np.uint64(groups)):
+                    offset += wide[1, g] * group_sums[m, g]
+                dot += offset
             out[m, n] = dot
 
 
