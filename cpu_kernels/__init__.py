@@ -24,5 +24,5 @@ from .linear import (DENSE_MAX_ROWS, PACKED_MAX_ROWS, PackedMatrix, dense_linear
                      native_half_gemm, quantized_linear, wide_linear)
 from .ops import HostCache, append_kv, attention
 
-__all__ = ["attention", "append_kv", "HostCache", "quantized_linear", "PackedMatrix", "dense_linear_rows", "gated_experts",
-           "wide_linear", "native_half_gemm", "PACKED_MAX_ROWS", "DENSE_MAX_ROWS"]
+__all__ = ["attention", "append_kv", "HostCache", "quantized_linear", "PackedMatrix", "dense_linear_rows",
+           "gated_experts", "wide_linear", "native_half_gemm", "PACKED_MAX_ROWS", "DENSE_MAX_ROWS"]

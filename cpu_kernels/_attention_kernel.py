@@ -182,7 +182,8 @@ def _by_cache_type(name: str, for_float32, for_16bit):
     """A function for Numba code only, f(out, block, s0, p, nb, rows, ahead, first_ahead, ahead_end), that runs
     `for_float32` or `for_16bit` by the element type of `block` (a KV head's cache [S_max, D]). While it works on
     block rows s0 .. s0 + nb - 1 it prefetches the rows first_ahead .. of `ahead` (below ahead_end), one for each
-    row it reads: what the next step reads arrives while this one computes."""
+    row it reads (the last odd one or three of a block go without): what the next step reads arrives while this
+    one computes."""
     def chosen(out, block, s0, p, nb, rows, ahead, first_ahead, ahead_end):
         raise NotImplementedError(f"{name} is only callable from Numba-compiled code")
 

@@ -5,8 +5,8 @@ says kv "cpu" + attention "cpu". Per call, only q and the new k, v (a few KB per
 and the output [B, Hq, T, D] comes back; the cache itself never crosses PCIe:
 
     compute device            host (pinned staging)                 host cache [B_max, Hkv, S_max, D]
-    q, k_new, v_new  --D2H-->  q (float32), k, v   -- append_kv -->  k_cache, v_cache
-                                                    -- attention --> out (float32)
+    q, k_new, v_new  --D2H-->  q (float32), k, v   -- HostCache.append_and_attend -->  k_cache, v_cache,
+                                                       (one Numba launch)                out (float32)
     out              <--H2D--  out (compute dtype)
 
 On the CPU fallback (compute device = CPU), and for a layer computed on the CPU (q arrives on the CPU),
