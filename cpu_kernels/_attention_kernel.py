@@ -18,6 +18,7 @@ from ._prefetch import prefetch_row
 
 BLOCK = 128  # cache positions per online-softmax step
 MAX_TILE_ROWS = 64  # query rows (group heads x queries) per work item for T > 1
+NO_TREE, NO_DEPTH = np.zeros((0, 0), np.uint8), np.zeros(0, np.int64)  # `attend`'s tree and depth of a plain chunk
 
 # reassoc/contract let LLVM vectorise the dot products and sums; no 'nnan'/'ninf': -inf masks and NaN
 # propagation must keep IEEE semantics.

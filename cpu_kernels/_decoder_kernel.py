@@ -27,7 +27,6 @@ from ._bits import narrow_bf16, narrow_f16, widen, widen_bf16, widen_f16
 from ._linear_kernel import dense_linear, packed_linear, packed_linear_many
 
 F32, BF16, F16 = 0, 1, 2     # the model dtype: what `mode` rounds activations to
-NO_TREE, NO_DEPTH = np.zeros((0, 0), np.uint8), np.zeros(0, np.int64)    # decode_layer's tree and depth of a chain
 
 
 @njit(inline="always")

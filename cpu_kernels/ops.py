@@ -18,7 +18,7 @@ import torch
 from numba import njit
 
 from ._append_kernel import COPY, TO_BF16, TO_F16, append_item, append_rows
-from ._attention_kernel import attend, tile_queries
+from ._attention_kernel import NO_DEPTH, NO_TREE, attend, tile_queries
 from ._checks import cache_view, check_caches, require_tensor, row_vector
 
 # Numba's 'workqueue' threading layer (the fallback when neither TBB nor OpenMP is available) aborts
@@ -28,7 +28,6 @@ _LAUNCH_LOCK = threading.Lock()
 # softcap travels as float32 and the kernel multiplies by 1 / softcap: keep both finite and non-zero
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-_NO_TREE, _NO_DEPTH = np.zeros((0, 0), np.uint8), np.zeros(0, np.int64)  # a plain chunk (never written)
 
 
 def _needs_launch_lock() -> bool:
@@ -182,7 +181,7 @@ def _attention_args(q, cache_shape, scale, sliding_window, softcap, ancestors) -
                              f"got {softcap!r}")
         cap = float(softcap)
 
-    tree, depth = _NO_TREE, _NO_DEPTH
+    tree, depth = NO_TREE, NO_DEPTH
     if ancestors is not None:
         if not (isinstance(ancestors, torch.Tensor) and ancestors.dtype == torch.bool
                 and ancestors.shape == (num_queries, num_queries) and num_rows == 1):

@@ -22,7 +22,8 @@ from numba import njit, prange
 
 from ._append_kernel import TO_BF16
 from ._checks import cache_view
-from ._decoder_kernel import BF16, NO_DEPTH, NO_TREE, decode_layer
+from ._attention_kernel import NO_DEPTH, NO_TREE
+from ._decoder_kernel import BF16, decode_layer
 from ._linear_kernel import dense_linear
 from .linear import BLOCKS_PER_THREAD, PackedMatrix
 

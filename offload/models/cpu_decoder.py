@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from cpu_kernels._checks import cache_view
-from cpu_kernels._decoder_kernel import BF16, F16, F32, NO_DEPTH, NO_TREE, decode_layer
+from cpu_kernels._decoder_kernel import BF16, F16, F32, decode_layer
 from cpu_kernels._append_kernel import COPY, TO_BF16, TO_F16
-from cpu_kernels._attention_kernel import tile_queries
+from cpu_kernels._attention_kernel import NO_DEPTH, NO_TREE, tile_queries
 from cpu_kernels.linear import BLOCKS_PER_THREAD, _run
 from offload.attention.device import TorchAttention
 from offload.attention.host import HostAttention
